@@ -1,0 +1,35 @@
+# skiff: `make demo` shows it working, `make test` runs every test.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+# RocksDB's C++ build takes ~11 minutes on 2 cores: keep the target directory
+# outside the checkout so every clone on this machine shares it.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
+SKIFF := $(CARGO_TARGET_DIR)/release/skiff
+
+.PHONY: demo test build deps lint bench images clean
+
+deps:
+	@tools/install-deps
+
+build: deps
+	cargo build --release --locked
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+
+test: build lint
+	cargo test --release --locked --workspace
+
+demo: build
+	SKIFF=$(SKIFF) tools/demo
+
+images: deps
+	tools/install-deps --bench
+	tools/make-images
+
+bench: build images
+	SKIFF=$(SKIFF) bench/dedup.sh
+
+clean:
+	cargo clean

@@ -1,0 +1,11 @@
+//! Content-defined chunking (FastCDC 2020), chunk hashing (BLAKE3) and the
+//! zstd frames that group chunks for storage and transfer.
+
+mod chunker;
+mod frame;
+
+pub use chunker::Chunker;
+pub use frame::{
+    decompress_frame, verify_chunk, ChunkError, Frame, FrameBuilder, FrameEntry,
+    DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL,
+};

@@ -1,0 +1,20 @@
+//! The skiff wire and on-disk formats: chunk ids, the image index (the merged
+//! root file system with per-file chunk lists) and the image manifest.
+//!
+//! Everything here is pure data with a deterministic encoding; see
+//! `docs/FORMAT.md` for the byte-level description.
+
+mod digest;
+mod error;
+mod image_ref;
+mod index;
+mod manifest;
+
+pub use digest::{ChunkId, IndexDigest};
+pub use error::FormatError;
+pub use image_ref::ImageRef;
+pub use index::{
+    ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, InodeNo, Metadata, Xattr,
+    INDEX_FORMAT_VERSION, INDEX_MAGIC, ROOT_INO,
+};
+pub use manifest::{ImageManifest, IndexDescriptor, SourceInfo, MANIFEST_SCHEMA_VERSION};

@@ -1,0 +1,707 @@
+//! Image sources: an OCI image layout directory or a `docker save` archive,
+//! resolved to a config and an ordered list of layers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{
+    Descriptor, ImageIndex as OciIndex, ImageManifest as OciManifest, MediaType,
+};
+use serde::Deserialize;
+
+use crate::error::IoContext;
+use crate::verify::{check_digest, sha256_digest, sha256_hex, verify_blob, HashingReader};
+use crate::OciError;
+
+/// Manifests and configs are small; anything bigger is not one.
+const MAX_JSON_BLOB: u64 = 16 << 20;
+
+/// `os/arch[/variant]`, e.g. `linux/amd64`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of the machine skiff runs on.
+    pub fn host() -> Platform {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            arch: arch.into(),
+            variant: None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Platform, OciError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: (*os).into(),
+                arch: (*arch).into(),
+                variant: None,
+            }),
+            [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
+                Ok(Platform {
+                    os: (*os).into(),
+                    arch: (*arch).into(),
+                    variant: Some((*variant).into()),
+                })
+            }
+            _ => Err(OciError::Malformed {
+                what: "platform".into(),
+                reason: format!("{s:?} is not os/arch[/variant]"),
+            }),
+        }
+    }
+
+    fn matches(&self, p: &oci_spec::image::Platform) -> bool {
+        p.os().to_string() == self.os
+            && p.architecture().to_string() == self.arch
+            && (self.variant.is_none() || p.variant() == &self.variant)
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    fn from_media_type(media_type: &str) -> Result<Self, OciError> {
+        const TAR: [&str; 3] = [
+            "application/vnd.oci.image.layer.v1.tar",
+            "application/vnd.oci.image.layer.nondistributable.v1.tar",
+            "application/vnd.docker.image.rootfs.diff.tar",
+        ];
+        const GZIP: [&str; 4] = [
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        ];
+        const ZSTD: [&str; 2] = [
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        ];
+        if TAR.contains(&media_type) {
+            Ok(LayerCompression::None)
+        } else if GZIP.contains(&media_type) {
+            Ok(LayerCompression::Gzip)
+        } else if ZSTD.contains(&media_type) {
+            Ok(LayerCompression::Zstd)
+        } else {
+            Err(OciError::UnknownMediaType(media_type.to_owned()))
+        }
+    }
+
+    /// For sources that do not say (docker-archive): look at the magic bytes.
+    fn sniff(head: &[u8]) -> Self {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            LayerCompression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            LayerCompression::Zstd
+        } else {
+            LayerCompression::None
+        }
+    }
+}
+
+/// One layer to apply, with what to check it against.
+#[derive(Clone, Debug)]
+pub struct LayerDescriptor {
+    /// Where the blob is in the source.
+    location: BlobLocation,
+    /// Digest of the blob as stored, when the source names one.
+    pub digest: Option<String>,
+    pub size: u64,
+    pub compression: Option<LayerCompression>,
+    /// sha256 of the uncompressed tar, from the config's `rootfs.diff_ids`.
+    pub diff_id: String,
+}
+
+#[derive(Clone, Debug)]
+enum BlobLocation {
+    File(PathBuf),
+    /// A byte range of the docker archive.
+    Range {
+        offset: u64,
+        size: u64,
+    },
+}
+
+/// An image picked out of a source: what `convert` needs.
+#[derive(Debug)]
+pub struct ResolvedImage {
+    pub manifest_digest: String,
+    pub config_digest: String,
+    /// The config blob, byte for byte.
+    pub config: Vec<u8>,
+    pub platform: Platform,
+    pub layers: Vec<LayerDescriptor>,
+}
+
+/// Where images are read from.
+#[derive(Debug)]
+pub enum ImageSource {
+    /// `oci:DIR[:TAG]`
+    OciLayout { dir: PathBuf, tag: Option<String> },
+    /// `docker-archive:FILE[:NAME:TAG]`
+    DockerArchive {
+        file: PathBuf,
+        reference: Option<String>,
+    },
+}
+
+impl ImageSource {
+    /// Parses `oci:DIR[:TAG]` or `docker-archive:FILE[:NAME:TAG]`.
+    pub fn parse(spec: &str) -> Result<ImageSource, OciError> {
+        if let Some(rest) = spec.strip_prefix("oci:") {
+            let (dir, tag) = split_reference(rest, |p| p.join("index.json").exists());
+            return Ok(ImageSource::OciLayout { dir, tag });
+        }
+        if let Some(rest) = spec.strip_prefix("docker-archive:") {
+            let (file, reference) = match rest.split_once(':') {
+                Some((file, reference)) if !Path::new(rest).exists() => {
+                    (PathBuf::from(file), Some(reference.to_owned()))
+                }
+                _ => (PathBuf::from(rest), None),
+            };
+            return Ok(ImageSource::DockerArchive { file, reference });
+        }
+        Err(OciError::UnsupportedSource(spec.to_owned()))
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            ImageSource::OciLayout { dir, .. } => format!("OCI layout {}", dir.display()),
+            ImageSource::DockerArchive { file, .. } => format!("docker archive {}", file.display()),
+        }
+    }
+
+    /// Picks the image (by tag and platform) and reads its manifest and config.
+    pub fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
+        match self {
+            ImageSource::OciLayout { dir, tag } => resolve_layout(dir, tag.as_deref(), platform),
+            ImageSource::DockerArchive { file, reference } => {
+                resolve_archive(file, reference.as_deref(), platform)
+            }
+        }
+    }
+
+    /// Opens a layer's blob, checked against its digest and size where known.
+    pub fn open_layer(&self, layer: &LayerDescriptor) -> Result<Box<dyn Read + Send>, OciError> {
+        match (&layer.location, self) {
+            (BlobLocation::File(path), _) => {
+                let file = File::open(path).context(|| format!("opening {}", path.display()))?;
+                if let Some(digest) = &layer.digest {
+                    // Checked up front: cheap beside decompression, and a bad blob costs no work.
+                    verify_blob(
+                        &file,
+                        &format!("layer blob {digest}"),
+                        digest,
+                        Some(layer.size),
+                    )?;
+                }
+                let mut file = file;
+                file.seek(SeekFrom::Start(0))
+                    .context(|| format!("reading {}", path.display()))?;
+                Ok(Box::new(file))
+            }
+            (BlobLocation::Range { offset, size }, ImageSource::DockerArchive { file, .. }) => {
+                let mut f = File::open(file).context(|| format!("opening {}", file.display()))?;
+                f.seek(SeekFrom::Start(*offset))
+                    .context(|| format!("reading {}", file.display()))?;
+                Ok(Box::new(f.take(*size)))
+            }
+            (BlobLocation::Range { .. }, ImageSource::OciLayout { .. }) => {
+                unreachable!("ranges come from archives")
+            }
+        }
+    }
+}
+
+/// Splits `PATH:REF` where the path may itself hold colons: the whole string is
+/// a path if `is_source` says so, otherwise the last colon separates the reference.
+fn split_reference(rest: &str, is_source: impl Fn(&Path) -> bool) -> (PathBuf, Option<String>) {
+    if is_source(Path::new(rest)) {
+        return (PathBuf::from(rest), None);
+    }
+    match rest.rsplit_once(':') {
+        Some((path, reference)) if !reference.contains('/') => {
+            (PathBuf::from(path), Some(reference.to_owned()))
+        }
+        _ => (PathBuf::from(rest), None),
+    }
+}
+
+fn malformed(what: impl Into<String>, reason: impl fmt::Display) -> OciError {
+    OciError::Malformed {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads a small JSON blob of a layout, checking digest and size.
+fn read_layout_blob(dir: &Path, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+    let digest = desc.digest().to_string();
+    let path = dir.join("blobs/sha256").join(sha256_hex(&digest)?);
+    if desc.size() > MAX_JSON_BLOB {
+        return Err(malformed(
+            what,
+            format!("{} bytes is too large for a {what}", desc.size()),
+        ));
+    }
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(OciError::MissingBlob(digest))
+        }
+        Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
+    };
+    if bytes.len() as u64 != desc.size() {
+        return Err(OciError::SizeMismatch {
+            what: format!("{what} {digest}"),
+            expected: desc.size(),
+            actual: bytes.len() as u64,
+        });
+    }
+    check_digest(&format!("{what} {digest}"), &digest, sha256_digest(&bytes))?;
+    Ok(bytes)
+}
+
+fn is_index(media_type: &MediaType) -> bool {
+    matches!(media_type, MediaType::ImageIndex)
+        || media_type.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
+}
+
+fn resolve_layout(
+    dir: &Path,
+    tag: Option<&str>,
+    platform: &Platform,
+) -> Result<ResolvedImage, OciError> {
+    let index_path = dir.join("index.json");
+    let index_bytes = match std::fs::read(&index_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(malformed(
+                format!("OCI layout {}", dir.display()),
+                "index.json is missing",
+            ))
+        }
+        Err(e) => return Err(e).context(|| format!("reading {}", index_path.display())),
+    };
+    let index: OciIndex =
+        serde_json::from_slice(&index_bytes).map_err(|e| malformed("index.json", e))?;
+    let ref_name = |d: &Descriptor| {
+        d.annotations()
+            .as_ref()
+            .and_then(|a| a.get("org.opencontainers.image.ref.name"))
+            .cloned()
+    };
+    let chosen = match tag {
+        Some(tag) => index
+            .manifests()
+            .iter()
+            .find(|d| ref_name(d).as_deref() == Some(tag))
+            .ok_or_else(|| OciError::TagNotFound {
+                tag: tag.to_owned(),
+                source_name: dir.display().to_string(),
+                available: index
+                    .manifests()
+                    .iter()
+                    .filter_map(ref_name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?,
+        None => match index.manifests().as_slice() {
+            [only] => only,
+            [] => return Err(malformed("index.json", "it lists no images")),
+            _ => {
+                return Err(OciError::TagNotFound {
+                    tag: String::new(),
+                    source_name: dir.display().to_string(),
+                    available: index
+                        .manifests()
+                        .iter()
+                        .filter_map(ref_name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            }
+        },
+    };
+    let mut desc = chosen.clone();
+    // Follow (possibly nested) indexes down to the platform's manifest.
+    for _ in 0..4 {
+        if !is_index(desc.media_type()) {
+            break;
+        }
+        let bytes = read_layout_blob(dir, &desc, "image index")?;
+        let nested: OciIndex =
+            serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
+        desc = nested
+            .manifests()
+            .iter()
+            .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
+            .cloned()
+            .ok_or_else(|| OciError::PlatformNotFound {
+                wanted: platform.to_string(),
+                available: nested
+                    .manifests()
+                    .iter()
+                    .filter_map(|d| {
+                        d.platform()
+                            .as_ref()
+                            .map(|p| format!("{}/{}", p.os(), p.architecture()))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+    }
+    let manifest_bytes = read_layout_blob(dir, &desc, "image manifest")?;
+    let manifest: OciManifest =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| malformed("image manifest", e))?;
+    let config = read_layout_blob(dir, manifest.config(), "image config")?;
+    let (diff_ids, config_platform) = parse_config(&config)?;
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(malformed(
+            "image config",
+            format!(
+                "{} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers().len()
+            ),
+        ));
+    }
+    let layers = manifest
+        .layers()
+        .iter()
+        .zip(diff_ids)
+        .map(|(layer, diff_id)| {
+            let digest = layer.digest().to_string();
+            Ok(LayerDescriptor {
+                location: BlobLocation::File(dir.join("blobs/sha256").join(sha256_hex(&digest)?)),
+                compression: Some(LayerCompression::from_media_type(
+                    layer.media_type().as_ref(),
+                )?),
+                digest: Some(digest),
+                size: layer.size(),
+                diff_id,
+            })
+        })
+        .collect::<Result<Vec<_>, OciError>>()?;
+    for layer in &layers {
+        if let BlobLocation::File(path) = &layer.location {
+            if !path.exists() {
+                return Err(OciError::MissingBlob(
+                    layer.digest.clone().unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    Ok(ResolvedImage {
+        manifest_digest: sha256_digest(&manifest_bytes),
+        config_digest: manifest.config().digest().to_string(),
+        config,
+        platform: config_platform.unwrap_or_else(|| platform.clone()),
+        layers,
+    })
+}
+
+#[derive(Deserialize)]
+struct ConfigView {
+    #[serde(default)]
+    os: Option<String>,
+    #[serde(default)]
+    architecture: Option<String>,
+    #[serde(default)]
+    variant: Option<String>,
+    rootfs: RootFsView,
+}
+
+#[derive(Deserialize)]
+struct RootFsView {
+    #[serde(rename = "type")]
+    kind: String,
+    diff_ids: Vec<String>,
+}
+
+/// The diff_ids and platform of a config, validated.
+fn parse_config(config: &[u8]) -> Result<(Vec<String>, Option<Platform>), OciError> {
+    let view: ConfigView =
+        serde_json::from_slice(config).map_err(|e| malformed("image config", e))?;
+    if view.rootfs.kind != "layers" {
+        return Err(malformed(
+            "image config",
+            format!("rootfs type {:?} (expected \"layers\")", view.rootfs.kind),
+        ));
+    }
+    for id in &view.rootfs.diff_ids {
+        sha256_hex(id)?;
+    }
+    let platform = match (view.os, view.architecture) {
+        (Some(os), Some(arch)) => Some(Platform {
+            os,
+            arch,
+            variant: view.variant,
+        }),
+        _ => None,
+    };
+    Ok((view.rootfs.diff_ids, platform))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ArchiveManifestEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+/// Byte ranges of the regular files in a tar archive, by path.
+fn archive_members(file: &Path) -> Result<HashMap<String, (u64, u64)>, OciError> {
+    let f = File::open(file).context(|| format!("opening {}", file.display()))?;
+    let mut archive = tar::Archive::new(f);
+    let mut members = HashMap::new();
+    let mut links = Vec::new();
+    let entries = archive
+        .entries()
+        .context(|| format!("reading {}", file.display()))?;
+    for entry in entries {
+        let entry = entry.context(|| format!("reading {}", file.display()))?;
+        let path = String::from_utf8_lossy(&entry.path_bytes())
+            .trim_start_matches("./")
+            .to_owned();
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                members.insert(path, (entry.raw_file_position(), entry.size()));
+            }
+            // Older `docker save` links a repeated layer to its first copy.
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                if let Some(target) = entry.link_name_bytes() {
+                    links.push((path, String::from_utf8_lossy(&target).into_owned()));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (path, target) in links {
+        let parent = Path::new(&path).parent().unwrap_or(Path::new(""));
+        let resolved = if target.starts_with("../") {
+            normalize_archive_path(&parent.join(&target))
+        } else {
+            target.trim_start_matches("./").to_owned()
+        };
+        if let Some(range) = members.get(&resolved).copied() {
+            members.insert(path, range);
+        }
+    }
+    Ok(members)
+}
+
+fn normalize_archive_path(path: &Path) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.to_str().unwrap_or("").split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    parts.join("/")
+}
+
+fn resolve_archive(
+    file: &Path,
+    reference: Option<&str>,
+    platform: &Platform,
+) -> Result<ResolvedImage, OciError> {
+    let members = archive_members(file)?;
+    let read_member = |name: &str, what: &str| -> Result<Vec<u8>, OciError> {
+        let &(offset, size) = members
+            .get(name)
+            .ok_or_else(|| OciError::MissingBlob(format!("{name} ({what})")))?;
+        if size > MAX_JSON_BLOB {
+            return Err(malformed(what, format!("{size} bytes is too large")));
+        }
+        let mut f = File::open(file).context(|| format!("opening {}", file.display()))?;
+        f.seek(SeekFrom::Start(offset))
+            .context(|| format!("reading {}", file.display()))?;
+        let mut buf = Vec::with_capacity(size as usize);
+        f.take(size)
+            .read_to_end(&mut buf)
+            .context(|| format!("reading {name} from {}", file.display()))?;
+        if buf.len() as u64 != size {
+            return Err(malformed(what, format!("{name} is truncated")));
+        }
+        Ok(buf)
+    };
+    let manifest_bytes = read_member("manifest.json", "docker archive manifest")?;
+    let entries: Vec<ArchiveManifestEntry> = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| malformed("docker archive manifest.json", e))?;
+    let tags = |e: &ArchiveManifestEntry| e.repo_tags.clone().unwrap_or_default();
+    let entry = match reference {
+        Some(r) => entries.iter().find(|e| tags(e).iter().any(|t| t == r)),
+        None if entries.len() == 1 => entries.first(),
+        None => None,
+    }
+    .ok_or_else(|| OciError::TagNotFound {
+        tag: reference.unwrap_or("").to_owned(),
+        source_name: file.display().to_string(),
+        available: entries.iter().flat_map(tags).collect::<Vec<_>>().join(", "),
+    })?;
+    let config = read_member(&entry.config, "image config")?;
+    // Configs are named by their digest (`HEX.json` or `blobs/sha256/HEX`).
+    let config_hex = Path::new(&entry.config)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| n.trim_end_matches(".json"));
+    let config_digest = sha256_digest(&config);
+    if let Some(hex) =
+        config_hex.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        check_digest(
+            "image config",
+            &format!("sha256:{hex}"),
+            config_digest.clone(),
+        )?;
+    }
+    let (diff_ids, config_platform) = parse_config(&config)?;
+    if diff_ids.len() != entry.layers.len() {
+        return Err(malformed(
+            "image config",
+            format!(
+                "{} diff_ids for {} layers",
+                diff_ids.len(),
+                entry.layers.len()
+            ),
+        ));
+    }
+    let mut layers = Vec::new();
+    for (name, diff_id) in entry.layers.iter().zip(diff_ids) {
+        let &(offset, size) = members
+            .get(name.as_str())
+            .ok_or_else(|| OciError::MissingBlob(name.clone()))?;
+        let digest = name
+            .strip_prefix("blobs/sha256/")
+            .filter(|h| h.len() == 64)
+            .map(|h| format!("sha256:{h}"));
+        layers.push(LayerDescriptor {
+            location: BlobLocation::Range { offset, size },
+            digest,
+            size,
+            compression: None,
+            diff_id,
+        });
+    }
+    Ok(ResolvedImage {
+        manifest_digest: sha256_digest(&manifest_bytes),
+        config_digest,
+        config,
+        platform: config_platform.unwrap_or_else(|| platform.clone()),
+        layers,
+    })
+}
+
+/// Wraps a layer blob in the decompressor its media type (or magic) asks for,
+/// and hashes the uncompressed stream for the diff_id check.
+pub(crate) fn decompressed<'a>(
+    mut blob: Box<dyn Read + 'a>,
+    compression: Option<LayerCompression>,
+) -> Result<HashingReader<Box<dyn Read + 'a>>, OciError> {
+    let compression = match compression {
+        Some(c) => c,
+        None => {
+            let mut head = [0u8; 4];
+            let mut filled = 0;
+            while filled < head.len() {
+                let n = blob
+                    .read(&mut head[filled..])
+                    .context(|| "reading layer".to_string())?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            let c = LayerCompression::sniff(&head[..filled]);
+            blob = Box::new(std::io::Cursor::new(head[..filled].to_vec()).chain(blob));
+            c
+        }
+    };
+    let reader: Box<dyn Read + 'a> = match compression {
+        LayerCompression::None => blob,
+        LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+        LayerCompression::Zstd => {
+            Box::new(zstd::Decoder::new(blob).context(|| "starting zstd decoder".to_string())?)
+        }
+    };
+    Ok(HashingReader::new(reader))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_source_specs() {
+        match ImageSource::parse("oci:/tmp/nowhere:v1").unwrap() {
+            ImageSource::OciLayout { dir, tag } => {
+                assert_eq!(dir, PathBuf::from("/tmp/nowhere"));
+                assert_eq!(tag.as_deref(), Some("v1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ImageSource::parse("docker://x"),
+            Err(OciError::UnsupportedSource(_))
+        ));
+        assert_eq!(
+            Platform::parse("linux/arm64/v8")
+                .unwrap()
+                .variant
+                .as_deref(),
+            Some("v8")
+        );
+        assert!(Platform::parse("linux").is_err());
+    }
+
+    #[test]
+    fn media_types() {
+        assert_eq!(
+            LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd")
+                .unwrap(),
+            LayerCompression::Zstd
+        );
+        assert!(matches!(
+            LayerCompression::from_media_type("application/x-unknown"),
+            Err(OciError::UnknownMediaType(_))
+        ));
+    }
+}

@@ -1,0 +1,601 @@
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+use serde::Serialize;
+use skiff_chunk::{decompress_frame, verify_chunk};
+use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, IndexDigest};
+
+use crate::error::IoContext;
+use crate::layout::*;
+use crate::{PackWriter, StoreError};
+
+/// Decompressed frames kept for readers that walk a file chunk by chunk.
+const FRAME_CACHE_FRAMES: usize = 32;
+
+/// A local skiff store. Open it with [`Store::open`] to write (one process at
+/// a time) or [`Store::open_read_only`] to read beside a writer.
+pub struct Store {
+    root: PathBuf,
+    config: StoreConfig,
+    pub(crate) db: DB,
+    read_only: bool,
+    /// Held for the store's lifetime in write mode; dropping it releases the flock.
+    _lock: Option<File>,
+    packs: Mutex<HashMap<u32, Arc<File>>>,
+    frames: Mutex<FrameCache>,
+}
+
+#[derive(Default)]
+struct FrameCache {
+    frames: HashMap<(u32, u64), Arc<Vec<u8>>>,
+    order: VecDeque<(u32, u64)>,
+}
+
+/// Sizes and ratios of what a store holds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StoreStats {
+    pub images: u64,
+    /// Sum over images of their regular files' sizes.
+    pub logical_bytes: u64,
+    pub chunks: u64,
+    /// Unique chunk bytes before compression.
+    pub chunk_bytes: u64,
+    /// Compressed bytes of the frames that hold live chunks.
+    pub frame_bytes: u64,
+    /// Size of all pack files on disk (includes bytes gc can reclaim).
+    pub pack_bytes: u64,
+    /// logical_bytes / chunk_bytes.
+    pub dedup_ratio: f64,
+    /// chunk_bytes / frame_bytes.
+    pub compression_ratio: f64,
+}
+
+/// What `fsck` checked and what it found wrong.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FsckReport {
+    pub images: u64,
+    pub chunks: u64,
+    pub frames: u64,
+    pub problems: Vec<String>,
+}
+
+impl Store {
+    /// Opens the store at `root` for writing, creating it with `config` if it does
+    /// not exist. Fails with [`StoreError::Busy`] if another process writes to it.
+    pub fn open_or_create(root: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        if !root.join(CONFIG_FILE).exists() {
+            Self::create(root, config)?;
+        }
+        Self::open(root)
+    }
+
+    /// Creates the database with all its column families, then writes the
+    /// config file last: a store exists once its config does, so a crash
+    /// part-way leaves nothing a reader would take for a store.
+    fn create(root: &Path, config: &StoreConfig) -> Result<(), StoreError> {
+        config.chunking.validate()?;
+        fs::create_dir_all(root.join(PACKS_DIR))
+            .context(|| format!("creating store {}", root.display()))?;
+        let lock = lock_store(root)?;
+        if root.join(CONFIG_FILE).exists() {
+            return Ok(()); // another process created it while we waited
+        }
+        let db_dir = root.join(DB_DIR);
+        if db_dir.exists() {
+            fs::remove_dir_all(&db_dir)
+                .context(|| format!("removing the half-created {}", db_dir.display()))?;
+        }
+        drop(DB::open_cf_descriptors(
+            &db_options(true),
+            &db_dir,
+            column_families(),
+        )?);
+        let json = serde_json::to_vec_pretty(config).expect("config serialises");
+        let tmp = root.join(format!("{CONFIG_FILE}.tmp"));
+        fs::write(&tmp, json).context(|| format!("writing {}", tmp.display()))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, root.join(CONFIG_FILE))
+            .context(|| format!("creating {}", root.display()))?;
+        drop(lock);
+        Ok(())
+    }
+
+    /// Opens an existing store for writing.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let config = read_config(root)?;
+        let lock = lock_store(root)?;
+        let db = DB::open_cf_descriptors(&db_options(true), root.join(DB_DIR), column_families())?;
+        let store = Store::assemble(root, config, db, false, Some(lock));
+        store.recover_packs()?;
+        Ok(store)
+    }
+
+    /// Opens an existing store for reading only; works while a writer holds it.
+    pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
+        let config = read_config(root)?;
+        let db = DB::open_cf_descriptors_read_only(
+            &db_options(false),
+            root.join(DB_DIR),
+            column_families(),
+            false,
+        )?;
+        Ok(Store::assemble(root, config, db, true, None))
+    }
+
+    fn assemble(
+        root: &Path,
+        config: StoreConfig,
+        db: DB,
+        read_only: bool,
+        lock: Option<File>,
+    ) -> Store {
+        Store {
+            root: root.to_owned(),
+            config,
+            db,
+            read_only,
+            _lock: lock,
+            packs: Mutex::new(HashMap::new()),
+            frames: Mutex::new(FrameCache::default()),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    pub(crate) fn pack_path(&self, pack: u32) -> PathBuf {
+        self.root.join(PACKS_DIR).join(pack_file_name(pack))
+    }
+
+    pub(crate) fn write_batch(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// Cuts packs back to their committed length and removes packs the
+    /// database does not reference: what a crash mid-write leaves behind.
+    fn recover_packs(&self) -> Result<(), StoreError> {
+        let committed = self.committed_packs()?;
+        let dir = self.root.join(PACKS_DIR);
+        let entries = fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.context(|| format!("listing {}", dir.display()))?;
+            let name = entry.file_name();
+            let Some(pack) = name.to_str().and_then(pack_of_file_name) else {
+                continue;
+            };
+            let path = entry.path();
+            match committed.get(&pack) {
+                None => {
+                    tracing::info!(pack, "removing pack left by an interrupted write");
+                    fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+                }
+                Some(&len) => {
+                    let actual = entry
+                        .metadata()
+                        .context(|| format!("stat {}", path.display()))?
+                        .len();
+                    if actual > len {
+                        tracing::info!(
+                            pack,
+                            actual,
+                            len,
+                            "truncating pack to its committed length"
+                        );
+                        let file = File::options()
+                            .write(true)
+                            .open(&path)
+                            .context(|| format!("opening {}", path.display()))?;
+                        file.set_len(len)
+                            .and_then(|()| file.sync_all())
+                            .context(|| format!("truncating {}", path.display()))?;
+                    } else if actual < len {
+                        return Err(StoreError::Corrupt(format!(
+                            "pack {} is {actual} bytes, {len} were committed",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every pack the database knows, with its committed length.
+    pub(crate) fn committed_packs(&self) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let mut packs = BTreeMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), IteratorMode::Start) {
+            let (key, value) = item?;
+            if let Some(pack) = pack_of_meta_key(&key) {
+                packs.insert(pack, decode_u64(&value, "pack length")?);
+            }
+        }
+        Ok(packs)
+    }
+
+    /// Starts writing frames into a new pack. Only one writer per store.
+    pub fn pack_writer(&self) -> Result<PackWriter<'_>, StoreError> {
+        if self.read_only {
+            return Err(StoreError::BadStore {
+                path: self.root.clone(),
+                reason: "opened read-only".into(),
+            });
+        }
+        Ok(PackWriter::new(self))
+    }
+
+    pub fn contains_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())?
+            .is_some())
+    }
+
+    pub fn chunk_location(&self, id: &ChunkId) -> Result<Option<ChunkLocation>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? {
+            Some(bytes) => Ok(Some(ChunkLocation::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads and verifies one chunk.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let loc = self
+            .chunk_location(id)?
+            .ok_or(StoreError::ChunkNotFound(*id))?;
+        let frame = self.read_frame(&loc)?;
+        let data = frame
+            .get(loc.offset as usize..(loc.offset as usize + loc.len as usize))
+            .ok_or_else(|| StoreError::Corrupt(format!("chunk {id} lies outside its frame")))?;
+        verify_chunk(id, data)?;
+        Ok(data.to_vec())
+    }
+
+    fn pack_file(&self, pack: u32) -> Result<Arc<File>, StoreError> {
+        let mut packs = self.packs.lock().expect("pack handle cache poisoned");
+        if let Some(file) = packs.get(&pack) {
+            return Ok(file.clone());
+        }
+        let path = self.pack_path(pack);
+        let file = Arc::new(File::open(&path).context(|| format!("opening {}", path.display()))?);
+        packs.insert(pack, file.clone());
+        Ok(file)
+    }
+
+    /// Forgets a cached handle (the pack was replaced by gc).
+    pub(crate) fn forget_pack(&self, pack: u32) {
+        self.packs
+            .lock()
+            .expect("pack handle cache poisoned")
+            .remove(&pack);
+        let mut cache = self.frames.lock().expect("frame cache poisoned");
+        cache.frames.retain(|key, _| key.0 != pack);
+        cache.order.retain(|key| key.0 != pack);
+    }
+
+    /// The compressed bytes of a frame, straight from its pack.
+    pub(crate) fn read_raw_frame(&self, loc: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
+        let file = self.pack_file(loc.pack)?;
+        let mut compressed = vec![0u8; loc.frame_len as usize];
+        file.read_exact_at(&mut compressed, loc.frame_offset)
+            .context(|| format!("reading pack {} at {}", loc.pack, loc.frame_offset))?;
+        Ok(compressed)
+    }
+
+    /// The uncompressed bytes of the frame holding `loc`, through a small cache.
+    pub(crate) fn read_frame(&self, loc: &ChunkLocation) -> Result<Arc<Vec<u8>>, StoreError> {
+        let key = loc.frame_key();
+        if let Some(frame) = self
+            .frames
+            .lock()
+            .expect("frame cache poisoned")
+            .frames
+            .get(&key)
+        {
+            return Ok(frame.clone());
+        }
+        let compressed = self.read_raw_frame(loc)?;
+        let frame = Arc::new(decompress_frame(&compressed, loc.frame_raw_len as usize)?);
+        let mut cache = self.frames.lock().expect("frame cache poisoned");
+        if cache.frames.insert(key, frame.clone()).is_none() {
+            cache.order.push_back(key);
+            while cache.order.len() > FRAME_CACHE_FRAMES {
+                if let Some(old) = cache.order.pop_front() {
+                    cache.frames.remove(&old);
+                }
+            }
+        }
+        Ok(frame)
+    }
+
+    /// Records an image: its index and its manifest, in one atomic write.
+    /// Every chunk the index references must already be in the store.
+    pub fn put_image(
+        &self,
+        manifest: &ImageManifest,
+        index: &ImageIndex,
+    ) -> Result<(), StoreError> {
+        let encoded = index.encode();
+        let digest = IndexDigest::of(&encoded);
+        if digest != manifest.index.digest {
+            return Err(StoreError::Corrupt(format!(
+                "manifest names index {} but the index hashes to {digest}",
+                manifest.index.digest
+            )));
+        }
+        for chunk in index.chunk_refs() {
+            if !self.contains_chunk(&chunk.id)? {
+                return Err(StoreError::MissingChunk {
+                    image: manifest.image_ref().to_string(),
+                    chunk: chunk.id,
+                });
+            }
+        }
+        let compressed =
+            zstd::bulk::compress(&encoded, 3).context(|| "compressing index".to_string())?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_INDEXES), digest.as_bytes(), compressed);
+        batch.put_cf(
+            self.cf(CF_IMAGES),
+            manifest.image_ref().key(),
+            manifest.to_json(),
+        );
+        self.write_batch(batch)
+    }
+
+    pub fn image(&self, image: &ImageRef) -> Result<ImageManifest, StoreError> {
+        let bytes = self
+            .db
+            .get_pinned_cf(self.cf(CF_IMAGES), image.key())?
+            .ok_or_else(|| StoreError::ImageNotFound(image.clone()))?;
+        Ok(ImageManifest::from_json(&bytes)?)
+    }
+
+    /// All images, sorted by name:tag.
+    pub fn images(&self) -> Result<Vec<ImageManifest>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_IMAGES), IteratorMode::Start) {
+            let (_, value) = item?;
+            out.push(ImageManifest::from_json(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a tag; its index and chunks stay until `gc`.
+    pub fn remove_image(&self, image: &ImageRef) -> Result<(), StoreError> {
+        self.image(image)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_IMAGES), image.key());
+        self.write_batch(batch)
+    }
+
+    /// The encoded bytes of an index, checked against its digest.
+    pub fn index_bytes(&self, digest: &IndexDigest) -> Result<Vec<u8>, StoreError> {
+        let compressed = self
+            .db
+            .get_pinned_cf(self.cf(CF_INDEXES), digest.as_bytes())?
+            .ok_or(StoreError::IndexNotFound(*digest))?;
+        // An index of a 100k-file image is a few MB; 1 GiB bounds a corrupt length header.
+        let bytes = zstd::bulk::decompress(&compressed, 1 << 30)
+            .map_err(|e| StoreError::Corrupt(format!("index {digest}: {e}")))?;
+        if IndexDigest::of(&bytes) != *digest {
+            return Err(StoreError::Corrupt(format!(
+                "index {digest} does not match its digest"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    pub fn index(&self, digest: &IndexDigest) -> Result<ImageIndex, StoreError> {
+        Ok(ImageIndex::decode(&self.index_bytes(digest)?)?)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut stats = StoreStats::default();
+        for manifest in self.images()? {
+            stats.images += 1;
+            stats.logical_bytes += manifest.index.logical_bytes;
+        }
+        let mut frames = HashMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (_, value) = item?;
+            let loc = ChunkLocation::decode(&value)?;
+            stats.chunks += 1;
+            stats.chunk_bytes += u64::from(loc.len);
+            frames.insert(loc.frame_key(), u64::from(loc.frame_len));
+        }
+        stats.frame_bytes = frames.values().sum();
+        for pack in self.committed_packs()?.keys() {
+            let path = self.pack_path(*pack);
+            stats.pack_bytes += fs::metadata(&path)
+                .context(|| format!("stat {}", path.display()))?
+                .len();
+        }
+        stats.dedup_ratio = ratio(stats.logical_bytes, stats.chunk_bytes);
+        stats.compression_ratio = ratio(stats.chunk_bytes, stats.frame_bytes);
+        Ok(stats)
+    }
+
+    /// Checks that every image's index is present and intact, every chunk it
+    /// names is stored, and every stored chunk decompresses to bytes that hash
+    /// to its id. `progress` is called with the compressed bytes checked.
+    pub fn fsck(&self, progress: &dyn Fn(u64)) -> Result<FsckReport, StoreError> {
+        let mut report = FsckReport::default();
+        for item in self.db.iterator_cf(self.cf(CF_IMAGES), IteratorMode::Start) {
+            let (key, value) = item?;
+            report.images += 1;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let manifest = match ImageManifest::from_json(&value) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.problems.push(format!("image {name}: {e}"));
+                    continue;
+                }
+            };
+            let index = match self.index(&manifest.index.digest) {
+                Ok(index) => index,
+                Err(e) => {
+                    report.problems.push(format!("image {name}: {e}"));
+                    continue;
+                }
+            };
+            let mut seen = HashSet::new();
+            for chunk in index.chunk_refs() {
+                if !seen.insert(chunk.id) {
+                    continue;
+                }
+                match self.chunk_location(&chunk.id)? {
+                    Some(loc) if loc.len == chunk.len => {}
+                    Some(loc) => report.problems.push(format!(
+                        "image {name}: chunk {} is {} bytes in the index, {} in the store",
+                        chunk.id, chunk.len, loc.len
+                    )),
+                    None => report
+                        .problems
+                        .push(format!("image {name}: chunk {} is missing", chunk.id)),
+                }
+            }
+        }
+
+        // Group chunks by frame so each frame is read and decompressed once.
+        let packs = self.committed_packs()?;
+        let mut by_frame: BTreeMap<(u32, u64), Vec<(ChunkId, ChunkLocation)>> = BTreeMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (key, value) = item?;
+            let id = ChunkId::from_slice(&key)?;
+            let loc = ChunkLocation::decode(&value)?;
+            by_frame.entry(loc.frame_key()).or_default().push((id, loc));
+        }
+        for chunks in by_frame.values() {
+            let loc = chunks[0].1;
+            report.frames += 1;
+            let committed = packs.get(&loc.pack).copied().unwrap_or(0);
+            if loc.frame_offset + u64::from(loc.frame_len) > committed {
+                report.problems.push(format!(
+                    "frame at pack {} offset {} lies past the pack's committed length {committed}",
+                    loc.pack, loc.frame_offset
+                ));
+                continue;
+            }
+            let frame = match self
+                .read_raw_frame(&loc)
+                .and_then(|c| Ok(decompress_frame(&c, loc.frame_raw_len as usize)?))
+            {
+                Ok(frame) => frame,
+                Err(e) => {
+                    report.problems.push(format!(
+                        "frame at pack {} offset {}: {e}",
+                        loc.pack, loc.frame_offset
+                    ));
+                    continue;
+                }
+            };
+            for (id, loc) in chunks {
+                report.chunks += 1;
+                let data = frame.get(loc.offset as usize..loc.offset as usize + loc.len as usize);
+                match data.map(|d| verify_chunk(id, d)) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => report.problems.push(e.to_string()),
+                    None => report
+                        .problems
+                        .push(format!("chunk {id} lies outside its frame")),
+                }
+            }
+            progress(u64::from(loc.frame_len));
+        }
+        Ok(report)
+    }
+}
+
+/// Takes the store's writer lock, or says the store is busy.
+fn lock_store(root: &Path) -> Result<File, StoreError> {
+    let lock_path = root.join(LOCK_FILE);
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .context(|| format!("opening {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Busy(root.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).context(|| format!("locking {}", lock_path.display()))
+        }
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn read_config(root: &Path) -> Result<StoreConfig, StoreError> {
+    let path = root.join(CONFIG_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::NoStore(root.to_owned()))
+        }
+        Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
+    };
+    let config: StoreConfig = serde_json::from_slice(&bytes).map_err(|e| StoreError::BadStore {
+        path: root.to_owned(),
+        reason: format!("{CONFIG_FILE}: {e}"),
+    })?;
+    if config.format_version != STORE_FORMAT_VERSION {
+        return Err(StoreError::BadStore {
+            path: root.to_owned(),
+            reason: format!(
+                "store format {} (this skiff reads {STORE_FORMAT_VERSION})",
+                config.format_version
+            ),
+        });
+    }
+    config.chunking.validate()?;
+    Ok(config)
+}
+
+fn db_options(create: bool) -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    opts.set_keep_log_file_num(2);
+    // Chunk lookups during convert are mostly misses: a bloom filter answers them without I/O.
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&table);
+    opts
+}
+
+fn column_families() -> Vec<ColumnFamilyDescriptor> {
+    COLUMN_FAMILIES
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, db_options(false)))
+        .collect()
+}

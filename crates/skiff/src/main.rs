@@ -1,0 +1,320 @@
+//! The `skiff` command.
+
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use skiff_format::ImageRef;
+use skiff_oci::{ConvertOptions, ImageSource, Platform};
+use skiff_store::{Store, StoreConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "skiff",
+    version,
+    about = "Lazy-loading, chunk-deduplicated container image store",
+    long_about = "skiff converts OCI images into a store of content-defined chunks (FastCDC, \
+                  zstd, BLAKE3): files shared by any images or layers are stored once.\n\n\
+                  Logging goes to stderr and is filtered by RUST_LOG (e.g. RUST_LOG=debug)."
+)]
+struct Cli {
+    /// The store directory [default: $SKIFF_STORE, else $XDG_DATA_HOME/skiff, else ~/.local/share/skiff]
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an OCI image into the store (creating the store if needed)
+    #[command(after_help = "SOURCE is one of:\n  \
+        oci:DIR[:TAG]                    an OCI image layout directory\n  \
+        docker-archive:FILE[:NAME:TAG]   a `docker save` archive\n\n\
+        Example: skiff convert oci:./debian:bookworm debian:bookworm")]
+    Convert {
+        /// Where the image comes from
+        source: String,
+        /// NAME[:TAG] to store it under (tag defaults to latest)
+        target: ImageRef,
+        /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
+        #[arg(long)]
+        platform: Option<String>,
+        /// Chunking and compression threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images in the store
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show sizes, chunk counts, dedup and compression ratios
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image as a single-layer OCI image layout
+    #[command(after_help = "Example: skiff export debian:bookworm oci:./out:bookworm")]
+    Export {
+        /// NAME[:TAG] in the store
+        image: ImageRef,
+        /// oci:DIR[:TAG] to write (tag defaults to the image's)
+        destination: String,
+    },
+    /// Check every index and chunk in the store
+    Fsck {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image's tag (its data stays until `gc`)
+    Rm { image: ImageRef },
+    /// Delete chunks and indexes no image references, and compact packs
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn default_store() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("SKIFF_STORE").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("skiff"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .context("cannot find a store: set --store, SKIFF_STORE or HOME")?;
+    Ok(PathBuf::from(home).join(".local/share/skiff"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("skiff: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let store_dir = match cli.store {
+        Some(dir) => dir,
+        None => default_store()?,
+    };
+    match cli.command {
+        Command::Convert {
+            source,
+            target,
+            platform,
+            threads,
+            json,
+        } => convert(
+            &store_dir,
+            &source,
+            &target,
+            platform.as_deref(),
+            threads,
+            json,
+        )?,
+        Command::Images { json } => images(&Store::open_read_only(&store_dir)?, json)?,
+        Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
+        Command::Export { image, destination } => {
+            export(&Store::open_read_only(&store_dir)?, &image, &destination)?
+        }
+        Command::Fsck { json } => return fsck(&Store::open_read_only(&store_dir)?, json),
+        Command::Rm { image } => {
+            Store::open(&store_dir)?.remove_image(&image)?;
+            println!("removed {image} (run `skiff gc` to free its data)");
+        }
+        Command::Gc { json } => {
+            let report = Store::open(&store_dir)?.gc()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "removed {} chunks and {} indexes, rewrote {} packs: {} -> {}",
+                    report.chunks_removed,
+                    report.indexes_removed,
+                    report.packs_rewritten,
+                    progress::bytes(report.bytes_before),
+                    progress::bytes(report.bytes_after)
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn convert(
+    store_dir: &Path,
+    source: &str,
+    target: &ImageRef,
+    platform: Option<&str>,
+    threads: usize,
+    json: bool,
+) -> Result<()> {
+    let source = ImageSource::parse(source)?;
+    let platform = match platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    };
+    let store = Store::open_or_create(store_dir, &StoreConfig::default())
+        .with_context(|| format!("opening store {}", store_dir.display()))?;
+    let bar = progress::ConvertBar::new(format!("{target}"));
+    let report = skiff_oci::convert(
+        &source,
+        &store,
+        target,
+        &ConvertOptions { platform, threads },
+        &bar,
+    )
+    .with_context(|| format!("converting {} into {target}", source.name()))?;
+    bar.finish();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let secs = report.elapsed.as_secs_f64();
+    println!(
+        "converted {target}: {} layers, {} files, {} in {} chunks; {} new chunks ({} -> {} compressed) in {secs:.2}s ({}/s of layers)",
+        report.layers,
+        report.manifest.index.files,
+        progress::bytes(report.manifest.index.logical_bytes),
+        report.chunks,
+        report.new_chunks,
+        progress::bytes(report.new_chunk_bytes),
+        progress::bytes(report.new_frame_bytes),
+        progress::bytes((report.layer_bytes as f64 / secs.max(1e-9)) as u64),
+    );
+    println!("index {}", report.manifest.index.digest);
+    Ok(())
+}
+
+fn images(store: &Store, json: bool) -> Result<()> {
+    let images = store.images()?;
+    if json {
+        let rows: Vec<_> = images
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "image": m.image_ref().to_string(),
+                    "index": m.index.digest,
+                    "files": m.index.files,
+                    "logical_bytes": m.index.logical_bytes,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<20} {:>8} {:>10}",
+        "IMAGE", "INDEX", "FILES", "SIZE"
+    );
+    for m in images {
+        println!(
+            "{:<32} {:<20} {:>8} {:>10}",
+            m.image_ref().to_string(),
+            format!("blake3:{}", &m.index.digest.to_hex()[..12]),
+            m.index.files,
+            progress::bytes(m.index.logical_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn stats(store: &Store, json: bool) -> Result<()> {
+    let s = store.stats()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("images:                 {}", s.images);
+    println!(
+        "logical bytes:          {} ({})",
+        s.logical_bytes,
+        progress::bytes(s.logical_bytes)
+    );
+    println!(
+        "unique chunk bytes:     {} ({})",
+        s.chunk_bytes,
+        progress::bytes(s.chunk_bytes)
+    );
+    println!(
+        "compressed chunk bytes: {} ({})",
+        s.frame_bytes,
+        progress::bytes(s.frame_bytes)
+    );
+    println!(
+        "pack bytes on disk:     {} ({})",
+        s.pack_bytes,
+        progress::bytes(s.pack_bytes)
+    );
+    println!("chunks:                 {}", s.chunks);
+    println!("dedup ratio:            {:.2}", s.dedup_ratio);
+    println!("compression ratio:      {:.2}", s.compression_ratio);
+    Ok(())
+}
+
+fn export(store: &Store, image: &ImageRef, destination: &str) -> Result<()> {
+    let Some(rest) = destination.strip_prefix("oci:") else {
+        bail!("unsupported destination {destination:?}: use oci:DIR[:TAG]");
+    };
+    let (dir, tag) = match rest.rsplit_once(':') {
+        Some((dir, tag)) if !tag.contains('/') && !dir.is_empty() => (dir, tag.to_owned()),
+        _ => (rest, image.tag.clone()),
+    };
+    let manifest = store.image(image)?;
+    let report = skiff_oci::export(store, &manifest, Path::new(dir), &tag)
+        .with_context(|| format!("exporting {image} to {destination}"))?;
+    println!(
+        "exported {image} to oci:{}:{} (layer {}, {})",
+        report.dir.display(),
+        report.tag,
+        report.layer_digest,
+        progress::bytes(report.layer_bytes)
+    );
+    Ok(())
+}
+
+fn fsck(store: &Store, json: bool) -> Result<ExitCode> {
+    let total = store.stats()?.frame_bytes;
+    let bar = progress::bytes_bar("fsck", total);
+    let report = store.fsck(&|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} images, {} chunks in {} frames",
+            report.images, report.chunks, report.frames
+        );
+        for problem in &report.problems {
+            println!("problem: {problem}");
+        }
+        if report.problems.is_empty() {
+            println!("store is consistent");
+        }
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,765 @@
+#![allow(clippy::unwrap_used)]
+//! Helpers for skiff's end-to-end tests: build small real OCI images (layout
+//! directories and `docker save` archives) from tar entries, run the real
+//! `skiff` binary, unpack with umoci, and compare file trees byte for byte.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// One entry of a layer tar.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    HardLink {
+        path: String,
+        target: String,
+    },
+    CharDevice {
+        path: String,
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        path: String,
+        major: u32,
+        minor: u32,
+    },
+    Fifo {
+        path: String,
+    },
+    /// Raw header fields, for malformed input: path bytes, type, claimed size, data.
+    Raw {
+        path: Vec<u8>,
+        kind: tar::EntryType,
+        size: u64,
+        data: Vec<u8>,
+    },
+}
+
+impl Entry {
+    /// The entry's path, for entries built from strings.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Entry::Dir { path, .. }
+            | Entry::File { path, .. }
+            | Entry::Symlink { path, .. }
+            | Entry::HardLink { path, .. }
+            | Entry::CharDevice { path, .. }
+            | Entry::BlockDevice { path, .. }
+            | Entry::Fifo { path } => Some(path),
+            Entry::Raw { .. } => None,
+        }
+    }
+}
+
+/// Owner, time and xattrs applied to an entry.
+#[derive(Clone, Debug)]
+pub struct Attrs {
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Default for Attrs {
+    fn default() -> Self {
+        Attrs {
+            uid: 0,
+            gid: 0,
+            mtime: 1_700_000_000,
+            xattrs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    fn media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
+/// A layer: entries with attributes, written as a tar.
+#[derive(Clone, Debug, Default)]
+pub struct Layer {
+    pub entries: Vec<(Entry, Attrs)>,
+}
+
+impl Layer {
+    pub fn new() -> Self {
+        Layer::default()
+    }
+
+    pub fn entry(mut self, entry: Entry) -> Self {
+        self.entries.push((entry, Attrs::default()));
+        self
+    }
+
+    pub fn entry_with(mut self, entry: Entry, attrs: Attrs) -> Self {
+        self.entries.push((entry, attrs));
+        self
+    }
+
+    pub fn dir(self, path: &str, mode: u32) -> Self {
+        self.entry(Entry::Dir {
+            path: path.into(),
+            mode,
+        })
+    }
+
+    pub fn file(self, path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Self {
+        self.entry(Entry::File {
+            path: path.into(),
+            mode,
+            data: data.into(),
+        })
+    }
+
+    pub fn symlink(self, path: &str, target: &str) -> Self {
+        self.entry(Entry::Symlink {
+            path: path.into(),
+            target: target.into(),
+        })
+    }
+
+    pub fn hardlink(self, path: &str, target: &str) -> Self {
+        self.entry(Entry::HardLink {
+            path: path.into(),
+            target: target.into(),
+        })
+    }
+
+    pub fn whiteout(self, dir: &str, name: &str) -> Self {
+        let path = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
+        self.file(&path, 0o644, Vec::new())
+    }
+
+    pub fn opaque(self, dir: &str) -> Self {
+        self.file(&format!("{dir}/.wh..wh..opq"), 0o644, Vec::new())
+    }
+
+    /// The uncompressed tar bytes. Parent directories not listed are added
+    /// (0755, root) before their first child, as image builders do: unpackers
+    /// give unlisted directories the current time, which no test can compare.
+    pub fn tar(&self) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut listed = std::collections::HashSet::new();
+        for (entry, _) in &self.entries {
+            if let Entry::Dir { path, .. } = entry {
+                listed.insert(path.trim_end_matches('/').to_owned());
+            }
+        }
+        for (entry, attrs) in &self.entries {
+            if let Some(path) = entry.path() {
+                let parts: Vec<&str> = path
+                    .split('/')
+                    .filter(|p| !p.is_empty() && *p != ".")
+                    .collect();
+                for depth in 1..parts.len() {
+                    let parent = parts[..depth].join("/");
+                    if parts[..depth].contains(&"..") || !listed.insert(parent.clone()) {
+                        continue;
+                    }
+                    write_entry(
+                        &mut builder,
+                        &Entry::Dir {
+                            path: parent,
+                            mode: 0o755,
+                        },
+                        &Attrs::default(),
+                    );
+                }
+            }
+            write_entry(&mut builder, entry, attrs);
+        }
+        builder.into_inner().expect("tar into a Vec")
+    }
+}
+
+fn pax_records(records: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in records {
+        let rest = key.len() + value.len() + 3;
+        let mut len = rest + 1;
+        while len != rest + len.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        out.extend_from_slice(format!("{len} {key}=").as_bytes());
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+    out
+}
+
+fn write_entry(builder: &mut tar::Builder<Vec<u8>>, entry: &Entry, attrs: &Attrs) {
+    if !attrs.xattrs.is_empty() {
+        let records: Vec<(String, Vec<u8>)> = attrs
+            .xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.clone()))
+            .collect();
+        let data = pax_records(&records);
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::XHeader);
+        header.set_path("PaxHeader").unwrap();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append(&header, data.as_slice()).unwrap();
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_uid(attrs.uid);
+    header.set_gid(attrs.gid);
+    header.set_mtime(attrs.mtime);
+    header.set_size(0);
+    header.set_mode(0o644);
+    match entry {
+        Entry::Dir { path, mode } => {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(*mode);
+            builder
+                .append_data(
+                    &mut header,
+                    format!("{}/", path.trim_end_matches('/')),
+                    std::io::empty(),
+                )
+                .unwrap();
+        }
+        Entry::File { path, mode, data } => {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(*mode);
+            header.set_size(data.len() as u64);
+            builder
+                .append_data(&mut header, path, data.as_slice())
+                .unwrap();
+        }
+        Entry::Symlink { path, target } => {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_mode(0o777);
+            builder.append_link(&mut header, path, target).unwrap();
+        }
+        Entry::HardLink { path, target } => {
+            header.set_entry_type(tar::EntryType::Link);
+            builder.append_link(&mut header, path, target).unwrap();
+        }
+        Entry::CharDevice { path, major, minor } | Entry::BlockDevice { path, major, minor } => {
+            let kind = if matches!(entry, Entry::CharDevice { .. }) {
+                tar::EntryType::Char
+            } else {
+                tar::EntryType::Block
+            };
+            header.set_entry_type(kind);
+            header.set_device_major(*major).unwrap();
+            header.set_device_minor(*minor).unwrap();
+            builder
+                .append_data(&mut header, path, std::io::empty())
+                .unwrap();
+        }
+        Entry::Fifo { path } => {
+            header.set_entry_type(tar::EntryType::Fifo);
+            builder
+                .append_data(&mut header, path, std::io::empty())
+                .unwrap();
+        }
+        Entry::Raw {
+            path,
+            kind,
+            size,
+            data,
+        } => {
+            // Bypasses the builder's path checks: this is how hostile tars are made.
+            let mut header = tar::Header::new_gnu();
+            header.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path);
+            header.set_entry_type(*kind);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_size(*size);
+            header.set_mtime(attrs.mtime);
+            header.set_cksum();
+            let mut raw = header.as_bytes().to_vec();
+            raw.extend_from_slice(data);
+            let pad = (512 - data.len() % 512) % 512;
+            raw.extend(std::iter::repeat_n(0u8, pad));
+            builder.get_mut().extend_from_slice(&raw);
+        }
+    }
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+pub fn compress(data: &[u8], compression: Compression) -> Vec<u8> {
+    match compression {
+        Compression::None => data.to_vec(),
+        Compression::Gzip => {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(data).unwrap();
+            enc.finish().unwrap()
+        }
+        Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
+    }
+}
+
+/// An image to write: layers (with their compression) and a config.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub layers: Vec<(Layer, Compression)>,
+    pub config: Value,
+}
+
+impl Image {
+    pub fn new(layers: Vec<(Layer, Compression)>) -> Self {
+        Image {
+            layers,
+            config: json!({
+                "architecture": host_arch(),
+                "os": "linux",
+                "config": { "Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/" },
+            }),
+        }
+    }
+
+    /// The config JSON with `rootfs.diff_ids` filled in for the layers.
+    pub fn config_bytes(&self) -> Vec<u8> {
+        let mut config = self.config.clone();
+        let diff_ids: Vec<String> = self.layers.iter().map(|(l, _)| sha256(&l.tar())).collect();
+        config["rootfs"] = json!({ "type": "layers", "diff_ids": diff_ids });
+        serde_json::to_vec(&config).unwrap()
+    }
+
+    /// Writes an OCI image layout at `dir` with the image tagged `tag`.
+    /// Returns the paths of the layer blobs, bottom first.
+    pub fn write_layout(&self, dir: &Path, tag: &str) -> Vec<PathBuf> {
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        let put = |data: &[u8]| -> (String, PathBuf) {
+            let digest = sha256(data);
+            let path = blobs.join(&digest[7..]);
+            fs::write(&path, data).unwrap();
+            (digest, path)
+        };
+        let mut layer_descs = Vec::new();
+        let mut paths = Vec::new();
+        for (layer, compression) in &self.layers {
+            let blob = compress(&layer.tar(), *compression);
+            let (digest, path) = put(&blob);
+            paths.push(path);
+            layer_descs.push(json!({ "mediaType": compression.media_type(), "digest": digest, "size": blob.len() }));
+        }
+        let config = self.config_bytes();
+        let (config_digest, _) = put(&config);
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len() },
+            "layers": layer_descs,
+        }))
+        .unwrap();
+        let (manifest_digest, _) = put(&manifest);
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let index = json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": manifest.len(),
+                "annotations": { "org.opencontainers.image.ref.name": tag },
+            }],
+        });
+        fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        paths
+    }
+
+    /// Writes the image as a `docker save` archive (uncompressed layers).
+    pub fn write_docker_archive(&self, file: &Path, repo_tag: &str) {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, name, data).unwrap();
+        };
+        let config = self.config_bytes();
+        let config_name = format!("{}.json", &sha256(&config)[7..]);
+        add(&config_name, &config);
+        let mut layer_names = Vec::new();
+        for (i, (layer, _)) in self.layers.iter().enumerate() {
+            let name = format!("layer{i}/layer.tar");
+            add(&name, &layer.tar());
+            layer_names.push(name);
+        }
+        let manifest =
+            json!([{ "Config": config_name, "RepoTags": [repo_tag], "Layers": layer_names }]);
+        add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+        fs::write(file, builder.into_inner().unwrap()).unwrap();
+    }
+}
+
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Deterministic incompressible-ish bytes.
+pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    seed |= 1;
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 32) as u8
+        })
+        .collect()
+}
+
+/// Text-like bytes that compress the way real files do.
+pub fn text(len: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "alpha ", "beta ", "gamma ", "delta\n", "epsilon ", "zeta ", "eta\n", "theta ",
+    ];
+    let mut out = Vec::with_capacity(len);
+    let mut state = seed | 1;
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(words[(state % 8) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The `skiff` binary built beside this test.
+pub fn skiff_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/skiff
+    let bin = exe.parent().unwrap().parent().unwrap().join("skiff");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `skiff --store STORE ARGS...` and returns its output.
+pub fn skiff(store: &Path, args: &[&str]) -> Output {
+    Command::new(skiff_bin())
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Runs skiff and panics with its stderr unless it succeeds.
+pub fn skiff_ok(store: &Path, args: &[&str]) -> String {
+    let out = skiff(store, args);
+    assert!(
+        out.status.success(),
+        "skiff {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn skiff_json(store: &Path, args: &[&str]) -> Value {
+    let out = skiff_ok(store, args);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("skiff {args:?} printed no JSON ({e}): {out}"))
+}
+
+/// `umoci unpack --image LAYOUT:TAG DEST`; returns DEST/rootfs.
+pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) -> PathBuf {
+    let out = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(dest)
+        .output()
+        .expect("umoci is required (apt-get install umoci; `make test` installs it)");
+    assert!(
+        out.status.success(),
+        "umoci unpack failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dest.join("rootfs")
+}
+
+/// Everything `stat`, `readlink`, `getxattr` and `read` say about one path.
+#[derive(Debug, PartialEq, Eq)]
+struct PathFacts {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, i64),
+    size: u64,
+    rdev: u64,
+    link_target: Option<PathBuf>,
+    content_sha: Option<String>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn facts(path: &Path, compare_dir_mtimes: bool) -> PathFacts {
+    let meta = fs::symlink_metadata(path).unwrap();
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_char_device() {
+        "char"
+    } else if ft.is_block_device() {
+        "block"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else {
+        "socket"
+    };
+    let mut xattrs = BTreeMap::new();
+    if !ft.is_symlink() {
+        if let Ok(names) = xattr::list(path) {
+            for name in names {
+                let value = xattr::get(path, &name).ok().flatten().unwrap_or_default();
+                xattrs.insert(name.to_string_lossy().into_owned(), value);
+            }
+        }
+    }
+    let mtime = if ft.is_dir() && !compare_dir_mtimes {
+        (0, 0)
+    } else {
+        (meta.mtime(), meta.mtime_nsec())
+    };
+    PathFacts {
+        kind,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime,
+        size: if ft.is_file() || ft.is_symlink() {
+            meta.size()
+        } else {
+            0
+        },
+        rdev: meta.rdev(),
+        link_target: ft.is_symlink().then(|| fs::read_link(path).unwrap()),
+        content_sha: ft.is_file().then(|| sha256(&fs::read(path).unwrap())),
+        xattrs,
+    }
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let child = rel.join(&name);
+            if fs::symlink_metadata(root.join(&child)).unwrap().is_dir() {
+                stack.push(child.clone());
+            }
+            out.push(child);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every difference between two trees: paths, types, modes, owners, mtimes,
+/// sizes, device numbers, symlink targets, bytes, xattrs and hard-link groups.
+pub fn diff_trees(a: &Path, b: &Path, compare_dir_mtimes: bool) -> Vec<String> {
+    let (pa, pb) = (walk(a), walk(b));
+    let mut diffs = Vec::new();
+    if pa != pb {
+        let sa: std::collections::BTreeSet<_> = pa.iter().collect();
+        let sb: std::collections::BTreeSet<_> = pb.iter().collect();
+        for p in sa.difference(&sb) {
+            diffs.push(format!("only in {}: {}", a.display(), p.display()));
+        }
+        for p in sb.difference(&sa) {
+            diffs.push(format!("only in {}: {}", b.display(), p.display()));
+        }
+        return diffs;
+    }
+    let mut groups_a: HashMap<u64, Vec<&PathBuf>> = HashMap::new();
+    let mut groups_b: HashMap<u64, Vec<&PathBuf>> = HashMap::new();
+    for p in &pa {
+        let (fa, fb) = (
+            facts(&a.join(p), compare_dir_mtimes),
+            facts(&b.join(p), compare_dir_mtimes),
+        );
+        if fa != fb {
+            diffs.push(format!("{}: {fa:?} != {fb:?}", p.display()));
+        }
+        let (ma, mb) = (
+            fs::symlink_metadata(a.join(p)).unwrap(),
+            fs::symlink_metadata(b.join(p)).unwrap(),
+        );
+        if !ma.is_dir() {
+            groups_a.entry(ma.ino()).or_default().push(p);
+            groups_b.entry(mb.ino()).or_default().push(p);
+        }
+    }
+    fn norm(g: HashMap<u64, Vec<&PathBuf>>) -> Vec<Vec<&PathBuf>> {
+        let mut v: Vec<Vec<&PathBuf>> = g.into_values().filter(|v| v.len() > 1).collect();
+        v.iter_mut().for_each(|g| g.sort());
+        v.sort();
+        v
+    }
+    let (ga, gb) = (norm(groups_a), norm(groups_b));
+    if ga != gb {
+        diffs.push(format!("hard-link groups differ: {ga:?} != {gb:?}"));
+    }
+    diffs
+}
+
+/// A temporary directory that unmounts nothing and is removed at drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("skiff-test-")
+        .tempdir()
+        .unwrap()
+}
+
+/// Edits an OCI layout written by [`Image::write_layout`] and re-links the
+/// digests above the edit, so only the intended fault remains.
+pub struct LayoutEditor {
+    dir: PathBuf,
+}
+
+impl LayoutEditor {
+    pub fn new(dir: &Path) -> Self {
+        LayoutEditor {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(&digest[7..])
+    }
+
+    fn put(&self, data: &[u8]) -> String {
+        let digest = sha256(data);
+        fs::write(self.blob_path(&digest), data).unwrap();
+        digest
+    }
+
+    fn index(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.dir.join("index.json")).unwrap()).unwrap()
+    }
+
+    pub fn manifest(&self) -> Value {
+        let digest = self.index()["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        serde_json::from_slice(&fs::read(self.blob_path(&digest)).unwrap()).unwrap()
+    }
+
+    /// Replaces the manifest blob with `bytes` (valid JSON or not).
+    pub fn set_manifest_bytes(&self, bytes: &[u8]) {
+        let digest = self.put(bytes);
+        let mut index = self.index();
+        index["manifests"][0]["digest"] = json!(digest);
+        index["manifests"][0]["size"] = json!(bytes.len());
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+    }
+
+    pub fn edit_manifest(&self, edit: impl FnOnce(&mut Value)) {
+        let mut manifest = self.manifest();
+        edit(&mut manifest);
+        self.set_manifest_bytes(&serde_json::to_vec(&manifest).unwrap());
+    }
+
+    pub fn set_config_bytes(&self, bytes: &[u8]) {
+        let digest = self.put(bytes);
+        self.edit_manifest(|m| {
+            m["config"]["digest"] = json!(digest);
+            m["config"]["size"] = json!(bytes.len());
+        });
+    }
+
+    pub fn layer_bytes(&self, layer: usize) -> Vec<u8> {
+        let digest = self.manifest()["layers"][layer]["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        fs::read(self.blob_path(&digest)).unwrap()
+    }
+
+    pub fn layer_path(&self, layer: usize) -> PathBuf {
+        self.blob_path(self.manifest()["layers"][layer]["digest"].as_str().unwrap())
+    }
+
+    /// Replaces a layer blob, with a matching descriptor.
+    pub fn set_layer_bytes(&self, layer: usize, bytes: &[u8]) {
+        let digest = self.put(bytes);
+        self.edit_manifest(|m| {
+            m["layers"][layer]["digest"] = json!(digest);
+            m["layers"][layer]["size"] = json!(bytes.len());
+        });
+    }
+}
+
+/// The parts of a store that a failed command must leave unchanged.
+pub fn store_state(store: &Path) -> (Value, Value) {
+    (
+        skiff_json(store, &["stats", "--json"]),
+        skiff_json(store, &["images", "--json"]),
+    )
+}

@@ -1,0 +1,239 @@
+//! A corpus of broken images, built here: each must fail with a clear error,
+//! a non-zero exit, and leave the store exactly as it was.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use serde_json::json;
+use skiff_tests::*;
+
+fn good_layer() -> Layer {
+    Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/hosts", 0o644, text(200_000, 1))
+        .file("bin/app", 0o755, noise(400_000, 2))
+}
+
+/// A two-layer image whose second layer is `top`.
+fn with_top(top: Layer) -> Image {
+    Image::new(vec![
+        (good_layer(), Compression::Gzip),
+        (top, Compression::Gzip),
+    ])
+}
+
+struct Case {
+    name: &'static str,
+    /// Words the error message must contain.
+    expect: &'static str,
+    build: Box<dyn Fn(&Path)>,
+}
+
+fn corpus() -> Vec<Case> {
+    let layout = |image: Image| {
+        move |dir: &Path| {
+            image.write_layout(dir, "latest");
+        }
+    };
+    vec![
+        Case {
+            name: "entry climbing out of the root",
+            expect: "climbs out of the root",
+            build: Box::new(layout(with_top(Layer::new().entry(Entry::Raw {
+                path: b"../../../tmp/skiff-escape".to_vec(),
+                kind: tar::EntryType::Regular,
+                size: 4,
+                data: b"evil".to_vec(),
+            })))),
+        },
+        Case {
+            name: "write through a symlink",
+            expect: "through the symbolic link",
+            build: Box::new(layout(Image::new(vec![
+                (good_layer().symlink("escape", "/tmp"), Compression::Gzip),
+                // Raw: the fixture builder would list `escape/` as a directory first.
+                (
+                    Layer::new().entry(Entry::Raw {
+                        path: b"escape/owned".to_vec(),
+                        kind: tar::EntryType::Regular,
+                        size: 1,
+                        data: b"x".to_vec(),
+                    }),
+                    Compression::Gzip,
+                ),
+            ]))),
+        },
+        Case {
+            name: "truncated gzip",
+            expect: "layer 1",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                let editor = LayoutEditor::new(dir);
+                let bytes = editor.layer_bytes(1);
+                editor.set_layer_bytes(1, &bytes[..bytes.len() / 2]);
+            }),
+        },
+        Case {
+            name: "corrupt gzip",
+            expect: "layer 1",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                let editor = LayoutEditor::new(dir);
+                let mut bytes = editor.layer_bytes(1);
+                for b in &mut bytes[100..140] {
+                    *b ^= 0xa5;
+                }
+                editor.set_layer_bytes(1, &bytes);
+            }),
+        },
+        Case {
+            name: "blob digest mismatch",
+            expect: "does not match its digest",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                let editor = LayoutEditor::new(dir);
+                let path = editor.layer_path(1);
+                let mut bytes = std::fs::read(&path).unwrap();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1;
+                std::fs::write(path, bytes).unwrap();
+            }),
+        },
+        Case {
+            name: "missing blob",
+            expect: "missing",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                std::fs::remove_file(LayoutEditor::new(dir).layer_path(1)).unwrap();
+            }),
+        },
+        Case {
+            name: "malformed manifest JSON",
+            expect: "malformed image manifest",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                LayoutEditor::new(dir).set_manifest_bytes(b"{\"schemaVersion\": 2, \"layers\": [");
+            }),
+        },
+        Case {
+            name: "malformed config JSON",
+            expect: "malformed image config",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                LayoutEditor::new(dir).set_config_bytes(b"{\"rootfs\": 12}");
+            }),
+        },
+        Case {
+            name: "layer that does not match its diff_id",
+            expect: "does not match its digest",
+            build: Box::new(|dir: &Path| {
+                let image = with_top(good_layer());
+                image.write_layout(dir, "latest");
+                let mut config: serde_json::Value =
+                    serde_json::from_slice(&image.config_bytes()).unwrap();
+                config["rootfs"]["diff_ids"][1] = json!(sha256(b"something else"));
+                LayoutEditor::new(dir).set_config_bytes(&serde_json::to_vec(&config).unwrap());
+            }),
+        },
+        Case {
+            name: "tar header claiming an absurd size",
+            expect: "bytes",
+            build: Box::new(layout(with_top(Layer::new().entry(Entry::Raw {
+                path: b"huge".to_vec(),
+                kind: tar::EntryType::Regular,
+                size: 1 << 40,
+                data: b"tiny".to_vec(),
+            })))),
+        },
+        Case {
+            name: "unknown media type",
+            expect: "unsupported media type",
+            build: Box::new(|dir: &Path| {
+                with_top(good_layer()).write_layout(dir, "latest");
+                LayoutEditor::new(dir).edit_manifest(|m| {
+                    m["layers"][1]["mediaType"] = json!("application/x-mystery")
+                });
+            }),
+        },
+        Case {
+            name: "hard link to nothing",
+            expect: "does not exist",
+            build: Box::new(layout(with_top(
+                Layer::new().hardlink("etc/link", "etc/nothing"),
+            ))),
+        },
+        Case {
+            name: "not an image layout",
+            expect: "index.json is missing",
+            build: Box::new(|dir: &Path| std::fs::create_dir_all(dir).unwrap()),
+        },
+    ]
+}
+
+#[test]
+fn bad_input_fails_cleanly_and_leaves_the_store_unchanged() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let good = tmp.path().join("good");
+    Image::new(vec![(good_layer(), Compression::Gzip)]).write_layout(&good, "latest");
+    skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}", good.display()), "good"],
+    );
+    let before = store_state(&store);
+    let packs_before: Vec<_> = std::fs::read_dir(store.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    let mut failures = Vec::new();
+    for (i, case) in corpus().iter().enumerate() {
+        let dir = tmp.path().join(format!("case{i}"));
+        (case.build)(&dir);
+        let out = skiff(
+            &store,
+            &["convert", &format!("oci:{}", dir.display()), "bad:latest"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            failures.push(format!("{}: convert succeeded", case.name));
+        } else if !stderr.contains(case.expect) {
+            failures.push(format!(
+                "{}: error does not say {:?}: {stderr}",
+                case.name, case.expect
+            ));
+        }
+        if store_state(&store) != before {
+            failures.push(format!("{}: the store changed", case.name));
+        }
+        let packs: Vec<_> = std::fs::read_dir(store.join("packs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        if packs != packs_before {
+            failures.push(format!("{}: pack files changed: {packs:?}", case.name));
+        }
+        if !skiff_ok(&store, &["fsck"]).contains("store is consistent") {
+            failures.push(format!("{}: fsck fails afterwards", case.name));
+        }
+    }
+    assert!(
+        !Path::new("/tmp/skiff-escape").exists(),
+        "an entry escaped the root"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn usage_errors_are_clear() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let out = skiff(&store, &["stats"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no skiff store"));
+    let out = skiff(&store, &["convert", "docker://example", "x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported image source"));
+    let out = skiff(&store, &["convert", "oci:/nonexistent", "Bad Name"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid image reference"));
+}

@@ -1,0 +1,315 @@
+//! convert → export → umoci unpack, compared with umoci unpack of the source.
+#![allow(clippy::unwrap_used)]
+
+use skiff_tests::*;
+
+fn caps() -> Vec<u8> {
+    // A VFS_CAP_REVISION_2 security.capability value granting cap_net_bind_service.
+    let mut v = vec![0x01, 0x00, 0x00, 0x02];
+    v.extend_from_slice(&[0x00, 0x04, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v
+}
+
+/// Three layers exercising every merge rule (gzip and plain tar: umoci,
+/// the reference, does not read zstd layers; see `zstd_layers_*`).
+fn rich_image() -> Image {
+    let owner = Attrs {
+        uid: 1000,
+        gid: 1001,
+        mtime: 1_600_000_123,
+        xattrs: vec![],
+    };
+    let base = Layer::new()
+        .dir("bin", 0o755)
+        .file("bin/tool", 0o755, noise(300_000, 1))
+        .hardlink("bin/tool-alias", "bin/tool")
+        .dir("etc", 0o755)
+        .file("etc/config", 0o644, text(10_000, 2))
+        .file("etc/removed", 0o644, "gone in layer 2")
+        .dir("opaque", 0o755)
+        .file("opaque/old", 0o644, "hidden by the opaque marker")
+        .dir("opaque/sub", 0o700)
+        .file("opaque/sub/old", 0o600, "also hidden")
+        .entry_with(
+            Entry::File {
+                path: "home/user/notes".into(),
+                mode: 0o640,
+                data: text(5000, 3),
+            },
+            owner.clone(),
+        )
+        .entry_with(
+            Entry::Dir {
+                path: "tmp".into(),
+                mode: 0o1777,
+            },
+            Attrs::default(),
+        )
+        .file("usr/bin/sudo", 0o4755, noise(20_000, 4))
+        .file("usr/bin/wall", 0o2755, noise(10_000, 5))
+        .entry_with(
+            Entry::File {
+                path: "usr/bin/ping".into(),
+                mode: 0o755,
+                data: noise(40_000, 6),
+            },
+            Attrs {
+                xattrs: vec![
+                    ("security.capability".into(), caps()),
+                    ("user.note".into(), b"hi".to_vec()),
+                ],
+                ..Attrs::default()
+            },
+        )
+        .symlink("usr/bin/ping6", "ping")
+        .symlink("lib", "usr/lib")
+        .entry(Entry::CharDevice {
+            path: "dev/null".into(),
+            major: 1,
+            minor: 3,
+        })
+        .entry(Entry::BlockDevice {
+            path: "dev/loop0".into(),
+            major: 7,
+            minor: 0,
+        })
+        .entry(Entry::Fifo {
+            path: "run/fifo".into(),
+        })
+        .file("empty", 0o644, Vec::new());
+    let middle = Layer::new()
+        .whiteout("etc", "removed")
+        .opaque("opaque")
+        .file("opaque/new", 0o644, "from layer 2")
+        .hardlink("etc/tool-link", "bin/tool")
+        .file("etc/config", 0o600, text(12_000, 7))
+        .file(
+            &format!("deep/{}/file", "d".repeat(120)),
+            0o644,
+            "long path",
+        );
+    let top = Layer::new()
+        .whiteout("bin", "tool-alias")
+        .file(
+            "big/blob",
+            0o644,
+            [noise(700_000, 8), text(600_000, 9)].concat(),
+        )
+        .entry_with(
+            Entry::Dir {
+                path: "home/user".into(),
+                mode: 0o750,
+            },
+            owner,
+        );
+    Image::new(vec![
+        (base, Compression::Gzip),
+        (middle, Compression::Gzip),
+        (top, Compression::None),
+    ])
+}
+
+#[test]
+fn round_trip_matches_umoci_unpack_of_the_source() {
+    let tmp = tempdir();
+    let (src, store, out) = (
+        tmp.path().join("src"),
+        tmp.path().join("store"),
+        tmp.path().join("out"),
+    );
+    rich_image().write_layout(&src, "v1");
+
+    let printed = skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}:v1", src.display()), "rich:v1"],
+    );
+    assert!(printed.contains("converted rich:v1"), "{printed}");
+    skiff_ok(
+        &store,
+        &[
+            "export",
+            "rich:v1",
+            &format!("oci:{}:exported", out.display()),
+        ],
+    );
+
+    let expected = umoci_unpack(&src, "v1", &tmp.path().join("unpack-src"));
+    let actual = umoci_unpack(&out, "exported", &tmp.path().join("unpack-out"));
+    let diffs = diff_trees(&expected, &actual, true);
+    assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+
+    // The merge rules really were exercised.
+    assert!(!expected.join("etc/removed").exists());
+    assert!(!expected.join("opaque/old").exists() && !expected.join("opaque/sub/old").exists());
+    assert!(expected.join("opaque/new").exists());
+    assert!(!expected.join("bin/tool-alias").exists());
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| std::fs::metadata(actual.join(p)).unwrap().ino();
+    assert_eq!(ino("bin/tool"), ino("etc/tool-link"));
+    assert_eq!(
+        xattr::get(actual.join("usr/bin/ping"), "security.capability").unwrap(),
+        Some(caps())
+    );
+}
+
+#[test]
+fn same_image_gives_same_index_from_layout_and_docker_archive() {
+    let tmp = tempdir();
+    let image = rich_image();
+    let (src, archive) = (tmp.path().join("src"), tmp.path().join("image.tar"));
+    image.write_layout(&src, "v1");
+    image.write_docker_archive(&archive, "rich:v1");
+
+    let digest_of = |store: &std::path::Path, source: String| {
+        let report = skiff_json(store, &["convert", "--json", &source, "rich:v1"]);
+        report["manifest"]["index"]["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let a = digest_of(&tmp.path().join("s1"), format!("oci:{}:v1", src.display()));
+    let b = digest_of(&tmp.path().join("s2"), format!("oci:{}:v1", src.display()));
+    let c = digest_of(
+        &tmp.path().join("s3"),
+        format!("docker-archive:{}", archive.display()),
+    );
+    assert_eq!(a, b, "converting twice must give the same index");
+    assert_eq!(
+        a, c,
+        "the same layers from a docker archive must give the same index"
+    );
+
+    // zstd and uncompressed layers: same tree, same index.
+    let mut recompressed = image.clone();
+    let kinds = [Compression::Zstd, Compression::None, Compression::Zstd];
+    for ((_, c), kind) in recompressed.layers.iter_mut().zip(kinds) {
+        *c = kind;
+    }
+    let zstd_src = tmp.path().join("zstd-src");
+    recompressed.write_layout(&zstd_src, "v1");
+    let d = digest_of(
+        &tmp.path().join("s4"),
+        format!("oci:{}:v1", zstd_src.display()),
+    );
+    assert_eq!(a, d, "layer compression must not change the index");
+}
+
+#[test]
+fn images_stats_fsck_rm_and_gc() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let shared = noise(2_000_000, 11);
+    let one = Image::new(vec![(
+        Layer::new()
+            .file("a", 0o644, shared.clone())
+            .file("only-one", 0o644, noise(500_000, 12)),
+        Compression::Gzip,
+    )]);
+    // Built independently: same big file under another name, in a different layer order.
+    let two = Image::new(vec![
+        (Layer::new().file("x", 0o644, "small"), Compression::Gzip),
+        (
+            Layer::new().file("renamed/a", 0o644, shared),
+            Compression::Gzip,
+        ),
+    ]);
+    one.write_layout(&tmp.path().join("one"), "latest");
+    two.write_layout(&tmp.path().join("two"), "latest");
+    skiff_ok(
+        &store,
+        &[
+            "convert",
+            &format!("oci:{}", tmp.path().join("one").display()),
+            "one",
+        ],
+    );
+    let after_one = skiff_json(&store, &["stats", "--json"]);
+    skiff_ok(
+        &store,
+        &[
+            "convert",
+            &format!("oci:{}", tmp.path().join("two").display()),
+            "two:1",
+        ],
+    );
+    let after_two = skiff_json(&store, &["stats", "--json"]);
+
+    // The shared 2 MB file is stored once: the second image adds only "small".
+    let added =
+        after_two["chunk_bytes"].as_u64().unwrap() - after_one["chunk_bytes"].as_u64().unwrap();
+    assert_eq!(added, 5, "second image added {added} chunk bytes");
+    assert_eq!(
+        after_two["logical_bytes"].as_u64().unwrap(),
+        2 * 2_000_000 + 500_000 + 5
+    );
+    assert!(after_two["dedup_ratio"].as_f64().unwrap() > 1.7);
+
+    let images = skiff_json(&store, &["images", "--json"]);
+    let names: Vec<&str> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["one:latest", "two:1"]);
+    let listing = skiff_ok(&store, &["images"]);
+    assert!(
+        listing.contains("two:1") && listing.contains("FILES"),
+        "{listing}"
+    );
+
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+
+    skiff_ok(&store, &["rm", "one"]);
+    let gc = skiff_json(&store, &["gc", "--json"]);
+    assert!(gc["chunks_removed"].as_u64().unwrap() > 0);
+    assert!(gc["bytes_after"].as_u64().unwrap() < gc["bytes_before"].as_u64().unwrap());
+    let after_gc = skiff_json(&store, &["stats", "--json"]);
+    assert_eq!(after_gc["chunk_bytes"].as_u64().unwrap(), 2_000_000 + 5);
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+    // What is left still exports byte for byte.
+    let out = tmp.path().join("out");
+    skiff_ok(
+        &store,
+        &["export", "two:1", &format!("oci:{}:t", out.display())],
+    );
+    let a = umoci_unpack(&tmp.path().join("two"), "latest", &tmp.path().join("u1"));
+    let b = umoci_unpack(&out, "t", &tmp.path().join("u2"));
+    assert!(diff_trees(&a, &b, true).is_empty());
+
+    let missing = skiff(&store, &["rm", "nope:1"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+}
+
+#[test]
+fn fsck_finds_a_corrupted_pack() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    Image::new(vec![(
+        Layer::new().file("f", 0o644, text(300_000, 5)),
+        Compression::Gzip,
+    )])
+    .write_layout(&tmp.path().join("src"), "latest");
+    skiff_ok(
+        &store,
+        &[
+            "convert",
+            &format!("oci:{}", tmp.path().join("src").display()),
+            "img",
+        ],
+    );
+    let pack = std::fs::read_dir(store.join("packs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&pack, bytes).unwrap();
+    let out = skiff(&store, &["fsck"]);
+    assert!(!out.status.success(), "fsck passed a corrupted pack");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("problem:"));
+}

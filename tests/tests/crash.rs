@@ -1,0 +1,118 @@
+//! kill -9 during convert, and two converts racing for one store.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use skiff_tests::*;
+
+fn big_image(seed: u64) -> Image {
+    let mut layer = Layer::new();
+    for i in 0..24 {
+        layer = layer.file(
+            &format!("data/file{i}"),
+            0o644,
+            [noise(1_000_000, seed + i), text(1_000_000, seed + 100 + i)].concat(),
+        );
+    }
+    Image::new(vec![
+        (layer, Compression::Gzip),
+        (Layer::new().file("top", 0o644, "top"), Compression::None),
+    ])
+}
+
+#[test]
+fn kill_9_at_any_moment_leaves_a_usable_store() {
+    let tmp = tempdir();
+    let (src, store) = (tmp.path().join("src"), tmp.path().join("store"));
+    big_image(1).write_layout(&src, "latest");
+    let source = format!("oci:{}", src.display());
+
+    // Kill at spread-out moments of the conversion.
+    for delay_ms in [0u64, 5, 20, 50, 100, 200, 350, 600, 900] {
+        let mut child = Command::new(skiff_bin())
+            .arg("--store")
+            .arg(&store)
+            .args(["convert", &source, "big"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        child.wait().unwrap();
+        if store.join("skiff-store.json").exists() {
+            let fsck = skiff(&store, &["fsck"]);
+            assert!(
+                fsck.status.success(),
+                "fsck failed after a kill at {delay_ms} ms: {}{}",
+                String::from_utf8_lossy(&fsck.stdout),
+                String::from_utf8_lossy(&fsck.stderr)
+            );
+        }
+    }
+    skiff_ok(&store, &["convert", &source, "big"]);
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+    let out = tmp.path().join("out");
+    skiff_ok(
+        &store,
+        &["export", "big", &format!("oci:{}:x", out.display())],
+    );
+    let a = umoci_unpack(&src, "latest", &tmp.path().join("u1"));
+    let b = umoci_unpack(&out, "x", &tmp.path().join("u2"));
+    assert!(diff_trees(&a, &b, true).is_empty());
+}
+
+#[test]
+fn concurrent_converts_succeed_or_report_busy() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    big_image(1).write_layout(&tmp.path().join("a"), "latest");
+    big_image(50).write_layout(&tmp.path().join("b"), "latest");
+    // Create the store first so both race for the same one.
+    Image::new(vec![(
+        Layer::new().file("x", 0o644, "x"),
+        Compression::None,
+    )])
+    .write_layout(&tmp.path().join("seed"), "latest");
+    skiff_ok(
+        &store,
+        &[
+            "convert",
+            &format!("oci:{}", tmp.path().join("seed").display()),
+            "seed",
+        ],
+    );
+
+    let spawn = |name: &str| {
+        Command::new(skiff_bin())
+            .arg("--store")
+            .arg(&store)
+            .args([
+                "convert",
+                &format!("oci:{}", tmp.path().join(name).display()),
+                name,
+            ])
+            .output()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| spawn("a").unwrap());
+        let b = s.spawn(|| spawn("b").unwrap());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for out in [&a, &b] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() || stderr.contains("is busy"),
+            "unclear failure: {stderr}"
+        );
+    }
+    assert!(
+        a.status.success() || b.status.success(),
+        "neither convert succeeded"
+    );
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+    let images = skiff_json(&store, &["images", "--json"]);
+    let expected = 1 + usize::from(a.status.success()) + usize::from(b.status.success());
+    assert_eq!(images.as_array().unwrap().len(), expected);
+}
