@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench images clean
+.PHONY: demo test build deps lint bench images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -30,6 +30,10 @@ images: deps
 
 bench: build images
 	SKIFF=$(SKIFF) bench/dedup.sh
+
+# Every dataset image: convert, export, umoci unpack, compare with the source.
+roundtrip: build images
+	cargo test --release --locked -p skiff-tests --test dataset -- --ignored --nocapture
 
 clean:
 	cargo clean

@@ -763,3 +763,45 @@ pub fn store_state(store: &Path) -> (Value, Value) {
         skiff_json(store, &["images", "--json"]),
     )
 }
+
+/// Writes a multi-platform OCI layout: `index.json` names an image index
+/// whose manifests are `images`, one per `(os/arch, image)`.
+pub fn write_multi_platform_layout(dir: &Path, tag: &str, images: &[(&str, &Image)]) {
+    let mut manifests = Vec::new();
+    for (i, (platform, image)) in images.iter().enumerate() {
+        let single = dir.join(format!(".single{i}"));
+        image.write_layout(&single, "x");
+        let index: Value =
+            serde_json::from_slice(&fs::read(single.join("index.json")).unwrap()).unwrap();
+        let mut desc = index["manifests"][0].clone();
+        desc.as_object_mut().unwrap().remove("annotations");
+        let (os, arch) = platform.split_once('/').unwrap();
+        desc["platform"] = json!({ "os": os, "architecture": arch });
+        manifests.push(desc);
+        fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        for blob in fs::read_dir(single.join("blobs/sha256")).unwrap() {
+            let blob = blob.unwrap();
+            fs::copy(blob.path(), dir.join("blobs/sha256").join(blob.file_name())).unwrap();
+        }
+        fs::remove_dir_all(&single).unwrap();
+    }
+    let image_index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))
+    .unwrap();
+    let digest = sha256(&image_index);
+    fs::write(dir.join("blobs/sha256").join(&digest[7..]), &image_index).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": digest,
+            "size": image_index.len(),
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}

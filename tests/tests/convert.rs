@@ -313,3 +313,53 @@ fn fsck_finds_a_corrupted_pack() {
     assert!(!out.status.success(), "fsck passed a corrupted pack");
     assert!(String::from_utf8_lossy(&out.stdout).contains("problem:"));
 }
+
+#[test]
+fn multi_platform_index_picks_the_requested_platform() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    let image_for = |arch: &str| {
+        let mut image = Image::new(vec![(
+            Layer::new().file("arch", 0o644, arch),
+            Compression::Gzip,
+        )]);
+        image.config["architecture"] = serde_json::json!(arch);
+        image
+    };
+    let (amd64, arm64) = (image_for("amd64"), image_for("arm64"));
+    write_multi_platform_layout(
+        &src,
+        "multi",
+        &[("linux/amd64", &amd64), ("linux/arm64", &arm64)],
+    );
+    let store = tmp.path().join("store");
+    let source = format!("oci:{}:multi", src.display());
+
+    let arch_of = |name: &str| {
+        let out = tmp.path().join(format!("out-{name}"));
+        skiff_ok(
+            &store,
+            &["export", name, &format!("oci:{}:x", out.display())],
+        );
+        let root = umoci_unpack(&out, "x", &tmp.path().join(format!("u-{name}")));
+        std::fs::read_to_string(root.join("arch")).unwrap()
+    };
+    skiff_ok(
+        &store,
+        &["convert", "--platform", "linux/arm64", &source, "arm"],
+    );
+    assert_eq!(arch_of("arm"), "arm64");
+    skiff_ok(&store, &["convert", &source, "host"]);
+    assert_eq!(arch_of("host"), host_arch());
+
+    let out = skiff(
+        &store,
+        &["convert", "--platform", "linux/s390x", &source, "none"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no image for platform linux/s390x") && stderr.contains("linux/arm64"),
+        "{stderr}"
+    );
+}
