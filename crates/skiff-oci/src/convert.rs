@@ -253,17 +253,37 @@ fn read_layers(
     for (layer, desc) in resolved.layers.iter().enumerate() {
         progress.layer(layer, resolved.layers.len());
         let blob = source.open_layer(desc)?;
-        let counted: Box<dyn Read + '_> = Box::new(Counting {
+        let counted: Box<dyn Read + Send + '_> = Box::new(Counting {
             inner: blob,
             progress,
         });
-        let mut tar_stream = decompressed(counted, desc.compression)?;
-        let mut archive = tar::Archive::new(&mut tar_stream);
-        for entry in archive.entries().map_err(|e| bad_layer(layer, e))? {
-            let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
-            apply_entry(&mut tree, layer, &mut entry, shared, &work, &mut next_slot)?;
-        }
-        let (_, diff_id) = tar_stream.finish(&format!("layer {layer}"))?;
+        let tar_stream = decompressed(counted, desc.compression)?;
+        // Decompression and the diff_id hash run in their own thread, so the
+        // tar parser here only copies file contents out to the workers.
+        let diff_id = std::thread::scope(|scope| -> Result<String, OciError> {
+            let (buffers, received) = bounded::<std::io::Result<Vec<u8>>>(8);
+            let decoder = scope.spawn(move || pump(tar_stream, &buffers, layer));
+            let mut reader = ChannelReader {
+                buffers: received,
+                current: Vec::new(),
+                pos: 0,
+            };
+            let applied = (|| -> Result<(), OciError> {
+                let mut archive = tar::Archive::new(&mut reader);
+                for entry in archive.entries().map_err(|e| bad_layer(layer, e))? {
+                    let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
+                    apply_entry(&mut tree, layer, &mut entry, shared, &work, &mut next_slot)?;
+                }
+                // Padding after the end-of-archive blocks still counts for the diff_id.
+                std::io::copy(&mut reader, &mut std::io::sink())
+                    .map_err(|e| bad_layer(layer, e))?;
+                Ok(())
+            })();
+            drop(reader); // unblocks the decoder if the tar was abandoned early
+            let digest = decoder.join().expect("layer decoder panicked");
+            applied?;
+            digest
+        })?;
         check_digest(
             &format!("layer {layer} (uncompressed)"),
             &desc.diff_id,
@@ -271,6 +291,64 @@ fn read_layers(
         )?;
     }
     Ok(tree)
+}
+
+/// Moves a decompressed layer into `buffers` in 1 MiB pieces; returns the
+/// digest of all of it.
+fn pump(
+    mut tar_stream: crate::verify::HashingReader<Box<dyn Read + Send + '_>>,
+    buffers: &Sender<std::io::Result<Vec<u8>>>,
+    layer: usize,
+) -> Result<String, OciError> {
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match tar_stream.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let reason = e.to_string();
+                    let _ = buffers.send(Err(e));
+                    return Err(bad_layer(layer, reason));
+                }
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        if buffers.send(Ok(buf)).is_err() {
+            break; // the parser stopped; its error is the one to report
+        }
+    }
+    Ok(tar_stream.finish(&format!("layer {layer}"))?.1)
+}
+
+/// Reads what [`pump`] sends, as one stream.
+struct ChannelReader {
+    buffers: Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.buffers.recv() {
+                Ok(piece) => {
+                    self.current = piece?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // sender finished: end of stream
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 fn bad_layer(layer: usize, e: impl std::fmt::Display) -> OciError {

@@ -633,9 +633,9 @@ fn resolve_archive(
 /// Wraps a layer blob in the decompressor its media type (or magic) asks for,
 /// and hashes the uncompressed stream for the diff_id check.
 pub(crate) fn decompressed<'a>(
-    mut blob: Box<dyn Read + 'a>,
+    mut blob: Box<dyn Read + Send + 'a>,
     compression: Option<LayerCompression>,
-) -> Result<HashingReader<Box<dyn Read + 'a>>, OciError> {
+) -> Result<HashingReader<Box<dyn Read + Send + 'a>>, OciError> {
     let compression = match compression {
         Some(c) => c,
         None => {
@@ -655,7 +655,7 @@ pub(crate) fn decompressed<'a>(
             c
         }
     };
-    let reader: Box<dyn Read + 'a> = match compression {
+    let reader: Box<dyn Read + Send + 'a> = match compression {
         LayerCompression::None => blob,
         LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
         LayerCompression::Zstd => {
