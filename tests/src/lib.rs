@@ -209,6 +209,8 @@ impl Layer {
     }
 }
 
+/// Written here rather than borrowed from skiff-oci: fixtures must not share
+/// code with what they test.
 fn pax_records(records: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (key, value) in records {
@@ -391,17 +393,13 @@ impl Image {
         }))
         .unwrap();
         let (manifest_digest, _) = put(&manifest);
-        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        let index = json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest.len(),
-                "annotations": { "org.opencontainers.image.ref.name": tag },
-            }],
-        });
-        fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        write_layout_index(
+            dir,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest_digest,
+            manifest.len(),
+        );
         paths
     }
 
@@ -793,13 +791,24 @@ pub fn write_multi_platform_layout(dir: &Path, tag: &str, images: &[(&str, &Imag
     .unwrap();
     let digest = sha256(&image_index);
     fs::write(dir.join("blobs/sha256").join(&digest[7..]), &image_index).unwrap();
+    write_layout_index(
+        dir,
+        tag,
+        "application/vnd.oci.image.index.v1+json",
+        &digest,
+        image_index.len(),
+    );
+}
+
+/// `oci-layout` and an `index.json` naming one blob under `tag`.
+fn write_layout_index(dir: &Path, tag: &str, media_type: &str, digest: &str, size: usize) {
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "mediaType": media_type,
             "digest": digest,
-            "size": image_index.len(),
+            "size": size,
             "annotations": { "org.opencontainers.image.ref.name": tag },
         }],
     });

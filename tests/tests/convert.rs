@@ -363,3 +363,57 @@ fn multi_platform_index_picks_the_requested_platform() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_layout_with_several_images_needs_a_tag() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let src = tmp.path().join("src");
+    Image::new(vec![(
+        Layer::new().file("f", 0o644, "one"),
+        Compression::Gzip,
+    )])
+    .write_layout(&src, "latest");
+    skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}", src.display()), "one"],
+    );
+    // Two tags in one layout: export adds to an existing layout.
+    let shared = tmp.path().join("shared");
+    skiff_ok(
+        &store,
+        &["export", "one", &format!("oci:{}:a", shared.display())],
+    );
+    skiff_ok(
+        &store,
+        &["export", "one", &format!("oci:{}:b", shared.display())],
+    );
+
+    let out = skiff(
+        &store,
+        &["convert", &format!("oci:{}", shared.display()), "x"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("several images") && stderr.contains("a, b"),
+        "{stderr}"
+    );
+    let out = skiff(
+        &store,
+        &["convert", &format!("oci:{}:c", shared.display()), "x"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no image tagged \"c\""),
+        "{stderr}"
+    );
+    skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}:b", shared.display()), "x"],
+    );
+    let images = skiff_json(&store, &["images", "--json"]);
+    assert_eq!(
+        images[0]["index"], images[1]["index"],
+        "export and re-convert must keep the index"
+    );
+}

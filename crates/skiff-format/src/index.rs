@@ -431,6 +431,10 @@ mod tests {
         }
     }
 
+    pub(super) fn sample_for_props() -> ImageIndex {
+        sample()
+    }
+
     #[test]
     fn round_trips_and_digest_is_stable() {
         let index = sample();
@@ -518,5 +522,37 @@ mod tests {
 
         let truncated = &sample().encode()[..20];
         assert!(ImageIndex::decode(truncated).is_err());
+    }
+}
+
+#[cfg(test)]
+mod decode_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the bytes, decoding returns an index that passes
+        /// validation or an error; it never panics.
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = INDEX_MAGIC.to_vec();
+            bytes.extend_from_slice(&INDEX_FORMAT_VERSION.to_le_bytes());
+            bytes.extend_from_slice(&body);
+            if let Ok(index) = ImageIndex::decode(&bytes) {
+                prop_assert!(index.validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn mutated_indexes_decode_valid_or_fail(pos in 12usize..400, byte in any::<u8>()) {
+            let mut bytes = tests::sample_for_props().encode();
+            let pos = pos % bytes.len();
+            bytes[pos] = byte;
+            if let Ok(index) = ImageIndex::decode(&bytes) {
+                prop_assert!(index.validate().is_ok());
+                let _ = index.walk();
+                let _ = index.link_counts();
+            }
+        }
     }
 }

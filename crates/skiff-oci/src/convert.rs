@@ -119,6 +119,15 @@ pub fn convert(
         n => n,
     };
     let layer_bytes: u64 = resolved.layers.iter().map(|l| l.size).sum();
+    tracing::info!(
+        source = %source.name(),
+        manifest = %resolved.manifest_digest,
+        platform = %resolved.platform,
+        layers = resolved.layers.len(),
+        layer_bytes,
+        threads,
+        "converting"
+    );
     progress.start(layer_bytes);
 
     let shared = Shared {
@@ -180,6 +189,15 @@ pub fn convert(
     let manifest = manifest_for(target, &index, &resolved, config.chunking)?;
     store.put_image(&manifest, &index)?;
     let written = writer.finish()?;
+    tracing::info!(
+        image = %target,
+        index = %manifest.index.digest,
+        chunks = chunk_count,
+        new_chunks = written.chunks,
+        new_frame_bytes = written.frame_bytes,
+        elapsed = ?started.elapsed(),
+        "converted"
+    );
     Ok(ConvertReport {
         manifest,
         layers: resolved.layers.len(),
@@ -252,6 +270,7 @@ fn read_layers(
     let mut next_slot = 0usize;
     for (layer, desc) in resolved.layers.iter().enumerate() {
         progress.layer(layer, resolved.layers.len());
+        tracing::debug!(layer, digest = ?desc.digest, size = desc.size, compression = ?desc.compression, "applying layer");
         let blob = source.open_layer(desc)?;
         let counted: Box<dyn Read + Send + '_> = Box::new(Counting {
             inner: blob,

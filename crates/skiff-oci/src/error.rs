@@ -37,6 +37,11 @@ pub enum OciError {
         source_name: String,
         available: String,
     },
+    #[error("{source_name} holds several images: name one with :TAG (it has: {available})")]
+    TagRequired {
+        source_name: String,
+        available: String,
+    },
     #[error("no image for platform {wanted} (the index has: {available})")]
     PlatformNotFound { wanted: String, available: String },
     #[error("layer {layer}: entry {path:?} climbs out of the root file system")]

@@ -322,37 +322,32 @@ fn resolve_layout(
             .and_then(|a| a.get("org.opencontainers.image.ref.name"))
             .cloned()
     };
-    let chosen = match tag {
-        Some(tag) => index
+    let available = || {
+        index
             .manifests()
+            .iter()
+            .filter_map(ref_name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let source_name = || dir.display().to_string();
+    let chosen = match (tag, index.manifests().as_slice()) {
+        (Some(tag), manifests) => manifests
             .iter()
             .find(|d| ref_name(d).as_deref() == Some(tag))
             .ok_or_else(|| OciError::TagNotFound {
                 tag: tag.to_owned(),
-                source_name: dir.display().to_string(),
-                available: index
-                    .manifests()
-                    .iter()
-                    .filter_map(ref_name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                source_name: source_name(),
+                available: available(),
             })?,
-        None => match index.manifests().as_slice() {
-            [only] => only,
-            [] => return Err(malformed("index.json", "it lists no images")),
-            _ => {
-                return Err(OciError::TagNotFound {
-                    tag: String::new(),
-                    source_name: dir.display().to_string(),
-                    available: index
-                        .manifests()
-                        .iter()
-                        .filter_map(ref_name)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })
-            }
-        },
+        (None, [only]) => only,
+        (None, []) => return Err(malformed("index.json", "it lists no images")),
+        (None, _) => {
+            return Err(OciError::TagRequired {
+                source_name: source_name(),
+                available: available(),
+            })
+        }
     };
     let mut desc = chosen.clone();
     // Follow (possibly nested) indexes down to the platform's manifest.
@@ -567,16 +562,24 @@ fn resolve_archive(
     let entries: Vec<ArchiveManifestEntry> = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| malformed("docker archive manifest.json", e))?;
     let tags = |e: &ArchiveManifestEntry| e.repo_tags.clone().unwrap_or_default();
-    let entry = match reference {
-        Some(r) => entries.iter().find(|e| tags(e).iter().any(|t| t == r)),
-        None if entries.len() == 1 => entries.first(),
-        None => None,
-    }
-    .ok_or_else(|| OciError::TagNotFound {
-        tag: reference.unwrap_or("").to_owned(),
-        source_name: file.display().to_string(),
-        available: entries.iter().flat_map(tags).collect::<Vec<_>>().join(", "),
-    })?;
+    let available = || entries.iter().flat_map(tags).collect::<Vec<_>>().join(", ");
+    let entry = match (reference, entries.as_slice()) {
+        (Some(r), _) => entries
+            .iter()
+            .find(|e| tags(e).iter().any(|t| t == r))
+            .ok_or_else(|| OciError::TagNotFound {
+                tag: r.to_owned(),
+                source_name: file.display().to_string(),
+                available: available(),
+            })?,
+        (None, [only]) => only,
+        (None, _) => {
+            return Err(OciError::TagRequired {
+                source_name: file.display().to_string(),
+                available: available(),
+            })
+        }
+    };
     let config = read_member(&entry.config, "image config")?;
     // Configs are named by their digest (`HEX.json` or `blobs/sha256/HEX`).
     let config_hex = Path::new(&entry.config)

@@ -86,6 +86,7 @@ impl Store {
             if live == len {
                 continue;
             }
+            tracing::debug!(pack, len, live, "rewriting pack");
             self.rewrite_pack(pack, &frames)?;
             report.packs_rewritten += 1;
         }

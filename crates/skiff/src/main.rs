@@ -245,27 +245,12 @@ fn stats(store: &Store, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("images:                 {}", s.images);
-    println!(
-        "logical bytes:          {} ({})",
-        s.logical_bytes,
-        progress::bytes(s.logical_bytes)
-    );
-    println!(
-        "unique chunk bytes:     {} ({})",
-        s.chunk_bytes,
-        progress::bytes(s.chunk_bytes)
-    );
-    println!(
-        "compressed chunk bytes: {} ({})",
-        s.frame_bytes,
-        progress::bytes(s.frame_bytes)
-    );
-    println!(
-        "pack bytes on disk:     {} ({})",
-        s.pack_bytes,
-        progress::bytes(s.pack_bytes)
-    );
+    let sized = |label: &str, n: u64| println!("{label:<24}{n} ({})", progress::bytes(n));
+    println!("{:<24}{}", "images:", s.images);
+    sized("logical bytes:", s.logical_bytes);
+    sized("unique chunk bytes:", s.chunk_bytes);
+    sized("compressed chunk bytes:", s.frame_bytes);
+    sized("pack bytes on disk:", s.pack_bytes);
     println!("chunks:                 {}", s.chunks);
     println!("dedup ratio:            {:.2}", s.dedup_ratio);
     println!("compression ratio:      {:.2}", s.compression_ratio);
