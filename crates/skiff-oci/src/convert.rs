@@ -175,7 +175,9 @@ pub fn convert(
         worker_results.into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok((read_result?, writer))
     })?;
-    // On any error below the writer is dropped unfinished and undoes its writes.
+    // Chunks first, then the image that references them. On any error below
+    // the writer is dropped unfinished and removes its chunks again; after
+    // `put_image`, `finish` has nothing left to commit and cannot fail.
     writer.commit()?;
 
     let mut results = shared.results.into_inner().expect("results poisoned");

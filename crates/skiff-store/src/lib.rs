@@ -19,6 +19,8 @@ mod gc;
 mod layout;
 mod pack;
 mod store;
+#[cfg(test)]
+mod tests;
 
 pub use error::StoreError;
 pub use gc::GcReport;

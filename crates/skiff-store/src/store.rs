@@ -178,6 +178,18 @@ impl Store {
     /// database does not reference: what a crash mid-write leaves behind.
     fn recover_packs(&self) -> Result<(), StoreError> {
         let committed = self.committed_packs()?;
+        let registered_but_never_created: Vec<u32> = committed
+            .iter()
+            .filter(|&(&pack, &len)| len == 0 && !self.pack_path(pack).exists())
+            .map(|(&pack, _)| pack)
+            .collect();
+        if !registered_but_never_created.is_empty() {
+            let mut batch = WriteBatch::default();
+            for pack in registered_but_never_created {
+                batch.delete_cf(self.cf(CF_META), pack_meta_key(pack));
+            }
+            self.write_batch(batch)?;
+        }
         let dir = self.root.join(PACKS_DIR);
         let entries = fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))?;
         for entry in entries {
@@ -427,11 +439,14 @@ impl Store {
             frames.insert(loc.frame_key(), u64::from(loc.frame_len));
         }
         stats.frame_bytes = frames.values().sum();
-        for pack in self.committed_packs()?.keys() {
-            let path = self.pack_path(*pack);
-            stats.pack_bytes += fs::metadata(&path)
-                .context(|| format!("stat {}", path.display()))?
-                .len();
+        for (pack, committed) in self.committed_packs()? {
+            let path = self.pack_path(pack);
+            stats.pack_bytes += match fs::metadata(&path) {
+                Ok(meta) => meta.len(),
+                // Registered, then the writer died before creating it: recovery drops it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && committed == 0 => 0,
+                Err(e) => return Err(e).context(|| format!("stat {}", path.display())),
+            };
         }
         stats.dedup_ratio = ratio(stats.logical_bytes, stats.chunk_bytes);
         stats.compression_ratio = ratio(stats.chunk_bytes, stats.frame_bytes);

@@ -1,0 +1,141 @@
+//! Store behaviour that end-to-end tests cannot reach precisely: what a
+//! crash leaves on disk, and what an aborted writer takes back.
+
+use std::fs;
+use std::io::Write;
+
+use rocksdb::WriteBatch;
+use skiff_chunk::FrameBuilder;
+use skiff_format::ChunkId;
+
+use crate::layout::{pack_meta_key, CF_META};
+use crate::{Store, StoreConfig, StoreError};
+
+fn chunk(i: u8) -> Vec<u8> {
+    vec![i; 10_000 + usize::from(i)]
+}
+
+/// Writes chunks `ids` as one frame and commits them.
+fn write_chunks(store: &Store, ids: &[u8]) {
+    let mut writer = store.pack_writer().unwrap();
+    let mut builder = FrameBuilder::new(1 << 30, 3).unwrap();
+    for &i in ids {
+        assert!(builder
+            .push(ChunkId::of(&chunk(i)), &chunk(i))
+            .unwrap()
+            .is_none());
+    }
+    writer.append(&builder.finish().unwrap().unwrap()).unwrap();
+    writer.finish().unwrap();
+}
+
+fn pack_files(store: &Store) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(store.root().join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn committed_chunks_read_back_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    write_chunks(&store, &[1, 2, 3]);
+    assert_eq!(store.read_chunk(&ChunkId::of(&chunk(2))).unwrap(), chunk(2));
+    assert!(matches!(
+        store.read_chunk(&ChunkId::of(b"absent")),
+        Err(StoreError::ChunkNotFound(_))
+    ));
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.chunks, 3);
+    assert_eq!(
+        stats.chunk_bytes,
+        (1..=3).map(|i| chunk(i).len() as u64).sum::<u64>()
+    );
+}
+
+#[test]
+fn a_dropped_writer_takes_back_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    write_chunks(&store, &[1]);
+    let before = pack_files(&store);
+    {
+        let mut writer = store.pack_writer().unwrap();
+        let mut builder = FrameBuilder::new(1, 3).unwrap();
+        let frame = builder
+            .push(ChunkId::of(&chunk(9)), &chunk(9))
+            .unwrap()
+            .unwrap();
+        writer.append(&frame).unwrap();
+        writer.commit().unwrap();
+        assert!(store.contains_chunk(&ChunkId::of(&chunk(9))).unwrap());
+    } // dropped unfinished
+    assert!(!store.contains_chunk(&ChunkId::of(&chunk(9))).unwrap());
+    assert!(store.contains_chunk(&ChunkId::of(&chunk(1))).unwrap());
+    assert_eq!(pack_files(&store), before);
+}
+
+#[test]
+fn reopening_repairs_what_a_crash_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    {
+        let store = Store::open_or_create(root, &StoreConfig::default()).unwrap();
+        write_chunks(&store, &[1, 2]);
+        // A pack registered with no file yet, as a writer killed mid-start leaves it.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(store.cf(CF_META), pack_meta_key(77), 0u64.to_le_bytes());
+        store.write_batch(batch).unwrap();
+        assert!(
+            store.stats().is_ok(),
+            "stats must tolerate the missing empty pack"
+        );
+    }
+    let packs = fs::read_dir(root.join("packs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let committed_len = fs::metadata(&packs).unwrap().len();
+    // Bytes appended but never committed, and a pack the database never heard of.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&packs)
+        .unwrap()
+        .write_all(b"torn frame")
+        .unwrap();
+    fs::write(root.join("packs/00000099.pack"), b"orphan").unwrap();
+
+    let store = Store::open(root).unwrap();
+    assert_eq!(fs::metadata(&packs).unwrap().len(), committed_len);
+    assert!(!root.join("packs/00000099.pack").exists());
+    assert!(!store.committed_packs().unwrap().contains_key(&77));
+    let report = store.fsck(&|_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.chunks, 2);
+}
+
+#[test]
+fn a_second_writer_is_told_the_store_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let _writer = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    assert!(matches!(Store::open(dir.path()), Err(StoreError::Busy(_))));
+    // Readers still get in.
+    assert!(Store::open_read_only(dir.path()).is_ok());
+}
+
+#[test]
+fn gc_drops_unreferenced_chunks_and_shrinks_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    write_chunks(&store, &[1, 2]);
+    let report = store.gc().unwrap();
+    assert_eq!(report.chunks_removed, 2);
+    assert_eq!(report.bytes_after, 0);
+    assert!(pack_files(&store).is_empty());
+    assert!(store.fsck(&|_| {}).unwrap().problems.is_empty());
+}
