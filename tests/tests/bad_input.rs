@@ -231,7 +231,7 @@ fn usage_errors_are_clear() {
     let out = skiff(&store, &["stats"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no skiff store"));
-    let out = skiff(&store, &["convert", "docker://example", "x"]);
+    let out = skiff(&store, &["convert", "ftp://example", "x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported image source"));
     let out = skiff(&store, &["convert", "oci:/nonexistent", "Bad Name"]);
     assert!(!out.status.success());

@@ -116,3 +116,58 @@ fn concurrent_converts_succeed_or_report_busy() {
     let expected = 1 + usize::from(a.status.success()) + usize::from(b.status.success());
     assert_eq!(images.as_array().unwrap().len(), expected);
 }
+
+#[test]
+fn ctrl_c_stops_convert_and_leaves_the_store_as_it_was() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    Image::new(vec![(
+        Layer::new().file("x", 0o644, "x"),
+        Compression::None,
+    )])
+    .write_layout(&tmp.path().join("seed"), "latest");
+    skiff_ok(
+        &store,
+        &[
+            "convert",
+            &format!("oci:{}", tmp.path().join("seed").display()),
+            "seed",
+        ],
+    );
+    big_image(7).write_layout(&tmp.path().join("big"), "latest");
+    let before = store_state(&store);
+
+    // Earlier and earlier until the signal lands before the conversion ends.
+    for delay_ms in [300u64, 150, 60, 20] {
+        let child = Command::new(skiff_bin())
+            .arg("--store")
+            .arg(&store)
+            .args([
+                "convert",
+                &format!("oci:{}", tmp.path().join("big").display()),
+                "big",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let killed = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            skiff_ok(&store, &["rm", "big"]);
+            skiff_ok(&store, &["gc"]);
+            continue;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert_eq!(store_state(&store), before, "Ctrl-C left the store changed");
+        assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+        return;
+    }
+    panic!("convert always finished before Ctrl-C arrived");
+}

@@ -11,7 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -38,6 +39,9 @@ pub struct ConvertOptions {
     pub platform: Platform,
     /// Chunking and compression threads; 0 means one per core.
     pub threads: usize,
+    /// Set (by a signal handler, say) to stop; the conversion then fails with
+    /// [`OciError::Interrupted`] and leaves the store as it was.
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl Default for ConvertOptions {
@@ -45,6 +49,7 @@ impl Default for ConvertOptions {
         ConvertOptions {
             platform: Platform::host(),
             threads: 0,
+            cancel: Arc::default(),
         }
     }
 }
@@ -164,7 +169,14 @@ pub fn convert(
             Ok(writer)
         });
 
-        let read_result = read_layers(source, &resolved, &shared, work_tx, progress);
+        let read_result = read_layers(
+            source,
+            &resolved,
+            &shared,
+            work_tx,
+            progress,
+            &options.cancel,
+        );
         let worker_results: Vec<_> = workers
             .into_iter()
             .map(|w| w.join().expect("chunk worker panicked"))
@@ -267,6 +279,7 @@ fn read_layers(
     shared: &Shared<'_>,
     work: Sender<WorkItem>,
     progress: &dyn ConvertProgress,
+    cancel: &AtomicBool,
 ) -> Result<MergedTree, OciError> {
     let mut tree = MergedTree::default();
     let mut next_slot = 0usize;
@@ -292,6 +305,9 @@ fn read_layers(
             let applied = (|| -> Result<(), OciError> {
                 let mut archive = tar::Archive::new(&mut reader);
                 for entry in archive.entries().map_err(|e| bad_layer(layer, e))? {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(OciError::Interrupted);
+                    }
                     let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
                     apply_entry(&mut tree, layer, &mut entry, shared, &work, &mut next_slot)?;
                 }

@@ -11,7 +11,7 @@ pub enum OciError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unsupported image source {0:?}: use oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]")]
+    #[error("unsupported image source {0:?}: use oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG] or docker://[HOST/]NAME[:TAG]")]
     UnsupportedSource(String),
     #[error("malformed {what}: {reason}")]
     Malformed { what: String, reason: String },
@@ -62,6 +62,10 @@ pub enum OciError {
     BadLayer { layer: usize, reason: String },
     #[error("output {0} already exists and is not an OCI image layout")]
     BadOutput(PathBuf),
+    #[error("registry {url}: {reason}")]
+    Registry { url: String, reason: String },
+    #[error("interrupted; nothing of this conversion was kept")]
+    Interrupted,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -1,4 +1,4 @@
-//! Reading OCI images (image layouts and `docker save` archives), merging
+//! Reading OCI images (image layouts, `docker save` archives and registries), merging
 //! their layers into one skiff [`ImageIndex`](skiff_format::ImageIndex), and
 //! exporting an index back to a single-layer OCI image.
 
@@ -6,6 +6,7 @@ mod convert;
 mod error;
 mod export;
 mod merge;
+mod registry;
 mod source;
 mod verify;
 
@@ -13,4 +14,5 @@ pub use convert::{convert, ConvertOptions, ConvertProgress, ConvertReport};
 pub use error::OciError;
 pub use export::{export, ExportReport};
 pub use merge::MergedTree;
+pub use registry::{RegistryClient, RegistryRef};
 pub use source::{ImageSource, LayerCompression, LayerDescriptor, Platform, ResolvedImage};

@@ -13,7 +13,10 @@ use oci_spec::image::{
 use serde::Deserialize;
 
 use crate::error::IoContext;
-use crate::verify::{check_digest, sha256_digest, sha256_hex, verify_blob, HashingReader};
+use crate::registry::{RegistryClient, RegistryRef, MANIFEST_TYPES};
+use crate::verify::{
+    check_digest, sha256_digest, sha256_hex, verify_blob, DigestCheckedReader, HashingReader,
+};
 use crate::OciError;
 
 /// Manifests and configs are small; anything bigger is not one.
@@ -151,6 +154,8 @@ enum BlobLocation {
         offset: u64,
         size: u64,
     },
+    /// A blob of the registry repository, named by the layer's digest.
+    Remote,
 }
 
 /// An image picked out of a source: what `convert` needs.
@@ -174,10 +179,15 @@ pub enum ImageSource {
         file: PathBuf,
         reference: Option<String>,
     },
+    /// `docker://[HOST[:PORT]/]NAME[:TAG|@DIGEST]`
+    Registry {
+        reference: RegistryRef,
+        client: RegistryClient,
+    },
 }
 
 impl ImageSource {
-    /// Parses `oci:DIR[:TAG]` or `docker-archive:FILE[:NAME:TAG]`.
+    /// Parses `oci:DIR[:TAG]`, `docker-archive:FILE[:NAME:TAG]` or `docker://REF`.
     pub fn parse(spec: &str) -> Result<ImageSource, OciError> {
         if let Some(rest) = spec.strip_prefix("oci:") {
             let (dir, tag) = split_reference(rest, |p| p.join("index.json").exists());
@@ -192,6 +202,11 @@ impl ImageSource {
             };
             return Ok(ImageSource::DockerArchive { file, reference });
         }
+        if let Some(rest) = spec.strip_prefix("docker://") {
+            let reference = RegistryRef::parse(rest)?;
+            let client = RegistryClient::new(&reference)?;
+            return Ok(ImageSource::Registry { reference, client });
+        }
         Err(OciError::UnsupportedSource(spec.to_owned()))
     }
 
@@ -199,6 +214,12 @@ impl ImageSource {
         match self {
             ImageSource::OciLayout { dir, .. } => format!("OCI layout {}", dir.display()),
             ImageSource::DockerArchive { file, .. } => format!("docker archive {}", file.display()),
+            ImageSource::Registry { reference, .. } => {
+                format!(
+                    "registry image {}/{}:{}",
+                    reference.host, reference.repository, reference.reference
+                )
+            }
         }
     }
 
@@ -208,6 +229,9 @@ impl ImageSource {
             ImageSource::OciLayout { dir, tag } => resolve_layout(dir, tag.as_deref(), platform),
             ImageSource::DockerArchive { file, reference } => {
                 resolve_archive(file, reference.as_deref(), platform)
+            }
+            ImageSource::Registry { reference, client } => {
+                resolve_registry(reference, client, platform)
             }
         }
     }
@@ -235,11 +259,24 @@ impl ImageSource {
                 let mut f = File::open(file).context(|| format!("opening {}", file.display()))?;
                 f.seek(SeekFrom::Start(*offset))
                     .context(|| format!("reading {}", file.display()))?;
-                Ok(Box::new(f.take(*size)))
+                let member = f.take(*size);
+                Ok(match &layer.digest {
+                    Some(digest) => Box::new(DigestCheckedReader::new(member, digest, *size)),
+                    None => Box::new(member),
+                })
             }
-            (BlobLocation::Range { .. }, ImageSource::OciLayout { .. }) => {
-                unreachable!("ranges come from archives")
+            (BlobLocation::Remote, ImageSource::Registry { client, .. }) => {
+                let digest = layer
+                    .digest
+                    .as_deref()
+                    .expect("remote layers are named by digest");
+                Ok(Box::new(DigestCheckedReader::new(
+                    client.blob(digest)?,
+                    digest,
+                    layer.size,
+                )))
             }
+            _ => unreachable!("each source makes only its own kind of blob location"),
         }
     }
 }
@@ -358,24 +395,7 @@ fn resolve_layout(
         let bytes = read_layout_blob(dir, &desc, "image index")?;
         let nested: OciIndex =
             serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
-        desc = nested
-            .manifests()
-            .iter()
-            .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
-            .cloned()
-            .ok_or_else(|| OciError::PlatformNotFound {
-                wanted: platform.to_string(),
-                available: nested
-                    .manifests()
-                    .iter()
-                    .filter_map(|d| {
-                        d.platform()
-                            .as_ref()
-                            .map(|p| format!("{}/{}", p.os(), p.architecture()))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+        desc = pick_platform(&nested, platform)?;
     }
     let manifest_bytes = read_layout_blob(dir, &desc, "image manifest")?;
     let manifest: OciManifest =
@@ -425,6 +445,114 @@ fn resolve_layout(
         platform: config_platform.unwrap_or_else(|| platform.clone()),
         layers,
     })
+}
+
+fn resolve_registry(
+    reference: &RegistryRef,
+    client: &RegistryClient,
+    platform: &Platform,
+) -> Result<ResolvedImage, OciError> {
+    let fetch = |reference: &str, what: &str| -> Result<(Vec<u8>, String, String), OciError> {
+        let (bytes, content_type) = client.manifest(reference)?;
+        let digest = sha256_digest(&bytes);
+        if reference.starts_with("sha256:") {
+            check_digest(what, reference, digest.clone())?;
+        }
+        // The body's own mediaType wins over a registry's Content-Type.
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or(content_type);
+        Ok((bytes, media_type, digest))
+    };
+    let (mut bytes, mut media_type, mut digest) = fetch(&reference.reference, "image manifest")?;
+    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
+        return Err(OciError::UnknownMediaType(media_type));
+    }
+    if is_index(&MediaType::from(media_type.as_str())) {
+        let index: OciIndex =
+            serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
+        let chosen = pick_platform(&index, platform)?;
+        (bytes, media_type, digest) = fetch(chosen.digest().as_ref(), "image manifest")?;
+        if is_index(&MediaType::from(media_type.as_str())) {
+            return Err(malformed("image index", "an index inside an index"));
+        }
+    }
+    let manifest: OciManifest =
+        serde_json::from_slice(&bytes).map_err(|e| malformed("image manifest", e))?;
+    let config_desc = manifest.config();
+    let config_digest = config_desc.digest().to_string();
+    sha256_hex(&config_digest)?;
+    if config_desc.size() > MAX_JSON_BLOB {
+        return Err(malformed(
+            "image config",
+            format!("{} bytes is too large", config_desc.size()),
+        ));
+    }
+    let config = client.small_blob(&config_digest)?;
+    check_digest("image config", &config_digest, sha256_digest(&config))?;
+    let (diff_ids, config_platform) = parse_config(&config)?;
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(malformed(
+            "image config",
+            format!(
+                "{} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers().len()
+            ),
+        ));
+    }
+    let layers = manifest
+        .layers()
+        .iter()
+        .zip(diff_ids)
+        .map(|(layer, diff_id)| {
+            let digest = layer.digest().to_string();
+            sha256_hex(&digest)?;
+            Ok(LayerDescriptor {
+                location: BlobLocation::Remote,
+                compression: Some(LayerCompression::from_media_type(
+                    layer.media_type().as_ref(),
+                )?),
+                digest: Some(digest),
+                size: layer.size(),
+                diff_id,
+            })
+        })
+        .collect::<Result<Vec<_>, OciError>>()?;
+    Ok(ResolvedImage {
+        manifest_digest: digest,
+        config_digest,
+        config,
+        platform: config_platform.unwrap_or_else(|| platform.clone()),
+        layers,
+    })
+}
+
+/// The manifest of `index` for `platform`.
+fn pick_platform(index: &OciIndex, platform: &Platform) -> Result<Descriptor, OciError> {
+    index
+        .manifests()
+        .iter()
+        .find(|d| d.platform().as_ref().is_some_and(|p| platform.matches(p)))
+        .cloned()
+        .ok_or_else(|| OciError::PlatformNotFound {
+            wanted: platform.to_string(),
+            available: index
+                .manifests()
+                .iter()
+                .filter_map(|d| {
+                    d.platform()
+                        .as_ref()
+                        .map(|p| format!("{}/{}", p.os(), p.architecture()))
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 #[derive(Deserialize)]
@@ -682,7 +810,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            ImageSource::parse("docker://x"),
+            ImageSource::parse("http://x"),
             Err(OciError::UnsupportedSource(_))
         ));
         assert_eq!(

@@ -102,3 +102,56 @@ pub(crate) fn verify_blob(
     }
     check_digest(what, digest, actual)
 }
+
+/// Checks a blob streamed by someone else's reader: the error surfaces as
+/// an `InvalidData` read error at the end of the blob (or as soon as it runs
+/// past its size), so whatever decodes it stops with the reason.
+pub(crate) struct DigestCheckedReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+    digest: String,
+    size: u64,
+}
+
+impl<R: Read> DigestCheckedReader<R> {
+    pub(crate) fn new(inner: R, digest: &str, size: u64) -> Self {
+        DigestCheckedReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+            digest: digest.to_owned(),
+            size,
+        }
+    }
+}
+
+impl<R: Read> Read for DigestCheckedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        if self.bytes > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "blob {} is longer than the {} bytes its descriptor says",
+                    self.digest, self.size
+                ),
+            ));
+        }
+        self.hasher.update(&buf[..n]);
+        if n == 0 {
+            let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+            if self.bytes != self.size || actual != self.digest {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "blob {} does not match its digest: got {actual}, {} bytes",
+                        self.digest, self.bytes
+                    ),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}

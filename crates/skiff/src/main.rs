@@ -4,6 +4,8 @@ mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -34,7 +36,10 @@ enum Command {
     /// Convert an OCI image into the store (creating the store if needed)
     #[command(after_help = "SOURCE is one of:\n  \
         oci:DIR[:TAG]                    an OCI image layout directory\n  \
-        docker-archive:FILE[:NAME:TAG]   a `docker save` archive\n\n\
+        docker-archive:FILE[:NAME:TAG]   a `docker save` archive\n  \
+        docker://[HOST/]NAME[:TAG|@DIGEST]  a registry (plain HTTP for loopback hosts and\n  \
+                                         those in SKIFF_INSECURE_REGISTRIES; credentials\n  \
+                                         from SKIFF_REGISTRY_AUTH=user:password)\n\n\
         Example: skiff convert oci:./debian:bookworm debian:bookworm")]
     Convert {
         /// Where the image comes from
@@ -107,7 +112,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("skiff: error: {e:#}");
-            ExitCode::FAILURE
+            let interrupted = e
+                .chain()
+                .any(|c| matches!(c.downcast_ref(), Some(skiff_oci::OciError::Interrupted)));
+            // 128 + SIGINT, as shells report a command stopped by Ctrl-C.
+            ExitCode::from(if interrupted { 130 } else { 1 })
         }
     }
 }
@@ -176,15 +185,26 @@ fn convert(
     };
     let store = Store::open_or_create(store_dir, &StoreConfig::default())
         .with_context(|| format!("opening store {}", store_dir.display()))?;
+    let options = ConvertOptions {
+        platform,
+        threads,
+        cancel: Arc::default(),
+    };
+    // The first Ctrl-C or SIGTERM asks the conversion to stop and undo its
+    // writes; a second one exits at once (the store stays consistent anyway).
+    let cancel = options.cancel.clone();
+    ctrlc::set_handler(move || {
+        if cancel.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nskiff: stopping; removing what this conversion wrote (Ctrl-C again to quit at once)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
     let bar = progress::ConvertBar::new(format!("{target}"));
-    let report = skiff_oci::convert(
-        &source,
-        &store,
-        target,
-        &ConvertOptions { platform, threads },
-        &bar,
-    )
-    .with_context(|| format!("converting {} into {target}", source.name()))?;
+    let report = skiff_oci::convert(&source, &store, target, &options, &bar)
+        .with_context(|| format!("converting {} into {target}", source.name()))?;
     bar.finish();
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
