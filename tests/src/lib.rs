@@ -269,9 +269,13 @@ fn write_entry(builder: &mut tar::Builder<Vec<u8>>, entry: &Entry, attrs: &Attrs
                 .unwrap();
         }
         Entry::Symlink { path, target } => {
+            // Literal, as image builders write it (`append_link` would normalise `a//b`).
             header.set_entry_type(tar::EntryType::Symlink);
             header.set_mode(0o777);
-            builder.append_link(&mut header, path, target).unwrap();
+            header.set_link_name_literal(target).unwrap();
+            builder
+                .append_data(&mut header, path, std::io::empty())
+                .unwrap();
         }
         Entry::HardLink { path, target } => {
             header.set_entry_type(tar::EntryType::Link);

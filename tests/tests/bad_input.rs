@@ -14,6 +14,12 @@ fn good_layer() -> Layer {
         .file("bin/app", 0o755, noise(400_000, 2))
 }
 
+/// A layer unlike `good_layer`: a fault in it cannot be skipped as a layer
+/// the store converted before.
+fn other_layer() -> Layer {
+    good_layer().file("etc/other", 0o644, text(50_000, 3))
+}
+
 /// A two-layer image whose second layer is `top`.
 fn with_top(top: Layer) -> Image {
     Image::new(vec![
@@ -67,7 +73,7 @@ fn corpus() -> Vec<Case> {
             name: "truncated gzip",
             expect: "layer 1",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 let editor = LayoutEditor::new(dir);
                 let bytes = editor.layer_bytes(1);
                 editor.set_layer_bytes(1, &bytes[..bytes.len() / 2]);
@@ -77,7 +83,7 @@ fn corpus() -> Vec<Case> {
             name: "corrupt gzip",
             expect: "layer 1",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 let editor = LayoutEditor::new(dir);
                 let mut bytes = editor.layer_bytes(1);
                 for b in &mut bytes[100..140] {
@@ -90,7 +96,7 @@ fn corpus() -> Vec<Case> {
             name: "blob digest mismatch",
             expect: "does not match its digest",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 let editor = LayoutEditor::new(dir);
                 let path = editor.layer_path(1);
                 let mut bytes = std::fs::read(&path).unwrap();
@@ -103,7 +109,7 @@ fn corpus() -> Vec<Case> {
             name: "missing blob",
             expect: "missing",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 std::fs::remove_file(LayoutEditor::new(dir).layer_path(1)).unwrap();
             }),
         },
@@ -111,7 +117,7 @@ fn corpus() -> Vec<Case> {
             name: "malformed manifest JSON",
             expect: "malformed image manifest",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 LayoutEditor::new(dir).set_manifest_bytes(b"{\"schemaVersion\": 2, \"layers\": [");
             }),
         },
@@ -119,7 +125,7 @@ fn corpus() -> Vec<Case> {
             name: "malformed config JSON",
             expect: "malformed image config",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 LayoutEditor::new(dir).set_config_bytes(b"{\"rootfs\": 12}");
             }),
         },
@@ -127,7 +133,7 @@ fn corpus() -> Vec<Case> {
             name: "layer that does not match its diff_id",
             expect: "does not match its digest",
             build: Box::new(|dir: &Path| {
-                let image = with_top(good_layer());
+                let image = with_top(other_layer());
                 image.write_layout(dir, "latest");
                 let mut config: serde_json::Value =
                     serde_json::from_slice(&image.config_bytes()).unwrap();
@@ -149,7 +155,7 @@ fn corpus() -> Vec<Case> {
             name: "unknown media type",
             expect: "unsupported media type",
             build: Box::new(|dir: &Path| {
-                with_top(good_layer()).write_layout(dir, "latest");
+                with_top(other_layer()).write_layout(dir, "latest");
                 LayoutEditor::new(dir).edit_manifest(|m| {
                     m["layers"][1]["mediaType"] = json!("application/x-mystery")
                 });
@@ -236,4 +242,64 @@ fn usage_errors_are_clear() {
     let out = skiff(&store, &["convert", "oci:/nonexistent", "Bad Name"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid image reference"));
+}
+
+#[test]
+fn a_failed_first_convert_leaves_no_store_behind() {
+    let tmp = tempdir();
+    let store = tmp.path().join("new-store");
+    let out = skiff(
+        &store,
+        &[
+            "convert",
+            &format!("oci:{}", tmp.path().join("missing").display()),
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        !store.exists(),
+        "a failed convert created {}",
+        store.display()
+    );
+}
+
+#[test]
+fn oversized_extension_headers_are_refused_without_reading_them() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    // A PAX header claiming 64 MiB of (real, highly compressible) records.
+    let mut tar = Vec::new();
+    let mut header = tar::Header::new_ustar();
+    header.set_path("PaxHeader").unwrap();
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_size(64 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.extend_from_slice(header.as_bytes());
+    tar.extend(std::iter::repeat_n(b'\n', 64 << 20));
+    let layer = Layer::new().entry(Entry::Raw {
+        path: b"after".to_vec(),
+        kind: tar::EntryType::Regular,
+        size: 0,
+        data: vec![],
+    });
+    tar.extend_from_slice(&layer.tar());
+    let gz = compress(&tar, Compression::Gzip);
+    let image = Image::new(vec![(good_layer(), Compression::Gzip)]);
+    let src = tmp.path().join("src");
+    image.write_layout(&src, "latest");
+    // Swap the layer for the hostile one, with digests that match it.
+    let editor = LayoutEditor::new(&src);
+    editor.set_layer_bytes(0, &gz);
+    let mut config: serde_json::Value = serde_json::from_slice(&image.config_bytes()).unwrap();
+    config["rootfs"]["diff_ids"][0] = json!(sha256(&tar));
+    editor.set_config_bytes(&serde_json::to_vec(&config).unwrap());
+
+    let out = skiff(&store, &["convert", &format!("oci:{}", src.display()), "x"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("at most 1048576 bytes are accepted"),
+        "{stderr}"
+    );
 }

@@ -62,6 +62,18 @@ fn rich_image() -> Image {
             },
         )
         .symlink("usr/bin/ping6", "ping")
+        .symlink("usr/bin/odd-link", "../lib//x/./y/")
+        .entry_with(
+            Entry::File {
+                path: format!("usr/share/{}", "文".repeat(40)),
+                mode: 0o644,
+                data: text(100, 10),
+            },
+            Attrs {
+                xattrs: vec![("user.lang".into(), b"zh".to_vec())],
+                ..Attrs::default()
+            },
+        )
         .symlink("lib", "usr/lib")
         .entry(Entry::CharDevice {
             path: "dev/null".into(),
@@ -416,4 +428,57 @@ fn a_layout_with_several_images_needs_a_tag() {
         images[0]["index"], images[1]["index"],
         "export and re-convert must keep the index"
     );
+}
+
+#[test]
+fn layers_converted_before_are_not_read_again_until_gc_frees_them() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let src = tmp.path().join("src");
+    let base = Layer::new()
+        .file("usr/lib/libbig.so", 0o755, noise(800_000, 21))
+        .file("etc/a", 0o644, "a");
+    let top = Layer::new()
+        .whiteout("etc", "a")
+        .file("app", 0o755, noise(100_000, 22));
+    Image::new(vec![(base, Compression::Gzip), (top, Compression::Gzip)]).write_layout(&src, "v1");
+    let source = format!("oci:{}:v1", src.display());
+    let first = skiff_json(&store, &["convert", "--json", &source, "one"]);
+    assert_eq!(first["cached_layers"], 0);
+
+    // Break the base layer's blob: a second image sharing it does not read it.
+    let blob = LayoutEditor::new(&src).layer_path(0);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let second = skiff_json(&store, &["convert", "--json", &source, "two"]);
+    assert_eq!(second["cached_layers"], 2);
+    assert_eq!(second["new_chunks"], 0);
+    assert_eq!(first["manifest"]["index"], second["manifest"]["index"]);
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+
+    // The record outlives gc while an image made from the layer exists, and
+    // keeps the chunk of `etc/a` (whited out above it) alive with it.
+    skiff_ok(&store, &["rm", "two"]);
+    let gc = skiff_json(&store, &["gc", "--json"]);
+    assert_eq!(gc["layers_removed"], 0);
+    assert_eq!(
+        skiff_json(&store, &["convert", "--json", &source, "again"])["cached_layers"],
+        2
+    );
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+
+    // Once no image uses the layers, gc drops the records and their chunks.
+    skiff_ok(&store, &["rm", "one"]);
+    skiff_ok(&store, &["rm", "again"]);
+    let gc = skiff_json(&store, &["gc", "--json"]);
+    assert_eq!(gc["layers_removed"], 2);
+    assert_eq!(skiff_json(&store, &["stats", "--json"])["chunks"], 0);
+    let out = skiff(&store, &["convert", &source, "three"]);
+    assert!(
+        !out.status.success(),
+        "the broken blob was not read after gc"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match its digest"));
 }

@@ -27,6 +27,9 @@ pub struct SourceInfo {
     /// `os/arch[/variant]` that was selected.
     pub platform: String,
     pub layers: u32,
+    /// The uncompressed layers, bottom first: gc keeps their conversion
+    /// records (and the chunks those name) while this image exists.
+    pub diff_ids: Vec<String>,
 }
 
 /// A named image in a skiff store: JSON, fields in this order, no timestamps,

@@ -25,6 +25,7 @@ use skiff_format::{
 use skiff_store::Store;
 
 use crate::error::IoContext;
+use crate::layer_cache::{self, LayerRecorder};
 use crate::merge::{normalize_xattrs, Content, EntryKind, MergedTree};
 use crate::source::{decompressed, ImageSource, Platform};
 use crate::verify::check_digest;
@@ -70,6 +71,8 @@ impl ConvertProgress for () {}
 pub struct ConvertReport {
     pub manifest: ImageManifest,
     pub layers: usize,
+    /// Layers converted before, applied from their records without reading them.
+    pub cached_layers: usize,
     pub layer_bytes: u64,
     pub chunks: u64,
     pub new_chunks: u64,
@@ -93,6 +96,7 @@ struct WorkItem {
 /// Shared by the workers: which chunks are already stored or claimed, and results.
 struct Shared<'a> {
     store: &'a Store,
+    cancel: &'a AtomicBool,
     chunker: Chunker,
     claimed: Mutex<HashSet<ChunkId>>,
     results: Mutex<HashMap<usize, BTreeMap<u32, Vec<ChunkRef>>>>,
@@ -137,13 +141,14 @@ pub fn convert(
 
     let shared = Shared {
         store,
+        cancel: &options.cancel,
         chunker: Chunker::new(config.chunking),
         claimed: Mutex::new(HashSet::new()),
         results: Mutex::new(HashMap::new()),
     };
     let writer = store.pack_writer()?;
 
-    let (tree, mut writer) = std::thread::scope(|scope| -> Result<_, OciError> {
+    let (tree, recorded, mut writer) = std::thread::scope(|scope| -> Result<_, OciError> {
         let (work_tx, work_rx) = bounded::<WorkItem>(threads * 2);
         let (frame_tx, frame_rx) = bounded::<Frame>(threads * 2);
         let workers: Vec<_> = (0..threads)
@@ -185,7 +190,8 @@ pub fn convert(
         // channel close; the reader's own error (bad input) comes last.
         let writer = writer_thread.join().expect("pack writer panicked")?;
         worker_results.into_iter().collect::<Result<Vec<()>, _>>()?;
-        Ok((read_result?, writer))
+        let (tree, recorded) = read_result?;
+        Ok((tree, recorded, writer))
     })?;
     // Chunks first, then the image that references them. On any error below
     // the writer is dropped unfinished and removes its chunks again; after
@@ -193,6 +199,17 @@ pub fn convert(
     writer.commit()?;
 
     let mut results = shared.results.into_inner().expect("results poisoned");
+    let chunks_of = |slot: usize| -> Vec<ChunkRef> {
+        results
+            .get(&slot)
+            .map(|parts| parts.values().flatten().copied().collect())
+            .unwrap_or_default()
+    };
+    let cached_layers = resolved.layers.len() - recorded.len();
+    let records: Vec<(String, skiff_store::LayerRecord)> = recorded
+        .into_iter()
+        .map(|(diff_id, recorder)| (diff_id, recorder.finish(&chunks_of)))
+        .collect();
     let mut chunk_count = 0u64;
     let index = tree.into_index(config.chunking, &mut |slot| {
         let parts = results.remove(&slot).unwrap_or_default();
@@ -201,7 +218,12 @@ pub fn convert(
         refs
     });
     let manifest = manifest_for(target, &index, &resolved, config.chunking)?;
-    store.put_image(&manifest, &index)?;
+    index.validate()?;
+    // Last chance to honour a Ctrl-C: after this the image is stored.
+    if options.cancel.load(Ordering::Relaxed) {
+        return Err(OciError::Interrupted);
+    }
+    store.put_image(&manifest, &index, &records)?;
     let written = writer.finish()?;
     tracing::info!(
         image = %target,
@@ -215,6 +237,7 @@ pub fn convert(
     Ok(ConvertReport {
         manifest,
         layers: resolved.layers.len(),
+        cached_layers,
         layer_bytes,
         chunks: chunk_count,
         new_chunks: written.chunks,
@@ -254,6 +277,7 @@ fn manifest_for(
             config_digest: resolved.config_digest.clone(),
             platform: resolved.platform.to_string(),
             layers: resolved.layers.len() as u32,
+            diff_ids: resolved.layers.iter().map(|l| l.diff_id.clone()).collect(),
         },
         config,
     })
@@ -280,11 +304,31 @@ fn read_layers(
     work: Sender<WorkItem>,
     progress: &dyn ConvertProgress,
     cancel: &AtomicBool,
-) -> Result<MergedTree, OciError> {
+) -> Result<(MergedTree, Vec<(String, LayerRecorder)>), OciError> {
     let mut tree = MergedTree::default();
     let mut next_slot = 0usize;
+    let mut recorded = Vec::new();
     for (layer, desc) in resolved.layers.iter().enumerate() {
         progress.layer(layer, resolved.layers.len());
+        if let Some(entries) = shared
+            .store
+            .layer_record(&desc.diff_id)?
+            .as_ref()
+            .and_then(layer_cache::decode)
+        {
+            tracing::debug!(layer, diff_id = %desc.diff_id, entries = entries.len(), "layer converted before: applying its record");
+            let mut results = shared.results.lock().expect("results poisoned");
+            for entry in entries {
+                let kind =
+                    layer_cache::entry_kind(entry.kind, &mut next_slot, &mut |slot, parts| {
+                        results.insert(slot, parts);
+                    });
+                tree.apply(layer, &entry.path, entry.meta, kind)?;
+            }
+            progress.advance(desc.size);
+            continue;
+        }
+        let mut recorder = LayerRecorder::default();
         tracing::debug!(layer, digest = ?desc.digest, size = desc.size, compression = ?desc.compression, "applying layer");
         let blob = source.open_layer(desc)?;
         let counted: Box<dyn Read + Send + '_> = Box::new(Counting {
@@ -304,12 +348,34 @@ fn read_layers(
             };
             let applied = (|| -> Result<(), OciError> {
                 let mut archive = tar::Archive::new(&mut reader);
-                for entry in archive.entries().map_err(|e| bad_layer(layer, e))? {
+                let mut pending = PendingExtensions::default();
+                // Raw: extension headers come to us, so their size can be bounded.
+                for entry in archive
+                    .entries()
+                    .map_err(|e| bad_layer(layer, e))?
+                    .raw(true)
+                {
                     if cancel.load(Ordering::Relaxed) {
                         return Err(OciError::Interrupted);
                     }
                     let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
-                    apply_entry(&mut tree, layer, &mut entry, shared, &work, &mut next_slot)?;
+                    if let Some((path, meta, kind)) = parse_entry(
+                        layer,
+                        &mut entry,
+                        &mut pending,
+                        shared,
+                        &work,
+                        &mut next_slot,
+                    )? {
+                        recorder.record(&path, &meta, &kind);
+                        tree.apply(layer, &path, meta, kind)?;
+                    }
+                }
+                if !pending.is_empty() {
+                    return Err(bad_layer(
+                        layer,
+                        "extension headers at the end describe no entry",
+                    ));
                 }
                 // Padding after the end-of-archive blocks still counts for the diff_id.
                 std::io::copy(&mut reader, &mut std::io::sink())
@@ -326,8 +392,9 @@ fn read_layers(
             &desc.diff_id,
             diff_id,
         )?;
+        recorded.push((desc.diff_id.clone(), recorder));
     }
-    Ok(tree)
+    Ok((tree, recorded))
 }
 
 /// Moves a decompressed layer into `buffers` in 1 MiB pieces; returns the
@@ -357,7 +424,9 @@ fn pump(
         }
         buf.truncate(filled);
         if buffers.send(Ok(buf)).is_err() {
-            break; // the parser stopped; its error is the one to report
+            // The parser stopped and its error is the one reported: do not
+            // download and decompress the rest of the layer for nothing.
+            return Err(bad_layer(layer, "parsing stopped"));
         }
     }
     Ok(tar_stream.finish(&format!("layer {layer}"))?.1)
@@ -395,15 +464,94 @@ fn bad_layer(layer: usize, e: impl std::fmt::Display) -> OciError {
     }
 }
 
-fn apply_entry<R: Read>(
-    tree: &mut MergedTree,
+/// PAX and GNU long-name headers are metadata: anything bigger is an attack
+/// (a few MB of gzip can claim gigabytes of "header").
+const MAX_EXTENSION_HEADER: u64 = 1 << 20;
+
+/// Extension headers seen since the last real entry; they describe the next.
+#[derive(Default)]
+pub(crate) struct PendingExtensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+impl PendingExtensions {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+    }
+}
+
+/// Reads one entry of a layer read in raw mode. Extension headers are read
+/// here, bounded, into `pending`; a real entry is turned into what it means
+/// for the merged tree, its contents sent to the workers. `None` for entries
+/// that change nothing by themselves.
+fn parse_entry<R: Read>(
     layer: usize,
     entry: &mut tar::Entry<'_, R>,
+    pending: &mut PendingExtensions,
     shared: &Shared<'_>,
     work: &Sender<WorkItem>,
     next_slot: &mut usize,
-) -> Result<(), OciError> {
-    let path = entry.path_bytes().into_owned();
+) -> Result<Option<(Vec<u8>, Metadata, EntryKind)>, OciError> {
+    use tar::EntryType as T;
+    let entry_type = entry.header().entry_type();
+    if matches!(
+        entry_type,
+        T::GNULongName | T::GNULongLink | T::XHeader | T::XGlobalHeader
+    ) {
+        let size = entry.size();
+        let header_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if size > MAX_EXTENSION_HEADER {
+            return Err(OciError::BadEntry {
+                layer,
+                path: header_name,
+                reason: format!("{entry_type:?} header claims {size} bytes (at most {MAX_EXTENSION_HEADER} bytes are accepted)"),
+            });
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| bad_layer(layer, e))?;
+        let slot = match entry_type {
+            T::GNULongName => &mut pending.long_name,
+            T::GNULongLink => &mut pending.long_link,
+            T::XHeader => &mut pending.pax,
+            _ => return Ok(None), // global PAX headers set defaults nobody relies on
+        };
+        if slot.is_some() {
+            return Err(bad_layer(
+                layer,
+                format!("two {entry_type:?} headers for one entry"),
+            ));
+        }
+        if entry_type != T::XHeader {
+            // GNU long names are NUL-terminated.
+            while data.last() == Some(&0) {
+                data.pop();
+            }
+        }
+        *slot = Some(data);
+        return Ok(None);
+    }
+    let extensions = std::mem::take(pending);
+    let pax: Vec<(Vec<u8>, Vec<u8>)> = match &extensions.pax {
+        Some(records) => tar::PaxExtensions::new(records)
+            .map(|r| r.map(|ext| (ext.key_bytes().to_vec(), ext.value_bytes().to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad_layer(layer, format!("malformed PAX header: {e}")))?,
+        None => Vec::new(),
+    };
+    let pax_value = |key: &[u8]| {
+        pax.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let path = extensions
+        .long_name
+        .or_else(|| pax_value(b"path"))
+        .unwrap_or_else(|| entry.path_bytes().into_owned());
     let path_str = || String::from_utf8_lossy(&path).into_owned();
     let bad = |reason: String| OciError::BadEntry {
         layer,
@@ -411,55 +559,65 @@ fn apply_entry<R: Read>(
         reason,
     };
     let header = entry.header();
+    let number = |value: std::io::Result<u64>, what: &str| -> Result<u64, OciError> {
+        value.map_err(|e| bad(format!("bad {what}: {e}")))
+    };
     let mut meta = Metadata {
-        mode: header.mode().map_err(|e| bad(e.to_string()))? & 0o7777,
-        uid: u32::try_from(header.uid().map_err(|e| bad(e.to_string()))?)
+        mode: header.mode().map_err(|e| bad(format!("bad mode: {e}")))? & 0o7777,
+        uid: u32::try_from(number(header.uid(), "uid")?)
             .map_err(|_| bad("uid out of range".into()))?,
-        gid: u32::try_from(header.gid().map_err(|e| bad(e.to_string()))?)
+        gid: u32::try_from(number(header.gid(), "gid")?)
             .map_err(|_| bad("gid out of range".into()))?,
-        mtime: i64::try_from(header.mtime().map_err(|e| bad(e.to_string()))?)
+        mtime: i64::try_from(number(header.mtime(), "mtime")?)
             .map_err(|_| bad("mtime out of range".into()))?,
         mtime_nsec: 0,
         xattrs: Vec::new(),
     };
-    let entry_type = header.entry_type();
-    let link_name = entry.link_name_bytes().map(|l| l.into_owned());
-    let device = (
-        header.device_major().ok().flatten().unwrap_or(0),
-        header.device_minor().ok().flatten().unwrap_or(0),
-    );
-    if let Some(extensions) = entry.pax_extensions().map_err(|e| bad(e.to_string()))? {
-        let mut xattrs = Vec::new();
-        for ext in extensions {
-            let ext = ext.map_err(|e| bad(e.to_string()))?;
-            let key = ext.key_bytes();
-            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                xattrs.push(Xattr {
-                    name: name.to_vec(),
-                    value: ext.value_bytes().to_vec(),
-                });
-            } else if key == b"mtime" {
-                let (secs, nsec) =
-                    parse_pax_time(ext.value_bytes()).ok_or_else(|| bad("bad PAX mtime".into()))?;
-                meta.mtime = secs;
-                meta.mtime_nsec = nsec;
-            } else if key == b"uid" || key == b"gid" {
-                let value = std::str::from_utf8(ext.value_bytes())
-                    .ok()
-                    .and_then(|v| v.parse::<u32>().ok());
-                let value = value
-                    .ok_or_else(|| bad(format!("bad PAX {}", String::from_utf8_lossy(key))))?;
-                if key == b"uid" {
-                    meta.uid = value;
-                } else {
-                    meta.gid = value;
-                }
+    let link_name = extensions
+        .long_link
+        .or_else(|| pax_value(b"linkpath"))
+        .or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
+    let mut xattrs = Vec::new();
+    for (key, value) in &pax {
+        if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+            xattrs.push(Xattr {
+                name: name.to_vec(),
+                value: value.clone(),
+            });
+        } else if key == b"mtime" {
+            (meta.mtime, meta.mtime_nsec) =
+                parse_pax_time(value).ok_or_else(|| bad("bad PAX mtime".into()))?;
+        } else if key == b"uid" || key == b"gid" {
+            let id = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok());
+            let id = id.ok_or_else(|| bad(format!("bad PAX {}", String::from_utf8_lossy(key))))?;
+            if key == b"uid" {
+                meta.uid = id;
+            } else {
+                meta.gid = id;
+            }
+        } else if key == b"size" {
+            // Raw reading sizes data by the header; a different PAX size would misalign the stream.
+            let size = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            if size != Some(entry.size()) {
+                return Err(bad("PAX size record disagrees with the header (files over 8 GiB are not supported)".into()));
             }
         }
-        meta.xattrs = normalize_xattrs(xattrs);
     }
+    meta.xattrs = normalize_xattrs(xattrs);
 
-    use tar::EntryType as T;
+    let device = || -> Result<(u32, u32), OciError> {
+        let major = header
+            .device_major()
+            .map_err(|e| bad(format!("bad device major: {e}")))?;
+        let minor = header
+            .device_minor()
+            .map_err(|e| bad(format!("bad device minor: {e}")))?;
+        Ok((major.unwrap_or(0), minor.unwrap_or(0)))
+    };
     let kind = match entry_type {
         T::Directory => EntryKind::Dir,
         T::Symlink => {
@@ -468,8 +626,14 @@ fn apply_entry<R: Read>(
         T::Link => {
             EntryKind::HardLink(link_name.ok_or_else(|| bad("hard link without a target".into()))?)
         }
-        T::Char => EntryKind::CharDevice(device.0, device.1),
-        T::Block => EntryKind::BlockDevice(device.0, device.1),
+        T::Char => {
+            let (major, minor) = device()?;
+            EntryKind::CharDevice(major, minor)
+        }
+        T::Block => {
+            let (major, minor) = device()?;
+            EntryKind::BlockDevice(major, minor)
+        }
         T::Fifo => EntryKind::Fifo,
         T::Regular | T::Continuous => {
             let size = entry.size();
@@ -485,10 +649,9 @@ fn apply_entry<R: Read>(
                 EntryKind::File(Content::Slot(slot), size)
             }
         }
-        T::XGlobalHeader => return Ok(()),
         other => return Err(bad(format!("unsupported tar entry type {other:?}"))),
     };
-    tree.apply(layer, &path, meta, kind)
+    Ok(Some((path, meta, kind)))
 }
 
 fn is_whiteout(path: &[u8]) -> bool {
@@ -501,19 +664,20 @@ fn is_whiteout(path: &[u8]) -> bool {
 fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
     let s = std::str::from_utf8(value).ok()?;
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let negative = secs.starts_with('-');
     let secs: i64 = secs.parse().ok()?;
     let digits: String = frac.chars().take(9).collect();
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let nsec = if digits.is_empty() {
+    let nsec: u32 = if digits.is_empty() {
         0
     } else {
         format!("{digits:0<9}").parse().ok()?
     };
-    if secs < 0 && nsec > 0 {
-        // -1.5 means 1.5 s before the epoch: -2 s + 0.5 s.
-        return Some((secs - 1, 1_000_000_000 - nsec));
+    if negative && nsec > 0 {
+        // -1.5 means 1.5 s before the epoch: -2 s + 0.5 s ("-0.5" too, whose seconds parse as 0).
+        return Some((secs.checked_sub(1)?, 1_000_000_000 - nsec));
     }
     Some((secs, nsec))
 }
@@ -559,6 +723,9 @@ fn send_contents<R: Read>(
     let mut batch = Vec::new();
     let mut batch_bytes = 0usize;
     for chunk in shared.chunker.cut_stream(&mut *entry) {
+        if shared.cancel.load(Ordering::Relaxed) {
+            return Err(OciError::Interrupted);
+        }
         let chunk = chunk.context(|| "reading file contents".into())?;
         read += chunk.len() as u64;
         batch_bytes += chunk.len();

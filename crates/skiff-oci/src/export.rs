@@ -204,6 +204,12 @@ fn write_tree<W: Write>(
             })?;
             pax.push((format!("SCHILY.xattr.{key}"), xattr.value.clone()));
         }
+        if let InodeKind::Symlink { target } = &inode.kind {
+            // ustar holds 100 bytes of link target; PAX holds the rest.
+            if target.len() > 100 {
+                pax.push(("linkpath".into(), target.clone()));
+            }
+        }
         if inode.meta.mtime_nsec != 0 || inode.meta.mtime < 0 {
             pax.push((
                 "mtime".into(),
@@ -216,15 +222,9 @@ fn write_tree<W: Write>(
             header.set_entry_type(tar::EntryType::XHeader);
             header.set_size(records.len() as u64);
             header.set_mode(0o644);
-            let pax_name = format!(
-                "PaxHeaders/{}",
-                path_str
-                    .rsplit('/')
-                    .find(|s| !s.is_empty())
-                    .unwrap_or("root")
-            );
-            let pax_name: String = pax_name.chars().take(99).collect();
-            header.set_path(&pax_name).map_err(io_err)?;
+            // An ASCII name: a long or non-UTF-8 file name must not make the header invalid.
+            let pax_name = "PaxHeaders/skiff";
+            header.set_path(pax_name).map_err(io_err)?;
             header.set_cksum();
             tar.append(&header, records.as_slice()).map_err(io_err)?;
         }
@@ -273,9 +273,12 @@ fn write_tree<W: Write>(
                 })?;
             }
             InodeKind::Symlink { target } => {
+                // Literal: `append_link` would normalise the target (`a//b` → `a/b`).
                 header.set_entry_type(tar::EntryType::Symlink);
-                let target = Path::new(std::ffi::OsStr::from_encoded_bytes_checked(target));
-                tar.append_link(&mut header, os_path, target)
+                header
+                    .set_link_name_literal(&target[..target.len().min(100)])
+                    .map_err(io_err)?;
+                tar.append_data(&mut header, os_path, io::empty())
                     .map_err(io_err)?;
             }
             InodeKind::CharDevice { major, minor } | InodeKind::BlockDevice { major, minor } => {

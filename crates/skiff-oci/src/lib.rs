@@ -5,6 +5,7 @@
 mod convert;
 mod error;
 mod export;
+mod layer_cache;
 mod merge;
 mod registry;
 mod source;

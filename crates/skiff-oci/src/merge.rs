@@ -217,9 +217,17 @@ impl MergedTree {
                 self.make_opaque(dir, layer);
             } else if !hidden.starts_with(WHITEOUT_PREFIX) {
                 // `.wh..wh.*` other than the opaque marker is aufs bookkeeping, not a whiteout.
-                let children = self.children_mut(dir);
-                if children.get(hidden).is_some_and(|d| d.layer < layer) {
-                    children.remove(hidden);
+                let hidden = hidden.to_vec();
+                match self.children(dir).and_then(|c| c.get(&hidden)).copied() {
+                    Some(d) if d.layer < layer => {
+                        self.children_mut(dir).remove(&hidden);
+                    }
+                    // A directory this layer listed before its whiteout: the
+                    // whiteout still hides what lower layers put inside it.
+                    Some(d) if matches!(self.nodes[d.node].kind, NodeKind::Dir(_)) => {
+                        self.make_opaque(d.node, layer);
+                    }
+                    _ => {}
                 }
             }
             return Ok(());
@@ -435,6 +443,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(paths(tree), ["etc", "etc/b", "etc/c"]);
+    }
+
+    #[test]
+    fn a_whiteout_hides_lower_contents_whatever_the_tar_order() {
+        let mut tree = MergedTree::default();
+        file(&mut tree, 0, "a/old", 0);
+        file(&mut tree, 1, "a/x", 0);
+        tree.apply(1, b".wh.a", meta(), EntryKind::File(Content::Empty, 0))
+            .unwrap();
+        assert_eq!(paths(tree), ["a", "a/x"]);
     }
 
     #[test]

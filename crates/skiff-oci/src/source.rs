@@ -612,8 +612,9 @@ fn archive_members(file: &Path) -> Result<HashMap<String, (u64, u64)>, OciError>
     let mut archive = tar::Archive::new(f);
     let mut members = HashMap::new();
     let mut links = Vec::new();
+    // With seek, member data is skipped over instead of read.
     let entries = archive
-        .entries()
+        .entries_with_seek()
         .context(|| format!("reading {}", file.display()))?;
     for entry in entries {
         let entry = entry.context(|| format!("reading {}", file.display()))?;

@@ -18,6 +18,8 @@ pub enum StoreError {
         "store {0} is busy: another skiff process is writing to it; retry when it has finished"
     )]
     Busy(PathBuf),
+    #[error("store {0} is in use: {1}; retry when it is done")]
+    InUse(PathBuf, &'static str),
     #[error("no skiff store at {0} (convert an image into it first, or pass --store)")]
     NoStore(PathBuf),
     #[error("store {path} is not usable: {reason}")]

@@ -10,7 +10,10 @@ use serde::Serialize;
 use skiff_format::{ChunkId, IndexDigest};
 
 use crate::error::IoContext;
-use crate::layout::{pack_meta_key, ChunkLocation, CF_CHUNKS, CF_INDEXES, CF_META, META_NEXT_PACK};
+use crate::layout::{
+    pack_meta_key, ChunkLocation, LayerRecord, CF_CHUNKS, CF_INDEXES, CF_LAYERS, CF_META,
+    META_NEXT_PACK,
+};
 use crate::{Store, StoreError};
 
 /// The live chunks of one frame.
@@ -20,6 +23,8 @@ type FrameChunks = Vec<(ChunkId, ChunkLocation)>;
 pub struct GcReport {
     pub chunks_removed: u64,
     pub indexes_removed: u64,
+    /// Layer records dropped because no image uses their layer any more.
+    pub layers_removed: u64,
     pub packs_rewritten: u64,
     /// Pack bytes on disk before and after.
     pub bytes_before: u64,
@@ -28,6 +33,18 @@ pub struct GcReport {
 
 impl Store {
     pub fn gc(&self) -> Result<GcReport, StoreError> {
+        // Readers opened before now may point at packs gc deletes: wait for none.
+        let _no_readers = crate::store::lock_file(
+            self.root(),
+            crate::layout::READERS_LOCK_FILE,
+            crate::store::LockKind::Exclusive,
+        )
+        .map_err(|e| match e {
+            StoreError::Busy(path) => {
+                StoreError::InUse(path, "other skiff commands are reading it")
+            }
+            other => other,
+        })?;
         let mut report = GcReport {
             bytes_before: self.stats()?.pack_bytes,
             ..Default::default()
@@ -36,14 +53,30 @@ impl Store {
         // Mark.
         let mut live_indexes = HashSet::new();
         let mut live_chunks = HashSet::new();
+        let mut live_layers = HashSet::new();
         for manifest in self.images()? {
             let index = self.index(&manifest.index.digest)?;
             live_chunks.extend(index.chunk_refs().map(|c| c.id));
             live_indexes.insert(manifest.index.digest);
+            live_layers.extend(manifest.source.diff_ids);
+        }
+        // A layer record lives while an image made from that layer does, and
+        // keeps its chunks (files later layers deleted, too) alive with it.
+        let mut batch = WriteBatch::default();
+        for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
+            let (key, value) = item?;
+            match LayerRecord::decode(&value) {
+                Ok(record) if live_layers.contains(String::from_utf8_lossy(&key).as_ref()) => {
+                    live_chunks.extend(record.chunks);
+                }
+                _ => {
+                    batch.delete_cf(self.cf(CF_LAYERS), &key);
+                    report.layers_removed += 1;
+                }
+            }
         }
 
         // Sweep the database.
-        let mut batch = WriteBatch::default();
         for item in self
             .db
             .iterator_cf(self.cf(CF_INDEXES), IteratorMode::Start)
@@ -101,10 +134,7 @@ impl Store {
             batch.delete_cf(meta, pack_meta_key(old));
             self.write_batch(batch)?;
         } else {
-            let new = match self.db.get_pinned_cf(meta, META_NEXT_PACK)? {
-                Some(bytes) => crate::layout::decode_u64(&bytes, "next pack id")? as u32,
-                None => 1,
-            };
+            let new = self.next_pack_id()?;
             // The new pack is unknown to the database until it is complete and
             // synced; a crash before that leaves a file recovery removes.
             let path = self.pack_path(new);
@@ -130,6 +160,7 @@ impl Store {
             }
             file.sync_all()
                 .context(|| format!("syncing {}", path.display()))?;
+            crate::store::sync_dir(path.parent().expect("packs live in a directory"))?;
             batch.put_cf(meta, META_NEXT_PACK, u64::from(new + 1).to_le_bytes());
             batch.put_cf(meta, pack_meta_key(new), len.to_le_bytes());
             batch.delete_cf(meta, pack_meta_key(old));

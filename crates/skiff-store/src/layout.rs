@@ -7,6 +7,9 @@ use crate::StoreError;
 
 pub(crate) const CONFIG_FILE: &str = "skiff-store.json";
 pub(crate) const LOCK_FILE: &str = "lock";
+/// Shared by read-only opens, exclusive for gc: gc deletes pack files that a
+/// reader's older view of the database may still point at.
+pub(crate) const READERS_LOCK_FILE: &str = "readers.lock";
 pub(crate) const DB_DIR: &str = "db";
 pub(crate) const PACKS_DIR: &str = "packs";
 
@@ -14,7 +17,9 @@ pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_INDEXES: &str = "indexes";
 pub(crate) const CF_IMAGES: &str = "images";
 pub(crate) const CF_META: &str = "meta";
-pub(crate) const COLUMN_FAMILIES: [&str; 4] = [CF_CHUNKS, CF_INDEXES, CF_IMAGES, CF_META];
+pub(crate) const CF_LAYERS: &str = "layers";
+pub(crate) const COLUMN_FAMILIES: [&str; 5] =
+    [CF_CHUNKS, CF_INDEXES, CF_IMAGES, CF_META, CF_LAYERS];
 
 pub(crate) const META_NEXT_PACK: &[u8] = b"next-pack";
 const META_PACK_PREFIX: &[u8] = b"pack/";
@@ -93,4 +98,27 @@ pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
     bytes.try_into().map(u64::from_le_bytes).map_err(|_| {
         StoreError::Corrupt(format!("{what}: expected 8 bytes, found {}", bytes.len()))
     })
+}
+
+/// A converted layer kept by diff_id, so an image sharing it need not read it
+/// again. The payload is the converter's business; the store only needs the
+/// chunks it names, to drop the record when gc frees any of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub chunks: Vec<skiff_format::ChunkId>,
+    pub payload: Vec<u8>,
+}
+
+impl LayerRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let raw = postcard::to_stdvec(self).expect("postcard encoding into a Vec");
+        zstd::bulk::compress(&raw, 3).expect("zstd compression of a buffer")
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        // Records are metadata and chunk lists: 256 MiB bounds a corrupt one.
+        let raw = zstd::bulk::decompress(bytes, 256 << 20)
+            .map_err(|e| StoreError::Corrupt(format!("layer record: {e}")))?;
+        postcard::from_bytes(&raw).map_err(|e| StoreError::Corrupt(format!("layer record: {e}")))
+    }
 }

@@ -5,7 +5,7 @@
 //! STORE/
 //!   skiff-store.json   store parameters (chunking, frame size, zstd level)
 //!   lock               held (flock) by the one process that may write
-//!   db/                RocksDB: chunks, indexes, images, meta
+//!   db/                RocksDB: chunks, indexes, images, layers, meta
 //!   packs/00000001.pack
 //! ```
 //!
@@ -24,6 +24,6 @@ mod tests;
 
 pub use error::StoreError;
 pub use gc::GcReport;
-pub use layout::{ChunkLocation, StoreConfig};
+pub use layout::{ChunkLocation, LayerRecord, StoreConfig};
 pub use pack::{PackWriter, WriteSummary};
 pub use store::{FsckReport, Store, StoreStats};

@@ -101,10 +101,7 @@ impl<'s> PackWriter<'s> {
     fn start_pack(&mut self) -> Result<(), StoreError> {
         let store = self.store;
         let meta = store.cf(CF_META);
-        let id = match store.db.get_pinned_cf(meta, META_NEXT_PACK)? {
-            Some(bytes) => crate::layout::decode_u64(&bytes, "next pack id")? as u32,
-            None => 1,
-        };
+        let id = store.next_pack_id()?;
         // Reserve the id and register the empty pack before creating its file:
         // recovery removes pack files the database does not know.
         let mut batch = WriteBatch::default();
@@ -118,6 +115,7 @@ impl<'s> PackWriter<'s> {
             .append(true)
             .open(&path)
             .context(|| format!("creating {}", path.display()))?;
+        crate::store::sync_dir(path.parent().expect("packs live in a directory"))?;
         self.pack = Some(OpenPack { id, file, len: 0 });
         Ok(())
     }

@@ -26,7 +26,8 @@ pub struct Store {
     config: StoreConfig,
     pub(crate) db: DB,
     read_only: bool,
-    /// Held for the store's lifetime in write mode; dropping it releases the flock.
+    /// Held for the store's lifetime: the writer lock in write mode, a shared
+    /// readers lock in read-only mode. Dropping it releases the flock.
     _lock: Option<File>,
     packs: Mutex<HashMap<u32, Arc<File>>>,
     frames: Mutex<FrameCache>,
@@ -122,13 +123,18 @@ impl Store {
     /// Opens an existing store for reading only; works while a writer holds it.
     pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
         let config = read_config(root)?;
+        let readers_lock =
+            lock_file(root, READERS_LOCK_FILE, LockKind::Shared).map_err(|e| match e {
+                StoreError::Busy(path) => StoreError::InUse(path, "gc is compacting it"),
+                other => other,
+            })?;
         let db = DB::open_cf_descriptors_read_only(
             &db_options(false),
             root.join(DB_DIR),
             column_families(),
             false,
         )?;
-        Ok(Store::assemble(root, config, db, true, None))
+        Ok(Store::assemble(root, config, db, true, Some(readers_lock)))
     }
 
     fn assemble(
@@ -247,6 +253,14 @@ impl Store {
         Ok(packs)
     }
 
+    /// The number the next new pack gets.
+    pub(crate) fn next_pack_id(&self) -> Result<u32, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_META), META_NEXT_PACK)? {
+            Some(bytes) => Ok(decode_u64(&bytes, "next pack id")? as u32),
+            None => Ok(1),
+        }
+    }
+
     /// Starts writing frames into a new pack. Only one writer per store.
     pub fn pack_writer(&self) -> Result<PackWriter<'_>, StoreError> {
         if self.read_only {
@@ -344,10 +358,14 @@ impl Store {
 
     /// Records an image: its index and its manifest, in one atomic write.
     /// Every chunk the index references must already be in the store.
+    ///
+    /// `layers` are records of layers converted on the way (by diff_id),
+    /// written in the same batch; their chunks must be stored too.
     pub fn put_image(
         &self,
         manifest: &ImageManifest,
         index: &ImageIndex,
+        layers: &[(String, LayerRecord)],
     ) -> Result<(), StoreError> {
         let encoded = index.encode();
         let digest = IndexDigest::of(&encoded);
@@ -357,17 +375,21 @@ impl Store {
                 manifest.index.digest
             )));
         }
-        for chunk in index.chunk_refs() {
-            if !self.contains_chunk(&chunk.id)? {
+        let layer_chunks = layers.iter().flat_map(|(_, record)| record.chunks.iter());
+        for id in index.chunk_refs().map(|c| &c.id).chain(layer_chunks) {
+            if !self.contains_chunk(id)? {
                 return Err(StoreError::MissingChunk {
                     image: manifest.image_ref().to_string(),
-                    chunk: chunk.id,
+                    chunk: *id,
                 });
             }
         }
         let compressed =
             zstd::bulk::compress(&encoded, 3).context(|| "compressing index".to_string())?;
         let mut batch = WriteBatch::default();
+        for (diff_id, record) in layers {
+            batch.put_cf(self.cf(CF_LAYERS), diff_id.as_bytes(), record.encode());
+        }
         batch.put_cf(self.cf(CF_INDEXES), digest.as_bytes(), compressed);
         batch.put_cf(
             self.cf(CF_IMAGES),
@@ -375,6 +397,17 @@ impl Store {
             manifest.to_json(),
         );
         self.write_batch(batch)
+    }
+
+    /// The record of a layer converted before, by its diff_id.
+    pub fn layer_record(&self, diff_id: &str) -> Result<Option<LayerRecord>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())?
+        {
+            Some(bytes) => Ok(Some(LayerRecord::decode(&bytes)?)),
+            None => Ok(None),
+        }
     }
 
     pub fn image(&self, image: &ImageRef) -> Result<ImageManifest, StoreError> {
@@ -494,6 +527,23 @@ impl Store {
             }
         }
 
+        for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            match LayerRecord::decode(&value) {
+                Ok(record) => {
+                    for id in &record.chunks {
+                        if !self.contains_chunk(id)? {
+                            report
+                                .problems
+                                .push(format!("layer record {name}: chunk {id} is missing"));
+                        }
+                    }
+                }
+                Err(e) => report.problems.push(format!("layer record {name}: {e}")),
+            }
+        }
+
         // Group chunks by frame so each frame is read and decompressed once.
         let packs = self.committed_packs()?;
         let mut by_frame: BTreeMap<(u32, u64), Vec<(ChunkId, ChunkLocation)>> = BTreeMap::new();
@@ -544,22 +594,44 @@ impl Store {
     }
 }
 
+#[derive(Clone, Copy)]
+pub(crate) enum LockKind {
+    Shared,
+    Exclusive,
+}
+
 /// Takes the store's writer lock, or says the store is busy.
 fn lock_store(root: &Path) -> Result<File, StoreError> {
-    let lock_path = root.join(LOCK_FILE);
+    lock_file(root, LOCK_FILE, LockKind::Exclusive)
+}
+
+/// flock(2)s `STORE/name` without waiting; [`StoreError::Busy`] if held.
+pub(crate) fn lock_file(root: &Path, name: &str, kind: LockKind) -> Result<File, StoreError> {
+    let lock_path = root.join(name);
     let lock = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
         .context(|| format!("opening {}", lock_path.display()))?;
-    match lock.try_lock() {
+    let taken = match kind {
+        LockKind::Shared => lock.try_lock_shared(),
+        LockKind::Exclusive => lock.try_lock(),
+    };
+    match taken {
         Ok(()) => Ok(lock),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Busy(root.to_owned())),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).context(|| format!("locking {}", lock_path.display()))
         }
     }
+}
+
+/// Makes a directory's entries (a created or removed pack) survive power loss.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("syncing {}", dir.display()))
 }
 
 fn ratio(a: u64, b: u64) -> f64 {

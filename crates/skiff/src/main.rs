@@ -133,14 +133,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             platform,
             threads,
             json,
-        } => convert(
-            &store_dir,
-            &source,
-            &target,
-            platform.as_deref(),
-            threads,
-            json,
-        )?,
+        } => {
+            let existed = store_dir.exists();
+            let result = convert(
+                &store_dir,
+                &source,
+                &target,
+                platform.as_deref(),
+                threads,
+                json,
+            );
+            if result.is_err() && !existed {
+                // The store was made for this conversion: a failure leaves no trace.
+                let _ = std::fs::remove_dir_all(&store_dir);
+            }
+            result?
+        }
         Command::Images { json } => images(&Store::open_read_only(&store_dir)?, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
@@ -212,8 +220,9 @@ fn convert(
     }
     let secs = report.elapsed.as_secs_f64();
     println!(
-        "converted {target}: {} layers, {} files, {} in {} chunks; {} new chunks ({} -> {} compressed) in {secs:.2}s ({}/s of layers)",
+        "converted {target}: {} layers ({} known from earlier conversions), {} files, {} in {} chunks; {} new chunks ({} -> {} compressed) in {secs:.2}s ({}/s of layers)",
         report.layers,
+        report.cached_layers,
         report.manifest.index.files,
         progress::bytes(report.manifest.index.logical_bytes),
         report.chunks,
@@ -299,7 +308,8 @@ fn export(store: &Store, image: &ImageRef, destination: &str) -> Result<()> {
 }
 
 fn fsck(store: &Store, json: bool) -> Result<ExitCode> {
-    let total = store.stats()?.frame_bytes;
+    // Only sizes the progress bar: fsck itself reports what stats would trip on.
+    let total = store.stats().map_or(0, |s| s.frame_bytes);
     let bar = progress::bytes_bar("fsck", total);
     let report = store.fsck(&|n| bar.inc(n))?;
     bar.finish_and_clear();
