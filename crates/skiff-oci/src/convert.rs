@@ -174,14 +174,7 @@ pub fn convert(
             Ok(writer)
         });
 
-        let read_result = read_layers(
-            source,
-            &resolved,
-            &shared,
-            work_tx,
-            progress,
-            &options.cancel,
-        );
+        let read_result = read_layers(source, &resolved, &shared, work_tx, progress);
         let worker_results: Vec<_> = workers
             .into_iter()
             .map(|w| w.join().expect("chunk worker panicked"))
@@ -303,12 +296,15 @@ fn read_layers(
     shared: &Shared<'_>,
     work: Sender<WorkItem>,
     progress: &dyn ConvertProgress,
-    cancel: &AtomicBool,
 ) -> Result<(MergedTree, Vec<(String, LayerRecorder)>), OciError> {
+    let cancel = shared.cancel;
     let mut tree = MergedTree::default();
     let mut next_slot = 0usize;
     let mut recorded = Vec::new();
     for (layer, desc) in resolved.layers.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(OciError::Interrupted);
+        }
         progress.layer(layer, resolved.layers.len());
         if let Some(entries) = shared
             .store
