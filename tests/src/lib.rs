@@ -897,3 +897,26 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// A one-file image whose config says `arch` and whose file `arch` holds it.
+pub fn image_for_arch(arch: &str) -> Image {
+    let mut image = Image::new(vec![(
+        Layer::new().file("arch", 0o644, arch),
+        Compression::Gzip,
+    )]);
+    image.config["architecture"] = json!(arch);
+    image
+}
+
+/// Creates `store` by converting a tiny image (written under `dir`) as `seed`.
+pub fn seed_store(store: &Path, dir: &Path) {
+    Image::new(vec![(
+        Layer::new().file("x", 0o644, "x"),
+        Compression::None,
+    )])
+    .write_layout(dir, "latest");
+    skiff_ok(
+        store,
+        &["convert", &format!("oci:{}", dir.display()), "seed"],
+    );
+}

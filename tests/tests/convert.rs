@@ -330,15 +330,7 @@ fn fsck_finds_a_corrupted_pack() {
 fn multi_platform_index_picks_the_requested_platform() {
     let tmp = tempdir();
     let src = tmp.path().join("src");
-    let image_for = |arch: &str| {
-        let mut image = Image::new(vec![(
-            Layer::new().file("arch", 0o644, arch),
-            Compression::Gzip,
-        )]);
-        image.config["architecture"] = serde_json::json!(arch);
-        image
-    };
-    let (amd64, arm64) = (image_for("amd64"), image_for("arm64"));
+    let (amd64, arm64) = (image_for_arch("amd64"), image_for_arch("arm64"));
     write_multi_platform_layout(
         &src,
         "multi",

@@ -70,19 +70,7 @@ fn concurrent_converts_succeed_or_report_busy() {
     big_image(1).write_layout(&tmp.path().join("a"), "latest");
     big_image(50).write_layout(&tmp.path().join("b"), "latest");
     // Create the store first so both race for the same one.
-    Image::new(vec![(
-        Layer::new().file("x", 0o644, "x"),
-        Compression::None,
-    )])
-    .write_layout(&tmp.path().join("seed"), "latest");
-    skiff_ok(
-        &store,
-        &[
-            "convert",
-            &format!("oci:{}", tmp.path().join("seed").display()),
-            "seed",
-        ],
-    );
+    seed_store(&store, &tmp.path().join("seed"));
 
     let spawn = |name: &str| {
         Command::new(skiff_bin())
@@ -121,19 +109,7 @@ fn concurrent_converts_succeed_or_report_busy() {
 fn ctrl_c_stops_convert_and_leaves_the_store_as_it_was() {
     let tmp = tempdir();
     let store = tmp.path().join("store");
-    Image::new(vec![(
-        Layer::new().file("x", 0o644, "x"),
-        Compression::None,
-    )])
-    .write_layout(&tmp.path().join("seed"), "latest");
-    skiff_ok(
-        &store,
-        &[
-            "convert",
-            &format!("oci:{}", tmp.path().join("seed").display()),
-            "seed",
-        ],
-    );
+    seed_store(&store, &tmp.path().join("seed"));
     big_image(7).write_layout(&tmp.path().join("big"), "latest");
     let before = store_state(&store);
 

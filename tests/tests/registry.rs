@@ -87,15 +87,7 @@ fn picks_a_platform_from_a_registry_index() {
     let registry = Registry::start();
     let tmp = tempdir();
     let layout = tmp.path().join("multi");
-    let image_for = |arch: &str| {
-        let mut image = Image::new(vec![(
-            Layer::new().file("arch", 0o644, arch),
-            Compression::Gzip,
-        )]);
-        image.config["architecture"] = serde_json::json!(arch);
-        image
-    };
-    let (amd64, arm64) = (image_for("amd64"), image_for("arm64"));
+    let (amd64, arm64) = (image_for_arch("amd64"), image_for_arch("arm64"));
     write_multi_platform_layout(
         &layout,
         "multi",
@@ -187,16 +179,7 @@ fn a_registry_dying_mid_blob_fails_cleanly() {
     let port = fake_registry_dying_mid_blob(&layout);
 
     let store = tmp.path().join("store");
-    let seed = tmp.path().join("seed");
-    Image::new(vec![(
-        Layer::new().file("x", 0o644, "x"),
-        Compression::None,
-    )])
-    .write_layout(&seed, "latest");
-    skiff_ok(
-        &store,
-        &["convert", &format!("oci:{}", seed.display()), "seed"],
-    );
+    seed_store(&store, &tmp.path().join("seed"));
     let before: (Value, Value) = store_state(&store);
 
     let out = skiff(

@@ -401,34 +401,11 @@ fn resolve_layout(
     let manifest: OciManifest =
         serde_json::from_slice(&manifest_bytes).map_err(|e| malformed("image manifest", e))?;
     let config = read_layout_blob(dir, manifest.config(), "image config")?;
-    let (diff_ids, config_platform) = parse_config(&config)?;
-    if diff_ids.len() != manifest.layers().len() {
-        return Err(malformed(
-            "image config",
-            format!(
-                "{} diff_ids for {} layers",
-                diff_ids.len(),
-                manifest.layers().len()
-            ),
-        ));
-    }
-    let layers = manifest
-        .layers()
-        .iter()
-        .zip(diff_ids)
-        .map(|(layer, diff_id)| {
-            let digest = layer.digest().to_string();
-            Ok(LayerDescriptor {
-                location: BlobLocation::File(dir.join("blobs/sha256").join(sha256_hex(&digest)?)),
-                compression: Some(LayerCompression::from_media_type(
-                    layer.media_type().as_ref(),
-                )?),
-                digest: Some(digest),
-                size: layer.size(),
-                diff_id,
-            })
-        })
-        .collect::<Result<Vec<_>, OciError>>()?;
+    let (layers, config_platform) = layers_of(&manifest, &config, |digest| {
+        Ok(BlobLocation::File(
+            dir.join("blobs/sha256").join(sha256_hex(digest)?),
+        ))
+    })?;
     for layer in &layers {
         if let BlobLocation::File(path) = &layer.location {
             if !path.exists() {
@@ -495,7 +472,27 @@ fn resolve_registry(
     }
     let config = client.small_blob(&config_digest)?;
     check_digest("image config", &config_digest, sha256_digest(&config))?;
-    let (diff_ids, config_platform) = parse_config(&config)?;
+    let (layers, config_platform) = layers_of(&manifest, &config, |digest| {
+        sha256_hex(digest)?;
+        Ok(BlobLocation::Remote)
+    })?;
+    Ok(ResolvedImage {
+        manifest_digest: digest,
+        config_digest,
+        config,
+        platform: config_platform.unwrap_or_else(|| platform.clone()),
+        layers,
+    })
+}
+
+/// The layers of an image manifest, each with its diff_id from the config,
+/// and the config's platform; `location` says where a blob digest lives.
+fn layers_of(
+    manifest: &OciManifest,
+    config: &[u8],
+    location: impl Fn(&str) -> Result<BlobLocation, OciError>,
+) -> Result<(Vec<LayerDescriptor>, Option<Platform>), OciError> {
+    let (diff_ids, platform) = parse_config(config)?;
     if diff_ids.len() != manifest.layers().len() {
         return Err(malformed(
             "image config",
@@ -512,9 +509,8 @@ fn resolve_registry(
         .zip(diff_ids)
         .map(|(layer, diff_id)| {
             let digest = layer.digest().to_string();
-            sha256_hex(&digest)?;
             Ok(LayerDescriptor {
-                location: BlobLocation::Remote,
+                location: location(&digest)?,
                 compression: Some(LayerCompression::from_media_type(
                     layer.media_type().as_ref(),
                 )?),
@@ -524,13 +520,7 @@ fn resolve_registry(
             })
         })
         .collect::<Result<Vec<_>, OciError>>()?;
-    Ok(ResolvedImage {
-        manifest_digest: digest,
-        config_digest,
-        config,
-        platform: config_platform.unwrap_or_else(|| platform.clone()),
-        layers,
-    })
+    Ok((layers, platform))
 }
 
 /// The manifest of `index` for `platform`.
