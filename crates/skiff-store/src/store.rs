@@ -123,18 +123,26 @@ impl Store {
     /// Opens an existing store for reading only; works while a writer holds it.
     pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
         let config = read_config(root)?;
-        let readers_lock =
-            lock_file(root, READERS_LOCK_FILE, LockKind::Shared).map_err(|e| match e {
-                StoreError::Busy(path) => StoreError::InUse(path, "gc is compacting it"),
-                other => other,
-            })?;
+        let readers_lock = match lock_file(root, READERS_LOCK_FILE, LockKind::Shared) {
+            Ok(lock) => Some(lock),
+            Err(StoreError::Busy(path)) => {
+                return Err(StoreError::InUse(path, "gc is compacting it"))
+            }
+            // A store on read-only media: nothing can gc it under us either.
+            Err(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let db = DB::open_cf_descriptors_read_only(
             &db_options(false),
             root.join(DB_DIR),
             column_families(),
             false,
         )?;
-        Ok(Store::assemble(root, config, db, true, Some(readers_lock)))
+        Ok(Store::assemble(root, config, db, true, readers_lock))
     }
 
     fn assemble(
