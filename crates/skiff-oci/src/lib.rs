@@ -2,13 +2,16 @@
 //! their layers into one skiff [`ImageIndex`](skiff_format::ImageIndex), and
 //! exporting an index back to a single-layer OCI image.
 
+mod archive;
 mod convert;
 mod error;
 mod export;
 mod layer_cache;
+mod layout;
 mod merge;
 mod registry;
 mod source;
+mod tar_entry;
 mod verify;
 
 pub use convert::{convert, ConvertOptions, ConvertProgress, ConvertReport};

@@ -13,6 +13,13 @@ use reqwest::blocking::{Client, Response};
 use reqwest::header::{ACCEPT, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 
+use oci_spec::image::{ImageIndex as OciIndex, ImageManifest as OciManifest, MediaType};
+
+use crate::source::{
+    is_index, layers_of, malformed, pick_platform, BlobLocation, Platform, ResolvedImage,
+    MAX_JSON_BLOB,
+};
+use crate::verify::{check_digest, sha256_digest, sha256_hex};
 use crate::OciError;
 
 const DOCKER_HUB: &str = "registry-1.docker.io";
@@ -339,6 +346,67 @@ fn read_limited(response: Response, what: &str) -> Result<Vec<u8>, OciError> {
 fn read_json(response: Response, url: &str) -> Result<serde_json::Value, OciError> {
     let bytes = read_limited(response, "JSON")?;
     serde_json::from_slice(&bytes).map_err(|e| registry_error(url, format!("malformed JSON: {e}")))
+}
+
+pub(crate) fn resolve_registry(
+    reference: &RegistryRef,
+    client: &RegistryClient,
+    platform: &Platform,
+) -> Result<ResolvedImage, OciError> {
+    let fetch = |reference: &str, what: &str| -> Result<(Vec<u8>, String, String), OciError> {
+        let (bytes, content_type) = client.manifest(reference)?;
+        let digest = sha256_digest(&bytes);
+        if reference.starts_with("sha256:") {
+            check_digest(what, reference, digest.clone())?;
+        }
+        // The body's own mediaType wins over a registry's Content-Type.
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or(content_type);
+        Ok((bytes, media_type, digest))
+    };
+    let (mut bytes, mut media_type, mut digest) = fetch(&reference.reference, "image manifest")?;
+    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
+        return Err(OciError::UnknownMediaType(media_type));
+    }
+    if is_index(&MediaType::from(media_type.as_str())) {
+        let index: OciIndex =
+            serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
+        let chosen = pick_platform(&index, platform)?;
+        (bytes, media_type, digest) = fetch(chosen.digest().as_ref(), "image manifest")?;
+        if is_index(&MediaType::from(media_type.as_str())) {
+            return Err(malformed("image index", "an index inside an index"));
+        }
+    }
+    let manifest: OciManifest =
+        serde_json::from_slice(&bytes).map_err(|e| malformed("image manifest", e))?;
+    let config_desc = manifest.config();
+    let config_digest = config_desc.digest().to_string();
+    sha256_hex(&config_digest)?;
+    if config_desc.size() > MAX_JSON_BLOB {
+        return Err(malformed(
+            "image config",
+            format!("{} bytes is too large", config_desc.size()),
+        ));
+    }
+    let config = client.small_blob(&config_digest)?;
+    check_digest("image config", &config_digest, sha256_digest(&config))?;
+    let (layers, config_platform) = layers_of(&manifest, &config, |digest| {
+        sha256_hex(digest)?;
+        Ok(BlobLocation::Remote)
+    })?;
+    Ok(ResolvedImage {
+        manifest_digest: digest,
+        config_digest,
+        config,
+        platform: config_platform.unwrap_or_else(|| platform.clone()),
+        layers,
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! Image sources: an OCI image layout directory or a `docker save` archive,
-//! resolved to a config and an ordered list of layers.
+//! Image sources — OCI layout directories (`layout.rs`), `docker save`
+//! archives (`archive.rs`) and registries (`registry.rs`) — resolved to a
+//! config and an ordered list of layers, and the pieces they share.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -13,14 +13,12 @@ use oci_spec::image::{
 use serde::Deserialize;
 
 use crate::error::IoContext;
-use crate::registry::{RegistryClient, RegistryRef, MANIFEST_TYPES};
-use crate::verify::{
-    check_digest, sha256_digest, sha256_hex, verify_blob, DigestCheckedReader, HashingReader,
-};
+use crate::registry::{RegistryClient, RegistryRef};
+use crate::verify::{sha256_hex, verify_blob, DigestCheckedReader, HashingReader};
 use crate::OciError;
 
 /// Manifests and configs are small; anything bigger is not one.
-const MAX_JSON_BLOB: u64 = 16 << 20;
+pub(crate) const MAX_JSON_BLOB: u64 = 16 << 20;
 
 /// `os/arch[/variant]`, e.g. `linux/amd64`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,7 +135,7 @@ impl LayerCompression {
 #[derive(Clone, Debug)]
 pub struct LayerDescriptor {
     /// Where the blob is in the source.
-    location: BlobLocation,
+    pub(crate) location: BlobLocation,
     /// Digest of the blob as stored, when the source names one.
     pub digest: Option<String>,
     pub size: u64,
@@ -147,7 +145,7 @@ pub struct LayerDescriptor {
 }
 
 #[derive(Clone, Debug)]
-enum BlobLocation {
+pub(crate) enum BlobLocation {
     File(PathBuf),
     /// A byte range of the docker archive.
     Range {
@@ -226,12 +224,14 @@ impl ImageSource {
     /// Picks the image (by tag and platform) and reads its manifest and config.
     pub fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, OciError> {
         match self {
-            ImageSource::OciLayout { dir, tag } => resolve_layout(dir, tag.as_deref(), platform),
+            ImageSource::OciLayout { dir, tag } => {
+                crate::layout::resolve_layout(dir, tag.as_deref(), platform)
+            }
             ImageSource::DockerArchive { file, reference } => {
-                resolve_archive(file, reference.as_deref(), platform)
+                crate::archive::resolve_archive(file, reference.as_deref(), platform)
             }
             ImageSource::Registry { reference, client } => {
-                resolve_registry(reference, client, platform)
+                crate::registry::resolve_registry(reference, client, platform)
             }
         }
     }
@@ -295,199 +295,21 @@ fn split_reference(rest: &str, is_source: impl Fn(&Path) -> bool) -> (PathBuf, O
     }
 }
 
-fn malformed(what: impl Into<String>, reason: impl fmt::Display) -> OciError {
+pub(crate) fn malformed(what: impl Into<String>, reason: impl fmt::Display) -> OciError {
     OciError::Malformed {
         what: what.into(),
         reason: reason.to_string(),
     }
 }
 
-/// Reads a small JSON blob of a layout, checking digest and size.
-fn read_layout_blob(dir: &Path, desc: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
-    let digest = desc.digest().to_string();
-    let path = dir.join("blobs/sha256").join(sha256_hex(&digest)?);
-    if desc.size() > MAX_JSON_BLOB {
-        return Err(malformed(
-            what,
-            format!("{} bytes is too large for a {what}", desc.size()),
-        ));
-    }
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(OciError::MissingBlob(digest))
-        }
-        Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
-    };
-    if bytes.len() as u64 != desc.size() {
-        return Err(OciError::SizeMismatch {
-            what: format!("{what} {digest}"),
-            expected: desc.size(),
-            actual: bytes.len() as u64,
-        });
-    }
-    check_digest(&format!("{what} {digest}"), &digest, sha256_digest(&bytes))?;
-    Ok(bytes)
-}
-
-fn is_index(media_type: &MediaType) -> bool {
+pub(crate) fn is_index(media_type: &MediaType) -> bool {
     matches!(media_type, MediaType::ImageIndex)
         || media_type.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
-fn resolve_layout(
-    dir: &Path,
-    tag: Option<&str>,
-    platform: &Platform,
-) -> Result<ResolvedImage, OciError> {
-    let index_path = dir.join("index.json");
-    let index_bytes = match std::fs::read(&index_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(malformed(
-                format!("OCI layout {}", dir.display()),
-                "index.json is missing",
-            ))
-        }
-        Err(e) => return Err(e).context(|| format!("reading {}", index_path.display())),
-    };
-    let index: OciIndex =
-        serde_json::from_slice(&index_bytes).map_err(|e| malformed("index.json", e))?;
-    let ref_name = |d: &Descriptor| {
-        d.annotations()
-            .as_ref()
-            .and_then(|a| a.get("org.opencontainers.image.ref.name"))
-            .cloned()
-    };
-    let available = || {
-        index
-            .manifests()
-            .iter()
-            .filter_map(ref_name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let source_name = || dir.display().to_string();
-    let chosen = match (tag, index.manifests().as_slice()) {
-        (Some(tag), manifests) => manifests
-            .iter()
-            .find(|d| ref_name(d).as_deref() == Some(tag))
-            .ok_or_else(|| OciError::TagNotFound {
-                tag: tag.to_owned(),
-                source_name: source_name(),
-                available: available(),
-            })?,
-        (None, [only]) => only,
-        (None, []) => return Err(malformed("index.json", "it lists no images")),
-        (None, _) => {
-            return Err(OciError::TagRequired {
-                source_name: source_name(),
-                available: available(),
-            })
-        }
-    };
-    let mut desc = chosen.clone();
-    // Follow (possibly nested) indexes down to the platform's manifest.
-    for _ in 0..4 {
-        if !is_index(desc.media_type()) {
-            break;
-        }
-        let bytes = read_layout_blob(dir, &desc, "image index")?;
-        let nested: OciIndex =
-            serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
-        desc = pick_platform(&nested, platform)?;
-    }
-    let manifest_bytes = read_layout_blob(dir, &desc, "image manifest")?;
-    let manifest: OciManifest =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| malformed("image manifest", e))?;
-    let config = read_layout_blob(dir, manifest.config(), "image config")?;
-    let (layers, config_platform) = layers_of(&manifest, &config, |digest| {
-        Ok(BlobLocation::File(
-            dir.join("blobs/sha256").join(sha256_hex(digest)?),
-        ))
-    })?;
-    for layer in &layers {
-        if let BlobLocation::File(path) = &layer.location {
-            if !path.exists() {
-                return Err(OciError::MissingBlob(
-                    layer.digest.clone().unwrap_or_default(),
-                ));
-            }
-        }
-    }
-    Ok(ResolvedImage {
-        manifest_digest: sha256_digest(&manifest_bytes),
-        config_digest: manifest.config().digest().to_string(),
-        config,
-        platform: config_platform.unwrap_or_else(|| platform.clone()),
-        layers,
-    })
-}
-
-fn resolve_registry(
-    reference: &RegistryRef,
-    client: &RegistryClient,
-    platform: &Platform,
-) -> Result<ResolvedImage, OciError> {
-    let fetch = |reference: &str, what: &str| -> Result<(Vec<u8>, String, String), OciError> {
-        let (bytes, content_type) = client.manifest(reference)?;
-        let digest = sha256_digest(&bytes);
-        if reference.starts_with("sha256:") {
-            check_digest(what, reference, digest.clone())?;
-        }
-        // The body's own mediaType wins over a registry's Content-Type.
-        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| {
-                v.get("mediaType")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-            })
-            .unwrap_or(content_type);
-        Ok((bytes, media_type, digest))
-    };
-    let (mut bytes, mut media_type, mut digest) = fetch(&reference.reference, "image manifest")?;
-    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
-        return Err(OciError::UnknownMediaType(media_type));
-    }
-    if is_index(&MediaType::from(media_type.as_str())) {
-        let index: OciIndex =
-            serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
-        let chosen = pick_platform(&index, platform)?;
-        (bytes, media_type, digest) = fetch(chosen.digest().as_ref(), "image manifest")?;
-        if is_index(&MediaType::from(media_type.as_str())) {
-            return Err(malformed("image index", "an index inside an index"));
-        }
-    }
-    let manifest: OciManifest =
-        serde_json::from_slice(&bytes).map_err(|e| malformed("image manifest", e))?;
-    let config_desc = manifest.config();
-    let config_digest = config_desc.digest().to_string();
-    sha256_hex(&config_digest)?;
-    if config_desc.size() > MAX_JSON_BLOB {
-        return Err(malformed(
-            "image config",
-            format!("{} bytes is too large", config_desc.size()),
-        ));
-    }
-    let config = client.small_blob(&config_digest)?;
-    check_digest("image config", &config_digest, sha256_digest(&config))?;
-    let (layers, config_platform) = layers_of(&manifest, &config, |digest| {
-        sha256_hex(digest)?;
-        Ok(BlobLocation::Remote)
-    })?;
-    Ok(ResolvedImage {
-        manifest_digest: digest,
-        config_digest,
-        config,
-        platform: config_platform.unwrap_or_else(|| platform.clone()),
-        layers,
-    })
-}
-
 /// The layers of an image manifest, each with its diff_id from the config,
 /// and the config's platform; `location` says where a blob digest lives.
-fn layers_of(
+pub(crate) fn layers_of(
     manifest: &OciManifest,
     config: &[u8],
     location: impl Fn(&str) -> Result<BlobLocation, OciError>,
@@ -524,7 +346,7 @@ fn layers_of(
 }
 
 /// The manifest of `index` for `platform`.
-fn pick_platform(index: &OciIndex, platform: &Platform) -> Result<Descriptor, OciError> {
+pub(crate) fn pick_platform(index: &OciIndex, platform: &Platform) -> Result<Descriptor, OciError> {
     index
         .manifests()
         .iter()
@@ -564,7 +386,7 @@ struct RootFsView {
 }
 
 /// The diff_ids and platform of a config, validated.
-fn parse_config(config: &[u8]) -> Result<(Vec<String>, Option<Platform>), OciError> {
+pub(crate) fn parse_config(config: &[u8]) -> Result<(Vec<String>, Option<Platform>), OciError> {
     let view: ConfigView =
         serde_json::from_slice(config).map_err(|e| malformed("image config", e))?;
     if view.rootfs.kind != "layers" {
@@ -585,171 +407,6 @@ fn parse_config(config: &[u8]) -> Result<(Vec<String>, Option<Platform>), OciErr
         _ => None,
     };
     Ok((view.rootfs.diff_ids, platform))
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ArchiveManifestEntry {
-    config: String,
-    #[serde(default)]
-    repo_tags: Option<Vec<String>>,
-    layers: Vec<String>,
-}
-
-/// Byte ranges of the regular files in a tar archive, by path.
-fn archive_members(file: &Path) -> Result<HashMap<String, (u64, u64)>, OciError> {
-    let f = File::open(file).context(|| format!("opening {}", file.display()))?;
-    let mut archive = tar::Archive::new(f);
-    let mut members = HashMap::new();
-    let mut links = Vec::new();
-    // With seek, member data is skipped over instead of read.
-    let entries = archive
-        .entries_with_seek()
-        .context(|| format!("reading {}", file.display()))?;
-    for entry in entries {
-        let entry = entry.context(|| format!("reading {}", file.display()))?;
-        let path = String::from_utf8_lossy(&entry.path_bytes())
-            .trim_start_matches("./")
-            .to_owned();
-        match entry.header().entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                members.insert(path, (entry.raw_file_position(), entry.size()));
-            }
-            // Older `docker save` links a repeated layer to its first copy.
-            tar::EntryType::Symlink | tar::EntryType::Link => {
-                if let Some(target) = entry.link_name_bytes() {
-                    links.push((path, String::from_utf8_lossy(&target).into_owned()));
-                }
-            }
-            _ => {}
-        }
-    }
-    for (path, target) in links {
-        let parent = Path::new(&path).parent().unwrap_or(Path::new(""));
-        let resolved = if target.starts_with("../") {
-            normalize_archive_path(&parent.join(&target))
-        } else {
-            target.trim_start_matches("./").to_owned()
-        };
-        if let Some(range) = members.get(&resolved).copied() {
-            members.insert(path, range);
-        }
-    }
-    Ok(members)
-}
-
-fn normalize_archive_path(path: &Path) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.to_str().unwrap_or("").split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
-    }
-    parts.join("/")
-}
-
-fn resolve_archive(
-    file: &Path,
-    reference: Option<&str>,
-    platform: &Platform,
-) -> Result<ResolvedImage, OciError> {
-    let members = archive_members(file)?;
-    let read_member = |name: &str, what: &str| -> Result<Vec<u8>, OciError> {
-        let &(offset, size) = members
-            .get(name)
-            .ok_or_else(|| OciError::MissingBlob(format!("{name} ({what})")))?;
-        if size > MAX_JSON_BLOB {
-            return Err(malformed(what, format!("{size} bytes is too large")));
-        }
-        let mut f = File::open(file).context(|| format!("opening {}", file.display()))?;
-        f.seek(SeekFrom::Start(offset))
-            .context(|| format!("reading {}", file.display()))?;
-        let mut buf = Vec::with_capacity(size as usize);
-        f.take(size)
-            .read_to_end(&mut buf)
-            .context(|| format!("reading {name} from {}", file.display()))?;
-        if buf.len() as u64 != size {
-            return Err(malformed(what, format!("{name} is truncated")));
-        }
-        Ok(buf)
-    };
-    let manifest_bytes = read_member("manifest.json", "docker archive manifest")?;
-    let entries: Vec<ArchiveManifestEntry> = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| malformed("docker archive manifest.json", e))?;
-    let tags = |e: &ArchiveManifestEntry| e.repo_tags.clone().unwrap_or_default();
-    let available = || entries.iter().flat_map(tags).collect::<Vec<_>>().join(", ");
-    let entry = match (reference, entries.as_slice()) {
-        (Some(r), _) => entries
-            .iter()
-            .find(|e| tags(e).iter().any(|t| t == r))
-            .ok_or_else(|| OciError::TagNotFound {
-                tag: r.to_owned(),
-                source_name: file.display().to_string(),
-                available: available(),
-            })?,
-        (None, [only]) => only,
-        (None, _) => {
-            return Err(OciError::TagRequired {
-                source_name: file.display().to_string(),
-                available: available(),
-            })
-        }
-    };
-    let config = read_member(&entry.config, "image config")?;
-    // Configs are named by their digest (`HEX.json` or `blobs/sha256/HEX`).
-    let config_hex = Path::new(&entry.config)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(|n| n.trim_end_matches(".json"));
-    let config_digest = sha256_digest(&config);
-    if let Some(hex) =
-        config_hex.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
-        check_digest(
-            "image config",
-            &format!("sha256:{hex}"),
-            config_digest.clone(),
-        )?;
-    }
-    let (diff_ids, config_platform) = parse_config(&config)?;
-    if diff_ids.len() != entry.layers.len() {
-        return Err(malformed(
-            "image config",
-            format!(
-                "{} diff_ids for {} layers",
-                diff_ids.len(),
-                entry.layers.len()
-            ),
-        ));
-    }
-    let mut layers = Vec::new();
-    for (name, diff_id) in entry.layers.iter().zip(diff_ids) {
-        let &(offset, size) = members
-            .get(name.as_str())
-            .ok_or_else(|| OciError::MissingBlob(name.clone()))?;
-        let digest = name
-            .strip_prefix("blobs/sha256/")
-            .filter(|h| h.len() == 64)
-            .map(|h| format!("sha256:{h}"));
-        layers.push(LayerDescriptor {
-            location: BlobLocation::Range { offset, size },
-            digest,
-            size,
-            compression: None,
-            diff_id,
-        });
-    }
-    Ok(ResolvedImage {
-        manifest_digest: sha256_digest(&manifest_bytes),
-        config_digest,
-        config,
-        platform: config_platform.unwrap_or_else(|| platform.clone()),
-        layers,
-    })
 }
 
 /// Wraps a layer blob in the decompressor its media type (or magic) asks for,
