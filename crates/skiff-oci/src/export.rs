@@ -31,12 +31,14 @@ pub struct ExportReport {
 
 /// Writes `manifest`'s image into the OCI layout `dir` under `tag`: one gzip
 /// layer holding the merged root, the original config with `rootfs` and
-/// `history` rewritten for that one layer.
+/// `history` rewritten for that one layer. `progress` hears of every file's
+/// bytes as they are written.
 pub fn export(
     store: &Store,
     manifest: &ImageManifest,
     dir: &Path,
     tag: &str,
+    progress: &dyn Fn(u64),
 ) -> Result<ExportReport, OciError> {
     let index = store.index(&manifest.index.digest)?;
     let blobs = dir.join("blobs/sha256");
@@ -58,7 +60,7 @@ pub fn export(
     let blob_writer = HashingWriter::new(io::BufWriter::new(tmp.as_file()));
     let gz = flate2::write::GzEncoder::new(blob_writer, flate2::Compression::fast());
     let mut tar = tar::Builder::new(HashingWriter::new(gz));
-    write_tree(&mut tar, store, &index)?;
+    write_tree(&mut tar, store, &index, progress)?;
     let tar_hashed = tar.into_inner().context(|| "finishing layer tar".into())?;
     let (gz, diff_id, _) = tar_hashed.finish();
     let blob_writer = gz.finish().context(|| "finishing gzip".into())?;
@@ -180,6 +182,7 @@ fn write_tree<W: Write>(
     tar: &mut tar::Builder<W>,
     store: &Store,
     index: &ImageIndex,
+    progress: &dyn Fn(u64),
 ) -> Result<(), OciError> {
     let mut first_path: HashMap<u64, Vec<u8>> = HashMap::new();
     for (path, ino) in index.walk() {
@@ -271,6 +274,7 @@ fn write_tree<W: Write>(
                         None => io_err(e),
                     }
                 })?;
+                progress(*size);
             }
             InodeKind::Symlink { target } => {
                 // Literal: `append_link` would normalise the target (`a//b` → `a/b`).

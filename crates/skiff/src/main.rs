@@ -295,8 +295,10 @@ fn export(store: &Store, image: &ImageRef, destination: &str) -> Result<()> {
         _ => (rest, image.tag.clone()),
     };
     let manifest = store.image(image)?;
-    let report = skiff_oci::export(store, &manifest, Path::new(dir), &tag)
+    let bar = progress::bytes_bar("export", manifest.index.logical_bytes);
+    let report = skiff_oci::export(store, &manifest, Path::new(dir), &tag, &|n| bar.inc(n))
         .with_context(|| format!("exporting {image} to {destination}"))?;
+    bar.finish_and_clear();
     println!(
         "exported {image} to oci:{}:{} (layer {}, {})",
         report.dir.display(),
