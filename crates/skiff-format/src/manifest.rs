@@ -29,6 +29,8 @@ pub struct SourceInfo {
     pub layers: u32,
     /// The uncompressed layers, bottom first: gc keeps their conversion
     /// records (and the chunks those name) while this image exists.
+    /// Absent (empty) in manifests written before layer records existed.
+    #[serde(default)]
     pub diff_ids: Vec<String>,
 }
 

@@ -136,6 +136,19 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
+        // A writer creates column families a newer skiff added; a reader cannot.
+        let existing = DB::list_cf(&Options::default(), root.join(DB_DIR))?;
+        if let Some(missing) = COLUMN_FAMILIES
+            .iter()
+            .find(|cf| !existing.iter().any(|e| e == *cf))
+        {
+            return Err(StoreError::BadStore {
+                path: root.to_owned(),
+                reason: format!(
+                    "it predates the {missing:?} table; open it once for writing (any convert, rm or gc) to upgrade it"
+                ),
+            });
+        }
         let db = DB::open_cf_descriptors_read_only(
             &db_options(false),
             root.join(DB_DIR),

@@ -139,3 +139,32 @@ fn gc_drops_unreferenced_chunks_and_shrinks_packs() {
     assert!(pack_files(&store).is_empty());
     assert!(store.fsck(&|_| {}).unwrap().problems.is_empty());
 }
+
+#[test]
+fn readers_ask_for_an_upgrade_that_a_writer_performs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+        write_chunks(&store, &[1]);
+    }
+    {
+        // A store from before the layer records existed.
+        let mut db = rocksdb::DB::open_cf(
+            &rocksdb::Options::default(),
+            dir.path().join("db"),
+            crate::layout::COLUMN_FAMILIES,
+        )
+        .unwrap();
+        db.drop_cf(crate::layout::CF_LAYERS).unwrap();
+    }
+    let err = Store::open_read_only(dir.path())
+        .err()
+        .expect("a reader cannot open it");
+    assert!(
+        err.to_string().contains("open it once for writing"),
+        "{err}"
+    );
+    drop(Store::open(dir.path()).unwrap());
+    let store = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(store.read_chunk(&ChunkId::of(&chunk(1))).unwrap(), chunk(1));
+}
