@@ -34,19 +34,13 @@ pub struct GcReport {
 impl Store {
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         // Readers opened before now may point at packs gc deletes: wait for none.
-        let _no_readers = crate::store::lock_file(
+        let _no_readers = crate::store::readers_lock(
             self.root(),
-            crate::layout::READERS_LOCK_FILE,
             crate::store::LockKind::Exclusive,
-        )
-        .map_err(|e| match e {
-            StoreError::Busy(path) => {
-                StoreError::InUse(path, "other skiff commands are reading it")
-            }
-            other => other,
-        })?;
+            "other skiff commands are reading it",
+        )?;
         let mut report = GcReport {
-            bytes_before: self.stats()?.pack_bytes,
+            bytes_before: self.pack_bytes()?,
             ..Default::default()
         };
 
@@ -123,7 +117,7 @@ impl Store {
             self.rewrite_pack(pack, &frames)?;
             report.packs_rewritten += 1;
         }
-        report.bytes_after = self.stats()?.pack_bytes;
+        report.bytes_after = self.pack_bytes()?;
         Ok(report)
     }
 

@@ -123,11 +123,8 @@ impl Store {
     /// Opens an existing store for reading only; works while a writer holds it.
     pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
         let config = read_config(root)?;
-        let readers_lock = match lock_file(root, READERS_LOCK_FILE, LockKind::Shared) {
+        let readers_lock = match readers_lock(root, LockKind::Shared, "gc is compacting it") {
             Ok(lock) => Some(lock),
-            Err(StoreError::Busy(path)) => {
-                return Err(StoreError::InUse(path, "gc is compacting it"))
-            }
             // A store on read-only media: nothing can gc it under us either.
             Err(StoreError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem =>
@@ -493,18 +490,25 @@ impl Store {
             frames.insert(loc.frame_key(), u64::from(loc.frame_len));
         }
         stats.frame_bytes = frames.values().sum();
+        stats.pack_bytes = self.pack_bytes()?;
+        stats.dedup_ratio = ratio(stats.logical_bytes, stats.chunk_bytes);
+        stats.compression_ratio = ratio(stats.chunk_bytes, stats.frame_bytes);
+        Ok(stats)
+    }
+
+    /// Size of all pack files on disk.
+    pub(crate) fn pack_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
         for (pack, committed) in self.committed_packs()? {
             let path = self.pack_path(pack);
-            stats.pack_bytes += match fs::metadata(&path) {
+            total += match fs::metadata(&path) {
                 Ok(meta) => meta.len(),
                 // Registered, then the writer died before creating it: recovery drops it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && committed == 0 => 0,
                 Err(e) => return Err(e).context(|| format!("stat {}", path.display())),
             };
         }
-        stats.dedup_ratio = ratio(stats.logical_bytes, stats.chunk_bytes);
-        stats.compression_ratio = ratio(stats.chunk_bytes, stats.frame_bytes);
-        Ok(stats)
+        Ok(total)
     }
 
     /// Checks that every image's index is present and intact, every chunk it
@@ -646,6 +650,19 @@ pub(crate) fn lock_file(root: &Path, name: &str, kind: LockKind) -> Result<File,
             Err(e).context(|| format!("locking {}", lock_path.display()))
         }
     }
+}
+
+/// The lock between readers (shared) and gc (exclusive); `held` says why
+/// the store is in use when the other side has it.
+pub(crate) fn readers_lock(
+    root: &Path,
+    kind: LockKind,
+    held: &'static str,
+) -> Result<File, StoreError> {
+    lock_file(root, READERS_LOCK_FILE, kind).map_err(|e| match e {
+        StoreError::Busy(path) => StoreError::InUse(path, held),
+        other => other,
+    })
 }
 
 /// Makes a directory's entries (a created or removed pack) survive power loss.
