@@ -3,9 +3,11 @@
 
 mod chunker;
 mod frame;
+mod wire;
 
 pub use chunker::Chunker;
 pub use frame::{
     decompress_frame, verify_chunk, ChunkError, Frame, FrameBuilder, FrameEntry,
     DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL,
 };
+pub use wire::{compress_chunk, decompress_chunk};

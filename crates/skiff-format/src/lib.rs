@@ -9,6 +9,7 @@ mod error;
 mod image_ref;
 mod index;
 mod manifest;
+pub mod wire;
 
 pub use digest::{ChunkId, IndexDigest};
 pub use error::FormatError;

@@ -30,8 +30,10 @@ pub enum StoreError {
     IndexNotFound(IndexDigest),
     #[error("chunk {0} not found in the store")]
     ChunkNotFound(ChunkId),
-    #[error("image {image} references chunk {chunk}, which the store does not hold")]
+    #[error("{image} references chunk {chunk}, which the store does not hold")]
     MissingChunk { image: String, chunk: ChunkId },
+    #[error("manifest does not match its index: {0}")]
+    BadManifest(String),
     #[error("store is corrupt: {0}")]
     Corrupt(String),
     #[error(transparent)]

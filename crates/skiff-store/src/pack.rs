@@ -148,6 +148,18 @@ impl<'s> PackWriter<'s> {
         Ok(())
     }
 
+    /// Commits, and makes everything written so far permanent: a later drop
+    /// or [`PackWriter::abort`] only removes what is appended after this.
+    /// For long-lived writers (a server, a resumable pull) whose earlier
+    /// batches are complete on their own.
+    pub fn persist(&mut self) -> Result<(), StoreError> {
+        self.commit()?;
+        self.added_chunks.clear();
+        // Packs stay registered; a pack created by this writer is now kept.
+        self.created_packs.clear();
+        Ok(())
+    }
+
     /// Commits and keeps everything written.
     pub fn finish(mut self) -> Result<WriteSummary, StoreError> {
         self.commit()?;

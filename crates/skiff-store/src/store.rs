@@ -386,35 +386,87 @@ impl Store {
         layers: &[(String, LayerRecord)],
     ) -> Result<(), StoreError> {
         let encoded = index.encode();
-        let digest = IndexDigest::of(&encoded);
-        if digest != manifest.index.digest {
-            return Err(StoreError::Corrupt(format!(
-                "manifest names index {} but the index hashes to {digest}",
-                manifest.index.digest
-            )));
-        }
+        check_descriptor(manifest, &encoded)?;
         let layer_chunks = layers.iter().flat_map(|(_, record)| record.chunks.iter());
-        for id in index.chunk_refs().map(|c| &c.id).chain(layer_chunks) {
-            if !self.contains_chunk(id)? {
-                return Err(StoreError::MissingChunk {
-                    image: manifest.image_ref().to_string(),
-                    chunk: *id,
-                });
-            }
-        }
-        let compressed =
-            zstd::bulk::compress(&encoded, 3).context(|| "compressing index".to_string())?;
+        self.check_chunks_present(
+            &format!("image {}", manifest.image_ref()),
+            index.chunk_refs().map(|c| &c.id).chain(layer_chunks),
+        )?;
         let mut batch = WriteBatch::default();
         for (diff_id, record) in layers {
             batch.put_cf(self.cf(CF_LAYERS), diff_id.as_bytes(), record.encode());
         }
-        batch.put_cf(self.cf(CF_INDEXES), digest.as_bytes(), compressed);
+        self.add_index_to_batch(&mut batch, &encoded)?;
         batch.put_cf(
             self.cf(CF_IMAGES),
             manifest.image_ref().key(),
             manifest.to_json(),
         );
         self.write_batch(batch)
+    }
+
+    /// Stores an index received from elsewhere once every chunk it names is
+    /// in the store; the index is decoded and validated first.
+    pub fn put_index(&self, encoded: &[u8]) -> Result<IndexDigest, StoreError> {
+        let index = ImageIndex::decode(encoded)?;
+        index.validate()?;
+        let digest = IndexDigest::of(encoded);
+        self.check_chunks_present(
+            &format!("index {digest}"),
+            index.chunk_refs().map(|c| &c.id),
+        )?;
+        let mut batch = WriteBatch::default();
+        self.add_index_to_batch(&mut batch, encoded)?;
+        self.write_batch(batch)?;
+        Ok(digest)
+    }
+
+    /// Tags a manifest whose index (and so every chunk) is already stored,
+    /// replacing what the tag named before.
+    pub fn put_manifest(&self, manifest: &ImageManifest) -> Result<(), StoreError> {
+        let encoded = self.index_bytes(&manifest.index.digest)?;
+        check_descriptor(manifest, &encoded)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_IMAGES),
+            manifest.image_ref().key(),
+            manifest.to_json(),
+        );
+        self.write_batch(batch)
+    }
+
+    pub fn contains_index(&self, digest: &IndexDigest) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_INDEXES), digest.as_bytes())?
+            .is_some())
+    }
+
+    fn check_chunks_present<'a>(
+        &self,
+        what: &str,
+        ids: impl Iterator<Item = &'a ChunkId>,
+    ) -> Result<(), StoreError> {
+        for id in ids {
+            if !self.contains_chunk(id)? {
+                return Err(StoreError::MissingChunk {
+                    image: what.to_owned(),
+                    chunk: *id,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn add_index_to_batch(&self, batch: &mut WriteBatch, encoded: &[u8]) -> Result<(), StoreError> {
+        let compressed =
+            zstd::bulk::compress(encoded, 3).context(|| "compressing index".to_string())?;
+        batch.put_cf(
+            self.cf(CF_INDEXES),
+            IndexDigest::of(encoded).as_bytes(),
+            compressed,
+        );
+        Ok(())
     }
 
     /// The record of a layer converted before, by its diff_id.
@@ -723,4 +775,23 @@ fn column_families() -> Vec<ColumnFamilyDescriptor> {
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, db_options(false)))
         .collect()
+}
+
+/// Checks that a manifest describes the encoded index it names.
+fn check_descriptor(manifest: &ImageManifest, encoded: &[u8]) -> Result<(), StoreError> {
+    let digest = IndexDigest::of(encoded);
+    if digest != manifest.index.digest {
+        return Err(StoreError::BadManifest(format!(
+            "it names index {} but the index hashes to {digest}",
+            manifest.index.digest
+        )));
+    }
+    if manifest.index.size != encoded.len() as u64 {
+        return Err(StoreError::BadManifest(format!(
+            "it says index {digest} is {} bytes, the index is {}",
+            manifest.index.size,
+            encoded.len()
+        )));
+    }
+    Ok(())
 }

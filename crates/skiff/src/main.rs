@@ -9,8 +9,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use skiff_format::ImageRef;
+use std::time::Duration;
+
+use skiff_client::{Client, TransferReport};
+use skiff_format::{ImageRef, IndexDigest};
 use skiff_oci::{ConvertOptions, ImageSource, Platform};
+use skiff_server::{Server, ServerConfig, Tokens};
 use skiff_store::{Store, StoreConfig};
 
 #[derive(Parser)]
@@ -56,8 +60,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the images in the store
+    /// List the images in the store, or on a server
     Images {
+        /// List a server's images instead of the local store's
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Bearer token for a server that guards reads
+        #[arg(long, value_name = "FILE", requires = "server")]
+        token_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the store over HTTP for push, pull and lazy mounts (docs/API.md)
+    #[command(
+        after_help = "The server owns the store for writing while it runs; stop it with \
+        Ctrl-C or SIGTERM (in-flight requests finish first).\n\n\
+        Example: skiff --store /srv/skiff serve --listen 0.0.0.0:7070 --token-file /etc/skiff/token"
+    )]
+    Serve {
+        /// Address and port to listen on
+        #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR:PORT")]
+        listen: String,
+        /// File holding the bearer token uploads, tags and deletes need [default: writes are open]
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// File holding the bearer token reads need [default: reads are open]
+        #[arg(long, value_name = "FILE")]
+        read_token_file: Option<PathBuf>,
+        /// Memory for hot chunks, in MiB (0 turns the cache off)
+        #[arg(long, default_value_t = 512, value_name = "MIB")]
+        cache_mb: u64,
+    },
+    /// Send an image to a server: only the chunks it lacks, resumable
+    #[command(after_help = "Example: skiff push debian:bookworm --server http://127.0.0.1:7070")]
+    Push {
+        /// NAME[:TAG] in the local store
+        image: ImageRef,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch an image from a server into the store: only the chunks it lacks, resumable
+    #[command(after_help = "Example: skiff pull debian:bookworm --server http://127.0.0.1:7070")]
+    Pull {
+        /// NAME[:TAG] on the server
+        image: ImageRef,
+        #[command(flatten)]
+        remote: Remote,
         #[arg(long)]
         json: bool,
     },
@@ -86,6 +136,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct Remote {
+    /// The chunk server's URL
+    #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
+    server: String,
+    /// File holding the server's bearer token
+    #[arg(long, env = "SKIFF_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl Remote {
+    fn client(&self) -> Result<Client> {
+        let token = self.token_file.as_deref().map(read_token).transpose()?;
+        Ok(Client::new(&self.server, token)?)
+    }
+}
+
+/// A token file's contents without surrounding white space; never empty.
+fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(token.to_owned())
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -149,7 +227,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             result?
         }
-        Command::Images { json } => images(&Store::open_read_only(&store_dir)?, json)?,
+        Command::Images {
+            server: Some(server),
+            token_file,
+            json,
+        } => remote_images(&Remote { server, token_file }.client()?, json)?,
+        Command::Images { json, .. } => images(&Store::open_read_only(&store_dir)?, json)?,
+        Command::Serve {
+            listen,
+            token_file,
+            read_token_file,
+            cache_mb,
+        } => {
+            let tokens = Tokens {
+                write: token_file.as_deref().map(read_token).transpose()?,
+                read: read_token_file.as_deref().map(read_token).transpose()?,
+            };
+            serve(&store_dir, &listen, tokens, cache_mb)?
+        }
+        Command::Push {
+            image,
+            remote,
+            json,
+        } => {
+            let client = remote.client()?;
+            let store = Store::open_read_only(&store_dir)?;
+            let bar = progress::TransferBar::new("push");
+            let report = skiff_client::push(&store, &image, &client, &bar)
+                .with_context(|| format!("pushing {image} to {}", client.server()))?;
+            bar.bar.finish_and_clear();
+            print_transfer(&report, "pushed", "to", client.server(), json)?;
+        }
+        Command::Pull {
+            image,
+            remote,
+            json,
+        } => {
+            let client = remote.client()?;
+            let store = Store::open_or_create(&store_dir, &StoreConfig::default())
+                .with_context(|| format!("opening store {}", store_dir.display()))?;
+            let bar = progress::TransferBar::new("pull");
+            let report = skiff_client::pull(&client, &store, &image, &bar)
+                .with_context(|| format!("pulling {image} from {}", client.server()))?;
+            bar.bar.finish_and_clear();
+            print_transfer(&report, "pulled", "from", client.server(), json)?;
+        }
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
             export(&Store::open_read_only(&store_dir)?, &image, &destination)?
@@ -252,19 +374,122 @@ fn images(store: &Store, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    print_image_rows(images.iter().map(|m| {
+        (
+            m.image_ref().to_string(),
+            m.index.digest,
+            m.index.files,
+            m.index.logical_bytes,
+        )
+    }));
+    Ok(())
+}
+
+fn print_image_rows(rows: impl Iterator<Item = (String, IndexDigest, u64, u64)>) {
     println!(
         "{:<32} {:<20} {:>8} {:>10}",
         "IMAGE", "INDEX", "FILES", "SIZE"
     );
-    for m in images {
+    for (image, digest, files, bytes) in rows {
         println!(
             "{:<32} {:<20} {:>8} {:>10}",
-            m.image_ref().to_string(),
-            format!("blake3:{}", &m.index.digest.to_hex()[..12]),
-            m.index.files,
-            progress::bytes(m.index.logical_bytes)
+            image,
+            format!("blake3:{}", &digest.to_hex()[..12]),
+            files,
+            progress::bytes(bytes)
         );
     }
+}
+
+fn remote_images(client: &Client, json: bool) -> Result<()> {
+    let images = client.images()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&images)?);
+        return Ok(());
+    }
+    print_image_rows(images.iter().map(|i| {
+        (
+            format!("{}:{}", i.name, i.tag),
+            i.index,
+            i.files,
+            i.logical_bytes,
+        )
+    }));
+    Ok(())
+}
+
+fn serve(store_dir: &Path, listen: &str, tokens: Tokens, cache_mb: u64) -> Result<()> {
+    let store = Arc::new(
+        Store::open_or_create(store_dir, &StoreConfig::default())
+            .with_context(|| format!("opening store {}", store_dir.display()))?,
+    );
+    if tokens.write.is_none() {
+        eprintln!("skiff: no --token-file: anyone who can reach {listen} may upload and delete");
+    }
+    let config = ServerConfig {
+        tokens,
+        cache_bytes: cache_mb << 20,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(listen, store.clone(), config).await?;
+        let addr = server.local_addr()?;
+        eprintln!(
+            "skiff: serving {} on http://{addr} (Ctrl-C to stop)",
+            store_dir.display()
+        );
+        server.run(shutdown_signal(), Duration::from_secs(30)).await
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    drop(store);
+    eprintln!("skiff: server stopped, store closed");
+    Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    eprintln!("skiff: shutting down; letting in-flight requests finish");
+}
+
+fn print_transfer(
+    report: &TransferReport,
+    verb: &str,
+    direction: &str,
+    server: &str,
+    json: bool,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "{verb} {} {direction} {server}: {} of {} chunks sent ({}, {} on the wire) in {} batches, {:.2}s",
+        report.image,
+        report.chunks_sent,
+        report.chunks,
+        progress::bytes(report.bytes_sent),
+        progress::bytes(report.wire_bytes),
+        report.batches,
+        report.elapsed.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Progress bars (drawn only on a terminal) and human-readable sizes.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use skiff_client::TransferProgress;
 use skiff_oci::ConvertProgress;
 
 pub fn bytes(n: u64) -> String {
@@ -44,6 +45,30 @@ impl ConvertProgress for ConvertBar {
 
     fn layer(&self, index: usize, count: usize) {
         self.bar.set_message(format!("layer {}/{count}", index + 1));
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
+}
+
+/// A bar over the bytes a push or pull sends.
+pub struct TransferBar {
+    pub bar: ProgressBar,
+}
+
+impl TransferBar {
+    pub fn new(prefix: &str) -> Self {
+        TransferBar {
+            bar: bytes_bar(prefix, 0),
+        }
+    }
+}
+
+impl TransferProgress for TransferBar {
+    fn start(&self, chunks: u64, bytes: u64) {
+        self.bar.set_length(bytes);
+        self.bar.set_message(format!("{chunks} chunks"));
     }
 
     fn advance(&self, bytes: u64) {

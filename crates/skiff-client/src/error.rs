@@ -1,0 +1,42 @@
+use skiff_chunk::ChunkError;
+use skiff_format::{ChunkId, FormatError};
+use skiff_store::StoreError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("invalid server address {0:?}: expected http://HOST[:PORT] or https://HOST[:PORT]")]
+    InvalidServer(String),
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: the server answered {status}: {message}")]
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{url}: malformed response: {message}")]
+    Protocol { url: String, message: String },
+    #[error("the server does not hold chunk {0}")]
+    ChunkMissing(ChunkId),
+    #[error("a chunk from the server failed verification: {0}")]
+    Chunk(#[from] ChunkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+impl ClientError {
+    /// The HTTP status the server answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The client side of the skiff chunk server: typed requests for every
+//! route in `docs/API.md`, and resumable `push` and `pull` of images that
+//! send only the chunks the other side lacks. Every chunk received is
+//! checked against its BLAKE3 id before it is used or stored.
+
+mod client;
+mod error;
+mod transfer;
+
+pub use client::{Client, MAX_CHUNK_BYTES};
+pub use error::ClientError;
+pub use transfer::{pull, push, NoProgress, TransferProgress, TransferReport};

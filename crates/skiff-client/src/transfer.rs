@@ -1,0 +1,223 @@
+//! `push` and `pull`: move one image between a local store and a server,
+//! sending only the chunks the other side lacks.
+//!
+//! Both are resumable: chunks travel in batches, and each batch is durable
+//! on the receiving side before the next is sent, so a transfer killed at
+//! any point and run again sends only what had not arrived. The manifest is
+//! written last, so a half-transferred image is never visible.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde::Serialize;
+use skiff_chunk::{compress_chunk, FrameBuilder};
+use skiff_format::wire::write_chunk_record;
+use skiff_format::{ChunkRef, ImageIndex, ImageRef};
+use skiff_store::Store;
+
+use crate::{Client, ClientError};
+
+/// Ids per "which are missing" request.
+const MISSING_BATCH: usize = 8192;
+/// Uncompressed bytes per upload or fetch request.
+const TRANSFER_BATCH_BYTES: u64 = 8 << 20;
+
+/// Told how a transfer advances; the CLI draws a bar with it.
+pub trait TransferProgress: Sync {
+    /// The chunks that will be sent and their uncompressed bytes.
+    fn start(&self, chunks: u64, bytes: u64);
+    /// `bytes` more (uncompressed) have arrived on the other side.
+    fn advance(&self, bytes: u64);
+}
+
+/// A progress sink that ignores everything.
+pub struct NoProgress;
+
+impl TransferProgress for NoProgress {
+    fn start(&self, _: u64, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferReport {
+    pub image: String,
+    /// Distinct chunks the image references.
+    pub chunks: u64,
+    /// Of those, the ones the receiving side lacked and that were sent.
+    pub chunks_sent: u64,
+    /// Their uncompressed bytes.
+    pub bytes_sent: u64,
+    /// Compressed bytes of chunks on the wire (record framing aside).
+    pub wire_bytes: u64,
+    /// Requests that carried chunks.
+    pub batches: u64,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// The image's distinct chunks in first-use order.
+fn distinct_chunks(index: &ImageIndex) -> Vec<ChunkRef> {
+    let mut seen = HashSet::new();
+    index
+        .chunk_refs()
+        .filter(|c| seen.insert(c.id))
+        .copied()
+        .collect()
+}
+
+/// Splits chunks into runs of about [`TRANSFER_BATCH_BYTES`].
+fn batches(chunks: &[ChunkRef]) -> Vec<&[ChunkRef]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, chunk) in chunks.iter().enumerate() {
+        if bytes >= TRANSFER_BATCH_BYTES {
+            out.push(&chunks[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += u64::from(chunk.len);
+    }
+    if start < chunks.len() {
+        out.push(&chunks[start..]);
+    }
+    out
+}
+
+/// Sends `image` from `store` to the server.
+pub fn push(
+    store: &Store,
+    image: &ImageRef,
+    client: &Client,
+    progress: &dyn TransferProgress,
+) -> Result<TransferReport, ClientError> {
+    let started = Instant::now();
+    let manifest = store.image(image)?;
+    let encoded = store.index_bytes(&manifest.index.digest)?;
+    let chunks = distinct_chunks(&ImageIndex::decode(&encoded)?);
+
+    let mut missing = Vec::new();
+    for ask in chunks.chunks(MISSING_BATCH) {
+        let ids: Vec<_> = ask.iter().map(|c| c.id).collect();
+        let lacking: HashSet<_> = client.missing(&ids)?.into_iter().collect();
+        missing.extend(ask.iter().filter(|c| lacking.contains(&c.id)).copied());
+    }
+    let bytes_sent: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+    progress.start(missing.len() as u64, bytes_sent);
+
+    let mut report = TransferReport {
+        image: image.to_string(),
+        chunks: chunks.len() as u64,
+        chunks_sent: missing.len() as u64,
+        bytes_sent,
+        wire_bytes: 0,
+        batches: 0,
+        elapsed: Duration::ZERO,
+    };
+    // One thread reads and compresses the next batch while this one uploads.
+    std::thread::scope(|scope| -> Result<(), ClientError> {
+        let (bodies, ready) = std::sync::mpsc::sync_channel(1);
+        let batches = batches(&missing);
+        scope.spawn(move || {
+            for batch in batches {
+                let body = upload_body(store, batch);
+                let failed = body.is_err();
+                if bodies.send(body).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for body in ready {
+            let (body, raw, wire) = body?;
+            client.upload(body)?;
+            report.wire_bytes += wire;
+            report.batches += 1;
+            progress.advance(raw);
+        }
+        Ok(())
+    })?;
+
+    client.put_index(&encoded)?;
+    client.put_manifest(&manifest)?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// An upload body for `batch`, its raw and its compressed chunk bytes.
+fn upload_body(store: &Store, batch: &[ChunkRef]) -> Result<(Vec<u8>, u64, u64), ClientError> {
+    let compressed: Vec<_> = batch
+        .par_iter()
+        .map(|c| Ok((c.id, compress_chunk(&store.read_chunk(&c.id)?)?)))
+        .collect::<Result<_, ClientError>>()?;
+    let wire: usize = compressed.iter().map(|(_, w)| w.len()).sum();
+    let mut body = Vec::with_capacity(wire + compressed.len() * 37);
+    for (id, chunk) in &compressed {
+        write_chunk_record(&mut body, id, chunk);
+    }
+    let raw = batch.iter().map(|c| u64::from(c.len)).sum();
+    Ok((body, raw, wire as u64))
+}
+
+/// Fetches `image` from the server into `store`.
+pub fn pull(
+    client: &Client,
+    store: &Store,
+    image: &ImageRef,
+    progress: &dyn TransferProgress,
+) -> Result<TransferReport, ClientError> {
+    let started = Instant::now();
+    let manifest = client.manifest(image)?.ok_or_else(|| ClientError::Status {
+        url: client.server().to_owned(),
+        status: 404,
+        message: format!("the server has no image {image}"),
+    })?;
+    let encoded = client.index_bytes(&manifest.index.digest)?;
+    let index = ImageIndex::decode(&encoded)?;
+    index.validate()?;
+    let chunks = distinct_chunks(&index);
+    let mut missing = Vec::new();
+    for chunk in &chunks {
+        if !store.contains_chunk(&chunk.id)? {
+            missing.push(*chunk);
+        }
+    }
+    let bytes_sent: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+    progress.start(missing.len() as u64, bytes_sent);
+
+    let config = store.config();
+    let mut writer = store.pack_writer()?;
+    let (mut batches_done, mut wire_bytes) = (0, 0);
+    for batch in batches(&missing) {
+        let mut frames = FrameBuilder::new(config.frame_size as usize, config.zstd_level)?;
+        let ids: Vec<_> = batch.iter().map(|c| c.id).collect();
+        client.fetch(&ids, |id, data, wire_len| {
+            wire_bytes += wire_len as u64;
+            progress.advance(data.len() as u64);
+            if let Some(frame) = frames.push(id, &data)? {
+                writer.append(&frame)?;
+            }
+            Ok(())
+        })?;
+        if let Some(frame) = frames.finish()? {
+            writer.append(&frame)?;
+        }
+        // This batch stays even if a later one fails: a rerun skips it.
+        writer.persist()?;
+        batches_done += 1;
+    }
+    writer.finish()?;
+    store.put_index(&encoded)?;
+    store.put_manifest(&manifest)?;
+    Ok(TransferReport {
+        image: image.to_string(),
+        chunks: chunks.len() as u64,
+        chunks_sent: missing.len() as u64,
+        bytes_sent,
+        wire_bytes,
+        batches: batches_done,
+        elapsed: started.elapsed(),
+    })
+}

@@ -1,0 +1,235 @@
+//! The chunk server's binary bodies (docs/API.md): lists of chunk ids and
+//! streams of chunk records.
+//!
+//! ```text
+//! id list := id[32]*
+//! record  := id[32] | kind u8 | len u32 LE | payload[len]
+//! ```
+//! A record of kind [`RecordKind::Chunk`] carries the chunk as one zstd
+//! frame; [`RecordKind::Missing`] says the sender does not hold the id and
+//! has no payload.
+
+use std::io::{self, Read};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ChunkId, ImageManifest, IndexDigest};
+
+/// One row of `GET /v1/images`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub tag: String,
+    pub index: IndexDigest,
+    pub index_size: u64,
+    pub files: u64,
+    pub logical_bytes: u64,
+}
+
+impl From<&ImageManifest> for ImageSummary {
+    fn from(m: &ImageManifest) -> Self {
+        ImageSummary {
+            name: m.name.clone(),
+            tag: m.tag.clone(),
+            index: m.index.digest,
+            index_size: m.index.size,
+            files: m.index.files,
+            logical_bytes: m.index.logical_bytes,
+        }
+    }
+}
+
+/// The answer to an upload (`POST /v1/chunks`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadOutcome {
+    /// Chunks in the request.
+    pub received: u64,
+    /// Chunks the store did not hold before.
+    pub stored: u64,
+    /// Their uncompressed bytes.
+    pub stored_bytes: u64,
+}
+
+pub const ID_LEN: usize = 32;
+pub const RECORD_HEADER_LEN: usize = ID_LEN + 1 + 4;
+/// The largest payload a record may declare: a 16 MiB chunk (the FastCDC
+/// maximum) that zstd could not shrink, plus room for zstd's own framing.
+pub const MAX_RECORD_PAYLOAD: u32 = 16 * 1024 * 1024 + 64 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    Chunk = 0,
+    Missing = 1,
+}
+
+/// One record read from a body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkRecord {
+    /// The chunk's zstd frame, not yet checked against the id.
+    Chunk {
+        id: ChunkId,
+        wire: Vec<u8>,
+    },
+    Missing(ChunkId),
+}
+
+impl ChunkRecord {
+    pub fn id(&self) -> &ChunkId {
+        match self {
+            ChunkRecord::Chunk { id, .. } | ChunkRecord::Missing(id) => id,
+        }
+    }
+}
+
+pub fn encode_ids<'a>(ids: impl IntoIterator<Item = &'a ChunkId>) -> Vec<u8> {
+    ids.into_iter().flat_map(|id| *id.as_bytes()).collect()
+}
+
+/// Splits an id list; its length must be a multiple of 32.
+pub fn decode_ids(body: &[u8]) -> io::Result<Vec<ChunkId>> {
+    if body.len() % ID_LEN != 0 {
+        return Err(malformed(format!(
+            "an id list is a multiple of {ID_LEN} bytes, this one is {}",
+            body.len()
+        )));
+    }
+    body.chunks_exact(ID_LEN)
+        .map(|raw| ChunkId::from_slice(raw).map_err(|e| malformed(e.to_string())))
+        .collect()
+}
+
+/// The header of a record; the payload (if any) follows it.
+pub fn record_header(id: &ChunkId, kind: RecordKind, payload_len: u32) -> [u8; RECORD_HEADER_LEN] {
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    header[..ID_LEN].copy_from_slice(id.as_bytes());
+    header[ID_LEN] = kind as u8;
+    header[ID_LEN + 1..].copy_from_slice(&payload_len.to_le_bytes());
+    header
+}
+
+/// Appends a whole chunk record to `out`.
+pub fn write_chunk_record(out: &mut Vec<u8>, id: &ChunkId, wire: &[u8]) {
+    let len = u32::try_from(wire.len()).expect("a wire chunk is far below 4 GiB");
+    out.extend_from_slice(&record_header(id, RecordKind::Chunk, len));
+    out.extend_from_slice(wire);
+}
+
+/// Reads records one by one from a body or a response stream.
+pub struct RecordReader<R> {
+    source: R,
+}
+
+impl<R: Read> RecordReader<R> {
+    pub fn new(source: R) -> Self {
+        RecordReader { source }
+    }
+
+    pub fn into_inner(self) -> R {
+        self.source
+    }
+
+    /// The next record, `None` at a clean end between records. A stream that
+    /// ends inside a record, an unknown kind or an oversized length is an
+    /// `InvalidData` error.
+    pub fn next_record(&mut self) -> io::Result<Option<ChunkRecord>> {
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        let mut filled = 0;
+        while filled < header.len() {
+            match self.source.read(&mut header[filled..]) {
+                Ok(0) if filled == 0 => return Ok(None),
+                Ok(0) => return Err(malformed("the body ends inside a record header".into())),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let id = ChunkId::from_slice(&header[..ID_LEN]).map_err(|e| malformed(e.to_string()))?;
+        let len = u32::from_le_bytes(header[ID_LEN + 1..].try_into().expect("4 bytes"));
+        match header[ID_LEN] {
+            k if k == RecordKind::Chunk as u8 => {
+                if len > MAX_RECORD_PAYLOAD {
+                    return Err(malformed(format!(
+                        "chunk {id} declares {len} bytes, more than the {MAX_RECORD_PAYLOAD} allowed"
+                    )));
+                }
+                let mut wire = vec![0u8; len as usize];
+                self.source.read_exact(&mut wire).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        malformed(format!("the body ends inside chunk {id}"))
+                    } else {
+                        e
+                    }
+                })?;
+                Ok(Some(ChunkRecord::Chunk { id, wire }))
+            }
+            k if k == RecordKind::Missing as u8 && len == 0 => Ok(Some(ChunkRecord::Missing(id))),
+            k => Err(malformed(format!(
+                "record for {id} has kind {k} and length {len}"
+            ))),
+        }
+    }
+}
+
+impl<R: Read> Iterator for RecordReader<R> {
+    type Item = io::Result<ChunkRecord>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+fn malformed(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_records_round_trip() {
+        let ids = [ChunkId::of(b"a"), ChunkId::of(b"b")];
+        assert_eq!(decode_ids(&encode_ids(&ids)).unwrap(), ids);
+        assert!(decode_ids(&[0u8; 33]).is_err());
+
+        let mut body = Vec::new();
+        write_chunk_record(&mut body, &ids[0], b"zstd bytes");
+        body.extend_from_slice(&record_header(&ids[1], RecordKind::Missing, 0));
+        let records: Vec<_> = RecordReader::new(&body[..])
+            .collect::<io::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            records,
+            [
+                ChunkRecord::Chunk {
+                    id: ids[0],
+                    wire: b"zstd bytes".to_vec()
+                },
+                ChunkRecord::Missing(ids[1])
+            ]
+        );
+    }
+
+    #[test]
+    fn truncated_and_hostile_bodies_are_errors() {
+        let id = ChunkId::of(b"a");
+        let mut body = Vec::new();
+        write_chunk_record(&mut body, &id, b"0123456789");
+        for cut in [1, RECORD_HEADER_LEN - 1, RECORD_HEADER_LEN + 3] {
+            let mut reader = RecordReader::new(&body[..cut]);
+            let err = reader.next_record().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "cut at {cut}");
+        }
+        let huge = record_header(&id, RecordKind::Chunk, u32::MAX);
+        assert!(RecordReader::new(&huge[..]).next_record().is_err());
+        let bad_kind = record_header(&id, RecordKind::Chunk, 0);
+        let mut bad_kind = bad_kind.to_vec();
+        bad_kind[ID_LEN] = 9;
+        assert!(RecordReader::new(&bad_kind[..]).next_record().is_err());
+        let missing_with_payload = record_header(&id, RecordKind::Missing, 4);
+        assert!(RecordReader::new(&missing_with_payload[..])
+            .next_record()
+            .is_err());
+    }
+}

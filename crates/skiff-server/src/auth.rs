@@ -1,0 +1,113 @@
+//! Bearer tokens: one for writes, optionally one for reads.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The tokens a server was started with; `None` leaves that access open.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    pub write: Option<String>,
+    pub read: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+impl Tokens {
+    /// Whether a request bearing `presented` may do `access`. The write
+    /// token also grants reads. Comparisons take the same time whatever
+    /// prefix matches, so a token cannot be guessed byte by byte.
+    fn allows(&self, access: Access, presented: Option<&[u8]>) -> bool {
+        let matches = |token: &Option<String>| match (token, presented) {
+            (Some(token), Some(presented)) => bool::from(token.as_bytes().ct_eq(presented)),
+            _ => false,
+        };
+        match access {
+            Access::Write => self.write.is_none() || matches(&self.write),
+            Access::Read => self.read.is_none() || matches(&self.read) || matches(&self.write),
+        }
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&[u8]> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.as_bytes();
+    value
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.strip_prefix(b"bearer "))
+}
+
+fn check(parts: &Parts, state: &AppState, access: Access) -> Result<(), ApiError> {
+    if state.tokens.allows(access, bearer(parts)) {
+        return Ok(());
+    }
+    let what = match access {
+        Access::Read => "reading",
+        Access::Write => "writing",
+    };
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        format!("{what} needs a valid bearer token (Authorization: Bearer TOKEN)"),
+    ))
+}
+
+/// An extractor that admits a request allowed to read. Handlers take it
+/// before their body, so a refused request is never read.
+pub struct CanRead;
+
+/// An extractor that admits a request allowed to write.
+pub struct CanWrite;
+
+impl FromRequestParts<AppState> for CanRead {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        check(parts, state, Access::Read).map(|()| CanRead)
+    }
+}
+
+impl FromRequestParts<AppState> for CanWrite {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        check(parts, state, Access::Write).map(|()| CanWrite)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_grant_what_they_should() {
+        let open = Tokens::default();
+        assert!(open.allows(Access::Write, None));
+        assert!(open.allows(Access::Read, None));
+
+        let tokens = Tokens {
+            write: Some("w-secret".into()),
+            read: Some("r-secret".into()),
+        };
+        assert!(tokens.allows(Access::Write, Some(b"w-secret")));
+        assert!(!tokens.allows(Access::Write, Some(b"r-secret")));
+        assert!(!tokens.allows(Access::Write, Some(b"w-secre")));
+        assert!(!tokens.allows(Access::Write, None));
+        assert!(tokens.allows(Access::Read, Some(b"r-secret")));
+        assert!(tokens.allows(Access::Read, Some(b"w-secret")));
+        assert!(!tokens.allows(Access::Read, Some(b"")));
+
+        let write_only = Tokens {
+            write: Some("w".into()),
+            read: None,
+        };
+        assert!(write_only.allows(Access::Read, None));
+        assert!(!write_only.allows(Access::Write, Some(b"x")));
+    }
+}

@@ -1,0 +1,196 @@
+//! Image routes: the catalog, manifests and indexes.
+
+use std::str::FromStr;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use skiff_format::wire::ImageSummary;
+use skiff_format::{ImageManifest, ImageRef, IndexDigest};
+use skiff_store::StoreError;
+
+use crate::auth::{CanRead, CanWrite};
+use crate::error::ApiError;
+use crate::AppState;
+
+pub const MANIFEST_CONTENT_TYPE: &str = "application/vnd.skiff.manifest.v1+json";
+pub const INDEX_CONTENT_TYPE: &str = "application/zstd";
+/// An uploaded index may decompress to this much (a 100k-file index is a few MB).
+const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
+
+fn parse_image(text: &str) -> Result<ImageRef, ApiError> {
+    ImageRef::from_str(text).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn parse_digest(text: &str) -> Result<IndexDigest, ApiError> {
+    IndexDigest::from_str(text).map_err(|e| ApiError::bad_request(format!("index digest: {e}")))
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let shared = state.clone();
+    tokio::task::spawn_blocking(move || work(&shared)).await?
+}
+
+/// `GET /v1/images`: every image, sorted by name and tag.
+pub async fn list_images(
+    _: CanRead,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<ImageSummary>>, ApiError> {
+    let images = blocking(&state, |s| Ok(s.store.images()?)).await?;
+    Ok(Json(images.iter().map(ImageSummary::from).collect()))
+}
+
+/// `GET /v1/tags/{name}`: the tags of one image name.
+pub async fn list_tags(
+    _: CanRead,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    // A name is valid where `NAME:latest` is a valid reference naming it.
+    let probe = parse_image(&format!("{name}:latest"))?;
+    if probe.name != name {
+        return Err(ApiError::bad_request(format!(
+            "{name:?} is not an image name"
+        )));
+    }
+    let images = blocking(&state, |s| Ok(s.store.images()?)).await?;
+    let tags: Vec<&str> = images
+        .iter()
+        .filter(|m| m.name == probe.name)
+        .map(|m| m.tag.as_str())
+        .collect();
+    if tags.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no image named {}",
+            probe.name
+        )));
+    }
+    Ok(Json(
+        serde_json::json!({ "name": probe.name, "tags": tags }),
+    ))
+}
+
+/// `GET /v1/manifests/{name:tag}`: the manifest, and a head start for the
+/// client's first chunk requests (the hot-chunk cache is warmed behind it).
+pub async fn get_manifest(
+    _: CanRead,
+    State(state): State<AppState>,
+    Path(image): Path<String>,
+) -> Result<Response, ApiError> {
+    let image = parse_image(&image)?;
+    let manifest = blocking(&state, move |s| Ok(s.store.image(&image)?)).await?;
+    let body = manifest.to_json();
+    let shared = state.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = shared.cache.warm(&shared.store, &manifest) {
+            tracing::warn!("warming the cache for {}: {e}", manifest.image_ref());
+        }
+    });
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(MANIFEST_CONTENT_TYPE),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// `PUT /v1/manifests/{name:tag}`: tags a manifest whose index is stored.
+pub async fn put_manifest(
+    _: CanWrite,
+    State(state): State<AppState>,
+    Path(image): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let image = parse_image(&image)?;
+    let manifest =
+        ImageManifest::from_json(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if manifest.image_ref() != image {
+        return Err(ApiError::bad_request(format!(
+            "the manifest is for {}, not {image}",
+            manifest.image_ref()
+        )));
+    }
+    blocking(&state, move |s| match s.store.put_manifest(&manifest) {
+        Err(StoreError::IndexNotFound(digest)) => Err(ApiError::unprocessable(format!(
+            "index {digest} is not on this server: upload it first"
+        ))),
+        other => Ok(other?),
+    })
+    .await?;
+    Ok(StatusCode::CREATED)
+}
+
+/// `DELETE /v1/manifests/{name:tag}`: removes the tag (data stays until gc).
+pub async fn delete_manifest(
+    _: CanWrite,
+    State(state): State<AppState>,
+    Path(image): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let image = parse_image(&image)?;
+    blocking(&state, move |s| Ok(s.store.remove_image(&image)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/indexes/{digest}`: the encoded index, zstd-compressed.
+pub async fn get_index(
+    _: CanRead,
+    State(state): State<AppState>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(&digest)?;
+    let compressed = blocking(&state, move |s| {
+        let encoded = s.store.index_bytes(&digest)?;
+        zstd::bulk::compress(&encoded, 3)
+            .map_err(|e| ApiError::internal(format!("compressing index {digest}: {e}")))
+    })
+    .await?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(INDEX_CONTENT_TYPE),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=31536000, immutable"),
+            ),
+        ],
+        compressed,
+    )
+        .into_response())
+}
+
+/// `PUT /v1/indexes/{digest}`: stores an index once every chunk it names is here.
+pub async fn put_index(
+    _: CanWrite,
+    State(state): State<AppState>,
+    Path(digest): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let digest = parse_digest(&digest)?;
+    blocking(&state, move |s| {
+        let encoded = zstd::bulk::decompress(&body, MAX_INDEX_BYTES).map_err(|e| {
+            ApiError::unprocessable(format!(
+                "the body is not a zstd-compressed index of at most {MAX_INDEX_BYTES} bytes: {e}"
+            ))
+        })?;
+        let actual = IndexDigest::of(&encoded);
+        if actual != digest {
+            return Err(ApiError::unprocessable(format!(
+                "the index hashes to {actual}, not {digest}"
+            )));
+        }
+        s.store.put_index(&encoded)?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::CREATED)
+}

@@ -1,0 +1,180 @@
+//! The skiff chunk server: a store over HTTP (axum on tokio). See
+//! `docs/API.md` for the routes and their bodies.
+//!
+//! Reads go through a bounded cache of hot chunks in their wire form;
+//! uploads are verified chunk by chunk and appended by one writer thread;
+//! writes (and, if configured, reads) need a bearer token.
+
+mod auth;
+mod cache;
+mod chunks;
+mod error;
+mod images;
+mod metrics;
+mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use skiff_store::Store;
+use tokio::net::TcpListener;
+
+pub use auth::Tokens;
+pub use chunks::{
+    CHUNK_CONTENT_TYPE, IDS_CONTENT_TYPE, MAX_UPLOAD_RAW_BYTES, RECORDS_CONTENT_TYPE,
+};
+pub use error::ServerError;
+pub use images::MANIFEST_CONTENT_TYPE;
+
+use cache::HotCache;
+use metrics::Metrics;
+use writer::ChunkWriter;
+
+/// The most ids one fetch or missing request may list.
+pub const MAX_IDS_PER_REQUEST: usize = 65_536;
+/// The largest upload body (chunk records).
+pub const MAX_UPLOAD_BODY: usize = 64 * 1024 * 1024;
+/// The largest manifest body.
+pub const MAX_MANIFEST_BODY: usize = 4 * 1024 * 1024;
+/// The largest index body (zstd-compressed).
+pub const MAX_INDEX_BODY: usize = 64 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub tokens: Tokens,
+    /// Bytes of hot chunks kept in memory (0 turns the cache off).
+    pub cache_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tokens: Tokens::default(),
+            cache_bytes: 512 << 20,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    store: Arc<Store>,
+    cache: HotCache,
+    writer: ChunkWriter,
+    metrics: Arc<Metrics>,
+    tokens: Tokens,
+}
+
+pub(crate) type AppState = Arc<Shared>;
+
+/// A server bound to its address, not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+    shared: AppState,
+}
+
+impl Server {
+    /// Binds `addr` and prepares to serve `store`, which the server then
+    /// owns for writing: uploads go through its single pack writer.
+    pub async fn bind(
+        addr: &str,
+        store: Arc<Store>,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let metrics = Metrics::new();
+        let shared = Arc::new(Shared {
+            writer: ChunkWriter::start(store.clone()).map_err(ServerError::Writer)?,
+            cache: HotCache::new(config.cache_bytes, metrics.clone()),
+            store,
+            metrics,
+            tokens: config.tokens,
+        });
+        Ok(Server {
+            listener,
+            router: router(shared.clone()),
+            shared,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.listener.local_addr().map_err(ServerError::Serve)
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests
+    /// finish and waits (up to `drain`) for their workers to let go of
+    /// the store, so the caller can close it cleanly.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        drain: Duration,
+    ) -> Result<(), ServerError> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve)?;
+        let deadline = Instant::now() + drain;
+        while Arc::strong_count(&self.shared) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let shared = self.shared;
+        // Joins the writer thread, which closes its pack.
+        tokio::task::spawn_blocking(move || drop(shared))
+            .await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+        Ok(())
+    }
+}
+
+fn router(state: AppState) -> Router {
+    let limit = DefaultBodyLimit::max;
+    let ids_limit = limit(MAX_IDS_PER_REQUEST * skiff_format::wire::ID_LEN);
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics::render))
+        .route(
+            "/v1/chunks",
+            post(chunks::upload_chunks).layer(limit(MAX_UPLOAD_BODY)),
+        )
+        .route(
+            "/v1/chunks/fetch",
+            post(chunks::fetch_chunks).layer(ids_limit.clone()),
+        )
+        .route(
+            "/v1/chunks/missing",
+            post(chunks::missing_chunks).layer(ids_limit),
+        )
+        .route(
+            "/v1/chunks/{id}",
+            get(chunks::get_chunk).head(chunks::head_chunk),
+        )
+        .route("/v1/images", get(images::list_images))
+        .route("/v1/tags/{*name}", get(images::list_tags))
+        .route(
+            "/v1/manifests/{*image}",
+            get(images::get_manifest)
+                .put(images::put_manifest)
+                .delete(images::delete_manifest)
+                .layer(limit(MAX_MANIFEST_BODY)),
+        )
+        .route(
+            "/v1/indexes/{digest}",
+            get(images::get_index)
+                .put(images::put_index)
+                .layer(limit(MAX_INDEX_BODY)),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .with_state(state)
+}
