@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench images roundtrip clean
+.PHONY: demo test build deps lint bench bench-dedup bench-serve images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,8 +28,16 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: build images
+bench: bench-dedup bench-serve
+
+# Store size and convert speed against casync and file-level zstd.
+bench-dedup: build images
 	SKIFF=$(SKIFF) bench/dedup.sh
+
+# Chunk server load (wrk, 64 connections) and batch fetch against nginx.
+bench-serve: build images
+	cargo build --release --locked -p skiff-bench
+	SKIFF=$(SKIFF) CHUNK_FILES=$(CARGO_TARGET_DIR)/release/chunk-files bench/serve.sh
 
 # Every dataset image: convert, export, umoci unpack, compare with the source.
 roundtrip: build images

@@ -920,3 +920,80 @@ pub fn seed_store(store: &Path, dir: &Path) {
         &["convert", &format!("oci:{}", dir.display()), "seed"],
     );
 }
+
+/// A real `skiff serve` on 127.0.0.1 over `store`, killed on drop.
+pub struct SkiffServer {
+    pub port: u16,
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl SkiffServer {
+    /// Starts `skiff --store STORE serve --listen 127.0.0.1:PORT EXTRA...` and
+    /// waits until `/healthz` answers.
+    pub fn start(store: &Path, extra: &[&str]) -> SkiffServer {
+        let port = free_port();
+        let child = Command::new(skiff_bin())
+            .arg("--store")
+            .arg(store)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = SkiffServer {
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        for _ in 0..400 {
+            if reqwest::blocking::get(format!("{}/healthz", server.url))
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("skiff serve on port {port} did not become healthy in 10 s");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the server to exit (after a signal sent elsewhere).
+    pub fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
+    /// One counter or gauge from `/metrics`, summed over its label sets that
+    /// contain every string in `labels`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = reqwest::blocking::get(format!("{}/metrics", self.url))
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter(|l| labels.iter().all(|label| l.contains(label)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for SkiffServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

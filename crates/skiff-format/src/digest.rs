@@ -34,13 +34,21 @@ macro_rules! blake3_digest {
             }
 
             pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
+                String::from_utf8(self.hex_bytes().to_vec()).expect("hex is ASCII")
+            }
+
+            /// Lowercase hex without allocating (the server formats ids per request).
+            pub fn hex_bytes(&self) -> [u8; 64] {
+                let mut out = [0u8; 64];
+                hex::encode_to_slice(self.0, &mut out).expect("64 bytes hold 32 in hex");
+                out
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.to_hex())
+                let hex = self.hex_bytes();
+                f.write_str(std::str::from_utf8(&hex).expect("hex is ASCII"))
             }
         }
 

@@ -88,7 +88,7 @@ pub fn encode_ids<'a>(ids: impl IntoIterator<Item = &'a ChunkId>) -> Vec<u8> {
 
 /// Splits an id list; its length must be a multiple of 32.
 pub fn decode_ids(body: &[u8]) -> io::Result<Vec<ChunkId>> {
-    if body.len() % ID_LEN != 0 {
+    if !body.len().is_multiple_of(ID_LEN) {
         return Err(malformed(format!(
             "an id list is a multiple of {ID_LEN} bytes, this one is {}",
             body.len()

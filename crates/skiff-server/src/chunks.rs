@@ -31,30 +31,35 @@ fn parse_id(text: &str) -> Result<ChunkId, ApiError> {
     ChunkId::from_str(text).map_err(|e| ApiError::bad_request(format!("chunk id: {e}")))
 }
 
-fn etag(id: &ChunkId) -> String {
-    format!("\"{}\"", id.to_hex())
+/// The chunk's ETag: its id in quotes.
+fn etag(id: &ChunkId) -> [u8; 66] {
+    let mut tag = [b'"'; 66];
+    tag[1..65].copy_from_slice(&id.hex_bytes());
+    tag
 }
 
 fn cache_headers(id: &ChunkId) -> [(header::HeaderName, HeaderValue); 2] {
     [
         (
             header::ETAG,
-            HeaderValue::from_str(&etag(id)).expect("hex is a valid header value"),
+            HeaderValue::from_bytes(&etag(id)).expect("hex is a valid header value"),
         ),
         (header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE)),
     ]
 }
 
 fn not_modified(id: &ChunkId, headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::IF_NONE_MATCH).iter().peekable();
+    if values.peek().is_none() {
+        return false;
+    }
     let tag = etag(id);
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
+    values
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|candidate| {
             let candidate = candidate.trim();
-            candidate == "*" || candidate.trim_start_matches("W/") == tag
+            candidate == "*" || candidate.trim_start_matches("W/").as_bytes() == tag
         })
 }
 

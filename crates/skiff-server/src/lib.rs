@@ -44,6 +44,33 @@ pub const MAX_MANIFEST_BODY: usize = 4 * 1024 * 1024;
 /// The largest index body (zstd-compressed).
 pub const MAX_INDEX_BODY: usize = 64 * 1024 * 1024;
 
+/// The route templates (also the `route` label of the metrics).
+mod route {
+    pub const HEALTH: &str = "/healthz";
+    pub const METRICS: &str = "/metrics";
+    pub const CHUNKS: &str = "/v1/chunks";
+    pub const FETCH: &str = "/v1/chunks/fetch";
+    pub const MISSING: &str = "/v1/chunks/missing";
+    pub const CHUNK: &str = "/v1/chunks/{id}";
+    pub const IMAGES: &str = "/v1/images";
+    pub const TAGS: &str = "/v1/tags/{*name}";
+    pub const MANIFEST: &str = "/v1/manifests/{*image}";
+    pub const INDEX: &str = "/v1/indexes/{digest}";
+}
+
+pub(crate) const ROUTES: [&str; 10] = [
+    route::HEALTH,
+    route::METRICS,
+    route::CHUNKS,
+    route::FETCH,
+    route::MISSING,
+    route::CHUNK,
+    route::IMAGES,
+    route::TAGS,
+    route::MANIFEST,
+    route::INDEX,
+];
+
 #[derive(Clone)]
 pub struct ServerConfig {
     pub tokens: Tokens,
@@ -139,35 +166,32 @@ fn router(state: AppState) -> Router {
     let limit = DefaultBodyLimit::max;
     let ids_limit = limit(MAX_IDS_PER_REQUEST * skiff_format::wire::ID_LEN);
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics::render))
+        .route(route::HEALTH, get(|| async { "ok\n" }))
+        .route(route::METRICS, get(metrics::render))
         .route(
-            "/v1/chunks",
+            route::CHUNKS,
             post(chunks::upload_chunks).layer(limit(MAX_UPLOAD_BODY)),
         )
+        .route(route::FETCH, post(chunks::fetch_chunks).layer(ids_limit))
         .route(
-            "/v1/chunks/fetch",
-            post(chunks::fetch_chunks).layer(ids_limit.clone()),
-        )
-        .route(
-            "/v1/chunks/missing",
+            route::MISSING,
             post(chunks::missing_chunks).layer(ids_limit),
         )
         .route(
-            "/v1/chunks/{id}",
+            route::CHUNK,
             get(chunks::get_chunk).head(chunks::head_chunk),
         )
-        .route("/v1/images", get(images::list_images))
-        .route("/v1/tags/{*name}", get(images::list_tags))
+        .route(route::IMAGES, get(images::list_images))
+        .route(route::TAGS, get(images::list_tags))
         .route(
-            "/v1/manifests/{*image}",
+            route::MANIFEST,
             get(images::get_manifest)
                 .put(images::put_manifest)
                 .delete(images::delete_manifest)
                 .layer(limit(MAX_MANIFEST_BODY)),
         )
         .route(
-            "/v1/indexes/{digest}",
+            route::INDEX,
             get(images::get_index)
                 .put(images::put_index)
                 .layer(limit(MAX_INDEX_BODY)),

@@ -168,3 +168,34 @@ fn readers_ask_for_an_upgrade_that_a_writer_performs() {
     let store = Store::open_read_only(dir.path()).unwrap();
     assert_eq!(store.read_chunk(&ChunkId::of(&chunk(1))).unwrap(), chunk(1));
 }
+
+#[test]
+fn a_dropped_writer_keeps_what_it_persisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    let frame = |ids: &[u8]| {
+        let mut builder = FrameBuilder::new(1 << 30, 3).unwrap();
+        for &i in ids {
+            builder.push(ChunkId::of(&chunk(i)), &chunk(i)).unwrap();
+        }
+        builder.finish().unwrap().unwrap()
+    };
+    let mut writer = store.pack_writer().unwrap();
+    writer.append(&frame(&[1, 2])).unwrap();
+    writer.persist().unwrap();
+    writer.append(&frame(&[3])).unwrap();
+    writer.commit().unwrap();
+    drop(writer);
+    for (i, kept) in [(1, true), (2, true), (3, false)] {
+        assert_eq!(
+            store.contains_chunk(&ChunkId::of(&chunk(i))).unwrap(),
+            kept,
+            "chunk {i}"
+        );
+    }
+    assert_eq!(store.read_chunk(&ChunkId::of(&chunk(2))).unwrap(), chunk(2));
+    assert_eq!(pack_files(&store).len(), 1, "the persisted pack stays");
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(store.fsck(&|_| ()).unwrap().problems.is_empty());
+}

@@ -1,0 +1,798 @@
+//! `skiff serve`, `push` and `pull` against a real server on 127.0.0.1:
+//! every route, every refusal, concurrent pushes, and transfers killed
+//! half-way and run again.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+use serde_json::Value;
+use skiff_format::wire::{self, ChunkRecord, RecordKind, RecordReader};
+use skiff_format::{ChunkId, ImageIndex, IndexDigest};
+use skiff_tests::*;
+
+/// Two layers: shared text and noise, and files only this image has.
+fn image(seed: u64, shared_mb: usize) -> Image {
+    Image::new(vec![
+        (
+            Layer::new()
+                .file("usr/lib/big.bin", 0o644, noise(shared_mb << 20, 7))
+                .file("usr/share/doc.txt", 0o644, text(300_000, 8))
+                .symlink("usr/lib/link", "big.bin"),
+            Compression::Gzip,
+        ),
+        (
+            Layer::new()
+                .file("etc/own.conf", 0o600, text(2_000, seed))
+                .file("opt/own.bin", 0o755, noise(200_000, seed)),
+            Compression::Gzip,
+        ),
+    ])
+}
+
+/// Converts `image` into `store` as `name`; returns the layout it came from.
+fn convert(store: &Path, dir: &Path, image: &Image, name: &str) {
+    image.write_layout(dir, "latest");
+    skiff_ok(store, &["convert", &format!("oci:{}", dir.display()), name]);
+}
+
+/// The index of `name` in `store` (which no server may hold at the time).
+fn index_of(store: &Path, name: &str) -> ImageIndex {
+    let images = skiff_json(store, &["images", "--json"]);
+    let digest = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {images}"))["index"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    read_index(store, &IndexDigest::from_str(&digest).unwrap())
+}
+
+/// Reads an index through a throwaway server, the only way in from outside.
+fn read_index(store: &Path, digest: &IndexDigest) -> ImageIndex {
+    let server = SkiffServer::start(store, &[]);
+    let body = Client::new()
+        .get(format!("{}/v1/indexes/{digest}", server.url))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let encoded = zstd::decode_all(&body[..]).unwrap();
+    assert_eq!(IndexDigest::of(&encoded), *digest);
+    ImageIndex::decode(&encoded).unwrap()
+}
+
+fn distinct_ids(index: &ImageIndex) -> Vec<ChunkId> {
+    let mut seen = std::collections::HashSet::new();
+    index
+        .chunk_refs()
+        .map(|c| c.id)
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+fn push(store: &Path, server: &SkiffServer, name: &str, token: Option<&Path>) -> Value {
+    let mut args = vec!["push", name, "--server", &server.url, "--json"];
+    let token_arg;
+    if let Some(t) = token {
+        token_arg = t.display().to_string();
+        args.extend(["--token-file", &token_arg]);
+    }
+    skiff_json(store, &args)
+}
+
+fn pull(store: &Path, server: &SkiffServer, name: &str) -> Value {
+    skiff_json(store, &["pull", name, "--server", &server.url, "--json"])
+}
+
+/// The image in `store` exported and unpacked, against `source` unpacked.
+fn assert_same_tree(store: &Path, name: &str, source: &Path, tmp: &Path) {
+    let expected = umoci_unpack(source, "latest", &tmp.join("unpack-src"));
+    let out = tmp.join("exported");
+    skiff_ok(
+        store,
+        &["export", name, &format!("oci:{}:e", out.display())],
+    );
+    let actual = umoci_unpack(&out, "e", &tmp.join("unpack-out"));
+    let diffs = diff_trees(&expected, &actual, false);
+    assert!(diffs.is_empty(), "{diffs:#?}");
+    fs::remove_dir_all(tmp.join("unpack-src")).unwrap();
+    fs::remove_dir_all(tmp.join("unpack-out")).unwrap();
+    fs::remove_dir_all(out).unwrap();
+}
+
+fn fsck_clean(store: &Path) {
+    let report = skiff_json(store, &["fsck", "--json"]);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+}
+
+fn records(body: &[u8]) -> Vec<ChunkRecord> {
+    RecordReader::new(body)
+        .collect::<std::io::Result<_>>()
+        .unwrap()
+}
+
+fn upload_body(chunks: &[(ChunkId, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (id, data) in chunks {
+        wire::write_chunk_record(&mut body, id, &zstd::encode_all(*data, 3).unwrap());
+    }
+    body
+}
+
+#[test]
+fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
+    let tmp = tempdir();
+    let (local, served, pulled) = (
+        tmp.path().join("local"),
+        tmp.path().join("served"),
+        tmp.path().join("pulled"),
+    );
+    let source = tmp.path().join("src-a");
+    convert(&local, &source, &image(1, 3), "app:1");
+    convert(&local, &tmp.path().join("src-b"), &image(2, 3), "app:2");
+    let index = index_of(&local, "app:1");
+    let ids = distinct_ids(&index);
+
+    let server = SkiffServer::start(&served, &[]);
+    let http = Client::new();
+    let url = |path: &str| format!("{}{path}", server.url);
+
+    // Push: everything the first time, only the other image's own chunks the second.
+    let first = push(&local, &server, "app:1", None);
+    assert_eq!(first["chunks_sent"], first["chunks"]);
+    assert_eq!(first["chunks"].as_u64().unwrap(), ids.len() as u64);
+    let second = push(&local, &server, "app:2", None);
+    let second_ids = distinct_ids(&index_of(&local, "app:2"));
+    let own: Vec<_> = second_ids.iter().filter(|id| !ids.contains(id)).collect();
+    assert_eq!(second["chunks_sent"].as_u64().unwrap(), own.len() as u64);
+    assert!(
+        own.len() * 4 < second_ids.len(),
+        "the images share most chunks"
+    );
+    let again = push(&local, &server, "app:1", None);
+    assert_eq!(again["chunks_sent"], 0);
+
+    // Catalog routes.
+    let listed = skiff_json(&local, &["images", "--server", &server.url, "--json"]);
+    let names: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}:{}",
+                i["name"].as_str().unwrap(),
+                i["tag"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["app:1", "app:2"]);
+    let tags: Value = serde_json::from_slice(
+        &http
+            .get(url("/v1/tags/app"))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["1", "2"]));
+    assert_eq!(
+        http.get(url("/v1/tags/nope")).send().unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // Manifest and index.
+    let manifest: Value = serde_json::from_slice(
+        &http
+            .get(url("/v1/manifests/app:1"))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    let digest = IndexDigest::from_str(manifest["index"]["digest"].as_str().unwrap()).unwrap();
+    assert_eq!(digest, index.digest());
+    let compressed = http
+        .get(url(&format!("/v1/indexes/{digest}")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(
+        ImageIndex::decode(&zstd::decode_all(&compressed[..]).unwrap()).unwrap(),
+        index
+    );
+
+    // One chunk: bytes, caching headers, conditional GET, HEAD.
+    let id = ids[0];
+    let response = http.get(url(&format!("/v1/chunks/{id}"))).send().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{id}\""));
+    assert!(response.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+    let data = zstd::decode_all(&response.bytes().unwrap()[..]).unwrap();
+    assert_eq!(ChunkId::of(&data), id);
+    let conditional = http
+        .get(url(&format!("/v1/chunks/{id}")))
+        .header("if-none-match", &etag)
+        .send()
+        .unwrap();
+    assert_eq!(conditional.status(), StatusCode::NOT_MODIFIED);
+    let head = http.head(url(&format!("/v1/chunks/{id}"))).send().unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["x-skiff-chunk-length"].to_str().unwrap(),
+        data.len().to_string()
+    );
+    let unknown = ChunkId::of(b"no such chunk");
+    assert_eq!(
+        http.head(url(&format!("/v1/chunks/{unknown}")))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // Batch fetch: every chunk in request order, a missing record for the unknown id.
+    let mut ask = ids.clone();
+    ask.push(unknown);
+    let body = http
+        .post(url("/v1/chunks/fetch"))
+        .body(wire::encode_ids(&ask))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let got = records(&body);
+    assert_eq!(got.len(), ask.len());
+    for (record, id) in got.iter().zip(&ask) {
+        match record {
+            ChunkRecord::Chunk { id: got, wire } => {
+                assert_eq!(got, id);
+                assert_eq!(ChunkId::of(&zstd::decode_all(&wire[..]).unwrap()), *id);
+            }
+            ChunkRecord::Missing(got) => assert_eq!((got, id), (&unknown, &unknown)),
+        }
+    }
+
+    // Which are missing.
+    let missing = http
+        .post(url("/v1/chunks/missing"))
+        .body(wire::encode_ids(&ask))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(wire::decode_ids(&missing).unwrap(), [unknown]);
+
+    // The manifest fetch above warmed the cache; reads were counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("skiff_cache_warmed_total", &[]) == 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.metric("skiff_cache_warmed_total", &[]) > 0.0);
+    assert!(server.metric("skiff_cache_hits_total", &[]) > 0.0);
+    assert!(
+        server.metric(
+            "skiff_http_requests_total",
+            &["route=\"/v1/chunks/{id}\"", "status=\"200\""]
+        ) >= 1.0
+    );
+    assert!(server.metric("skiff_http_response_bytes_total", &[]) > 0.0);
+    assert!(
+        server.metric(
+            "skiff_http_request_duration_seconds_count",
+            &["route=\"/v1/chunks/fetch\""]
+        ) >= 1.0
+    );
+
+    // Pull into an empty store: the same bytes as the source image.
+    let report = pull(&pulled, &server, "app:1");
+    assert_eq!(report["chunks_sent"], report["chunks"]);
+    fsck_clean(&pulled);
+    assert_same_tree(&pulled, "app:1", &source, tmp.path());
+    let report = pull(&pulled, &server, "app:2");
+    assert_eq!(report["chunks_sent"].as_u64().unwrap(), own.len() as u64);
+
+    // Delete a tag.
+    let deleted = http.delete(url("/v1/manifests/app:2")).send().unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        http.get(url("/v1/manifests/app:2"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let health = http.get(url("/healthz")).send().unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    drop(server);
+    fsck_clean(&served);
+}
+
+#[test]
+fn bad_requests_get_clear_statuses_and_change_nothing() {
+    let tmp = tempdir();
+    let (local, served) = (tmp.path().join("local"), tmp.path().join("served"));
+    convert(&local, &tmp.path().join("src"), &image(1, 1), "app:1");
+    let token = tmp.path().join("token");
+    fs::write(&token, "s3cret-write\n").unwrap();
+    let server = SkiffServer::start(&served, &["--token-file", token.to_str().unwrap()]);
+    let http = Client::new();
+    let url = |path: &str| format!("{}{path}", server.url);
+    let auth = "Bearer s3cret-write";
+
+    // Without the token a push is refused at its first upload.
+    let out = skiff(&local, &["push", "app:1", "--server", &server.url]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("bearer token"),
+        "{stderr}"
+    );
+    push(&local, &server, "app:1", Some(&token));
+    let index = index_of(&local, "app:1");
+    let ids = distinct_ids(&index);
+    let before = store_state(&served);
+
+    let status = |request: reqwest::blocking::RequestBuilder| request.send().unwrap().status();
+    let good = b"a chunk nobody has uploaded".to_vec();
+    let good_id = ChunkId::of(&good);
+    let manifest = http
+        .get(url("/v1/manifests/app:1"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let other_manifest = manifest.replace("\"tag\":\"1\"", "\"tag\":\"2\"");
+
+    // Writes without a valid token: 401, whatever the body.
+    for bearer in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cret-writ"),
+        Some("s3cret-write"),
+    ] {
+        let with = |r: reqwest::blocking::RequestBuilder| match bearer {
+            Some(b) => r.header("authorization", b),
+            None => r,
+        };
+        let upload = upload_body(&[(good_id, &good)]);
+        assert_eq!(status(with(http.post(url("/v1/chunks")).body(upload))), 401);
+        assert_eq!(
+            status(with(
+                http.put(url("/v1/manifests/app:2"))
+                    .body(other_manifest.clone())
+            )),
+            401
+        );
+        assert_eq!(
+            status(with(
+                http.put(url(&format!("/v1/indexes/{}", index.digest())))
+                    .body("x")
+            )),
+            401
+        );
+        assert_eq!(status(with(http.delete(url("/v1/manifests/app:1")))), 401);
+    }
+
+    // Malformed ids, digests and names: 400; unknown ones: 404.
+    for path in ["/v1/chunks/xyz", "/v1/chunks/ABCDEF", "/v1/indexes/123"] {
+        assert_eq!(status(http.get(url(path))), 400, "{path}");
+    }
+    assert_eq!(status(http.get(url("/v1/manifests/UPPER:case"))), 400);
+    assert_eq!(status(http.get(url("/v1/manifests/app:bad%20tag"))), 400);
+    assert_eq!(status(http.get(url(&format!("/v1/chunks/{good_id}")))), 404);
+    assert_eq!(
+        status(http.get(url(&format!("/v1/indexes/{}", IndexDigest::of(b"none"))))),
+        404
+    );
+    assert_eq!(status(http.get(url("/v1/manifests/app:9"))), 404);
+    assert_eq!(
+        status(
+            http.delete(url("/v1/manifests/app:9"))
+                .header("authorization", auth)
+        ),
+        404
+    );
+    assert_eq!(
+        status(http.post(url("/v1/chunks/fetch")).body(vec![0u8; 33])),
+        400
+    );
+    assert_eq!(
+        status(http.post(url("/v1/chunks/missing")).body(Vec::new())),
+        400
+    );
+
+    // Bodies over a limit: 413.
+    let too_many_ids = vec![0u8; (65_536 + 1) * 32];
+    assert_eq!(
+        status(
+            http.post(url("/v1/chunks/fetch"))
+                .body(too_many_ids.clone())
+        ),
+        413
+    );
+    assert_eq!(
+        status(http.post(url("/v1/chunks/missing")).body(too_many_ids)),
+        413
+    );
+    let huge = vec![0u8; 65 << 20];
+    assert_eq!(
+        status(
+            http.post(url("/v1/chunks"))
+                .header("authorization", auth)
+                .body(huge)
+        ),
+        413
+    );
+    assert_eq!(
+        status(
+            http.put(url("/v1/manifests/app:2"))
+                .header("authorization", auth)
+                .body(vec![b' '; 5 << 20])
+        ),
+        413
+    );
+
+    // Uploads that lie: a chunk not matching its id refuses the whole body,
+    // including the good chunk before it.
+    let bad = upload_body(&[(good_id, &good), (ChunkId::of(b"claimed"), b"actual")]);
+    assert_eq!(
+        status(
+            http.post(url("/v1/chunks"))
+                .header("authorization", auth)
+                .body(bad)
+        ),
+        422
+    );
+    let not_zstd = {
+        let mut body = Vec::new();
+        wire::write_chunk_record(&mut body, &good_id, b"not zstd at all");
+        body
+    };
+    assert_eq!(
+        status(
+            http.post(url("/v1/chunks"))
+                .header("authorization", auth)
+                .body(not_zstd)
+        ),
+        422
+    );
+    let mut truncated = upload_body(&[(good_id, &good)]);
+    truncated.truncate(truncated.len() - 3);
+    assert_eq!(
+        status(
+            http.post(url("/v1/chunks"))
+                .header("authorization", auth)
+                .body(truncated)
+        ),
+        400
+    );
+    let missing_record = wire::record_header(&good_id, RecordKind::Missing, 0).to_vec();
+    assert_eq!(
+        status(
+            http.post(url("/v1/chunks"))
+                .header("authorization", auth)
+                .body(missing_record)
+        ),
+        400
+    );
+    assert!(server.metric("skiff_chunks_rejected_total", &[]) >= 2.0);
+
+    // Manifests and indexes that do not add up: 400 or 422.
+    let put_manifest = |path: &str, body: String| {
+        status(http.put(url(path)).header("authorization", auth).body(body))
+    };
+    assert_eq!(
+        put_manifest("/v1/manifests/app:3", other_manifest.clone()),
+        400
+    );
+    assert_eq!(put_manifest("/v1/manifests/app:2", "{not json".into()), 400);
+    let unknown_index =
+        other_manifest.replace(&index.digest().to_hex(), &IndexDigest::of(b"none").to_hex());
+    assert_eq!(put_manifest("/v1/manifests/app:2", unknown_index), 422);
+    // An index naming a chunk the server lacks.
+    let mut lacking = index.clone();
+    let ino = lacking
+        .inodes
+        .iter()
+        .position(|i| matches!(i.kind, skiff_format::InodeKind::File { .. }))
+        .unwrap();
+    if let skiff_format::InodeKind::File { chunks, .. } = &mut lacking.inodes[ino].kind {
+        chunks[0].id = good_id;
+    }
+    let encoded = lacking.encode();
+    let put_index = |digest: IndexDigest, body: Vec<u8>| {
+        status(
+            http.put(url(&format!("/v1/indexes/{digest}")))
+                .header("authorization", auth)
+                .body(body),
+        )
+    };
+    let compressed = zstd::encode_all(&encoded[..], 3).unwrap();
+    assert_eq!(
+        put_index(IndexDigest::of(&encoded), compressed.clone()),
+        422
+    );
+    assert_eq!(
+        put_index(index.digest(), compressed),
+        422,
+        "digest mismatch"
+    );
+    assert_eq!(
+        put_index(IndexDigest::of(&encoded), b"not zstd".to_vec()),
+        422
+    );
+    let garbage = zstd::encode_all(&b"SKIFFIDXgarbage"[..], 3).unwrap();
+    assert_eq!(put_index(IndexDigest::of(b"SKIFFIDXgarbage"), garbage), 422);
+
+    // None of it changed the store; the good chunk was never stored.
+    let lacks = http
+        .post(url("/v1/chunks/missing"))
+        .body(wire::encode_ids([&good_id, &ids[0]]))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(wire::decode_ids(&lacks).unwrap(), [good_id]);
+    assert_eq!(store_state(&served), before);
+    drop(server);
+    fsck_clean(&served);
+}
+
+#[test]
+fn a_read_token_guards_reads_and_the_write_token_also_reads() {
+    let tmp = tempdir();
+    let served = tmp.path().join("served");
+    seed_store(&served, &tmp.path().join("seed"));
+    let (read, write) = (tmp.path().join("read"), tmp.path().join("write"));
+    fs::write(&read, "reader").unwrap();
+    fs::write(&write, "writer").unwrap();
+    let server = SkiffServer::start(
+        &served,
+        &[
+            "--token-file",
+            write.to_str().unwrap(),
+            "--read-token-file",
+            read.to_str().unwrap(),
+        ],
+    );
+    let http = Client::new();
+    let images = format!("{}/v1/images", server.url);
+    let get = |token: Option<&str>| {
+        let request = http.get(&images);
+        match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+        .send()
+        .unwrap()
+        .status()
+    };
+    assert_eq!(get(None), 401);
+    assert_eq!(get(Some("wrong")), 401);
+    assert_eq!(get(Some("reader")), 200);
+    assert_eq!(get(Some("writer")), 200);
+    let out = skiff(&served, &["images", "--server", &server.url]);
+    assert!(!out.status.success());
+    let listed = skiff_ok(
+        &served,
+        &[
+            "images",
+            "--server",
+            &server.url,
+            "--token-file",
+            read.to_str().unwrap(),
+        ],
+    );
+    assert!(listed.contains("seed:latest"), "{listed}");
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(
+        http.get(format!("{}/healthz", server.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{}/metrics", server.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn concurrent_pushes_of_overlapping_images_both_land() {
+    let tmp = tempdir();
+    let (a, b, served, pulled) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("served"),
+        tmp.path().join("pulled"),
+    );
+    let (src_a, src_b) = (tmp.path().join("src-a"), tmp.path().join("src-b"));
+    convert(&a, &src_a, &image(1, 24), "app:a");
+    convert(&b, &src_b, &image(2, 24), "app:b");
+    let server = SkiffServer::start(&served, &[]);
+    let spawn = |store: &Path, name: &str| {
+        Command::new(skiff_bin())
+            .arg("--store")
+            .arg(store)
+            .args(["push", name, "--server", &server.url, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (one, two) = (spawn(&a, "app:a"), spawn(&b, "app:b"));
+    for child in [one, two] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The server holds each distinct chunk once.
+    let mut union: Vec<_> = distinct_ids(&index_of(&a, "app:a"));
+    union.extend(distinct_ids(&index_of(&b, "app:b")));
+    union.sort();
+    union.dedup();
+    drop(server);
+    fsck_clean(&served);
+    assert_eq!(
+        skiff_json(&served, &["stats", "--json"])["chunks"]
+            .as_u64()
+            .unwrap(),
+        union.len() as u64
+    );
+    let server = SkiffServer::start(&served, &[]);
+    pull(&pulled, &server, "app:a");
+    pull(&pulled, &server, "app:b");
+    assert_same_tree(&pulled, "app:a", &src_a, tmp.path());
+    assert_same_tree(&pulled, "app:b", &src_b, tmp.path());
+}
+
+#[test]
+fn a_push_cut_off_by_a_killed_server_resumes_without_resending() {
+    let tmp = tempdir();
+    let (local, served, pulled) = (
+        tmp.path().join("local"),
+        tmp.path().join("served"),
+        tmp.path().join("pulled"),
+    );
+    let source = tmp.path().join("src");
+    convert(&local, &source, &image(1, 48), "app:1");
+    let total = distinct_ids(&index_of(&local, "app:1")).len() as u64;
+    let mut server = SkiffServer::start(&served, &[]);
+    let mut push_child = Command::new(skiff_bin())
+        .arg("--store")
+        .arg(&local)
+        .args(["push", "app:1", "--server", &server.url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the server once some, not all, chunks are stored.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("skiff_chunks_stored_total", &[]) == 0.0 {
+        assert!(Instant::now() < deadline, "the push never stored anything");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.kill();
+    let status = push_child.wait().unwrap();
+    let mut stderr = String::new();
+    push_child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the push should fail when its server dies"
+    );
+    assert!(stderr.contains("pushing app:1"), "{stderr}");
+
+    // The server's store recovers and is consistent; the rerun sends only the rest.
+    fsck_clean(&served);
+    let server = SkiffServer::start(&served, &[]);
+    let rerun = push(&local, &server, "app:1", None);
+    let resent = rerun["chunks_sent"].as_u64().unwrap();
+    assert!(resent < total, "resent {resent} of {total} chunks");
+    pull(&pulled, &server, "app:1");
+    assert_same_tree(&pulled, "app:1", &source, tmp.path());
+    drop(server);
+    fsck_clean(&served);
+}
+
+#[test]
+fn a_killed_pull_resumes_without_refetching() {
+    let tmp = tempdir();
+    let (served, pulled) = (tmp.path().join("served"), tmp.path().join("pulled"));
+    let source = tmp.path().join("src");
+    convert(&served, &source, &image(1, 48), "app:1");
+    let total = distinct_ids(&index_of(&served, "app:1")).len() as u64;
+    // A small cache keeps the server reading from its store, which paces the pull.
+    let server = SkiffServer::start(&served, &["--cache-mb", "0"]);
+    let mut pull_child = Command::new(skiff_bin())
+        .arg("--store")
+        .arg(&pulled)
+        .args(["pull", "app:1", "--server", &server.url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 the client once its store holds a finished batch.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "the pull never stored a batch");
+        let stats = skiff(&pulled, &["stats", "--json"]);
+        if stats.status.success() {
+            let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+            if stats["chunks"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pull_child.kill().unwrap();
+    pull_child.wait().unwrap();
+    let rerun = pull(&pulled, &server, "app:1");
+    let fetched = rerun["chunks_sent"].as_u64().unwrap();
+    assert!(fetched < total, "fetched {fetched} of {total} chunks again");
+    fsck_clean(&pulled);
+    assert_same_tree(&pulled, "app:1", &source, tmp.path());
+}
+
+#[test]
+fn sigterm_lets_a_streaming_fetch_finish_then_closes_the_store() {
+    let tmp = tempdir();
+    let served = tmp.path().join("served");
+    convert(&served, &tmp.path().join("src"), &image(1, 16), "app:1");
+    let ids = distinct_ids(&index_of(&served, "app:1"));
+    let mut server = SkiffServer::start(&served, &["--cache-mb", "0"]);
+    let mut response = Client::new()
+        .post(format!("{}/v1/chunks/fetch", server.url))
+        .body(wire::encode_ids(&ids))
+        .send()
+        .unwrap();
+    let mut first = [0u8; 64];
+    response.read_exact(&mut first).unwrap();
+    // The signal arrives while most of the batch is still to be read and sent.
+    let signalled = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let mut rest = Vec::new();
+    response.read_to_end(&mut rest).unwrap();
+    let mut body = first.to_vec();
+    body.extend(rest);
+    assert_eq!(
+        records(&body).len(),
+        ids.len(),
+        "the in-flight batch finished"
+    );
+    let status = server.terminate_wait();
+    assert!(status.success(), "skiff serve exited with {status}");
+    fsck_clean(&served);
+}
