@@ -39,9 +39,9 @@ impl Tokens {
 
 fn bearer(parts: &Parts) -> Option<&[u8]> {
     let value = parts.headers.get(header::AUTHORIZATION)?.as_bytes();
-    value
-        .strip_prefix(b"Bearer ")
-        .or_else(|| value.strip_prefix(b"bearer "))
+    // The scheme is case-insensitive (RFC 9110).
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
 }
 
 fn check(parts: &Parts, state: &AppState, access: Access) -> Result<(), ApiError> {

@@ -66,7 +66,6 @@ impl From<StoreError> for ApiError {
             StoreError::MissingChunk { .. } | StoreError::BadManifest(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            StoreError::Format(_) => StatusCode::UNPROCESSABLE_ENTITY,
             _ => {
                 tracing::error!("store error: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -85,10 +84,17 @@ impl From<tokio::task::JoinError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"skiff\""),
+            );
+        }
+        response
     }
 }

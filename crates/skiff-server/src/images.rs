@@ -188,8 +188,11 @@ pub async fn put_index(
                 "the index hashes to {actual}, not {digest}"
             )));
         }
-        s.store.put_index(&encoded)?;
-        Ok(())
+        match s.store.put_index(&encoded) {
+            // The index itself does not decode or validate: the client's fault.
+            Err(StoreError::Format(e)) => Err(ApiError::unprocessable(e.to_string())),
+            other => Ok(other.map(drop)?),
+        }
     })
     .await?;
     Ok(StatusCode::CREATED)

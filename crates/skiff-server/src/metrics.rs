@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::HttpBody;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
@@ -169,12 +170,8 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
             status: response.status().as_u16(),
         })
         .inc();
-    if let Some(len) = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    // Content-Length is set after this layer runs; the body knows its size.
+    if let Some(len) = response.body().size_hint().exact() {
         metrics.bytes_out.inc_by(len);
     }
     response
