@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use axum::body::{Body, Bytes};
+use axum::body::{self, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,7 @@ use skiff_format::ChunkId;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::{CanRead, CanWrite};
+use crate::body::Body;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -133,7 +134,7 @@ fn parse_ids(body: &[u8]) -> Result<Vec<ChunkId>, ApiError> {
 pub async fn fetch_chunks(
     _: CanRead,
     State(state): State<AppState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let ids = parse_ids(&body)?;
     let count = ids.len();
@@ -183,7 +184,7 @@ pub async fn fetch_chunks(
                 HeaderValue::from(count),
             ),
         ],
-        Body::from_stream(ReceiverStream::new(stream)),
+        body::Body::from_stream(ReceiverStream::new(stream)),
     )
         .into_response())
 }
@@ -192,7 +193,7 @@ pub async fn fetch_chunks(
 pub async fn missing_chunks(
     _: CanRead,
     State(state): State<AppState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let ids = parse_ids(&body)?;
     let shared = state.clone();
@@ -222,7 +223,7 @@ pub async fn missing_chunks(
 pub async fn upload_chunks(
     _: CanWrite,
     State(state): State<AppState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {
     let shared = state.clone();
     let chunks = tokio::task::spawn_blocking(move || verify_upload(&shared, &body)).await??;

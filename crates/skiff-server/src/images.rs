@@ -2,7 +2,6 @@
 
 use std::str::FromStr;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,6 +11,7 @@ use skiff_format::{ImageManifest, ImageRef, IndexDigest};
 use skiff_store::StoreError;
 
 use crate::auth::{CanRead, CanWrite};
+use crate::body::Body;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -107,7 +107,7 @@ pub async fn put_manifest(
     _: CanWrite,
     State(state): State<AppState>,
     Path(image): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<StatusCode, ApiError> {
     let image = parse_image(&image)?;
     let manifest =
@@ -173,7 +173,7 @@ pub async fn put_index(
     _: CanWrite,
     State(state): State<AppState>,
     Path(digest): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<StatusCode, ApiError> {
     let digest = parse_digest(&digest)?;
     blocking(&state, move |s| {

@@ -6,6 +6,7 @@
 //! writes (and, if configured, reads) need a bearer token.
 
 mod auth;
+mod body;
 mod cache;
 mod chunks;
 mod error;

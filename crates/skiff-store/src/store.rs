@@ -421,11 +421,18 @@ impl Store {
         Ok(digest)
     }
 
-    /// Tags a manifest whose index (and so every chunk) is already stored,
+    /// Tags a manifest whose index and every chunk are already stored,
     /// replacing what the tag named before.
     pub fn put_manifest(&self, manifest: &ImageManifest) -> Result<(), StoreError> {
         let encoded = self.index_bytes(&manifest.index.digest)?;
         check_descriptor(manifest, &encoded)?;
+        // put_index checked the chunks; checking again costs little and keeps
+        // the promise that a tagged image is complete whatever wrote the index.
+        let index = ImageIndex::decode(&encoded)?;
+        self.check_chunks_present(
+            &format!("image {}", manifest.image_ref()),
+            index.chunk_refs().map(|c| &c.id),
+        )?;
         let mut batch = WriteBatch::default();
         batch.put_cf(
             self.cf(CF_IMAGES),
