@@ -341,13 +341,33 @@ fn bad_requests_get_clear_statuses_and_change_nothing() {
     let url = |path: &str| format!("{}{path}", server.url);
     let auth = "Bearer s3cret-write";
 
-    // Without the token a push is refused at its first upload.
+    // Without the token a push is refused before it sends anything.
     let out = skiff(&local, &["push", "app:1", "--server", &server.url]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("401") && stderr.contains("bearer token"),
+        stderr.contains("refuses uploads without a valid token"),
         "{stderr}"
+    );
+    let access = |token: Option<&str>| -> Value {
+        let request = http.get(url("/v1/auth"));
+        let request = match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        };
+        serde_json::from_slice(&request.send().unwrap().bytes().unwrap()).unwrap()
+    };
+    assert_eq!(
+        access(None),
+        serde_json::json!({"read": true, "write": false})
+    );
+    assert_eq!(
+        access(Some("nope")),
+        serde_json::json!({"read": true, "write": false})
+    );
+    assert_eq!(
+        access(Some("s3cret-write")),
+        serde_json::json!({"read": true, "write": true})
     );
     push(&local, &server, "app:1", Some(&token));
     let index = index_of(&local, "app:1");
@@ -437,13 +457,17 @@ fn bad_requests_get_clear_statuses_and_change_nothing() {
         413
     );
     let huge = vec![0u8; 65 << 20];
-    assert_eq!(
-        status(
-            http.post(url("/v1/chunks"))
-                .header("authorization", auth)
-                .body(huge)
-        ),
-        413
+    let refused = http
+        .post(url("/v1/chunks"))
+        .header("authorization", auth)
+        .body(huge)
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    let error: Value = serde_json::from_slice(&refused.bytes().unwrap()).unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("limit"),
+        "{error}"
     );
     assert_eq!(
         status(

@@ -7,7 +7,9 @@ use reqwest::blocking::{RequestBuilder, Response};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use skiff_chunk::decompress_chunk;
-use skiff_format::wire::{self, ChunkRecord, ImageSummary, RecordReader, UploadOutcome};
+use skiff_format::wire::{
+    self, AccessReport, ChunkRecord, ImageSummary, RecordReader, UploadOutcome,
+};
 use skiff_format::{ChunkId, ImageManifest, ImageRef, IndexDigest};
 
 use crate::ClientError;
@@ -100,6 +102,13 @@ impl Client {
     pub fn health(&self) -> Result<(), ClientError> {
         let url = self.url("/healthz");
         self.send(&url, self.http.get(&url)).map(drop)
+    }
+
+    /// What this client's token (or no token) may do on the server.
+    pub fn access(&self) -> Result<AccessReport, ClientError> {
+        let url = self.url("/v1/auth");
+        let body = Self::read_body(&url, self.send(&url, self.http.get(&url))?)?;
+        serde_json::from_slice(&body).map_err(|e| Self::protocol(&url, e.to_string()))
     }
 
     pub fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {

@@ -21,6 +21,8 @@ pub enum ClientError {
     },
     #[error("{url}: malformed response: {message}")]
     Protocol { url: String, message: String },
+    #[error("{server} refuses {what} without a valid token (pass --token-file)")]
+    Unauthorized { server: String, what: &'static str },
     #[error("the server does not hold chunk {0}")]
     ChunkMissing(ChunkId),
     #[error("a chunk from the server failed verification: {0}")]

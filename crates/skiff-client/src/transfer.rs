@@ -96,6 +96,14 @@ pub fn push(
 ) -> Result<TransferReport, ClientError> {
     let started = Instant::now();
     let manifest = store.image(image)?;
+    // Asked first: a refused upload of a large batch may surface as a broken
+    // connection instead of the server's 401.
+    if !client.access()?.write {
+        return Err(ClientError::Unauthorized {
+            server: client.server().to_owned(),
+            what: "uploads",
+        });
+    }
     let encoded = store.index_bytes(&manifest.index.digest)?;
     let chunks = distinct_chunks(&ImageIndex::decode(&encoded)?);
 

@@ -39,6 +39,13 @@ impl From<&ImageManifest> for ImageSummary {
     }
 }
 
+/// The answer to `GET /v1/auth`: what the presented token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessReport {
+    pub read: bool,
+    pub write: bool,
+}
+
 /// The answer to an upload (`POST /v1/chunks`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadOutcome {

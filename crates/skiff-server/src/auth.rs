@@ -1,8 +1,10 @@
 //! Bearer tokens: one for writes, optionally one for reads.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use skiff_format::wire::AccessReport;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -37,15 +39,15 @@ impl Tokens {
     }
 }
 
-fn bearer(parts: &Parts) -> Option<&[u8]> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.as_bytes();
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
     // The scheme is case-insensitive (RFC 9110).
     let (scheme, token) = value.split_at_checked(7)?;
     scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
 }
 
 fn check(parts: &Parts, state: &AppState, access: Access) -> Result<(), ApiError> {
-    if state.tokens.allows(access, bearer(parts)) {
+    if state.tokens.allows(access, bearer(&parts.headers)) {
         return Ok(());
     }
     let what = match access {
@@ -56,6 +58,18 @@ fn check(parts: &Parts, state: &AppState, access: Access) -> Result<(), ApiError
         StatusCode::UNAUTHORIZED,
         format!("{what} needs a valid bearer token (Authorization: Bearer TOKEN)"),
     ))
+}
+
+/// `GET /v1/auth`: what the presented token may do. Open to all, so that a
+/// client learns before it sends a large body that the body would be refused
+/// (a server that answers 401 early and closes can leave the client writing
+/// into a closed connection).
+pub async fn describe(State(state): State<AppState>, headers: HeaderMap) -> Json<AccessReport> {
+    let presented = bearer(&headers);
+    Json(AccessReport {
+        read: state.tokens.allows(Access::Read, presented),
+        write: state.tokens.allows(Access::Write, presented),
+    })
 }
 
 /// An extractor that admits a request allowed to read. Handlers take it

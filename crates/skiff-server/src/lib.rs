@@ -49,6 +49,7 @@ pub const MAX_INDEX_BODY: usize = 64 * 1024 * 1024;
 mod route {
     pub const HEALTH: &str = "/healthz";
     pub const METRICS: &str = "/metrics";
+    pub const AUTH: &str = "/v1/auth";
     pub const CHUNKS: &str = "/v1/chunks";
     pub const FETCH: &str = "/v1/chunks/fetch";
     pub const MISSING: &str = "/v1/chunks/missing";
@@ -59,9 +60,10 @@ mod route {
     pub const INDEX: &str = "/v1/indexes/{digest}";
 }
 
-pub(crate) const ROUTES: [&str; 10] = [
+pub(crate) const ROUTES: [&str; 11] = [
     route::HEALTH,
     route::METRICS,
+    route::AUTH,
     route::CHUNKS,
     route::FETCH,
     route::MISSING,
@@ -169,6 +171,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route(route::HEALTH, get(|| async { "ok\n" }))
         .route(route::METRICS, get(metrics::render))
+        .route(route::AUTH, get(auth::describe))
         .route(
             route::CHUNKS,
             post(chunks::upload_chunks).layer(limit(MAX_UPLOAD_BODY)),
