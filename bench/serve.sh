@@ -3,8 +3,9 @@
 # chunks as static files from disk, measured side by side in one run.
 #   1. single-chunk GETs: wrk, 64 connections, random chunks of one image,
 #      ROUNDS alternating rounds of DURATION seconds each (medians reported);
-#   2. batch fetch: POST /v1/chunks/fetch of BATCH ids, against nginx sending
-#      a static file holding exactly the same response bytes.
+#   2. batch fetch: POST /v1/chunks/fetch of BATCH ids (default: every chunk
+#      of the image), against nginx sending a static file holding exactly the
+#      same response bytes.
 # Writes the tables into docs/BENCHMARKS.md.
 #
 # Usage: SKIFF=path/to/skiff CHUNK_FILES=path/to/chunk-files bench/serve.sh
@@ -17,7 +18,7 @@ CHUNK_FILES=${CHUNK_FILES:-$target/chunk-files}
 image_dir=${SKIFF_BENCH_IMAGE:-/var/cache/skiff/images/git}
 rounds=${ROUNDS:-5}
 duration=${DURATION:-10}
-batch=${BATCH:-512}
+batch=${BATCH:-}
 work=$(mktemp -d /var/tmp/skiff-serve-bench.XXXXXX)
 chmod 755 "$work" # nginx workers run as www-data
 server_pid=
@@ -42,6 +43,7 @@ echo "converting $image_dir..."
 chunks=$(wc -l < "$work/ids")
 wire_bytes=$(du -sb "$work/files" | cut -f1)
 echo "$chunks chunks, $wire_bytes bytes on the wire"
+batch=${batch:-$chunks}
 
 # The batch: its id list, and the very bytes skiff answers, as a static file.
 head -n "$batch" "$work/ids" > "$work/batch.ids"

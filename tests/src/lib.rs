@@ -932,7 +932,11 @@ impl SkiffServer {
     /// Starts `skiff --store STORE serve --listen 127.0.0.1:PORT EXTRA...` and
     /// waits until `/healthz` answers.
     pub fn start(store: &Path, extra: &[&str]) -> SkiffServer {
-        let port = free_port();
+        Self::start_on(free_port(), store, extra)
+    }
+
+    /// As [`SkiffServer::start`], on a given port (to restart a server).
+    pub fn start_on(port: u16, store: &Path, extra: &[&str]) -> SkiffServer {
         let child = Command::new(skiff_bin())
             .arg("--store")
             .arg(store)

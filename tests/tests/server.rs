@@ -714,7 +714,7 @@ fn a_push_cut_off_by_a_killed_server_resumes_without_resending() {
     let mut push_child = Command::new(skiff_bin())
         .arg("--store")
         .arg(&local)
-        .args(["push", "app:1", "--server", &server.url])
+        .args(["push", "app:1", "--server", &server.url, "--retry-for", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -823,4 +823,69 @@ fn sigterm_lets_a_streaming_fetch_finish_then_closes_the_store() {
     let status = server.terminate_wait();
     assert!(status.success(), "skiff serve exited with {status}");
     fsck_clean(&served);
+}
+
+#[test]
+fn transfers_ride_out_a_server_restart() {
+    let tmp = tempdir();
+    let (local, served, pulled) = (
+        tmp.path().join("local"),
+        tmp.path().join("served"),
+        tmp.path().join("pulled"),
+    );
+    let source = tmp.path().join("src");
+    convert(&local, &source, &image(1, 48), "app:1");
+    let mut server = SkiffServer::start(&served, &[]);
+    let port = server.port;
+    let transfer = |store: &Path, verb: &str, url: &str| {
+        Command::new(skiff_bin())
+            .arg("--store")
+            .arg(store)
+            .args([verb, "app:1", "--server", url, "--json"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_for = |server: &SkiffServer, metric: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server.metric(metric, &[]) == 0.0 {
+            assert!(Instant::now() < deadline, "{metric} stayed 0");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    // The server dies mid-push and comes back on the same port: the push retries and finishes.
+    let push_child = transfer(&local, "push", &server.url.clone());
+    wait_for(&server, "skiff_chunks_stored_total");
+    server.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    // A cold cache paces the pull below, so it is still running when the server dies.
+    let mut server = SkiffServer::start_on(port, &served, &["--cache-mb", "0"]);
+    let out = push_child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retrying"));
+
+    // The same for a pull: its batch is asked again from where it was cut.
+    let pull_child = transfer(&pulled, "pull", &server.url.clone());
+    wait_for(&server, "skiff_chunks_sent_total");
+    server.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let server = SkiffServer::start_on(port, &served, &[]);
+    let out = pull_child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retrying"));
+    drop(server);
+    fsck_clean(&served);
+    fsck_clean(&pulled);
+    assert_same_tree(&pulled, "app:1", &source, tmp.path());
 }

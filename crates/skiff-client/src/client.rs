@@ -1,7 +1,7 @@
 //! Requests to a skiff chunk server (docs/API.md), blocking.
 
 use std::io::Read;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::{RequestBuilder, Response};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -19,12 +19,38 @@ const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
 /// The largest chunk FastCDC makes: the bound for decompressing one.
 pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 
+/// How long a failing request is retried unless told otherwise.
+pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// A connection to one chunk server.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::blocking::Client,
     base: String,
     token: Option<String>,
+    retry_window: Duration,
+}
+
+/// Retries `attempt` with exponential backoff while it fails for a passing
+/// reason and the window lasts.
+fn retrying<T>(
+    window: Duration,
+    mut attempt: impl FnMut() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let deadline = Instant::now() + window;
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match attempt() {
+            Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
+                tracing::warn!("{e}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            other => return other,
+        }
+    }
 }
 
 impl Client {
@@ -45,7 +71,19 @@ impl Client {
                 url: base.clone(),
                 source,
             })?;
-        Ok(Client { http, base, token })
+        Ok(Client {
+            http,
+            base,
+            token,
+            retry_window: DEFAULT_RETRY_WINDOW,
+        })
+    }
+
+    /// Retries requests that fail for a passing reason (see
+    /// [`ClientError::is_transient`]) for up to `window`; zero turns retries off.
+    pub fn with_retry_window(mut self, window: Duration) -> Self {
+        self.retry_window = window;
+        self
     }
 
     pub fn server(&self) -> &str {
@@ -56,12 +94,23 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    /// Sends a request and turns any answer but 2xx into [`ClientError::Status`].
+    /// Sends a request, retrying passing failures, and turns any answer but
+    /// 2xx into [`ClientError::Status`].
     fn send(&self, url: &str, request: RequestBuilder) -> Result<Response, ClientError> {
         let request = match &self.token {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {token}")),
             None => request,
         };
+        retrying(self.retry_window, || {
+            // Bodies are in memory, so a request can always be cloned.
+            let attempt = request
+                .try_clone()
+                .ok_or_else(|| Self::protocol(url, "a request with a streamed body"))?;
+            Self::send_once(url, attempt)
+        })
+    }
+
+    fn send_once(url: &str, request: RequestBuilder) -> Result<Response, ClientError> {
         let response = request.send().map_err(|source| ClientError::Http {
             url: url.to_owned(),
             source,
@@ -189,23 +238,45 @@ impl Client {
 
     /// Fetches `ids` in one request and hands each chunk, verified against
     /// its id, to `each` as it arrives, in the order asked, with the size
-    /// it had on the wire.
+    /// it had on the wire. An answer cut short is asked again for the chunks
+    /// still to come, within the retry window.
     pub fn fetch(
         &self,
         ids: &[ChunkId],
         mut each: impl FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
+        let mut done = 0;
+        retrying(self.retry_window, || {
+            self.fetch_once(&ids[done..], &mut |id, data, wire_len| {
+                each(id, data, wire_len)?;
+                done += 1;
+                Ok(())
+            })
+        })
+    }
+
+    fn fetch_once(
+        &self,
+        ids: &[ChunkId],
+        each: &mut dyn FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
         let url = self.url("/v1/chunks/fetch");
         let request = self.http.post(&url).body(wire::encode_ids(ids));
-        let response = self.send(&url, request)?;
+        let request = match &self.token {
+            Some(token) => request.header(AUTHORIZATION, format!("Bearer {token}")),
+            None => request,
+        };
+        let response = Self::send_once(&url, request)?;
+        let cut_short = |message: String| ClientError::Interrupted {
+            url: url.clone(),
+            message,
+        };
         let mut records = RecordReader::new(response);
         for expected in ids {
             let record = records
                 .next_record()
-                .map_err(|e| Self::protocol(&url, format!("batch body: {e}")))?
-                .ok_or_else(|| {
-                    Self::protocol(&url, format!("the batch ended before chunk {expected}"))
-                })?;
+                .map_err(|e| cut_short(format!("batch body: {e}")))?
+                .ok_or_else(|| cut_short(format!("the batch ended before chunk {expected}")))?;
             match record {
                 ChunkRecord::Chunk { id, wire } if id == *expected => {
                     each(
@@ -229,7 +300,7 @@ impl Client {
         let mut reader = records.into_inner();
         if reader
             .read(&mut rest)
-            .map_err(|e| Self::protocol(&url, e.to_string()))?
+            .map_err(|e| cut_short(e.to_string()))?
             != 0
         {
             return Err(Self::protocol(&url, "the batch holds more than was asked"));

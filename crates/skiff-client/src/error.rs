@@ -19,6 +19,8 @@ pub enum ClientError {
         status: u16,
         message: String,
     },
+    #[error("{url}: the answer was cut short: {message}")]
+    Interrupted { url: String, message: String },
     #[error("{url}: malformed response: {message}")]
     Protocol { url: String, message: String },
     #[error("{server} refuses {what} without a valid token (pass --token-file)")]
@@ -34,6 +36,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the failure may pass by itself: no connection, a reset or
+    /// timeout, an answer cut short, or a server saying it is overloaded or
+    /// behind a proxy that lost it. Every request of the API may be repeated.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Http { source, .. } => !source.is_builder(),
+            ClientError::Interrupted { .. } => true,
+            ClientError::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
+
     /// The HTTP status the server answered with, if it answered.
     pub fn status(&self) -> Option<u16> {
         match self {

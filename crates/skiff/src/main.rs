@@ -146,12 +146,19 @@ struct Remote {
     /// File holding the server's bearer token
     #[arg(long, env = "SKIFF_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Seconds to keep retrying a request that fails for a passing reason
+    /// (server unreachable or restarting, connection reset, 502/503/504); 0: no retries
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    retry_for: u64,
 }
 
 impl Remote {
     fn client(&self) -> Result<Client> {
         let token = self.token_file.as_deref().map(read_token).transpose()?;
-        Ok(Client::new(&self.server, token)?)
+        Ok(
+            Client::new(&self.server, token)?
+                .with_retry_window(Duration::from_secs(self.retry_for)),
+        )
     }
 }
 
@@ -231,7 +238,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             server: Some(server),
             token_file,
             json,
-        } => remote_images(&Remote { server, token_file }.client()?, json)?,
+        } => remote_images(
+            &Remote {
+                server,
+                token_file,
+                retry_for: skiff_client::DEFAULT_RETRY_WINDOW.as_secs(),
+            }
+            .client()?,
+            json,
+        )?,
         Command::Images { json, .. } => images(&Store::open_read_only(&store_dir)?, json)?,
         Command::Serve {
             listen,
