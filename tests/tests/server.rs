@@ -215,6 +215,13 @@ fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
         index
     );
 
+    let conditional = http
+        .get(url(&format!("/v1/indexes/{digest}")))
+        .header("if-none-match", format!("\"{digest}\""))
+        .send()
+        .unwrap();
+    assert_eq!(conditional.status(), StatusCode::NOT_MODIFIED);
+
     // One chunk: bytes, caching headers, conditional GET, HEAD.
     let id = ids[0];
     let response = http.get(url(&format!("/v1/chunks/{id}"))).send().unwrap();

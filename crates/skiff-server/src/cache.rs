@@ -65,7 +65,8 @@ impl HotCache {
         Some(wire)
     }
 
-    fn load(&self, store: &Store, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
+    /// Reads, verifies and compresses a chunk from the store and caches it.
+    pub fn load(&self, store: &Store, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
         let data = match store.read_chunk(id) {
             Ok(data) => data,
             Err(StoreError::ChunkNotFound(_)) => return Ok(None),

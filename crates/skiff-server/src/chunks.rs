@@ -4,7 +4,8 @@
 use std::str::FromStr;
 
 use axum::body::{self, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,6 +14,7 @@ use skiff_chunk::decompress_chunk;
 use skiff_format::wire::{self, ChunkRecord, RecordKind, RecordReader, UploadOutcome};
 use skiff_format::ChunkId;
 use skiff_store::StoreError;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::{CanRead, CanWrite};
@@ -23,6 +25,8 @@ use crate::AppState;
 pub const CHUNK_CONTENT_TYPE: &str = "application/zstd";
 pub const RECORDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunks.v1";
 pub const IDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunk-ids.v1";
+/// Uploads verified and stored at once; more wait for a slot.
+pub const MAX_CONCURRENT_UPLOADS: usize = 4;
 /// Ids of a batch loaded in parallel before their records are sent.
 const FETCH_PARALLEL_GROUP: usize = 16;
 /// Chunks never change under their id.
@@ -143,21 +147,40 @@ pub async fn fetch_chunks(
     let ids = parse_ids(&body)?;
     let count = ids.len();
     // A few records in flight: the reader stays just ahead of the socket.
-    let (records, stream) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let (records, stream) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(32);
     let shared = state.clone();
     tokio::task::spawn_blocking(move || {
-        // Chunks not in the cache cost a frame read and a compression each:
-        // a few at a time are loaded in parallel, then sent in request order.
         for group in ids.chunks(FETCH_PARALLEL_GROUP) {
-            let loaded: Vec<_> = group
+            // Cached chunks are taken as they are; the others cost a frame
+            // read and a compression each, so those are loaded in parallel.
+            let mut loaded: Vec<_> = group.iter().map(|id| shared.cache.get(id)).collect();
+            let misses: Vec<_> = (0..group.len()).filter(|&i| loaded[i].is_none()).collect();
+            let mut fetched = misses
                 .par_iter()
-                .map(|id| shared.cache.get_or_load(&shared.store, id))
-                .collect();
-            for (id, loaded) in group.iter().zip(loaded) {
-                let record = fetch_record(&shared, id, loaded);
-                let failed = record.is_err();
-                if records.blocking_send(record).is_err() || failed {
-                    return; // the client went away, or the stream is over
+                .map(|&i| {
+                    shared.metrics.cache_misses.inc();
+                    shared.cache.load(&shared.store, &group[i])
+                })
+                .collect::<Vec<_>>()
+                .into_iter();
+            for (id, cached) in group.iter().zip(loaded.drain(..)) {
+                let result = match cached {
+                    Some(wire) => Ok(Some(wire)),
+                    None => fetched.next().expect("one load per miss"),
+                };
+                // Header and chunk go out as two pieces: the chunk is not copied.
+                let failed = match record_pieces(&shared, id, result) {
+                    Ok((header, wire)) => {
+                        records.blocking_send(Ok(header)).is_err()
+                            || wire.is_some_and(|w| records.blocking_send(Ok(w)).is_err())
+                    }
+                    Err(e) => {
+                        let _ = records.blocking_send(Err(e));
+                        true
+                    }
+                };
+                if failed {
+                    return; // the client went away, or the stream is cut short
                 }
             }
         }
@@ -178,12 +201,12 @@ pub async fn fetch_chunks(
         .into_response())
 }
 
-/// One record of a batch answer.
-fn fetch_record(
+/// One record of a batch answer: its header, and the chunk if there is one.
+fn record_pieces(
     state: &AppState,
     id: &ChunkId,
     loaded: Result<Option<Bytes>, StoreError>,
-) -> Result<Bytes, std::io::Error> {
+) -> Result<(Bytes, Option<Bytes>), std::io::Error> {
     match loaded {
         Ok(Some(wire)) => {
             state.metrics.chunks_out.inc();
@@ -192,16 +215,12 @@ fn fetch_record(
                 .bytes_out
                 .inc_by((wire::RECORD_HEADER_LEN + wire.len()) as u64);
             let header = wire::record_header(id, RecordKind::Chunk, wire.len() as u32);
-            let mut record = Vec::with_capacity(header.len() + wire.len());
-            record.extend_from_slice(&header);
-            record.extend_from_slice(&wire);
-            Ok(Bytes::from(record))
+            Ok((Bytes::copy_from_slice(&header), Some(wire)))
         }
-        Ok(None) => Ok(Bytes::copy_from_slice(&wire::record_header(
-            id,
-            RecordKind::Missing,
-            0,
-        ))),
+        Ok(None) => {
+            let header = wire::record_header(id, RecordKind::Missing, 0);
+            Ok((Bytes::copy_from_slice(&header), None))
+        }
         Err(e) => {
             // Cut the stream short: the client sees a truncated body, never bad data.
             tracing::error!("reading chunk {id} for a batch: {e}");
@@ -238,11 +257,32 @@ pub async fn missing_chunks(
         .into_response())
 }
 
+/// A place among the uploads verified at once, taken before the body is
+/// read (the client waits on TCP back-pressure meanwhile), so memory stays
+/// bounded however many clients push: at most
+/// [`MAX_CONCURRENT_UPLOADS`] × (64 MiB body + 256 MiB decompressed).
+pub struct UploadSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl FromRequestParts<AppState> for UploadSlot {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let permit = state
+            .upload_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("the server is shutting down"))?;
+        Ok(UploadSlot(permit))
+    }
+}
+
 /// `POST /v1/chunks`: stores uploaded chunk records. Every chunk is
 /// decompressed and hashed first; one bad chunk refuses the whole upload
 /// and nothing of it is stored.
 pub async fn upload_chunks(
     _: CanWrite,
+    _slot: UploadSlot,
     State(state): State<AppState>,
     Body(body): Body,
 ) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {

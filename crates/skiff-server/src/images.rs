@@ -3,7 +3,7 @@
 use std::str::FromStr;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use skiff_format::wire::ImageSummary;
@@ -139,13 +139,36 @@ pub async fn delete_manifest(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/indexes/{digest}`: the encoded index, zstd-compressed.
+/// `GET /v1/indexes/{digest}`: the encoded index, zstd-compressed. Indexes
+/// never change under their digest: ETag and `If-None-Match` as for chunks.
 pub async fn get_index(
     _: CanRead,
     State(state): State<AppState>,
     Path(digest): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(&digest)?;
+    let etag = format!("\"{}\"", digest.to_hex());
+    let cache_headers = [
+        (
+            header::ETAG,
+            HeaderValue::from_str(&etag).expect("hex is a valid header value"),
+        ),
+        (
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=31536000, immutable"),
+        ),
+    ];
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == etag)
+        });
+    if unchanged && state.store.contains_index(&digest)? {
+        return Ok((StatusCode::NOT_MODIFIED, cache_headers).into_response());
+    }
     let compressed = blocking(&state, move |s| {
         let encoded = s.store.index_bytes(&digest)?;
         zstd::bulk::compress(&encoded, 3)
@@ -153,16 +176,11 @@ pub async fn get_index(
     })
     .await?;
     Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(INDEX_CONTENT_TYPE),
-            ),
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=31536000, immutable"),
-            ),
-        ],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(INDEX_CONTENT_TYPE),
+        )],
+        cache_headers,
         compressed,
     )
         .into_response())

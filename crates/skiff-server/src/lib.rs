@@ -96,6 +96,7 @@ pub(crate) struct Shared {
     writer: ChunkWriter,
     metrics: Arc<Metrics>,
     tokens: Tokens,
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -128,6 +129,7 @@ impl Server {
             store,
             metrics,
             tokens: config.tokens,
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(chunks::MAX_CONCURRENT_UPLOADS)),
         });
         Ok(Server {
             listener,
