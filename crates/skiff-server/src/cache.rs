@@ -47,26 +47,22 @@ impl HotCache {
         }
     }
 
-    /// The chunk's wire form, from the cache or read from the store,
-    /// verified and compressed. `None` if the store does not hold it.
-    /// Blocking: call it off the async workers.
-    pub fn get_or_load(&self, store: &Store, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
-        if let Some(wire) = self.get(id) {
-            return Ok(Some(wire));
-        }
-        self.metrics.cache_misses.inc();
-        self.load(store, id)
-    }
-
-    /// Only what the cache holds; counts a hit.
+    /// The chunk's wire form if the cache holds it; counts a hit.
     pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
         let wire = self.chunks.get(id)?;
         self.metrics.cache_hits.inc();
         Some(wire)
     }
 
-    /// Reads, verifies and compresses a chunk from the store and caches it.
+    /// A chunk the cache lacks (counted as a miss): read from the store,
+    /// verified, compressed and cached. `None` if the store does not hold
+    /// it. Blocking: call it off the async workers.
     pub fn load(&self, store: &Store, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
+        self.metrics.cache_misses.inc();
+        self.fill(store, id)
+    }
+
+    fn fill(&self, store: &Store, id: &ChunkId) -> Result<Option<Bytes>, StoreError> {
         let data = match store.read_chunk(id) {
             Ok(data) => data,
             Err(StoreError::ChunkNotFound(_)) => return Ok(None),
@@ -118,7 +114,7 @@ impl HotCache {
             }
             // Counted at raw size: a safe over-estimate of the wire size.
             spent += u64::from(len);
-            if self.load(store, &id)?.is_some() {
+            if self.fill(store, &id)?.is_some() {
                 loaded += 1;
             }
         }

@@ -40,35 +40,34 @@ fn parse_id(text: &str) -> Result<ChunkId, ApiError> {
     ChunkId::from_str(text).map_err(|e| ApiError::bad_request(format!("chunk id: {e}")))
 }
 
-/// The chunk's ETag: its id in quotes.
-fn etag(id: &ChunkId) -> [u8; 66] {
+/// `ETag` and `Cache-Control` for content named by its digest (`hex`):
+/// the tag is the digest in quotes, and the bytes never change.
+pub(crate) fn immutable_headers(hex: &[u8; 64]) -> [(header::HeaderName, HeaderValue); 2] {
     let mut tag = [b'"'; 66];
-    tag[1..65].copy_from_slice(&id.hex_bytes());
-    tag
-}
-
-fn cache_headers(id: &ChunkId) -> [(header::HeaderName, HeaderValue); 2] {
+    tag[1..65].copy_from_slice(hex);
     [
         (
             header::ETAG,
-            HeaderValue::from_bytes(&etag(id)).expect("hex is a valid header value"),
+            HeaderValue::from_bytes(&tag).expect("hex is a valid header value"),
         ),
         (header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE)),
     ]
 }
 
-fn not_modified(id: &ChunkId, headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::IF_NONE_MATCH).iter().peekable();
-    if values.peek().is_none() {
-        return false;
-    }
-    let tag = etag(id);
-    values
+/// Whether `If-None-Match` names the content with digest `hex`.
+pub(crate) fn not_modified(hex: &[u8; 64], headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|candidate| {
-            let candidate = candidate.trim();
-            candidate == "*" || candidate.trim_start_matches("W/").as_bytes() == tag
+            let candidate = candidate.trim().trim_start_matches("W/");
+            candidate == "*"
+                || candidate
+                    .strip_prefix('"')
+                    .and_then(|c| c.strip_suffix('"'))
+                    .is_some_and(|c| c.as_bytes() == hex)
         })
 }
 
@@ -80,14 +79,15 @@ pub async fn get_chunk(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if not_modified(&id, &headers) && state.store.contains_chunk(&id)? {
-        return Ok((StatusCode::NOT_MODIFIED, cache_headers(&id)).into_response());
+    let hex = id.hex_bytes();
+    if not_modified(&hex, &headers) && state.store.contains_chunk(&id)? {
+        return Ok((StatusCode::NOT_MODIFIED, immutable_headers(&hex)).into_response());
     }
     let wire = match state.cache.get(&id) {
         Some(wire) => wire,
         None => {
             let shared = state.clone();
-            tokio::task::spawn_blocking(move || shared.cache.get_or_load(&shared.store, &id))
+            tokio::task::spawn_blocking(move || shared.cache.load(&shared.store, &id))
                 .await??
                 .ok_or_else(|| ApiError::not_found(format!("chunk {id} is not on this server")))?
         }
@@ -98,7 +98,7 @@ pub async fn get_chunk(
             header::CONTENT_TYPE,
             HeaderValue::from_static(CHUNK_CONTENT_TYPE),
         )],
-        cache_headers(&id),
+        immutable_headers(&hex),
         wire,
     )
         .into_response())
@@ -120,7 +120,7 @@ pub async fn head_chunk(
             header::CONTENT_TYPE,
             HeaderValue::from_static(CHUNK_CONTENT_TYPE),
         )],
-        cache_headers(&id),
+        immutable_headers(&id.hex_bytes()),
     )
         .into_response();
     response
@@ -157,10 +157,7 @@ pub async fn fetch_chunks(
             let misses: Vec<_> = (0..group.len()).filter(|&i| loaded[i].is_none()).collect();
             let mut fetched = misses
                 .par_iter()
-                .map(|&i| {
-                    shared.metrics.cache_misses.inc();
-                    shared.cache.load(&shared.store, &group[i])
-                })
+                .map(|&i| shared.cache.load(&shared.store, &group[i]))
                 .collect::<Vec<_>>()
                 .into_iter();
             for (id, cached) in group.iter().zip(loaded.drain(..)) {

@@ -12,6 +12,7 @@ use skiff_store::StoreError;
 
 use crate::auth::{CanRead, CanWrite};
 use crate::body::Body;
+use crate::chunks::{immutable_headers, not_modified};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -148,26 +149,9 @@ pub async fn get_index(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(&digest)?;
-    let etag = format!("\"{}\"", digest.to_hex());
-    let cache_headers = [
-        (
-            header::ETAG,
-            HeaderValue::from_str(&etag).expect("hex is a valid header value"),
-        ),
-        (
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=31536000, immutable"),
-        ),
-    ];
-    let unchanged = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().trim_start_matches("W/") == etag)
-        });
-    if unchanged && state.store.contains_index(&digest)? {
-        return Ok((StatusCode::NOT_MODIFIED, cache_headers).into_response());
+    let hex = digest.hex_bytes();
+    if not_modified(&hex, &headers) && state.store.contains_index(&digest)? {
+        return Ok((StatusCode::NOT_MODIFIED, immutable_headers(&hex)).into_response());
     }
     let compressed = blocking(&state, move |s| {
         let encoded = s.store.index_bytes(&digest)?;
@@ -180,7 +164,7 @@ pub async fn get_index(
             header::CONTENT_TYPE,
             HeaderValue::from_static(INDEX_CONTENT_TYPE),
         )],
-        cache_headers,
+        immutable_headers(&hex),
         compressed,
     )
         .into_response())
