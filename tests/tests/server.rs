@@ -330,6 +330,12 @@ fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
             .status(),
         StatusCode::NOT_FOUND
     );
+    let removed = skiff_ok(&local, &["rm", "app:1", "--server", &server.url]);
+    assert!(removed.contains("removed app:1"), "{removed}");
+    assert_eq!(
+        skiff_json(&local, &["images", "--server", &server.url, "--json"]),
+        serde_json::json!([])
+    );
     let health = http.get(url("/healthz")).send().unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     drop(server);

@@ -218,6 +218,24 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever the bytes, reading records ends in records or an error:
+        /// never a panic, never a payload past the bound.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            for record in RecordReader::new(&body[..]) {
+                match record {
+                    Ok(ChunkRecord::Chunk { wire, .. }) => {
+                        proptest::prop_assert!(wire.len() <= MAX_RECORD_PAYLOAD as usize);
+                    }
+                    Ok(ChunkRecord::Missing(_)) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = decode_ids(&body);
+        }
+    }
+
     #[test]
     fn truncated_and_hostile_bodies_are_errors() {
         let id = ChunkId::of(b"a");

@@ -53,13 +53,8 @@ pub async fn list_tags(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    // A name is valid where `NAME:latest` is a valid reference naming it.
+    // Names follow the rules of references: `NAME:latest` must parse.
     let probe = parse_image(&format!("{name}:latest"))?;
-    if probe.name != name {
-        return Err(ApiError::bad_request(format!(
-            "{name:?} is not an image name"
-        )));
-    }
     let images = blocking(&state, |s| Ok(s.store.images()?)).await?;
     let tags: Vec<&str> = images
         .iter()

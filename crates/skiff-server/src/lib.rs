@@ -155,7 +155,14 @@ impl Server {
             .await
             .map_err(ServerError::Serve)?;
         let deadline = Instant::now() + drain;
-        while Arc::strong_count(&self.shared) > 1 && Instant::now() < deadline {
+        while Arc::strong_count(&self.shared) > 1 {
+            if Instant::now() >= deadline {
+                // Answered uploads are durable already; only unanswered work is lost.
+                tracing::warn!(
+                    "request workers still hold the store after {drain:?}; stopping anyway"
+                );
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let shared = self.shared;

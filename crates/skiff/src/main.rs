@@ -129,8 +129,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an image's tag (its data stays until `gc`)
-    Rm { image: ImageRef },
+    /// Remove an image's tag, locally or on a server (its data stays until `gc`)
+    Rm {
+        image: ImageRef,
+        /// Remove the tag on this server instead of in the local store
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Bearer token for the server's writes
+        #[arg(long, value_name = "FILE", requires = "server")]
+        token_file: Option<PathBuf>,
+    },
     /// Delete chunks and indexes no image references, and compact packs
     Gc {
         #[arg(long)]
@@ -153,6 +161,15 @@ struct Remote {
 }
 
 impl Remote {
+    /// The server of a command that also works on the local store.
+    fn at(server: String, token_file: Option<PathBuf>) -> Remote {
+        Remote {
+            server,
+            token_file,
+            retry_for: skiff_client::DEFAULT_RETRY_WINDOW.as_secs(),
+        }
+    }
+
     fn client(&self) -> Result<Client> {
         let token = self.token_file.as_deref().map(read_token).transpose()?;
         Ok(
@@ -238,15 +255,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             server: Some(server),
             token_file,
             json,
-        } => remote_images(
-            &Remote {
-                server,
-                token_file,
-                retry_for: skiff_client::DEFAULT_RETRY_WINDOW.as_secs(),
-            }
-            .client()?,
-            json,
-        )?,
+        } => remote_images(&Remote::at(server, token_file).client()?, json)?,
         Command::Images { json, .. } => images(&Store::open_read_only(&store_dir)?, json)?,
         Command::Serve {
             listen,
@@ -292,7 +301,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             export(&Store::open_read_only(&store_dir)?, &image, &destination)?
         }
         Command::Fsck { json } => return fsck(&Store::open_read_only(&store_dir)?, json),
-        Command::Rm { image } => {
+        Command::Rm {
+            image,
+            server: Some(server),
+            token_file,
+        } => {
+            let client = Remote::at(server, token_file).client()?;
+            client.delete_manifest(&image)?;
+            println!(
+                "removed {image} from {} (its data stays until `skiff gc` on the server's store)",
+                client.server()
+            );
+        }
+        Command::Rm { image, .. } => {
             Store::open(&store_dir)?.remove_image(&image)?;
             println!("removed {image} (run `skiff gc` to free its data)");
         }
