@@ -19,6 +19,8 @@ pub enum ChunkError {
     Decompress(std::io::Error),
     #[error("zstd frame holds {actual} bytes, expected {expected}")]
     FrameLength { expected: usize, actual: usize },
+    #[error("zstd frame decompresses to more than {limit} bytes")]
+    TooLarge { limit: usize },
     #[error("zstd compression failed: {0}")]
     Compress(std::io::Error),
 }

@@ -10,4 +10,4 @@ pub use frame::{
     decompress_frame, verify_chunk, ChunkError, Frame, FrameBuilder, FrameEntry,
     DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL,
 };
-pub use wire::{compress_chunk, decompress_chunk};
+pub use wire::{compress_chunk, decompress_bounded, decompress_chunk};

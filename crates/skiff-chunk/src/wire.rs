@@ -3,6 +3,7 @@
 //! and checks the BLAKE3 id before anything else sees the bytes.
 
 use std::cell::RefCell;
+use std::io::Read;
 
 use skiff_format::ChunkId;
 
@@ -31,17 +32,57 @@ pub fn compress_chunk(data: &[u8]) -> Result<Vec<u8>, ChunkError> {
 /// Decompresses a chunk received from elsewhere and checks it against `id`.
 /// `max_len` bounds the output, so a hostile frame cannot allocate without limit.
 pub fn decompress_chunk(id: &ChunkId, wire: &[u8], max_len: usize) -> Result<Vec<u8>, ChunkError> {
-    let data = DECOMPRESSOR.with_borrow_mut(|slot| {
-        let decompressor = match slot {
-            Some(decompressor) => decompressor,
-            None => slot.insert(zstd::bulk::Decompressor::new().map_err(ChunkError::Decompress)?),
-        };
-        decompressor
-            .decompress(wire, max_len)
-            .map_err(ChunkError::Decompress)
-    })?;
+    let data = decompress_bounded(wire, max_len)?;
     verify_chunk(id, &data)?;
     Ok(data)
+}
+
+/// Decompresses one zstd frame of at most `max_len` bytes. Memory follows
+/// what the frame holds, not the bound: a frame that states its size (as
+/// skiff's do) gets exactly that, one that does not is read as a stream.
+pub fn decompress_bounded(data: &[u8], max_len: usize) -> Result<Vec<u8>, ChunkError> {
+    let too_large = || ChunkError::TooLarge { limit: max_len };
+    match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(size)) => {
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|&s| s <= max_len)
+                .ok_or_else(too_large)?;
+            let out = DECOMPRESSOR.with_borrow_mut(|slot| {
+                let decompressor = match slot {
+                    Some(decompressor) => decompressor,
+                    None => slot
+                        .insert(zstd::bulk::Decompressor::new().map_err(ChunkError::Decompress)?),
+                };
+                decompressor
+                    .decompress(data, size)
+                    .map_err(ChunkError::Decompress)
+            })?;
+            if out.len() != size {
+                return Err(ChunkError::FrameLength {
+                    expected: size,
+                    actual: out.len(),
+                });
+            }
+            Ok(out)
+        }
+        Ok(None) => {
+            let decoder = zstd::stream::read::Decoder::new(data).map_err(ChunkError::Decompress)?;
+            let mut out = Vec::new();
+            decoder
+                .take(max_len as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(ChunkError::Decompress)?;
+            if out.len() > max_len {
+                return Err(too_large());
+            }
+            Ok(out)
+        }
+        Err(_) => Err(ChunkError::Decompress(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a zstd frame",
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -64,5 +105,28 @@ mod tests {
             Err(ChunkError::DigestMismatch { .. })
         ));
         assert!(decompress_chunk(&id, b"not zstd", 70_000).is_err());
+    }
+
+    #[test]
+    fn frames_without_a_stated_size_are_bounded_too() {
+        let data = vec![1u8; 100_000];
+        let mut streamed = Vec::new();
+        let mut encoder = zstd::stream::write::Encoder::new(&mut streamed, 3).unwrap();
+        std::io::Write::write_all(&mut encoder, &data).unwrap();
+        encoder.finish().unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&streamed).unwrap(),
+            None
+        );
+        assert_eq!(decompress_bounded(&streamed, 100_000).unwrap(), data);
+        assert!(matches!(
+            decompress_bounded(&streamed, 99_999),
+            Err(ChunkError::TooLarge { .. })
+        ));
+        let sized = compress_chunk(&data).unwrap();
+        assert!(matches!(
+            decompress_bounded(&sized, 99_999),
+            Err(ChunkError::TooLarge { .. })
+        ));
     }
 }

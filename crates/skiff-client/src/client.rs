@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::blocking::{RequestBuilder, Response};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
-use reqwest::StatusCode;
-use skiff_chunk::decompress_chunk;
+use serde::de::DeserializeOwned;
+use skiff_chunk::{decompress_bounded, decompress_chunk};
 use skiff_format::wire::{
     self, AccessReport, ChunkRecord, ImageSummary, RecordReader, UploadOutcome,
 };
@@ -18,11 +18,46 @@ use crate::ClientError;
 const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
 /// The largest chunk FastCDC makes: the bound for decompressing one.
 pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// The most ids the server takes in one fetch or missing request.
+pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 
 /// How long a failing request is retried unless told otherwise.
 pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Exponential backoff within a window, restarted whenever work progresses.
+struct Backoff {
+    window: Duration,
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new(window: Duration) -> Self {
+        Backoff {
+            window,
+            deadline: Instant::now() + window,
+            delay: FIRST_BACKOFF,
+        }
+    }
+
+    /// After a failure: waits and says to try again, or says to give up.
+    fn retry(&mut self, error: &ClientError) -> bool {
+        if !error.is_transient() || Instant::now() + self.delay >= self.deadline {
+            return false;
+        }
+        tracing::warn!("{error}; retrying in {:?}", self.delay);
+        std::thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+        true
+    }
+
+    fn progressed(&mut self) {
+        self.deadline = Instant::now() + self.window;
+        self.delay = FIRST_BACKOFF;
+    }
+}
 
 /// A connection to one chunk server.
 #[derive(Clone)]
@@ -31,26 +66,6 @@ pub struct Client {
     base: String,
     token: Option<String>,
     retry_window: Duration,
-}
-
-/// Retries `attempt` with exponential backoff while it fails for a passing
-/// reason and the window lasts.
-fn retrying<T>(
-    window: Duration,
-    mut attempt: impl FnMut() -> Result<T, ClientError>,
-) -> Result<T, ClientError> {
-    let deadline = Instant::now() + window;
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        match attempt() {
-            Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
-                tracing::warn!("{e}; retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-            other => return other,
-        }
-    }
 }
 
 impl Client {
@@ -94,23 +109,19 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    /// Sends a request, retrying passing failures, and turns any answer but
-    /// 2xx into [`ClientError::Status`].
-    fn send(&self, url: &str, request: RequestBuilder) -> Result<Response, ClientError> {
+    fn protocol(url: &str, message: impl Into<String>) -> ClientError {
+        ClientError::Protocol {
+            url: url.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// Sends one request; any answer but 2xx becomes [`ClientError::Status`].
+    fn send_once(&self, url: &str, request: RequestBuilder) -> Result<Response, ClientError> {
         let request = match &self.token {
             Some(token) => request.header(AUTHORIZATION, format!("Bearer {token}")),
             None => request,
         };
-        retrying(self.retry_window, || {
-            // Bodies are in memory, so a request can always be cloned.
-            let attempt = request
-                .try_clone()
-                .ok_or_else(|| Self::protocol(url, "a request with a streamed body"))?;
-            Self::send_once(url, attempt)
-        })
-    }
-
-    fn send_once(url: &str, request: RequestBuilder) -> Result<Response, ClientError> {
         let response = request.send().map_err(|source| ClientError::Http {
             url: url.to_owned(),
             source,
@@ -131,50 +142,77 @@ impl Client {
         })
     }
 
-    fn read_body(url: &str, response: Response) -> Result<Vec<u8>, ClientError> {
-        response
-            .bytes()
-            .map(|b| b.to_vec())
-            .map_err(|source| ClientError::Http {
-                url: url.to_owned(),
-                source,
-            })
+    /// Sends a request and reads its whole answer, retrying both for passing
+    /// failures. `tolerated` names a status that ends the request without an
+    /// error once it was retried (a DELETE whose first answer was lost).
+    fn call(
+        &self,
+        url: &str,
+        request: RequestBuilder,
+        tolerated_after_retry: Option<u16>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut backoff = Backoff::new(self.retry_window);
+        let mut retried = false;
+        loop {
+            // Bodies are in memory, so a request can always be cloned.
+            let attempt = request
+                .try_clone()
+                .ok_or_else(|| Self::protocol(url, "a request with a streamed body"))?;
+            let answer = self.send_once(url, attempt).and_then(|response| {
+                response
+                    .bytes()
+                    .map(|b| b.to_vec())
+                    .map_err(|source| ClientError::Http {
+                        url: url.to_owned(),
+                        source,
+                    })
+            });
+            match answer {
+                Err(e)
+                    if retried && e.status().is_some() && e.status() == tolerated_after_retry =>
+                {
+                    return Ok(Vec::new());
+                }
+                Err(e) if backoff.retry(&e) => retried = true,
+                other => return other,
+            }
+        }
     }
 
-    fn protocol(url: &str, message: impl Into<String>) -> ClientError {
-        ClientError::Protocol {
-            url: url.to_owned(),
-            message: message.into(),
-        }
+    fn call_json<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        request: RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let body = self.call(url, request, None)?;
+        serde_json::from_slice(&body).map_err(|e| Self::protocol(url, e.to_string()))
     }
 
     pub fn health(&self) -> Result<(), ClientError> {
         let url = self.url("/healthz");
-        self.send(&url, self.http.get(&url)).map(drop)
+        self.call(&url, self.http.get(&url), None).map(drop)
     }
 
     /// What this client's token (or no token) may do on the server.
     pub fn access(&self) -> Result<AccessReport, ClientError> {
         let url = self.url("/v1/auth");
-        let body = Self::read_body(&url, self.send(&url, self.http.get(&url))?)?;
-        serde_json::from_slice(&body).map_err(|e| Self::protocol(&url, e.to_string()))
+        self.call_json(&url, self.http.get(&url))
     }
 
     pub fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
         let url = self.url("/v1/images");
-        let body = Self::read_body(&url, self.send(&url, self.http.get(&url))?)?;
-        serde_json::from_slice(&body).map_err(|e| Self::protocol(&url, e.to_string()))
+        self.call_json(&url, self.http.get(&url))
     }
 
     /// The manifest tagged `image`; `None` if the server has no such tag.
     pub fn manifest(&self, image: &ImageRef) -> Result<Option<ImageManifest>, ClientError> {
         let url = self.url(&format!("/v1/manifests/{image}"));
-        let response = match self.send(&url, self.http.get(&url)) {
-            Err(e) if e.status() == Some(StatusCode::NOT_FOUND.as_u16()) => return Ok(None),
+        let body = match self.call(&url, self.http.get(&url), None) {
+            Err(e) if e.status() == Some(404) => return Ok(None),
             other => other?,
         };
-        let manifest = ImageManifest::from_json(&Self::read_body(&url, response)?)
-            .map_err(|e| Self::protocol(&url, e.to_string()))?;
+        let manifest =
+            ImageManifest::from_json(&body).map_err(|e| Self::protocol(&url, e.to_string()))?;
         if manifest.image_ref() != *image {
             return Err(Self::protocol(
                 &url,
@@ -191,20 +229,21 @@ impl Client {
             .put(&url)
             .header(CONTENT_TYPE, "application/vnd.skiff.manifest.v1+json")
             .body(manifest.to_json());
-        self.send(&url, request).map(drop)
+        self.call(&url, request, None).map(drop)
     }
 
     pub fn delete_manifest(&self, image: &ImageRef) -> Result<(), ClientError> {
         let url = self.url(&format!("/v1/manifests/{image}"));
-        self.send(&url, self.http.delete(&url)).map(drop)
+        // A retry that finds the tag gone means the first attempt removed it.
+        self.call(&url, self.http.delete(&url), Some(404)).map(drop)
     }
 
     /// The encoded index, checked against its digest.
     pub fn index_bytes(&self, digest: &IndexDigest) -> Result<Vec<u8>, ClientError> {
         let url = self.url(&format!("/v1/indexes/{digest}"));
-        let compressed = Self::read_body(&url, self.send(&url, self.http.get(&url))?)?;
-        let encoded = zstd::bulk::decompress(&compressed, MAX_INDEX_BYTES)
-            .map_err(|e| Self::protocol(&url, format!("index is not valid zstd: {e}")))?;
+        let compressed = self.call(&url, self.http.get(&url), None)?;
+        let encoded = decompress_bounded(&compressed, MAX_INDEX_BYTES)
+            .map_err(|e| Self::protocol(&url, format!("index: {e}")))?;
         let actual = IndexDigest::of(&encoded);
         if actual != *digest {
             return Err(Self::protocol(
@@ -225,34 +264,55 @@ impl Client {
             .put(&url)
             .header(CONTENT_TYPE, "application/zstd")
             .body(compressed);
-        self.send(&url, request).map(drop)
+        self.call(&url, request, None).map(drop)
     }
 
-    /// Which of `ids` the server lacks, in the order asked.
+    /// Which of `ids` (at most [`MAX_IDS_PER_REQUEST`]) the server lacks, in
+    /// the order asked.
     pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
         let url = self.url("/v1/chunks/missing");
         let request = self.http.post(&url).body(wire::encode_ids(ids));
-        let body = Self::read_body(&url, self.send(&url, request)?)?;
+        let body = self.call(&url, request, None)?;
         wire::decode_ids(&body).map_err(|e| Self::protocol(&url, e.to_string()))
     }
 
-    /// Fetches `ids` in one request and hands each chunk, verified against
-    /// its id, to `each` as it arrives, in the order asked, with the size
-    /// it had on the wire. An answer cut short is asked again for the chunks
-    /// still to come, within the retry window.
+    /// Fetches `ids` (at most [`MAX_IDS_PER_REQUEST`]) in one request and
+    /// hands each chunk, verified against its id, to `each` as it arrives,
+    /// in the order asked, with the size it had on the wire. An answer cut
+    /// short is asked again for the chunks still to come; the retry window
+    /// restarts whenever chunks arrive.
     pub fn fetch(
         &self,
         ids: &[ChunkId],
         mut each: impl FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
+        let mut backoff = Backoff::new(self.retry_window);
         let mut done = 0;
-        retrying(self.retry_window, || {
-            self.fetch_once(&ids[done..], &mut |id, data, wire_len| {
+        while done < ids.len() {
+            let before = done;
+            let attempt = self.fetch_once(&ids[done..], &mut |id, data, wire_len| {
                 each(id, data, wire_len)?;
                 done += 1;
                 Ok(())
-            })
-        })
+            });
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if done > before {
+                        backoff.progressed();
+                    }
+                    // Everything arrived and only the end of the answer was
+                    // lost: there is nothing left to ask for.
+                    if done == ids.len() && e.is_transient() {
+                        return Ok(());
+                    }
+                    if !backoff.retry(&e) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn fetch_once(
@@ -262,11 +322,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let url = self.url("/v1/chunks/fetch");
         let request = self.http.post(&url).body(wire::encode_ids(ids));
-        let request = match &self.token {
-            Some(token) => request.header(AUTHORIZATION, format!("Bearer {token}")),
-            None => request,
-        };
-        let response = Self::send_once(&url, request)?;
+        let response = self.send_once(&url, request)?;
         let cut_short = |message: String| ClientError::Interrupted {
             url: url.clone(),
             message,
@@ -311,8 +367,6 @@ impl Client {
     /// Uploads a body of chunk records (see [`wire::write_chunk_record`]).
     pub fn upload(&self, body: Vec<u8>) -> Result<UploadOutcome, ClientError> {
         let url = self.url("/v1/chunks");
-        let request = self.http.post(&url).body(body);
-        let body = Self::read_body(&url, self.send(&url, request)?)?;
-        serde_json::from_slice(&body).map_err(|e| Self::protocol(&url, e.to_string()))
+        self.call_json(&url, self.http.post(&url).body(body))
     }
 }

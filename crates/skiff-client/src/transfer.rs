@@ -20,6 +20,8 @@ use crate::{Client, ClientError};
 
 /// Ids per "which are missing" request.
 const MISSING_BATCH: usize = 8192;
+/// Chunks per upload or fetch request, at most; well under the server's limit.
+const MAX_BATCH_CHUNKS: usize = crate::client::MAX_IDS_PER_REQUEST / 4;
 /// Uncompressed bytes per upload or fetch request.
 const TRANSFER_BATCH_BYTES: u64 = 8 << 20;
 
@@ -70,12 +72,13 @@ fn distinct_chunks(index: &ImageIndex) -> Vec<ChunkRef> {
         .collect()
 }
 
-/// Splits chunks into runs of about [`TRANSFER_BATCH_BYTES`].
+/// Splits chunks into runs of about [`TRANSFER_BATCH_BYTES`], and of at
+/// most [`MAX_BATCH_CHUNKS`] (an image of tiny files has many chunks per MiB).
 fn batches(chunks: &[ChunkRef]) -> Vec<&[ChunkRef]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0u64);
     for (i, chunk) in chunks.iter().enumerate() {
-        if bytes >= TRANSFER_BATCH_BYTES {
+        if bytes >= TRANSFER_BATCH_BYTES || i - start == MAX_BATCH_CHUNKS {
             out.push(&chunks[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -228,4 +231,31 @@ pub fn pull(
         batches: batches_done,
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_format::ChunkId;
+
+    fn refs(lens: &[u32]) -> Vec<ChunkRef> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| ChunkRef {
+                id: ChunkId::of(&i.to_le_bytes()),
+                len,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_cut_on_bytes_and_on_count() {
+        let big = refs(&[4 << 20; 5]);
+        let sizes: Vec<_> = batches(&big).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        let tiny = refs(&vec![10; MAX_BATCH_CHUNKS * 2 + 1]);
+        let sizes: Vec<_> = batches(&tiny).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [MAX_BATCH_CHUNKS, MAX_BATCH_CHUNKS, 1]);
+        assert!(batches(&[]).is_empty());
+    }
 }

@@ -27,6 +27,8 @@ pub const RECORDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunks.v1";
 pub const IDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunk-ids.v1";
 /// Uploads verified and stored at once; more wait for a slot.
 pub const MAX_CONCURRENT_UPLOADS: usize = 4;
+/// A batch whose client reads nothing for this long is dropped.
+const STALLED_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Ids of a batch loaded in parallel before their records are sent.
 const FETCH_PARALLEL_GROUP: usize = 16;
 /// Chunks never change under their id.
@@ -148,40 +150,9 @@ pub async fn fetch_chunks(
     let count = ids.len();
     // A few records in flight: the reader stays just ahead of the socket.
     let (records, stream) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-    let shared = state.clone();
-    tokio::task::spawn_blocking(move || {
-        for group in ids.chunks(FETCH_PARALLEL_GROUP) {
-            // Cached chunks are taken as they are; the others cost a frame
-            // read and a compression each, so those are loaded in parallel.
-            let mut loaded: Vec<_> = group.iter().map(|id| shared.cache.get(id)).collect();
-            let misses: Vec<_> = (0..group.len()).filter(|&i| loaded[i].is_none()).collect();
-            let mut fetched = misses
-                .par_iter()
-                .map(|&i| shared.cache.load(&shared.store, &group[i]))
-                .collect::<Vec<_>>()
-                .into_iter();
-            for (id, cached) in group.iter().zip(loaded.drain(..)) {
-                let result = match cached {
-                    Some(wire) => Ok(Some(wire)),
-                    None => fetched.next().expect("one load per miss"),
-                };
-                // Header and chunk go out as two pieces: the chunk is not copied.
-                let failed = match record_pieces(&shared, id, result) {
-                    Ok((header, wire)) => {
-                        records.blocking_send(Ok(header)).is_err()
-                            || wire.is_some_and(|w| records.blocking_send(Ok(w)).is_err())
-                    }
-                    Err(e) => {
-                        let _ = records.blocking_send(Err(e));
-                        true
-                    }
-                };
-                if failed {
-                    return; // the client went away, or the stream is cut short
-                }
-            }
-        }
-    });
+    // An async task, not a blocking thread, waits on the client: a client
+    // that stops reading holds no thread, and is dropped after a while.
+    tokio::spawn(stream_records(state, ids, records));
     Ok((
         [
             (
@@ -196,6 +167,82 @@ pub async fn fetch_chunks(
         body::Body::from_stream(ReceiverStream::new(stream)),
     )
         .into_response())
+}
+
+type RecordSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Sends a record per id, in order, until done or the client is gone.
+async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSender) {
+    let send = |piece: Result<Bytes, std::io::Error>| {
+        let records = records.clone();
+        async move {
+            match tokio::time::timeout(STALLED_CLIENT_TIMEOUT, records.send(piece)).await {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false, // the client went away
+                Err(_) => {
+                    tracing::warn!(
+                        "a batch client read nothing for {STALLED_CLIENT_TIMEOUT:?}; dropping it"
+                    );
+                    false
+                }
+            }
+        }
+    };
+    for group in ids.chunks(FETCH_PARALLEL_GROUP) {
+        let group = group.to_vec();
+        // Cached chunks are taken as they are; the others cost a frame read
+        // and a compression each, so those are loaded in parallel, off the
+        // async workers.
+        let cached: Vec<_> = group.iter().map(|id| state.cache.get(id)).collect();
+        let mut loaded = if cached.iter().all(Option::is_some) {
+            Vec::new().into_iter()
+        } else {
+            let shared = state.clone();
+            let misses: Vec<_> = group
+                .iter()
+                .zip(&cached)
+                .filter(|(_, c)| c.is_none())
+                .map(|(id, _)| *id)
+                .collect();
+            let loading = tokio::task::spawn_blocking(move || {
+                misses
+                    .par_iter()
+                    .map(|id| shared.cache.load(&shared.store, id))
+                    .collect::<Vec<_>>()
+            });
+            match loading.await {
+                Ok(loaded) => loaded.into_iter(),
+                Err(e) => {
+                    tracing::error!("loading chunks for a batch: {e}");
+                    let _ = send(Err(std::io::Error::other("loading chunks failed"))).await;
+                    return;
+                }
+            }
+        };
+        for (id, cached) in group.iter().zip(cached) {
+            let result = match cached {
+                Some(wire) => Ok(Some(wire)),
+                None => loaded.next().unwrap_or(Ok(None)),
+            };
+            // Header and chunk go out as two pieces: the chunk is not copied.
+            let sent = match record_pieces(&state, id, result) {
+                Ok((header, wire)) => {
+                    let mut sent = send(Ok(header)).await;
+                    if let (true, Some(wire)) = (sent, wire) {
+                        sent = send(Ok(wire)).await;
+                    }
+                    sent
+                }
+                Err(e) => {
+                    let _ = send(Err(e)).await;
+                    false
+                }
+            };
+            if !sent {
+                return; // the client is gone, or the stream is cut short
+            }
+        }
+    }
 }
 
 /// One record of a batch answer: its header, and the chunk if there is one.
@@ -258,7 +305,9 @@ pub async fn missing_chunks(
 /// read (the client waits on TCP back-pressure meanwhile), so memory stays
 /// bounded however many clients push: at most
 /// [`MAX_CONCURRENT_UPLOADS`] × (64 MiB body + 256 MiB decompressed).
-pub struct UploadSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct UploadSlot {
+    _permit: OwnedSemaphorePermit,
+}
 
 impl FromRequestParts<AppState> for UploadSlot {
     type Rejection = ApiError;
@@ -270,7 +319,7 @@ impl FromRequestParts<AppState> for UploadSlot {
             .acquire_owned()
             .await
             .map_err(|_| ApiError::internal("the server is shutting down"))?;
-        Ok(UploadSlot(permit))
+        Ok(UploadSlot { _permit: permit })
     }
 }
 
@@ -279,17 +328,23 @@ impl FromRequestParts<AppState> for UploadSlot {
 /// and nothing of it is stored.
 pub async fn upload_chunks(
     _: CanWrite,
-    _slot: UploadSlot,
+    slot: UploadSlot,
     State(state): State<AppState>,
     Body(body): Body,
 ) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {
     let shared = state.clone();
-    let chunks = tokio::task::spawn_blocking(move || verify_upload(&shared, &body)).await??;
+    // The slot travels with the work, not with this request: a client that
+    // hangs up does not free it while its chunks are still being checked
+    // or written.
+    let (chunks, slot) = tokio::task::spawn_blocking(move || {
+        verify_upload(&shared, &body).map(|chunks| (chunks, slot))
+    })
+    .await??;
     if chunks.is_empty() {
         return Err(ApiError::bad_request("the upload holds no chunks"));
     }
     state.metrics.chunks_received.inc_by(chunks.len() as u64);
-    let outcome = state.writer.write(chunks).await?;
+    let outcome = state.writer.write(chunks, slot).await?;
     state.metrics.chunks_stored.inc_by(outcome.stored);
     Ok((StatusCode::OK, Json(outcome)))
 }

@@ -12,7 +12,7 @@ use skiff_store::StoreError;
 
 use crate::auth::{CanRead, CanWrite};
 use crate::body::Body;
-use crate::chunks::{immutable_headers, not_modified};
+use crate::chunks::{immutable_headers, not_modified, UploadSlot};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -168,13 +168,14 @@ pub async fn get_index(
 /// `PUT /v1/indexes/{digest}`: stores an index once every chunk it names is here.
 pub async fn put_index(
     _: CanWrite,
+    _slot: UploadSlot,
     State(state): State<AppState>,
     Path(digest): Path<String>,
     Body(body): Body,
 ) -> Result<StatusCode, ApiError> {
     let digest = parse_digest(&digest)?;
     blocking(&state, move |s| {
-        let encoded = zstd::bulk::decompress(&body, MAX_INDEX_BYTES).map_err(|e| {
+        let encoded = skiff_chunk::decompress_bounded(&body, MAX_INDEX_BYTES).map_err(|e| {
             ApiError::unprocessable(format!(
                 "the body is not a zstd-compressed index of at most {MAX_INDEX_BYTES} bytes: {e}"
             ))

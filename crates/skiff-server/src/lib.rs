@@ -14,7 +14,7 @@ mod images;
 mod metrics;
 mod writer;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,17 +143,34 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then lets in-flight requests
-    /// finish and waits (up to `drain`) for their workers to let go of
-    /// the store, so the caller can close it cleanly.
+    /// finish for up to `drain` (a client that stalls does not hold the
+    /// server forever) and waits as long again for their workers to let go
+    /// of the store, so the caller can close it cleanly.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> Result<(), ServerError> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServerError::Serve)?;
+        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        };
+        let serving = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(signal)
+            .into_future();
+        let drain_limit = async move {
+            match stopped.await {
+                Ok(()) => tokio::time::sleep(drain).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = serving => served.map_err(ServerError::Serve)?,
+            () = drain_limit => tracing::warn!(
+                "in-flight requests did not finish within {drain:?}; closing their connections"
+            ),
+        }
         let deadline = Instant::now() + drain;
         while Arc::strong_count(&self.shared) > 1 {
             if Instant::now() >= deadline {

@@ -14,9 +14,13 @@ use skiff_format::ChunkId;
 use skiff_store::{PackWriter, Store, StoreError};
 use tokio::sync::oneshot;
 
+use crate::chunks::UploadSlot;
+
 struct Job {
     chunks: Vec<(ChunkId, Vec<u8>)>,
     reply: oneshot::Sender<Result<UploadOutcome, StoreError>>,
+    /// Held until the chunks are written: bounds the memory queued uploads take.
+    _slot: UploadSlot,
 }
 
 pub struct ChunkWriter {
@@ -46,13 +50,18 @@ impl ChunkWriter {
     pub async fn write(
         &self,
         chunks: Vec<(ChunkId, Vec<u8>)>,
+        slot: UploadSlot,
     ) -> Result<UploadOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
         let gone = || StoreError::Corrupt("the chunk writer has stopped".into());
         self.jobs
             .as_ref()
             .ok_or_else(gone)?
-            .send(Job { chunks, reply })
+            .send(Job {
+                chunks,
+                reply,
+                _slot: slot,
+            })
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
@@ -74,9 +83,13 @@ fn write_loop(store: &Store, jobs: &std::sync::mpsc::Receiver<Job>) {
         let result = write_job(store, &mut writer, &job.chunks);
         if let Err(e) = &result {
             tracing::error!("storing uploaded chunks: {e}");
-            // Dropping the writer undoes what this job appended; the next
-            // job starts a fresh pack rather than trust a half-written one.
-            writer = None;
+            // What was committed stays: those chunks were verified, and other
+            // clients may already count on them. The uncommitted rest is
+            // dropped, and the next job starts a fresh pack rather than trust
+            // a half-written one.
+            if let Some(writer) = writer.take() {
+                writer.keep_committed();
+            }
         }
         let _ = job.reply.send(result);
     }

@@ -167,6 +167,14 @@ impl<'s> PackWriter<'s> {
         Ok(self.summary)
     }
 
+    /// Keeps what was committed and forgets frames appended since (the
+    /// bytes stay past the pack's committed length and are cut off at the
+    /// next open): for a writer whose last append failed part-way.
+    pub fn keep_committed(mut self) {
+        self.pending.clear();
+        self.finished = true;
+    }
+
     /// Removes everything this writer added.
     pub fn abort(mut self) -> Result<(), StoreError> {
         self.undo()

@@ -520,7 +520,7 @@ impl Store {
             .get_pinned_cf(self.cf(CF_INDEXES), digest.as_bytes())?
             .ok_or(StoreError::IndexNotFound(*digest))?;
         // An index of a 100k-file image is a few MB; 1 GiB bounds a corrupt length header.
-        let bytes = zstd::bulk::decompress(&compressed, 1 << 30)
+        let bytes = skiff_chunk::decompress_bounded(&compressed, 1 << 30)
             .map_err(|e| StoreError::Corrupt(format!("index {digest}: {e}")))?;
         if IndexDigest::of(&bytes) != *digest {
             return Err(StoreError::Corrupt(format!(

@@ -502,7 +502,14 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
-    eprintln!("skiff: shutting down; letting in-flight requests finish");
+    eprintln!("skiff: shutting down; letting in-flight requests finish (Ctrl-C again to stop now)");
+    tokio::spawn(async {
+        // Acknowledged writes are durable, so stopping at once loses none of them.
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("skiff: stopping now");
+            std::process::exit(130);
+        }
+    });
 }
 
 fn print_transfer(
