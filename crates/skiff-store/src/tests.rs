@@ -199,3 +199,26 @@ fn a_dropped_writer_keeps_what_it_persisted() {
     let store = Store::open(dir.path()).unwrap();
     assert!(store.fsck(&|_| ()).unwrap().problems.is_empty());
 }
+
+#[test]
+fn keep_committed_keeps_only_what_was_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    let frame = |i: u8| {
+        let mut builder = FrameBuilder::new(1 << 30, 3).unwrap();
+        builder.push(ChunkId::of(&chunk(i)), &chunk(i)).unwrap();
+        builder.finish().unwrap().unwrap()
+    };
+    let mut writer = store.pack_writer().unwrap();
+    writer.append(&frame(1)).unwrap();
+    writer.commit().unwrap();
+    writer.append(&frame(2)).unwrap();
+    writer.keep_committed();
+    assert!(store.contains_chunk(&ChunkId::of(&chunk(1))).unwrap());
+    assert!(!store.contains_chunk(&ChunkId::of(&chunk(2))).unwrap());
+    drop(store);
+    // The uncommitted frame's bytes are cut off at the next open.
+    let store = Store::open(dir.path()).unwrap();
+    assert!(store.fsck(&|_| ()).unwrap().problems.is_empty());
+    assert_eq!(store.read_chunk(&ChunkId::of(&chunk(1))).unwrap(), chunk(1));
+}
