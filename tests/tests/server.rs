@@ -36,6 +36,33 @@ fn image(seed: u64, shared_mb: usize) -> Image {
     ])
 }
 
+/// Paths named `names` inside the test's temporary directory.
+fn dirs<const N: usize>(tmp: &tempfile::TempDir, names: [&str; N]) -> [std::path::PathBuf; N] {
+    names.map(|name| tmp.path().join(name))
+}
+
+/// Starts `skiff --store STORE ARGS...` with its output captured.
+fn spawn_skiff(store: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(skiff_bin())
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to a minute) until a server's counter is above zero.
+fn wait_for_metric(server: &SkiffServer, metric: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric(metric, &[]) == 0.0 {
+        assert!(Instant::now() < deadline, "{metric} stayed 0");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Converts `image` into `store` as `name`; returns the layout it came from.
 fn convert(store: &Path, dir: &Path, image: &Image, name: &str) {
     image.write_layout(dir, "latest");
@@ -132,11 +159,7 @@ fn upload_body(chunks: &[(ChunkId, &[u8])]) -> Vec<u8> {
 #[test]
 fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
     let tmp = tempdir();
-    let (local, served, pulled) = (
-        tmp.path().join("local"),
-        tmp.path().join("served"),
-        tmp.path().join("pulled"),
-    );
+    let [local, served, pulled] = dirs(&tmp, ["local", "served", "pulled"]);
     let source = tmp.path().join("src-a");
     convert(&local, &source, &image(1, 3), "app:1");
     convert(&local, &tmp.path().join("src-b"), &image(2, 3), "app:2");
@@ -345,7 +368,7 @@ fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
 #[test]
 fn bad_requests_get_clear_statuses_and_change_nothing() {
     let tmp = tempdir();
-    let (local, served) = (tmp.path().join("local"), tmp.path().join("served"));
+    let [local, served] = dirs(&tmp, ["local", "served"]);
     convert(&local, &tmp.path().join("src"), &image(1, 1), "app:1");
     let token = tmp.path().join("token");
     fs::write(&token, "s3cret-write\n").unwrap();
@@ -663,25 +686,13 @@ fn a_read_token_guards_reads_and_the_write_token_also_reads() {
 #[test]
 fn concurrent_pushes_of_overlapping_images_both_land() {
     let tmp = tempdir();
-    let (a, b, served, pulled) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("served"),
-        tmp.path().join("pulled"),
-    );
+    let [a, b, served, pulled] = dirs(&tmp, ["a", "b", "served", "pulled"]);
     let (src_a, src_b) = (tmp.path().join("src-a"), tmp.path().join("src-b"));
     convert(&a, &src_a, &image(1, 24), "app:a");
     convert(&b, &src_b, &image(2, 24), "app:b");
     let server = SkiffServer::start(&served, &[]);
     let spawn = |store: &Path, name: &str| {
-        Command::new(skiff_bin())
-            .arg("--store")
-            .arg(store)
-            .args(["push", name, "--server", &server.url, "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_skiff(store, &["push", name, "--server", &server.url, "--json"])
     };
     let (one, two) = (spawn(&a, "app:a"), spawn(&b, "app:b"));
     for child in [one, two] {
@@ -715,29 +726,17 @@ fn concurrent_pushes_of_overlapping_images_both_land() {
 #[test]
 fn a_push_cut_off_by_a_killed_server_resumes_without_resending() {
     let tmp = tempdir();
-    let (local, served, pulled) = (
-        tmp.path().join("local"),
-        tmp.path().join("served"),
-        tmp.path().join("pulled"),
-    );
+    let [local, served, pulled] = dirs(&tmp, ["local", "served", "pulled"]);
     let source = tmp.path().join("src");
     convert(&local, &source, &image(1, 48), "app:1");
     let total = distinct_ids(&index_of(&local, "app:1")).len() as u64;
     let mut server = SkiffServer::start(&served, &[]);
-    let mut push_child = Command::new(skiff_bin())
-        .arg("--store")
-        .arg(&local)
-        .args(["push", "app:1", "--server", &server.url, "--retry-for", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut push_child = spawn_skiff(
+        &local,
+        &["push", "app:1", "--server", &server.url, "--retry-for", "0"],
+    );
     // Kill the server once some, not all, chunks are stored.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while server.metric("skiff_chunks_stored_total", &[]) == 0.0 {
-        assert!(Instant::now() < deadline, "the push never stored anything");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_metric(&server, "skiff_chunks_stored_total");
     server.kill();
     let status = push_child.wait().unwrap();
     let mut stderr = String::new();
@@ -774,14 +773,7 @@ fn a_killed_pull_resumes_without_refetching() {
     let total = distinct_ids(&index_of(&served, "app:1")).len() as u64;
     // A small cache keeps the server reading from its store, which paces the pull.
     let server = SkiffServer::start(&served, &["--cache-mb", "0"]);
-    let mut pull_child = Command::new(skiff_bin())
-        .arg("--store")
-        .arg(&pulled)
-        .args(["pull", "app:1", "--server", &server.url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut pull_child = spawn_skiff(&pulled, &["pull", "app:1", "--server", &server.url]);
     // Kill -9 the client once its store holds a finished batch.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -841,37 +833,18 @@ fn sigterm_lets_a_streaming_fetch_finish_then_closes_the_store() {
 #[test]
 fn transfers_ride_out_a_server_restart() {
     let tmp = tempdir();
-    let (local, served, pulled) = (
-        tmp.path().join("local"),
-        tmp.path().join("served"),
-        tmp.path().join("pulled"),
-    );
+    let [local, served, pulled] = dirs(&tmp, ["local", "served", "pulled"]);
     let source = tmp.path().join("src");
     convert(&local, &source, &image(1, 48), "app:1");
     let mut server = SkiffServer::start(&served, &[]);
     let port = server.port;
     let transfer = |store: &Path, verb: &str, url: &str| {
-        Command::new(skiff_bin())
-            .arg("--store")
-            .arg(store)
-            .args([verb, "app:1", "--server", url, "--json"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let wait_for = |server: &SkiffServer, metric: &str| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while server.metric(metric, &[]) == 0.0 {
-            assert!(Instant::now() < deadline, "{metric} stayed 0");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        spawn_skiff(store, &[verb, "app:1", "--server", url, "--json"])
     };
 
     // The server dies mid-push and comes back on the same port: the push retries and finishes.
     let push_child = transfer(&local, "push", &server.url.clone());
-    wait_for(&server, "skiff_chunks_stored_total");
+    wait_for_metric(&server, "skiff_chunks_stored_total");
     server.kill();
     std::thread::sleep(Duration::from_millis(500));
     // A cold cache paces the pull below, so it is still running when the server dies.
@@ -886,7 +859,7 @@ fn transfers_ride_out_a_server_restart() {
 
     // The same for a pull: its batch is asked again from where it was cut.
     let pull_child = transfer(&pulled, "pull", &server.url.clone());
-    wait_for(&server, "skiff_chunks_sent_total");
+    wait_for_metric(&server, "skiff_chunks_sent_total");
     server.kill();
     std::thread::sleep(Duration::from_millis(500));
     let server = SkiffServer::start_on(port, &served, &[]);
