@@ -189,7 +189,6 @@ async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSende
         }
     };
     for group in ids.chunks(FETCH_PARALLEL_GROUP) {
-        let group = group.to_vec();
         // Cached chunks are taken as they are; the others cost a frame read
         // and a compression each, so those are loaded in parallel, off the
         // async workers.
