@@ -8,18 +8,12 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 use skiff_chunk::{decompress_bounded, decompress_chunk};
 use skiff_format::wire::{
-    self, AccessReport, ChunkRecord, ImageSummary, RecordReader, UploadOutcome,
+    self, AccessReport, ChunkRecord, ImageSummary, RecordReader, UploadOutcome, INDEX_CONTENT_TYPE,
+    MANIFEST_CONTENT_TYPE, MAX_CHUNK_BYTES, MAX_INDEX_BYTES,
 };
 use skiff_format::{ChunkId, ImageManifest, ImageRef, IndexDigest};
 
 use crate::ClientError;
-
-/// An index may decompress to at most this much (a 100k-file index is a few MB).
-const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
-/// The largest chunk FastCDC makes: the bound for decompressing one.
-pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
-/// The most ids the server takes in one fetch or missing request.
-pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 
 /// How long a failing request is retried unless told otherwise.
 pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
@@ -227,7 +221,7 @@ impl Client {
         let request = self
             .http
             .put(&url)
-            .header(CONTENT_TYPE, "application/vnd.skiff.manifest.v1+json")
+            .header(CONTENT_TYPE, MANIFEST_CONTENT_TYPE)
             .body(manifest.to_json());
         self.call(&url, request, None).map(drop)
     }
@@ -262,12 +256,12 @@ impl Client {
         let request = self
             .http
             .put(&url)
-            .header(CONTENT_TYPE, "application/zstd")
+            .header(CONTENT_TYPE, INDEX_CONTENT_TYPE)
             .body(compressed);
         self.call(&url, request, None).map(drop)
     }
 
-    /// Which of `ids` (at most [`MAX_IDS_PER_REQUEST`]) the server lacks, in
+    /// Which of `ids` (at most [`wire::MAX_IDS_PER_REQUEST`]) the server lacks, in
     /// the order asked.
     pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
         let url = self.url("/v1/chunks/missing");
@@ -276,7 +270,7 @@ impl Client {
         wire::decode_ids(&body).map_err(|e| Self::protocol(&url, e.to_string()))
     }
 
-    /// Fetches `ids` (at most [`MAX_IDS_PER_REQUEST`]) in one request and
+    /// Fetches `ids` (at most [`wire::MAX_IDS_PER_REQUEST`]) in one request and
     /// hands each chunk, verified against its id, to `each` as it arrives,
     /// in the order asked, with the size it had on the wire. An answer cut
     /// short is asked again for the chunks still to come; the retry window

@@ -7,6 +7,6 @@ mod client;
 mod error;
 mod transfer;
 
-pub use client::{Client, DEFAULT_RETRY_WINDOW, MAX_CHUNK_BYTES, MAX_IDS_PER_REQUEST};
+pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
 pub use transfer::{pull, push, NoProgress, TransferProgress, TransferReport};

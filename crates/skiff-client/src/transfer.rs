@@ -21,7 +21,7 @@ use crate::{Client, ClientError};
 /// Ids per "which are missing" request.
 const MISSING_BATCH: usize = 8192;
 /// Chunks per upload or fetch request, at most; well under the server's limit.
-const MAX_BATCH_CHUNKS: usize = crate::client::MAX_IDS_PER_REQUEST / 4;
+const MAX_BATCH_CHUNKS: usize = skiff_format::wire::MAX_IDS_PER_REQUEST / 4;
 /// Uncompressed bytes per upload or fetch request.
 const TRANSFER_BATCH_BYTES: u64 = 8 << 20;
 

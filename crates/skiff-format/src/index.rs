@@ -15,6 +15,9 @@ pub const ROOT_INO: InodeNo = 1;
 /// An inode number: position in [`ImageIndex::inodes`] plus one.
 pub type InodeNo = u64;
 
+/// The largest chunk FastCDC 2020 makes (its maximum `max_size`).
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+
 /// FastCDC 2020 parameters; one set per store, recorded in every index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkingParams {
@@ -40,7 +43,7 @@ impl ChunkingParams {
         if self.min_size < 64 || self.avg_size < 256 || self.max_size < 1024 {
             return err(format!("{self:?}: below FastCDC's minimums (64/256/1024)"));
         }
-        if self.avg_size > 4 * 1024 * 1024 || self.max_size > 16 * 1024 * 1024 {
+        if self.avg_size > 4 * 1024 * 1024 || self.max_size > MAX_CHUNK_SIZE {
             return err(format!(
                 "{self:?}: above FastCDC's maximums (4 MiB avg, 16 MiB max)"
             ));

@@ -16,6 +16,6 @@ pub use error::FormatError;
 pub use image_ref::ImageRef;
 pub use index::{
     ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, InodeNo, Metadata, Xattr,
-    INDEX_FORMAT_VERSION, INDEX_MAGIC, ROOT_INO,
+    INDEX_FORMAT_VERSION, INDEX_MAGIC, MAX_CHUNK_SIZE, ROOT_INO,
 };
 pub use manifest::{ImageManifest, IndexDescriptor, SourceInfo, MANIFEST_SCHEMA_VERSION};

@@ -13,7 +13,24 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChunkId, ImageManifest, IndexDigest};
+use crate::{ChunkId, ImageManifest, IndexDigest, MAX_CHUNK_SIZE};
+
+/// A chunk on its own (its wire form).
+pub const CHUNK_CONTENT_TYPE: &str = "application/zstd";
+/// An encoded index, zstd-compressed.
+pub const INDEX_CONTENT_TYPE: &str = "application/zstd";
+pub const MANIFEST_CONTENT_TYPE: &str = "application/vnd.skiff.manifest.v1+json";
+/// A stream of chunk records.
+pub const RECORDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunks.v1";
+/// A list of chunk ids.
+pub const IDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunk-ids.v1";
+
+/// The most ids one fetch or missing request may list.
+pub const MAX_IDS_PER_REQUEST: usize = 65_536;
+/// The bound for decompressing one received chunk.
+pub const MAX_CHUNK_BYTES: usize = MAX_CHUNK_SIZE as usize;
+/// The bound for decompressing a received index (a 100k-file index is a few MB).
+pub const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
 
 /// One row of `GET /v1/images`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +78,7 @@ pub const ID_LEN: usize = 32;
 pub const RECORD_HEADER_LEN: usize = ID_LEN + 1 + 4;
 /// The largest payload a record may declare: a 16 MiB chunk (the FastCDC
 /// maximum) that zstd could not shrink, plus room for zstd's own framing.
-pub const MAX_RECORD_PAYLOAD: u32 = 16 * 1024 * 1024 + 64 * 1024;
+pub const MAX_RECORD_PAYLOAD: u32 = MAX_CHUNK_SIZE + 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

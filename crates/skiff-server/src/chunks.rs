@@ -11,7 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rayon::prelude::*;
 use skiff_chunk::decompress_chunk;
-use skiff_format::wire::{self, ChunkRecord, RecordKind, RecordReader, UploadOutcome};
+use skiff_format::wire::{
+    self, ChunkRecord, RecordKind, RecordReader, UploadOutcome, CHUNK_CONTENT_TYPE,
+    IDS_CONTENT_TYPE, MAX_CHUNK_BYTES, RECORDS_CONTENT_TYPE,
+};
 use skiff_format::ChunkId;
 use skiff_store::StoreError;
 use tokio::sync::OwnedSemaphorePermit;
@@ -22,9 +25,6 @@ use crate::body::Body;
 use crate::error::ApiError;
 use crate::AppState;
 
-pub const CHUNK_CONTENT_TYPE: &str = "application/zstd";
-pub const RECORDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunks.v1";
-pub const IDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunk-ids.v1";
 /// Uploads verified and stored at once; more wait for a slot.
 pub const MAX_CONCURRENT_UPLOADS: usize = 4;
 /// A batch whose client reads nothing for this long is dropped.
@@ -33,8 +33,6 @@ const STALLED_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 const FETCH_PARALLEL_GROUP: usize = 16;
 /// Chunks never change under their id.
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
-/// The largest chunk an upload may hold once decompressed (FastCDC's maximum).
-const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 /// All chunks of one upload, decompressed: bounds the memory a request costs.
 pub const MAX_UPLOAD_RAW_BYTES: usize = 256 * 1024 * 1024;
 

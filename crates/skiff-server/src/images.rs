@@ -6,7 +6,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use skiff_format::wire::ImageSummary;
+use skiff_format::wire::{
+    ImageSummary, INDEX_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, MAX_INDEX_BYTES,
+};
 use skiff_format::{ImageManifest, ImageRef, IndexDigest};
 use skiff_store::StoreError;
 
@@ -15,11 +17,6 @@ use crate::body::Body;
 use crate::chunks::{immutable_headers, not_modified, UploadSlot};
 use crate::error::ApiError;
 use crate::AppState;
-
-pub const MANIFEST_CONTENT_TYPE: &str = "application/vnd.skiff.manifest.v1+json";
-pub const INDEX_CONTENT_TYPE: &str = "application/zstd";
-/// An uploaded index may decompress to this much (a 100k-file index is a few MB).
-const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
 
 fn parse_image(text: &str) -> Result<ImageRef, ApiError> {
     ImageRef::from_str(text).map_err(|e| ApiError::bad_request(e.to_string()))

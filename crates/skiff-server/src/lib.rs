@@ -22,22 +22,18 @@ use std::time::{Duration, Instant};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use skiff_format::wire;
 use skiff_store::Store;
 use tokio::net::TcpListener;
 
 pub use auth::Tokens;
-pub use chunks::{
-    CHUNK_CONTENT_TYPE, IDS_CONTENT_TYPE, MAX_UPLOAD_RAW_BYTES, RECORDS_CONTENT_TYPE,
-};
+pub use chunks::MAX_UPLOAD_RAW_BYTES;
 pub use error::ServerError;
-pub use images::MANIFEST_CONTENT_TYPE;
 
 use cache::HotCache;
 use metrics::Metrics;
 use writer::ChunkWriter;
 
-/// The most ids one fetch or missing request may list.
-pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 /// The largest upload body (chunk records).
 pub const MAX_UPLOAD_BODY: usize = 64 * 1024 * 1024;
 /// The largest manifest body.
@@ -193,7 +189,7 @@ impl Server {
 
 fn router(state: AppState) -> Router {
     let limit = DefaultBodyLimit::max;
-    let ids_limit = limit(MAX_IDS_PER_REQUEST * skiff_format::wire::ID_LEN);
+    let ids_limit = limit(wire::MAX_IDS_PER_REQUEST * wire::ID_LEN);
     Router::new()
         .route(route::HEALTH, get(|| async { "ok\n" }))
         .route(route::METRICS, get(metrics::render))
