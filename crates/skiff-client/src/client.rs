@@ -11,7 +11,7 @@ use skiff_format::wire::{
     self, AccessReport, ChunkRecord, ImageSummary, RecordReader, UploadOutcome, INDEX_CONTENT_TYPE,
     MANIFEST_CONTENT_TYPE, MAX_CHUNK_BYTES, MAX_INDEX_BYTES,
 };
-use skiff_format::{ChunkId, ImageManifest, ImageRef, IndexDigest};
+use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, IndexDigest};
 
 use crate::ClientError;
 
@@ -47,6 +47,11 @@ impl Backoff {
         true
     }
 
+    /// Time left before giving up, so one attempt cannot outlast the window.
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
     fn progressed(&mut self) {
         self.deadline = Instant::now() + self.window;
         self.delay = FIRST_BACKOFF;
@@ -60,6 +65,7 @@ pub struct Client {
     base: String,
     token: Option<String>,
     retry_window: Duration,
+    batch_timeout: Option<Duration>,
 }
 
 impl Client {
@@ -85,6 +91,7 @@ impl Client {
             base,
             token,
             retry_window: DEFAULT_RETRY_WINDOW,
+            batch_timeout: None,
         })
     }
 
@@ -92,6 +99,13 @@ impl Client {
     /// [`ClientError::is_transient`]) for up to `window`; zero turns retries off.
     pub fn with_retry_window(mut self, window: Duration) -> Self {
         self.retry_window = window;
+        self
+    }
+
+    /// Bounds each attempt of a batch fetch, so a server that stalls costs
+    /// a retry rather than the whole window; attempts never outlast the window.
+    pub fn with_batch_timeout(mut self, timeout: Duration) -> Self {
+        self.batch_timeout = Some(timeout);
         self
     }
 
@@ -232,6 +246,23 @@ impl Client {
         self.call(&url, self.http.delete(&url), Some(404)).map(drop)
     }
 
+    /// An image's manifest and its index, encoded (as checked against its
+    /// digest) and decoded (and validated).
+    pub fn image(
+        &self,
+        image: &ImageRef,
+    ) -> Result<(ImageManifest, Vec<u8>, ImageIndex), ClientError> {
+        let manifest = self.manifest(image)?.ok_or_else(|| ClientError::Status {
+            url: self.base.clone(),
+            status: 404,
+            message: format!("the server has no image {image}"),
+        })?;
+        let encoded = self.index_bytes(&manifest.index.digest)?;
+        let index = ImageIndex::decode(&encoded)?;
+        index.validate()?;
+        Ok((manifest, encoded, index))
+    }
+
     /// The encoded index, checked against its digest.
     pub fn index_bytes(&self, digest: &IndexDigest) -> Result<Vec<u8>, ClientError> {
         let url = self.url(&format!("/v1/indexes/{digest}"));
@@ -284,7 +315,10 @@ impl Client {
         let mut done = 0;
         while done < ids.len() {
             let before = done;
-            let attempt = self.fetch_once(&ids[done..], &mut |id, data, wire_len| {
+            let timeout = self
+                .batch_timeout
+                .map(|t| t.min(backoff.remaining()).max(FIRST_BACKOFF));
+            let attempt = self.fetch_once(&ids[done..], timeout, &mut |id, data, wire_len| {
                 each(id, data, wire_len)?;
                 done += 1;
                 Ok(())
@@ -312,10 +346,14 @@ impl Client {
     fn fetch_once(
         &self,
         ids: &[ChunkId],
+        timeout: Option<Duration>,
         each: &mut dyn FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let url = self.url("/v1/chunks/fetch");
-        let request = self.http.post(&url).body(wire::encode_ids(ids));
+        let mut request = self.http.post(&url).body(wire::encode_ids(ids));
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
         let response = self.send_once(&url, request)?;
         let cut_short = |message: String| ClientError::Interrupted {
             url: url.clone(),

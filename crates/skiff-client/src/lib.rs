@@ -3,10 +3,14 @@
 //! send only the chunks the other side lacks. Every chunk received is
 //! checked against its BLAKE3 id before it is used or stored.
 
+mod cache;
 mod client;
 mod error;
+mod source;
 mod transfer;
 
+pub use cache::{CacheError, ChunkCache, EvictReport};
 pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
+pub use source::CachedSource;
 pub use transfer::{pull, push, NoProgress, TransferProgress, TransferReport};

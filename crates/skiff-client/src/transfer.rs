@@ -180,14 +180,7 @@ pub fn pull(
     progress: &dyn TransferProgress,
 ) -> Result<TransferReport, ClientError> {
     let started = Instant::now();
-    let manifest = client.manifest(image)?.ok_or_else(|| ClientError::Status {
-        url: client.server().to_owned(),
-        status: 404,
-        message: format!("the server has no image {image}"),
-    })?;
-    let encoded = client.index_bytes(&manifest.index.digest)?;
-    let index = ImageIndex::decode(&encoded)?;
-    index.validate()?;
+    let (manifest, encoded, index) = client.image(image)?;
     let chunks = distinct_chunks(&index);
     let mut missing = Vec::new();
     for chunk in &chunks {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use skiff_format::wire;
 use skiff_store::Store;
@@ -152,7 +153,14 @@ impl Server {
             shutdown.await;
             let _ = stopping.send(());
         };
-        let serving = axum::serve(self.listener, self.router)
+        // Answers go out as a header then body pieces; with Nagle's algorithm
+        // the second write would wait ~40 ms for the client's delayed ACK.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {e}");
+            }
+        });
+        let serving = axum::serve(listener, self.router)
             .with_graceful_shutdown(signal)
             .into_future();
         let drain_limit = async move {

@@ -18,6 +18,7 @@ mod error;
 mod gc;
 mod layout;
 mod pack;
+mod source;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -26,4 +27,5 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use layout::{ChunkLocation, LayerRecord, StoreConfig};
 pub use pack::{PackWriter, WriteSummary};
+pub use source::{ChunkSource, SourceError};
 pub use store::{FsckReport, Store, StoreStats};

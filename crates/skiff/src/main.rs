@@ -1,5 +1,6 @@
 //! The `skiff` command.
 
+mod mount;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -139,6 +140,24 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "server")]
         token_file: Option<PathBuf>,
     },
+    /// Mount an image read-only, fetching each chunk at its first read
+    #[command(
+        after_help = "Without --foreground, returns once the mount is ready and leaves a \
+        daemon serving it; chunks land in the host's cache (--cache), shared by every mount.\n\n\
+        Examples:\n  \
+        skiff mount debian:bookworm /mnt/debian --server http://127.0.0.1:7070\n  \
+        skiff --store /srv/skiff mount debian:bookworm /mnt/debian"
+    )]
+    Mount(mount::MountArgs),
+    /// Unmount an image mounted by `skiff mount`
+    Umount(mount::MountPointArgs),
+    /// Show what a mount has fetched, how much of the image is local, read latencies
+    Status {
+        #[command(flatten)]
+        at: mount::MountPointArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete chunks and indexes no image references, and compact packs
     Gc {
         #[arg(long)]
@@ -209,6 +228,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // A mount daemon's stderr is its log file: no colour codes there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -296,6 +317,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bar.bar.finish_and_clear();
             print_transfer(&report, "pulled", "from", client.server(), json)?;
         }
+        Command::Mount(args) => mount::mount(&store_dir, args)?,
+        Command::Umount(args) => mount::umount(args)?,
+        Command::Status { at, json } => mount::status(at, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
             export(&Store::open_read_only(&store_dir)?, &image, &destination)?

@@ -1,0 +1,373 @@
+//! The host's chunk cache: one directory shared by every mount, image and
+//! process, so a chunk that several images share crosses the network once.
+//!
+//! ```text
+//! CACHE/
+//!   chunks/ab/abcd…   one file per chunk, named by its id, raw bytes
+//!   tmp/              chunks being written (renamed into place when whole)
+//!   evict.lock        held (flock) by the process evicting
+//! ```
+//!
+//! A chunk file appears whole or not at all (written aside, then renamed),
+//! and every read checks it against its id, so a crash or a stray write
+//! costs a refetch, never wrong bytes. Recency is the file's mtime, touched
+//! when a chunk is read after a while; eviction removes the least recently
+//! used chunks that no open file of this process pins.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use skiff_format::ChunkId;
+use thiserror::Error;
+
+/// A read refreshes a chunk's recency at most this often.
+const TOUCH_AFTER: Duration = Duration::from_secs(60);
+/// Eviction brings the cache down to this share of its bound, so that it
+/// does not run again after every new chunk.
+const EVICT_TO_PERCENT: u64 = 90;
+/// Temporary files older than this were left by a writer that died.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Error)]
+#[error("chunk cache {path}: {context}: {source}")]
+pub struct CacheError {
+    path: PathBuf,
+    context: &'static str,
+    #[source]
+    source: io::Error,
+}
+
+/// What one eviction pass found and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvictReport {
+    pub chunks_before: u64,
+    pub bytes_before: u64,
+    pub chunks_removed: u64,
+    pub bytes_removed: u64,
+}
+
+pub struct ChunkCache {
+    root: PathBuf,
+    max_bytes: u64,
+    /// What this process believes the cache holds: set by each scan, grown
+    /// by each chunk it writes. Other processes' writes show at the next scan.
+    approx_bytes: AtomicU64,
+    /// Chunks of files open in this process, with how many opens need each.
+    pins: Mutex<HashMap<ChunkId, u32>>,
+    evicting: Mutex<()>,
+}
+
+impl ChunkCache {
+    /// Opens (creating) the cache at `root`, bounded to `max_bytes`. The
+    /// first scan of what it holds runs in the background, so opening is
+    /// instant whatever the cache's size.
+    pub fn open(root: &Path, max_bytes: u64) -> Result<Arc<ChunkCache>, CacheError> {
+        for dir in [root.join("chunks"), root.join("tmp")] {
+            fs::create_dir_all(&dir).map_err(|source| CacheError {
+                path: root.to_owned(),
+                context: "creating the cache directory",
+                source,
+            })?;
+        }
+        let cache = Arc::new(ChunkCache {
+            root: root.to_owned(),
+            max_bytes,
+            approx_bytes: AtomicU64::new(0),
+            pins: Mutex::new(HashMap::new()),
+            evicting: Mutex::new(()),
+        });
+        let scanner = Arc::downgrade(&cache);
+        std::thread::Builder::new()
+            .name("cache-scan".into())
+            .spawn(move || {
+                if let Some(cache) = scanner.upgrade() {
+                    if let Err(e) = cache.evict() {
+                        tracing::warn!("{e}");
+                    }
+                }
+            })
+            .map_err(|source| CacheError {
+                path: root.to_owned(),
+                context: "starting the scan thread",
+                source,
+            })?;
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Bytes cached, as of this process's last scan plus what it wrote since.
+    pub fn approx_bytes(&self) -> u64 {
+        self.approx_bytes.load(Ordering::Relaxed)
+    }
+
+    fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_string();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn error(&self, context: &'static str) -> impl FnOnce(io::Error) -> CacheError + '_ {
+        move |source| CacheError {
+            path: self.root.clone(),
+            context,
+            source,
+        }
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.chunk_path(id).exists()
+    }
+
+    /// The chunk if it is cached and intact. A file that does not match its
+    /// id (a torn write, a bad disk) is removed and reported as absent.
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let path = self.chunk_path(id);
+        let mut file = File::open(&path).ok()?;
+        let mut data = Vec::new();
+        io::Read::read_to_end(&mut file, &mut data).ok()?;
+        if ChunkId::of(&data) != *id {
+            tracing::warn!("cached chunk {id} is damaged; removing it");
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        let stale = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > TOUCH_AFTER));
+        if stale {
+            // Recency only steers eviction; failing to record it is harmless.
+            let _ = file.set_modified(SystemTime::now());
+        }
+        Some(data)
+    }
+
+    /// Caches a chunk the caller has verified. Writing a chunk that is
+    /// already there, or racing another process to write it, is harmless.
+    pub fn put(&self, id: &ChunkId, data: &[u8]) -> Result<(), CacheError> {
+        let path = self.chunk_path(id);
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(self.error("creating a chunk directory"))?;
+        }
+        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(self.error("creating a temporary chunk file"))?;
+        temp.write_all(data)
+            .map_err(self.error("writing a chunk"))?;
+        temp.persist(&path)
+            .map_err(|e| self.error("renaming a chunk into place")(e.error))?;
+        let total = self
+            .approx_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed)
+            + data.len() as u64;
+        if total > self.max_bytes {
+            self.evict()?;
+        }
+        Ok(())
+    }
+
+    pub fn pin(&self, ids: &[ChunkId]) {
+        let mut pins = self.pins.lock().expect("pin table poisoned");
+        for id in ids {
+            *pins.entry(*id).or_default() += 1;
+        }
+    }
+
+    pub fn unpin(&self, ids: &[ChunkId]) {
+        let mut pins = self.pins.lock().expect("pin table poisoned");
+        for id in ids {
+            if let Some(count) = pins.get_mut(id) {
+                *count -= 1;
+                if *count == 0 {
+                    pins.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Scans the cache and, if it holds more than its bound, removes the
+    /// least recently used unpinned chunks until it holds 90% of the bound.
+    /// One process evicts at a time; the others wait for it, then rescan.
+    pub fn evict(&self) -> Result<EvictReport, CacheError> {
+        let _this_process = self.evicting.lock().expect("eviction lock poisoned");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("evict.lock"))
+            .map_err(self.error("opening evict.lock"))?;
+        lock.lock().map_err(self.error("locking evict.lock"))?;
+
+        self.remove_stale_temps();
+        let mut entries = self.scan()?;
+        let mut report = EvictReport {
+            chunks_before: entries.len() as u64,
+            bytes_before: entries.iter().map(|e| e.len).sum(),
+            ..EvictReport::default()
+        };
+        let mut total = report.bytes_before;
+        if total > self.max_bytes {
+            let target = self.max_bytes / 100 * EVICT_TO_PERCENT;
+            entries.sort_by_key(|e| e.used);
+            let pins = self.pins.lock().expect("pin table poisoned").clone();
+            for entry in entries {
+                if total <= target {
+                    break;
+                }
+                if pins.contains_key(&entry.id) {
+                    continue;
+                }
+                match fs::remove_file(&entry.path) {
+                    Ok(()) => {
+                        total -= entry.len;
+                        report.chunks_removed += 1;
+                        report.bytes_removed += entry.len;
+                    }
+                    // Another process evicted it first.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => total -= entry.len,
+                    Err(e) => return Err(self.error("removing a chunk")(e)),
+                }
+            }
+            tracing::debug!(
+                removed = report.chunks_removed,
+                bytes = report.bytes_removed,
+                "evicted from the chunk cache"
+            );
+        }
+        self.approx_bytes.store(total, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    fn scan(&self) -> Result<Vec<CachedChunk>, CacheError> {
+        let mut entries = Vec::new();
+        let chunks = self.root.join("chunks");
+        for dir in fs::read_dir(&chunks).map_err(self.error("listing chunks/"))? {
+            let Ok(dir) = dir else { continue };
+            let Ok(files) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let Some(id) = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.parse::<ChunkId>().ok())
+                else {
+                    continue;
+                };
+                // Gone since the listing: another process evicted it.
+                let Ok(meta) = file.metadata() else { continue };
+                entries.push(CachedChunk {
+                    id,
+                    path: file.path(),
+                    len: meta.len(),
+                    used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    fn remove_stale_temps(&self) {
+        let Ok(temps) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for temp in temps.flatten() {
+            let stale = temp
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP));
+            if stale {
+                let _ = fs::remove_file(temp.path());
+            }
+        }
+    }
+}
+
+struct CachedChunk {
+    id: ChunkId,
+    path: PathBuf,
+    len: u64,
+    used: SystemTime,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn chunk(n: u8, len: usize) -> (ChunkId, Vec<u8>) {
+        let data = vec![n; len];
+        (ChunkId::of(&data), data)
+    }
+
+    fn age(cache: &ChunkCache, id: &ChunkId, secs: u64) {
+        let file = File::options()
+            .write(true)
+            .open(cache.chunk_path(id))
+            .unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn chunks_round_trip_and_damaged_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let (id, data) = chunk(1, 1000);
+        assert!(cache.get(&id).is_none());
+        cache.put(&id, &data).unwrap();
+        cache.put(&id, &data).unwrap();
+        assert!(cache.contains(&id));
+        assert_eq!(cache.get(&id).unwrap(), data);
+        fs::write(cache.chunk_path(&id), b"not the chunk").unwrap();
+        assert!(cache.get(&id).is_none());
+        assert!(!cache.contains(&id), "a damaged chunk is removed");
+    }
+
+    #[test]
+    fn eviction_removes_the_least_recently_used_unpinned_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 10_000).unwrap();
+        let chunks: Vec<_> = (0..5).map(|n| chunk(n, 3000)).collect();
+        for (n, (id, data)) in chunks.iter().enumerate().take(3) {
+            cache.put(id, data).unwrap();
+            age(&cache, id, 1000 - n as u64 * 100);
+        }
+        // Oldest first: 0, 1, 2. Reading 0 refreshes it; pinning 1 keeps it.
+        assert!(cache.get(&chunks[0].0).is_some());
+        cache.pin(&[chunks[1].0]);
+        cache.put(&chunks[3].0, &chunks[3].1).unwrap();
+        // 12,000 bytes > 10,000: evict down to 9,000 by dropping the LRU unpinned chunk (2).
+        let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
+        assert_eq!(present, [true, true, false, true, false]);
+        assert_eq!(cache.approx_bytes(), 9000);
+        cache.unpin(&[chunks[1].0]);
+        cache.put(&chunks[4].0, &chunks[4].1).unwrap();
+        let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
+        assert_eq!(present, [true, false, false, true, true]);
+    }
+
+    #[test]
+    fn a_second_process_view_sees_what_the_first_wrote_at_its_next_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let b = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let (id, data) = chunk(9, 5000);
+        a.put(&id, &data).unwrap();
+        assert_eq!(b.get(&id).unwrap(), data);
+        assert_eq!(b.evict().unwrap().bytes_before, 5000);
+        assert_eq!(b.approx_bytes(), 5000);
+    }
+}

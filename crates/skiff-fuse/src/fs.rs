@@ -1,0 +1,356 @@
+//! The read-only file system the kernel talks to.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use skiff_format::{ChunkId, InodeKind};
+
+use crate::fetcher::{ChunkBytes, Fetcher};
+use crate::tree::{ImageTree, BLOCK_SIZE};
+
+/// Images never change under a mount, so the kernel may keep names,
+/// attributes and pages as long as it likes.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest read the kernel is asked to send (it grants at most its own limit).
+const MAX_READ: u32 = 1 << 20;
+
+pub struct SkiffFs {
+    tree: Arc<ImageTree>,
+    fetcher: Arc<Fetcher>,
+    /// Reads that must wait on the network are answered from here, so the
+    /// kernel's requests never queue behind a slow server.
+    network: rayon::ThreadPool,
+    next_handle: AtomicU64,
+    /// Open files and the chunks each pins in the host's cache.
+    open: Mutex<HashMap<u64, Vec<ChunkId>>>,
+}
+
+impl SkiffFs {
+    pub fn new(
+        tree: Arc<ImageTree>,
+        fetcher: Arc<Fetcher>,
+        network_threads: usize,
+    ) -> io::Result<SkiffFs> {
+        let network = rayon::ThreadPoolBuilder::new()
+            .num_threads(network_threads.max(1))
+            .thread_name(|n| format!("fetch-{n}"))
+            .build()
+            .map_err(io::Error::other)?;
+        Ok(SkiffFs {
+            tree,
+            fetcher,
+            network,
+            next_handle: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
+        self.tree.attr(ino).ok_or(Errno::ENOENT)
+    }
+}
+
+/// The bytes `offset..offset + len` of a file, cut from the chunks that hold them.
+fn assemble(chunks: &[ChunkBytes], first_start: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut skip = (offset - first_start) as usize;
+    for chunk in chunks {
+        if out.len() == len {
+            break;
+        }
+        let piece = chunk.get(skip.min(chunk.len())..).unwrap_or(&[]);
+        let take = piece.len().min(len - out.len());
+        out.extend_from_slice(&piece[..take]);
+        skip = skip.saturating_sub(chunk.len());
+    }
+    out
+}
+
+impl Filesystem for SkiffFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Each capability on its own: an old kernel lacking one keeps the rest.
+        for wanted in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            if config.add_capabilities(wanted).is_err() {
+                tracing::debug!("the kernel lacks {wanted:?}");
+            }
+        }
+        if let Err(max) = config.set_max_readahead(MAX_READ) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_write(MAX_READ) {
+            let _ = config.set_max_write(max);
+        }
+        // Readahead of many files at once (a container start) may all be in flight.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.tree.lookup(parent, name.as_bytes()) {
+            Some(ino) => match self.attr(ino) {
+                Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+                Err(e) => reply.error(e),
+            },
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.inode(ino).map(|i| &i.kind) {
+            Some(InodeKind::Symlink { target }) => reply.data(target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let Some(InodeKind::File { chunks, .. }) = self.tree.inode(ino).map(|i| &i.kind) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        self.fetcher.source().pin(&ids);
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .expect("open table poisoned")
+            .insert(handle, ids);
+        reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    /// Called at every close; there is nothing to write back.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(ids) = self.open.lock().expect("open table poisoned").remove(&fh.0) {
+            self.fetcher.source().unpin(&ids);
+        }
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let started = Instant::now();
+        let Some(span) = self.tree.span(ino, offset, u64::from(size)) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let len = self
+            .tree
+            .attr(ino)
+            .map_or(0, |a| a.size.saturating_sub(offset).min(u64::from(size)))
+            as usize;
+        // At hand without the network: answer on this thread.
+        if let Some(chunks) = self.fetcher.all_cached(span.chunks) {
+            self.fetcher.stats.record_read(len, started.elapsed());
+            return reply.data(&assemble(&chunks, span.start, offset, len));
+        }
+        let (tree, fetcher) = (self.tree.clone(), self.fetcher.clone());
+        let (first, count, start) = (span.first, span.chunks.len(), span.start);
+        self.network.spawn(move || {
+            let chunks = tree.chunks_from(ino, first);
+            let (wanted, after) = chunks.split_at(count.min(chunks.len()));
+            match fetcher.get(wanted, after) {
+                Ok(chunks) => {
+                    fetcher.stats.record_read(len, started.elapsed());
+                    reply.data(&assemble(&chunks, start, offset, len));
+                }
+                Err(e) => {
+                    crate::stats::MountStats::add(&fetcher.stats.failed_reads, 1);
+                    tracing::error!("read of inode {} at {offset} failed: {}", ino.0, e.0);
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.inode(ino).map(|i| &i.kind) {
+            Some(InodeKind::Directory { .. }) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(listing) = listing(&self.tree, ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (n, (child, name)) in listing.enumerate().skip(offset as usize) {
+            let Some(attr) = self.tree.attr(child) else {
+                continue;
+            };
+            if reply.add(child, n as u64 + 1, attr.kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(listing) = listing(&self.tree, ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (n, (child, name)) in listing.enumerate().skip(offset as usize) {
+            let Some(attr) = self.tree.attr(child) else {
+                continue;
+            };
+            if reply.add(child, n as u64 + 1, name, &TTL, &attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let index = self.tree.index();
+        let blocks = index.logical_bytes().div_ceil(u64::from(BLOCK_SIZE));
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            index.inodes.len() as u64,
+            0,
+            BLOCK_SIZE,
+            255,
+            BLOCK_SIZE,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(inode) = self.tree.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let found = inode
+            .meta
+            .xattrs
+            .iter()
+            .find(|x| x.name.as_slice() == name.as_bytes());
+        match found {
+            Some(x) => reply_sized(reply, &x.value, size),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(inode) = self.tree.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for x in &inode.meta.xattrs {
+            names.extend_from_slice(&x.name);
+            names.push(0);
+        }
+        reply_sized(reply, &names, size);
+    }
+}
+
+/// A directory's entries as readdir lists them: "." and ".." first.
+fn listing(tree: &ImageTree, dir: INodeNo) -> Option<impl Iterator<Item = (INodeNo, &OsStr)>> {
+    let Some(InodeKind::Directory { entries }) = tree.inode(dir).map(|i| &i.kind) else {
+        return None;
+    };
+    let dots = [(dir, OsStr::new(".")), (tree.parent(dir), OsStr::new(".."))];
+    Some(
+        dots.into_iter().chain(
+            entries
+                .iter()
+                .map(|e| (INodeNo(e.ino), OsStr::from_bytes(&e.name))),
+        ),
+    )
+}
+
+/// The xattr protocol: size 0 asks how big the value is; too small a buffer is ERANGE.
+fn reply_sized(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_cut_from_the_chunks_that_hold_them() {
+        let chunks: Vec<ChunkBytes> = vec![b"hello ".to_vec().into(), b"world".to_vec().into()];
+        assert_eq!(assemble(&chunks, 0, 0, 11), b"hello world");
+        assert_eq!(assemble(&chunks, 0, 4, 4), b"o wo");
+        assert_eq!(assemble(&chunks[1..], 6, 8, 3), b"rld");
+        assert_eq!(assemble(&chunks, 0, 10, 1), b"d");
+    }
+}

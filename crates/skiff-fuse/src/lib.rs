@@ -1,0 +1,219 @@
+//! The lazy, read-only FUSE file system of an image: the merged root from
+//! its index, file bytes fetched chunk by chunk at first read through a
+//! [`ChunkSource`], and the rest prefetched in the background.
+//!
+//! This crate knows nothing of HTTP or of the cache directory: the caller
+//! hands it a source (a local store, or a chunk server behind the host's
+//! chunk cache) and gets back a live [`Mount`].
+
+mod fetcher;
+mod fs;
+mod prefetch;
+mod stats;
+mod tree;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use skiff_format::ImageIndex;
+use skiff_store::ChunkSource;
+use thiserror::Error;
+
+pub use fetcher::Fetcher;
+pub use prefetch::{prefetch_order, PrefetchConfig};
+pub use stats::StatsReport;
+pub use tree::ImageTree;
+
+use crate::prefetch::Prefetcher;
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error("mounting at {path}: {source}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("unmounting {path}: {source}")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Chunks kept in memory, in bytes.
+    pub memory_bytes: u64,
+    /// A read that misses fetches this many bytes of the file in one request.
+    pub window_bytes: u64,
+    /// Threads that wait on the source for reads.
+    pub network_threads: usize,
+    /// Threads that take requests from the kernel.
+    pub fuse_threads: usize,
+    pub prefetch: Option<PrefetchConfig>,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fsname: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            memory_bytes: 256 << 20,
+            window_bytes: 1 << 20,
+            network_threads: 16,
+            fuse_threads: 4,
+            prefetch: Some(PrefetchConfig::default()),
+            fsname: "skiff".into(),
+        }
+    }
+}
+
+/// A mounted image. Dropping it unmounts.
+pub struct Mount {
+    session: Option<BackgroundSession>,
+    prefetcher: Option<Prefetcher>,
+    fetcher: Arc<Fetcher>,
+    tree: Arc<ImageTree>,
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    /// Mounts `index` at `mountpoint`, reading through `source`, and returns
+    /// once the kernel has answered a first request on it.
+    pub fn start(
+        index: ImageIndex,
+        source: Arc<dyn ChunkSource>,
+        mountpoint: &Path,
+        options: &MountOptions,
+    ) -> Result<Mount, MountError> {
+        let mount_error = |source| MountError::Mount {
+            path: mountpoint.to_owned(),
+            source,
+        };
+        if !std::fs::metadata(mountpoint).map_err(mount_error)?.is_dir() {
+            return Err(MountError::NotADirectory {
+                path: mountpoint.to_owned(),
+            });
+        }
+        let tree = Arc::new(ImageTree::new(index));
+        let fetcher = Arc::new(Fetcher::new(
+            source,
+            options.memory_bytes,
+            options.window_bytes,
+        ));
+        let fs = fs::SkiffFs::new(tree.clone(), fetcher.clone(), options.network_threads)
+            .map_err(mount_error)?;
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(options.fsname.clone()),
+            MountOption::Subtype("skiff".into()),
+            MountOption::RO,
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            // A root file system: its setuid binaries and device nodes work.
+            MountOption::Suid,
+            MountOption::Dev,
+        ];
+        // Containers run as other users than the mounting one.
+        config.acl = SessionACL::All;
+        config.n_threads = Some(options.fuse_threads.max(1));
+        config.clone_fd = true;
+        let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_error)?;
+        // The first stat waits for the kernel's INIT to be answered.
+        std::fs::metadata(mountpoint).map_err(mount_error)?;
+        let prefetcher = options.prefetch.clone().map(|config| {
+            let order = prefetch_order(&tree, &config.first);
+            Prefetcher::start(fetcher.clone(), order, config)
+        });
+        Ok(Mount {
+            session: Some(session),
+            prefetcher,
+            fetcher,
+            tree,
+            mountpoint: mountpoint.to_owned(),
+        })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    pub fn stats(&self) -> StatsReport {
+        self.fetcher.stats.report()
+    }
+
+    pub fn tree(&self) -> &ImageTree {
+        &self.tree
+    }
+
+    /// Distinct chunks of the image and their bytes, and how many of each
+    /// are on this host (in memory or in the host's cache).
+    pub fn local_share(&self) -> LocalShare {
+        let mut share = LocalShare::default();
+        let mut seen = std::collections::HashSet::new();
+        for chunk in self.tree.index().chunk_refs() {
+            if !seen.insert(chunk.id) {
+                continue;
+            }
+            share.chunks += 1;
+            share.bytes += u64::from(chunk.len);
+            if self.fetcher.is_local(&chunk.id) {
+                share.local_chunks += 1;
+                share.local_bytes += u64::from(chunk.len);
+            }
+        }
+        share
+    }
+
+    /// Whether the kernel still has the file system mounted (someone may
+    /// have run `umount` on it).
+    pub fn is_mounted(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+    }
+
+    /// Stops prefetch and unmounts.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<(), MountError> {
+        if let Some(prefetcher) = self.prefetcher.take() {
+            prefetcher.stop();
+        }
+        match self.session.take() {
+            Some(session) if !session.guard.is_finished() => {
+                session
+                    .umount_and_join()
+                    .map_err(|source| MountError::Unmount {
+                        path: self.mountpoint.clone(),
+                        source,
+                    })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.shut_down() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalShare {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub local_chunks: u64,
+    pub local_bytes: u64,
+}

@@ -1,0 +1,146 @@
+//! Background prefetch: after the mount is ready, fetch the image's chunks
+//! in the order a start is likely to need them, in batches that step aside
+//! while reads are waiting on the source.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use skiff_format::{ChunkId, InodeKind};
+
+use crate::fetcher::Fetcher;
+use crate::tree::ImageTree;
+
+#[derive(Clone, Debug)]
+pub struct PrefetchConfig {
+    /// Raw bytes per batch request.
+    pub batch_bytes: u64,
+    /// Upper bound on the average rate, in bytes per second (0: none).
+    pub max_rate: u64,
+    /// Chunk ids to fetch first (a startup profile), before the rest.
+    pub first: Vec<ChunkId>,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            batch_bytes: 4 << 20,
+            max_rate: 0,
+            first: Vec::new(),
+        }
+    }
+}
+
+/// After a failed batch, wait this long before the next try.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
+/// How often a paused prefetch looks again whether reads are still waiting.
+const YIELD_POLL: Duration = Duration::from_millis(5);
+
+/// Every distinct chunk of the image: `first` ones first, then file by file
+/// in path order (the order `ls -R` and most starts walk a tree).
+pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> Vec<(ChunkId, u32)> {
+    let index = tree.index();
+    let mut lens = std::collections::HashMap::new();
+    for chunk in index.chunk_refs() {
+        lens.insert(chunk.id, chunk.len);
+    }
+    let mut seen = HashSet::new();
+    let mut order = Vec::with_capacity(lens.len());
+    for id in first {
+        if let Some(&len) = lens.get(id) {
+            if seen.insert(*id) {
+                order.push((*id, len));
+            }
+        }
+    }
+    for (_, ino) in index.walk() {
+        if let Some(InodeKind::File { chunks, .. }) = index.inode(ino).map(|i| &i.kind) {
+            for chunk in chunks {
+                if seen.insert(chunk.id) {
+                    order.push((chunk.id, chunk.len));
+                }
+            }
+        }
+    }
+    order
+}
+
+pub struct Prefetcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    pub fn start(
+        fetcher: Arc<Fetcher>,
+        order: Vec<(ChunkId, u32)>,
+        config: PrefetchConfig,
+    ) -> Prefetcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || run(&fetcher, &order, &config, &stopped))
+            .map_err(|e| tracing::error!("prefetch did not start: {e}"))
+            .ok();
+        Prefetcher { stop, thread }
+    }
+
+    /// Stops after the batch in flight.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(fetcher: &Fetcher, order: &[(ChunkId, u32)], config: &PrefetchConfig, stop: &AtomicBool) {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut at = 0;
+    while at < order.len() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if fetcher.busy_with_reads() {
+            std::thread::sleep(YIELD_POLL);
+            continue;
+        }
+        if config.max_rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / config.max_rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait.min(Duration::from_millis(100)));
+                continue;
+            }
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = at;
+        while next < order.len() && bytes < config.batch_bytes {
+            let (id, len) = order[next];
+            next += 1;
+            if !fetcher.is_local(&id) {
+                batch.push(id);
+                bytes += u64::from(len);
+            }
+        }
+        match fetcher.prefetch(&batch) {
+            Ok(_) => {
+                sent += bytes;
+                at = next;
+            }
+            Err(e) => {
+                tracing::warn!("prefetch paused: {}", e.0);
+                std::thread::sleep(PAUSE_AFTER_FAILURE);
+            }
+        }
+    }
+    fetcher.stats.prefetch_done.store(true, Ordering::Relaxed);
+    tracing::info!(
+        "prefetch finished in {:.1} s: every chunk of the image is on this host",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,127 @@
+//! What a mount has done, for `skiff status`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Read latencies in power-of-two microsecond buckets: bucket `b` counts
+/// reads that took less than 2^b µs (the last one, everything slower).
+const LATENCY_BUCKETS: usize = 28;
+
+#[derive(Default)]
+pub struct MountStats {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub failed_reads: AtomicU64,
+    pub memory_hits: AtomicU64,
+    pub disk_hits: AtomicU64,
+    pub fetch_requests: AtomicU64,
+    pub fetched_chunks: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+    pub prefetched_chunks: AtomicU64,
+    pub prefetched_bytes: AtomicU64,
+    pub prefetch_done: AtomicBool,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl MountStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn record_read(&self, bytes: usize, took: Duration) {
+        Self::add(&self.reads, 1);
+        Self::add(&self.read_bytes, bytes as u64);
+        let micros = took.as_micros().max(1) as u64;
+        let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        Self::add(&self.latency[bucket], 1);
+    }
+
+    /// The upper bound of the bucket holding quantile `q` of read latencies, in µs.
+    fn latency_quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(1u64 << bucket);
+            }
+        }
+        None
+    }
+
+    pub fn report(&self) -> StatsReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsReport {
+            reads: get(&self.reads),
+            read_bytes: get(&self.read_bytes),
+            failed_reads: get(&self.failed_reads),
+            memory_hits: get(&self.memory_hits),
+            disk_hits: get(&self.disk_hits),
+            fetch_requests: get(&self.fetch_requests),
+            fetched_chunks: get(&self.fetched_chunks),
+            fetched_bytes: get(&self.fetched_bytes),
+            corrupt_chunks: get(&self.corrupt_chunks),
+            prefetched_chunks: get(&self.prefetched_chunks),
+            prefetched_bytes: get(&self.prefetched_bytes),
+            prefetch_done: self.prefetch_done.load(Ordering::Relaxed),
+            read_latency_us_p50: self.latency_quantile(0.50),
+            read_latency_us_p90: self.latency_quantile(0.90),
+            read_latency_us_p99: self.latency_quantile(0.99),
+        }
+    }
+}
+
+/// Counters of one mount. Latencies are bucket upper bounds (powers of two).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub failed_reads: u64,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub fetch_requests: u64,
+    /// Chunks and raw bytes fetched from the source, prefetch included.
+    pub fetched_chunks: u64,
+    pub fetched_bytes: u64,
+    pub corrupt_chunks: u64,
+    pub prefetched_chunks: u64,
+    pub prefetched_bytes: u64,
+    pub prefetch_done: bool,
+    pub read_latency_us_p50: Option<u64>,
+    pub read_latency_us_p90: Option<u64>,
+    pub read_latency_us_p99: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_come_from_power_of_two_buckets() {
+        let stats = MountStats::default();
+        assert_eq!(stats.latency_quantile(0.5), None);
+        for _ in 0..98 {
+            stats.record_read(10, Duration::from_micros(20));
+        }
+        stats.record_read(10, Duration::from_millis(3));
+        stats.record_read(10, Duration::from_millis(3));
+        let report = stats.report();
+        assert_eq!(report.read_latency_us_p50, Some(32));
+        assert_eq!(report.read_latency_us_p90, Some(32));
+        assert_eq!(report.read_latency_us_p99, Some(4096));
+        assert_eq!(report.reads, 100);
+        assert_eq!(report.read_bytes, 1000);
+    }
+}

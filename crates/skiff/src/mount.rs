@@ -1,0 +1,558 @@
+//! `skiff mount`, `skiff umount` and `skiff status`.
+//!
+//! A mount is served by a daemon: `skiff mount` starts itself again with
+//! `--foreground` in its own process group, waits until that process says
+//! the file system is ready (a line on a pipe, not a sleep), and returns.
+//! The daemon keeps a record and a status socket in the run directory:
+//!
+//! ```text
+//! RUN_DIR/mounts/KEY.json   pid, image, source, mount point
+//! RUN_DIR/mounts/KEY.sock   answers with the mount's status as JSON
+//! RUN_DIR/mounts/KEY.log    the daemon's log
+//! ```
+//! where KEY is derived from the mount point's canonical path.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use skiff_client::{CachedSource, ChunkCache};
+use skiff_format::{ChunkId, ImageIndex, ImageRef};
+use skiff_fuse::{LocalShare, Mount, MountOptions, PrefetchConfig, StatsReport};
+use skiff_store::{ChunkSource, Store};
+
+use crate::Remote;
+
+const DEFAULT_RUN_DIR: &str = "/run/skiff";
+const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
+/// How long `skiff umount` waits for the daemon to let go.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(clap::Args)]
+pub struct MountArgs {
+    /// NAME[:TAG] of the image
+    image: ImageRef,
+    /// An empty directory to mount it on
+    mountpoint: PathBuf,
+    /// Read chunks from this server [default: from the local store, --store]
+    #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// File holding the server's bearer token
+    #[arg(
+        long,
+        env = "SKIFF_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "server"
+    )]
+    token_file: Option<PathBuf>,
+    /// The host's chunk cache, shared by every mount
+    #[arg(long, env = "SKIFF_CACHE", default_value = DEFAULT_CACHE_DIR, value_name = "DIR")]
+    cache: PathBuf,
+    /// Bound on the chunk cache; least recently used chunks go first
+    #[arg(long, default_value_t = 20.0, value_name = "GB")]
+    cache_max_gb: f64,
+    /// Do not fetch the rest of the image in the background
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Cap on the background prefetch rate (0: none)
+    #[arg(long, default_value_t = 0, value_name = "MB/S")]
+    prefetch_rate_mb: u64,
+    /// A read that misses fetches this much of the file in one request
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    window_kb: u64,
+    /// Memory for chunks, per mount
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    memory_mb: u64,
+    /// Seconds a read keeps retrying an unreachable or stalled server before it fails with EIO
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    retry_for: u64,
+    /// Stay in the foreground until unmounted (Ctrl-C or SIGTERM unmounts)
+    #[arg(long)]
+    foreground: bool,
+    /// Where mounts keep their records and status sockets
+    #[arg(long, env = "SKIFF_RUN_DIR", default_value = DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
+    /// Print "ready" on stdout once mounted (used by the parent of a daemon)
+    #[arg(long, hide = true)]
+    notify_ready: bool,
+}
+
+#[derive(clap::Args)]
+pub struct MountPointArgs {
+    /// Where the image is mounted
+    mountpoint: PathBuf,
+    #[arg(long, env = "SKIFF_RUN_DIR", default_value = DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
+}
+
+/// What the run directory records about a live mount.
+#[derive(Serialize, Deserialize)]
+struct MountRecord {
+    pid: u32,
+    image: String,
+    source: String,
+    mountpoint: PathBuf,
+    started_unix: u64,
+}
+
+/// `skiff status --json`.
+#[derive(Serialize, Deserialize)]
+struct MountStatus {
+    image: String,
+    source: String,
+    mountpoint: PathBuf,
+    pid: u32,
+    uptime_secs: f64,
+    /// Chunks of this image on this host (memory or cache).
+    local: LocalShare,
+    stats: StatsReport,
+    cache: Option<CacheStatus>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheStatus {
+    dir: PathBuf,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+/// The mount point as an absolute path with its parent's symlinks resolved,
+/// without touching the mount point itself (a dead mount fails every stat).
+fn mountpoint_path(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        bail!("cannot mount on {}", path.display());
+    };
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("{}", parent.display()))?;
+    Ok(parent.join(name))
+}
+
+fn record_paths(run_dir: &Path, mountpoint: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let key = ChunkId::of(mountpoint.as_os_str().as_encoded_bytes()).to_string();
+    let base = run_dir.join("mounts").join(&key[..16]);
+    (
+        base.with_extension("json"),
+        base.with_extension("sock"),
+        base.with_extension("log"),
+    )
+}
+
+/// The file system type mounted at `path`, from /proc/self/mountinfo.
+fn mounted_fs_type(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = path.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = unescape_mountinfo(fields.get(4)?);
+        let dash = fields.iter().position(|f| *f == "-")?;
+        (point == wanted).then(|| fields.get(dash + 1).map(|s| s.to_string()))?
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let digits: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&digits, 8) {
+                Ok(byte) => out.push(byte as char),
+                Err(_) => out.push_str(&digits),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn read_record(path: &Path) -> Option<MountRecord> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Detaches a skiff mount whose daemon is gone ("Transport endpoint is not connected").
+fn clear_dead_mount(mountpoint: &Path) -> Result<()> {
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("unmounting the dead mount at {}", mountpoint.display()))?;
+    tracing::warn!("removed a dead skiff mount at {}", mountpoint.display());
+    Ok(())
+}
+
+pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
+    let mountpoint = mountpoint_path(&args.mountpoint)?;
+    let (record_path, socket_path, log_path) = record_paths(&args.run_dir, &mountpoint);
+    if let Some(fs_type) = mounted_fs_type(&mountpoint) {
+        match read_record(&record_path) {
+            Some(record) if is_alive(record.pid) => bail!(
+                "{} already has {} mounted (pid {}); run `skiff umount {}` first",
+                mountpoint.display(),
+                record.image,
+                record.pid,
+                mountpoint.display()
+            ),
+            _ if fs_type == "fuse.skiff" => clear_dead_mount(&mountpoint)?,
+            _ => bail!(
+                "{} is already a mount point ({fs_type}); pick an empty directory",
+                mountpoint.display()
+            ),
+        }
+    }
+    std::fs::create_dir_all(record_path.parent().context("run directory")?)
+        .with_context(|| format!("creating {}", args.run_dir.display()))?;
+    if !args.foreground {
+        return spawn_daemon(&mountpoint, &log_path);
+    }
+    serve_mount(store_dir, &args, &mountpoint, &record_path, &socket_path)
+}
+
+/// Starts `skiff mount … --foreground` in its own process group with its log
+/// in the run directory, and returns once it reports the mount ready.
+fn spawn_daemon(mountpoint: &Path, log_path: &Path) -> Result<()> {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut command = Command::new(std::env::current_exe().context("finding the skiff binary")?);
+    command
+        .args(std::env::args_os().skip(1))
+        .args(["--foreground", "--notify-ready"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Ctrl-C in this terminal must not reach the daemon.
+        .process_group(0);
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "info");
+    }
+    let mut child = command.spawn().context("starting the mount daemon")?;
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        eprintln!(
+            "mounted at {} (daemon pid {}, log {}); `skiff status {0}` shows progress, `skiff umount {0}` unmounts",
+            mountpoint.display(),
+            child.id(),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let mut log_text = String::new();
+    if let Ok(mut log) = std::fs::File::open(log_path) {
+        use std::io::Seek;
+        let _ = log.seek(std::io::SeekFrom::Start(log_start));
+        let _ = log.read_to_string(&mut log_text);
+    }
+    let reason = log_text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("skiff: error: "))
+        .unwrap_or("see the log");
+    bail!(
+        "the mount daemon exited ({status}) before the mount was ready: {reason} ({})",
+        log_path.display()
+    )
+}
+
+/// Where a mount reads from, resolved before the file system is mounted.
+struct OpenedSource {
+    index: ImageIndex,
+    source: Arc<dyn ChunkSource>,
+    /// The host's chunk cache, for a server source.
+    cache: Option<Arc<ChunkCache>>,
+}
+
+fn open_source(store_dir: &Path, args: &MountArgs) -> Result<OpenedSource> {
+    match &args.server {
+        Some(server) => {
+            let remote = Remote {
+                server: server.clone(),
+                token_file: args.token_file.clone(),
+                retry_for: args.retry_for,
+            };
+            let client = remote
+                .client()?
+                // A stalled server costs a retry, never the whole window.
+                .with_batch_timeout(Duration::from_secs(10));
+            let (_, _, index) = client
+                .image(&args.image)
+                .with_context(|| format!("getting {} from {server}", args.image))?;
+            let max_bytes = (args.cache_max_gb * 1e9) as u64;
+            let cache = ChunkCache::open(&args.cache, max_bytes)?;
+            let source = CachedSource::new(cache.clone(), client);
+            Ok(OpenedSource {
+                index,
+                source: Arc::new(source),
+                cache: Some(cache),
+            })
+        }
+        None => {
+            let store = Store::open_read_only(store_dir)?;
+            let manifest = store.image(&args.image)?;
+            let index = store.index(&manifest.index.digest)?;
+            Ok(OpenedSource {
+                index,
+                source: Arc::new(store),
+                cache: None,
+            })
+        }
+    }
+}
+
+fn serve_mount(
+    store_dir: &Path,
+    args: &MountArgs,
+    mountpoint: &Path,
+    record_path: &Path,
+    socket_path: &Path,
+) -> Result<()> {
+    let started = Instant::now();
+    let OpenedSource {
+        index,
+        source,
+        cache,
+    } = open_source(store_dir, args)?;
+    let describe = source.describe();
+    // Prefetching from a local store would only copy it into memory.
+    let prefetch = (!args.no_prefetch && cache.is_some()).then(|| PrefetchConfig {
+        max_rate: args.prefetch_rate_mb * 1_000_000,
+        ..PrefetchConfig::default()
+    });
+    let options = MountOptions {
+        memory_bytes: args.memory_mb << 20,
+        window_bytes: args.window_kb << 10,
+        prefetch,
+        fsname: format!("skiff:{}", args.image),
+        ..MountOptions::default()
+    };
+    let mount = Mount::start(index, source, mountpoint, &options)?;
+    let record = MountRecord {
+        pid: std::process::id(),
+        image: args.image.to_string(),
+        source: describe,
+        mountpoint: mountpoint.to_owned(),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    std::fs::write(record_path, serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("writing {}", record_path.display()))?;
+    let _ = std::fs::remove_file(socket_path);
+    let listener = UnixListener::bind(socket_path)
+        .with_context(|| format!("listening on {}", socket_path.display()))?;
+    let mount = Arc::new(mount);
+    spawn_status_server(listener, mount.clone(), record, cache, started);
+    tracing::info!(
+        "{} mounted at {} in {:.0} ms",
+        args.image,
+        mountpoint.display(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    if args.notify_ready {
+        println!("ready");
+        std::io::stdout().flush()?;
+    } else {
+        eprintln!(
+            "{} mounted at {}; Ctrl-C unmounts",
+            args.image,
+            mountpoint.display()
+        );
+    }
+
+    let (stop_tx, stop_rx) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })
+    .context("installing the signal handler")?;
+    // Until a signal, or until someone unmounts it from outside.
+    while mount.is_mounted() {
+        if stop_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(socket_path);
+    let _ = std::fs::remove_file(record_path);
+    match Arc::try_unwrap(mount) {
+        Ok(mount) => mount.unmount()?,
+        // A status request holds it for a moment; dropping it unmounts.
+        Err(mount) => drop(mount),
+    }
+    tracing::info!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn spawn_status_server(
+    listener: UnixListener,
+    mount: Arc<Mount>,
+    record: MountRecord,
+    cache: Option<Arc<ChunkCache>>,
+    started: Instant,
+) {
+    let weak = Arc::downgrade(&mount);
+    drop(mount);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Some(mount) = weak.upgrade() else { return };
+            let Ok(mut stream) = stream else { continue };
+            let status = MountStatus {
+                image: record.image.clone(),
+                source: record.source.clone(),
+                mountpoint: record.mountpoint.clone(),
+                pid: record.pid,
+                uptime_secs: started.elapsed().as_secs_f64(),
+                local: mount.local_share(),
+                stats: mount.stats(),
+                cache: cache.as_ref().map(|c| CacheStatus {
+                    dir: c.root().to_owned(),
+                    bytes: c.approx_bytes(),
+                    max_bytes: c.max_bytes(),
+                }),
+            };
+            drop(mount);
+            if let Ok(body) = serde_json::to_vec(&status) {
+                let _ = stream.write_all(&body);
+            }
+        }
+    });
+}
+
+pub fn umount(args: MountPointArgs) -> Result<()> {
+    let mountpoint = mountpoint_path(&args.mountpoint)?;
+    let (record_path, socket_path, _) = record_paths(&args.run_dir, &mountpoint);
+    let record = read_record(&record_path);
+    match record {
+        Some(record) if is_alive(record.pid) => {
+            kill(Pid::from_raw(record.pid as i32), Signal::SIGTERM)
+                .with_context(|| format!("signalling the mount daemon (pid {})", record.pid))?;
+            let deadline = Instant::now() + UNMOUNT_WAIT;
+            while is_alive(record.pid) {
+                if Instant::now() > deadline {
+                    bail!(
+                        "the mount daemon (pid {}) did not exit within {} s; is a process still using {}?",
+                        record.pid,
+                        UNMOUNT_WAIT.as_secs(),
+                        mountpoint.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        _ => match mounted_fs_type(&mountpoint).as_deref() {
+            Some("fuse.skiff") => clear_dead_mount(&mountpoint)?,
+            Some(other) => bail!("{} is a {other} mount, not skiff's", mountpoint.display()),
+            None => bail!("nothing is mounted at {}", mountpoint.display()),
+        },
+    }
+    let _ = std::fs::remove_file(&record_path);
+    let _ = std::fs::remove_file(&socket_path);
+    if mounted_fs_type(&mountpoint).as_deref() == Some("fuse.skiff") {
+        bail!("{} is still mounted", mountpoint.display());
+    }
+    Ok(())
+}
+
+pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
+    let mountpoint = mountpoint_path(&args.mountpoint)?;
+    let (_, socket_path, _) = record_paths(&args.run_dir, &mountpoint);
+    let mut stream = UnixStream::connect(&socket_path).with_context(|| {
+        format!(
+            "no skiff mount answers for {} (looked for {})",
+            mountpoint.display(),
+            socket_path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body)?;
+    let status: MountStatus =
+        serde_json::from_slice(&body).context("reading the mount's status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let s = &status.stats;
+    let mb = |b: u64| b as f64 / 1e6;
+    let percent = |part: u64, whole: u64| {
+        if whole == 0 {
+            100.0
+        } else {
+            part as f64 * 100.0 / whole as f64
+        }
+    };
+    let latency = |v: Option<u64>| v.map_or("-".to_owned(), |us| format!("<{us} µs"));
+    println!(
+        "image       {} at {}",
+        status.image,
+        status.mountpoint.display()
+    );
+    println!("source      {}", status.source);
+    println!(
+        "daemon      pid {}, up {:.0} s",
+        status.pid, status.uptime_secs
+    );
+    println!(
+        "local       {:.1}% of the image ({:.1} of {:.1} MB, {} of {} chunks){}",
+        percent(status.local.local_bytes, status.local.bytes),
+        mb(status.local.local_bytes),
+        mb(status.local.bytes),
+        status.local.local_chunks,
+        status.local.chunks,
+        if s.prefetch_done {
+            ", prefetch done"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "fetched     {:.1} MB in {} chunks, {} requests ({:.1} MB by prefetch)",
+        mb(s.fetched_bytes),
+        s.fetched_chunks,
+        s.fetch_requests,
+        mb(s.prefetched_bytes)
+    );
+    println!(
+        "reads       {} ({:.1} MB), {} failed; chunk hits: {} memory, {} disk",
+        s.reads,
+        mb(s.read_bytes),
+        s.failed_reads,
+        s.memory_hits,
+        s.disk_hits
+    );
+    println!(
+        "latency     p50 {}, p90 {}, p99 {}",
+        latency(s.read_latency_us_p50),
+        latency(s.read_latency_us_p90),
+        latency(s.read_latency_us_p99)
+    );
+    if s.corrupt_chunks > 0 {
+        println!("corrupt     {} chunks refused", s.corrupt_chunks);
+    }
+    if let Some(cache) = &status.cache {
+        println!(
+            "cache       {} ({:.1} of {:.1} GB)",
+            cache.dir.display(),
+            cache.bytes as f64 / 1e9,
+            cache.max_bytes as f64 / 1e9
+        );
+    }
+    Ok(())
+}
