@@ -10,8 +10,11 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod proxy;
+
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use skiff_format::{ChunkRef, ImageIndex, IndexDigest, InodeKind};
 
 /// One entry of a layer tar.
 #[derive(Clone, Debug)]
@@ -541,6 +544,8 @@ struct PathFacts {
     mtime: (i64, i64),
     size: u64,
     rdev: u64,
+    /// Hard links; directories' counts depend on the file system, so 0 for them.
+    nlink: u64,
     link_target: Option<PathBuf>,
     content_sha: Option<String>,
     xattrs: BTreeMap<String, Vec<u8>>,
@@ -590,6 +595,7 @@ fn facts(path: &Path, compare_dir_mtimes: bool) -> PathFacts {
             0
         },
         rdev: meta.rdev(),
+        nlink: if ft.is_dir() { 0 } else { meta.nlink() },
         link_target: ft.is_symlink().then(|| fs::read_link(path).unwrap()),
         content_sha: ft.is_file().then(|| sha256(&fs::read(path).unwrap())),
         xattrs,
@@ -967,6 +973,28 @@ impl SkiffServer {
         self.child.id()
     }
 
+    /// An index as the server sends it, checked against its digest.
+    pub fn index_by_digest(&self, digest: &IndexDigest) -> ImageIndex {
+        let body = reqwest::blocking::get(format!("{}/v1/indexes/{digest}", self.url))
+            .unwrap()
+            .bytes()
+            .unwrap();
+        let encoded = zstd::decode_all(&body[..]).unwrap();
+        assert_eq!(IndexDigest::of(&encoded), *digest);
+        ImageIndex::decode(&encoded).unwrap()
+    }
+
+    /// The index of image `name` (NAME:TAG) on the server.
+    pub fn index(&self, name: &str) -> ImageIndex {
+        let body = reqwest::blocking::get(format!("{}/v1/manifests/{name}", self.url))
+            .unwrap()
+            .bytes()
+            .unwrap();
+        let manifest: Value = serde_json::from_slice(&body).unwrap();
+        let digest = manifest["index"]["digest"].as_str().unwrap();
+        self.index_by_digest(&digest.parse().unwrap())
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -1000,4 +1028,252 @@ impl Drop for SkiffServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+pub fn caps() -> Vec<u8> {
+    // A VFS_CAP_REVISION_2 security.capability value granting cap_net_bind_service.
+    let mut v = vec![0x01, 0x00, 0x00, 0x02];
+    v.extend_from_slice(&[0x00, 0x04, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v
+}
+
+/// Three layers exercising every merge rule and every kind of entry (gzip and plain tar: umoci,
+/// the reference, does not read zstd layers; see `zstd_layers_*`).
+pub fn rich_image() -> Image {
+    let owner = Attrs {
+        uid: 1000,
+        gid: 1001,
+        mtime: 1_600_000_123,
+        xattrs: vec![],
+    };
+    let base = Layer::new()
+        .dir("bin", 0o755)
+        .file("bin/tool", 0o755, noise(300_000, 1))
+        .hardlink("bin/tool-alias", "bin/tool")
+        .dir("etc", 0o755)
+        .file("etc/config", 0o644, text(10_000, 2))
+        .file("etc/removed", 0o644, "gone in layer 2")
+        .dir("opaque", 0o755)
+        .file("opaque/old", 0o644, "hidden by the opaque marker")
+        .dir("opaque/sub", 0o700)
+        .file("opaque/sub/old", 0o600, "also hidden")
+        .entry_with(
+            Entry::File {
+                path: "home/user/notes".into(),
+                mode: 0o640,
+                data: text(5000, 3),
+            },
+            owner.clone(),
+        )
+        .entry_with(
+            Entry::Dir {
+                path: "tmp".into(),
+                mode: 0o1777,
+            },
+            Attrs::default(),
+        )
+        .file("usr/bin/sudo", 0o4755, noise(20_000, 4))
+        .file("usr/bin/wall", 0o2755, noise(10_000, 5))
+        .entry_with(
+            Entry::File {
+                path: "usr/bin/ping".into(),
+                mode: 0o755,
+                data: noise(40_000, 6),
+            },
+            Attrs {
+                xattrs: vec![
+                    ("security.capability".into(), caps()),
+                    ("user.note".into(), b"hi".to_vec()),
+                ],
+                ..Attrs::default()
+            },
+        )
+        .symlink("usr/bin/ping6", "ping")
+        .symlink("usr/bin/odd-link", "../lib//x/./y/")
+        .entry_with(
+            Entry::File {
+                path: format!("usr/share/{}", "文".repeat(40)),
+                mode: 0o644,
+                data: text(100, 10),
+            },
+            Attrs {
+                xattrs: vec![("user.lang".into(), b"zh".to_vec())],
+                ..Attrs::default()
+            },
+        )
+        .symlink("lib", "usr/lib")
+        .entry(Entry::CharDevice {
+            path: "dev/null".into(),
+            major: 1,
+            minor: 3,
+        })
+        .entry(Entry::BlockDevice {
+            path: "dev/loop0".into(),
+            major: 7,
+            minor: 0,
+        })
+        .entry(Entry::Fifo {
+            path: "run/fifo".into(),
+        })
+        .file("empty", 0o644, Vec::new());
+    let middle = Layer::new()
+        .whiteout("etc", "removed")
+        .opaque("opaque")
+        .file("opaque/new", 0o644, "from layer 2")
+        .hardlink("etc/tool-link", "bin/tool")
+        .file("etc/config", 0o600, text(12_000, 7))
+        .file(
+            &format!("deep/{}/file", "d".repeat(120)),
+            0o644,
+            "long path",
+        );
+    let top = Layer::new()
+        .whiteout("bin", "tool-alias")
+        .file(
+            "big/blob",
+            0o644,
+            [noise(700_000, 8), text(600_000, 9)].concat(),
+        )
+        .entry_with(
+            Entry::Dir {
+                path: "home/user".into(),
+                mode: 0o750,
+            },
+            owner,
+        );
+    Image::new(vec![
+        (base, Compression::Gzip),
+        (middle, Compression::Gzip),
+        (top, Compression::None),
+    ])
+}
+
+/// The chunks of the file at `path` (relative, no leading slash) in `index`.
+pub fn file_chunks(index: &ImageIndex, path: &str) -> Vec<ChunkRef> {
+    let (_, ino) = index
+        .walk()
+        .into_iter()
+        .find(|(p, _)| p == path.as_bytes())
+        .unwrap_or_else(|| panic!("{path} is not in the index"));
+    match &index.inode(ino).unwrap().kind {
+        InodeKind::File { chunks, .. } => chunks.clone(),
+        other => panic!("{path} is not a file: {other:?}"),
+    }
+}
+
+/// An image mounted with `skiff mount` (as a daemon), unmounted on drop.
+pub struct SkiffMount {
+    pub mountpoint: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl SkiffMount {
+    /// `skiff --store STORE mount IMAGE MOUNTPOINT --run-dir RUN_DIR EXTRA...`,
+    /// which must succeed.
+    pub fn start(
+        store: &Path,
+        image: &str,
+        mountpoint: &Path,
+        run_dir: &Path,
+        extra: &[&str],
+    ) -> SkiffMount {
+        fs::create_dir_all(mountpoint).unwrap();
+        let out = Command::new(skiff_bin())
+            .arg("--store")
+            .arg(store)
+            .arg("mount")
+            .arg(image)
+            .arg(mountpoint)
+            .arg("--run-dir")
+            .arg(run_dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skiff mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SkiffMount {
+            mountpoint: mountpoint.to_owned(),
+            run_dir: run_dir.to_owned(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// `skiff status --json`.
+    pub fn status(&self) -> Value {
+        let out = Command::new(skiff_bin())
+            .arg("status")
+            .arg(&self.mountpoint)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skiff status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// One counter of `skiff status --json`'s `stats`.
+    pub fn stat(&self, name: &str) -> u64 {
+        let status = self.status();
+        status["stats"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    }
+
+    /// The daemon's pid, from its record.
+    pub fn pid(&self) -> u32 {
+        self.status()["pid"].as_u64().unwrap() as u32
+    }
+
+    /// `skiff umount`, which must succeed.
+    pub fn umount(self) {
+        let out = self.run_umount();
+        assert!(
+            out.status.success(),
+            "skiff umount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::mem::forget(self);
+    }
+
+    fn run_umount(&self) -> Output {
+        Command::new(skiff_bin())
+            .arg("umount")
+            .arg(&self.mountpoint)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for SkiffMount {
+    fn drop(&mut self) {
+        if !self.run_umount().status.success() {
+            // Never leave a mount for the temporary directory's removal to walk into.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+/// Whether anything is mounted at `path` (from /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    let path = path.to_str().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(path))
 }

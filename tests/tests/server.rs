@@ -86,16 +86,7 @@ fn index_of(store: &Path, name: &str) -> ImageIndex {
 
 /// Reads an index through a throwaway server, the only way in from outside.
 fn read_index(store: &Path, digest: &IndexDigest) -> ImageIndex {
-    let server = SkiffServer::start(store, &[]);
-    let body = Client::new()
-        .get(format!("{}/v1/indexes/{digest}", server.url))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
-    let encoded = zstd::decode_all(&body[..]).unwrap();
-    assert_eq!(IndexDigest::of(&encoded), *digest);
-    ImageIndex::decode(&encoded).unwrap()
+    SkiffServer::start(store, &[]).index_by_digest(digest)
 }
 
 fn distinct_ids(index: &ImageIndex) -> Vec<ChunkId> {

@@ -148,16 +148,44 @@ fn record_paths(run_dir: &Path, mountpoint: &Path) -> (PathBuf, PathBuf, PathBuf
     )
 }
 
-/// The file system type mounted at `path`, from /proc/self/mountinfo.
-fn mounted_fs_type(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let wanted = path.to_str()?;
-    info.lines().rev().find_map(|line| {
+/// What is mounted at `path`, from /proc/self/mountinfo.
+#[derive(PartialEq, Eq)]
+enum MountedHere {
+    Nothing,
+    /// A skiff FUSE mount (its source reads "skiff:IMAGE").
+    Skiff,
+    Other(String),
+}
+
+fn mounted_here(path: &Path) -> MountedHere {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return MountedHere::Nothing;
+    };
+    let Some(wanted) = path.to_str() else {
+        return MountedHere::Nothing;
+    };
+    // The last line for a path is the mount on top.
+    for line in info.lines().rev() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let point = unescape_mountinfo(fields.get(4)?);
-        let dash = fields.iter().position(|f| *f == "-")?;
-        (point == wanted).then(|| fields.get(dash + 1).map(|s| s.to_string()))?
-    })
+        let (Some(point), Some(dash)) = (fields.get(4), fields.iter().position(|f| *f == "-"))
+        else {
+            continue;
+        };
+        if unescape_mountinfo(point) != wanted {
+            continue;
+        }
+        let fs_type = fields.get(dash + 1).copied().unwrap_or("?");
+        let source = fields
+            .get(dash + 2)
+            .map(|s| unescape_mountinfo(s))
+            .unwrap_or_default();
+        return if fs_type.starts_with("fuse") && source.starts_with("skiff:") {
+            MountedHere::Skiff
+        } else {
+            MountedHere::Other(fs_type.to_owned())
+        };
+    }
+    MountedHere::Nothing
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -178,8 +206,17 @@ fn unescape_mountinfo(field: &str) -> String {
     out
 }
 
+/// Whether process `pid` runs. A killed daemon whose parent is gone may
+/// linger as a zombie where nothing reaps orphans; that counts as dead.
 fn is_alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
 }
 
 fn read_record(path: &Path) -> Option<MountRecord> {
@@ -197,21 +234,20 @@ fn clear_dead_mount(mountpoint: &Path) -> Result<()> {
 pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     let mountpoint = mountpoint_path(&args.mountpoint)?;
     let (record_path, socket_path, log_path) = record_paths(&args.run_dir, &mountpoint);
-    if let Some(fs_type) = mounted_fs_type(&mountpoint) {
-        match read_record(&record_path) {
-            Some(record) if is_alive(record.pid) => bail!(
-                "{} already has {} mounted (pid {}); run `skiff umount {}` first",
-                mountpoint.display(),
-                record.image,
-                record.pid,
-                mountpoint.display()
-            ),
-            _ if fs_type == "fuse.skiff" => clear_dead_mount(&mountpoint)?,
-            _ => bail!(
-                "{} is already a mount point ({fs_type}); pick an empty directory",
-                mountpoint.display()
-            ),
-        }
+    match (mounted_here(&mountpoint), read_record(&record_path)) {
+        (MountedHere::Nothing, _) => {}
+        (MountedHere::Skiff, Some(record)) if is_alive(record.pid) => bail!(
+            "{} already has {} mounted (pid {}); run `skiff umount {}` first",
+            mountpoint.display(),
+            record.image,
+            record.pid,
+            mountpoint.display()
+        ),
+        (MountedHere::Skiff, _) => clear_dead_mount(&mountpoint)?,
+        (MountedHere::Other(fs_type), _) => bail!(
+            "{} is already a mount point ({fs_type}); pick an empty directory",
+            mountpoint.display()
+        ),
     }
     std::fs::create_dir_all(record_path.parent().context("run directory")?)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
@@ -456,15 +492,17 @@ pub fn umount(args: MountPointArgs) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        _ => match mounted_fs_type(&mountpoint).as_deref() {
-            Some("fuse.skiff") => clear_dead_mount(&mountpoint)?,
-            Some(other) => bail!("{} is a {other} mount, not skiff's", mountpoint.display()),
-            None => bail!("nothing is mounted at {}", mountpoint.display()),
+        _ => match mounted_here(&mountpoint) {
+            MountedHere::Skiff => clear_dead_mount(&mountpoint)?,
+            MountedHere::Other(fs_type) => {
+                bail!("{} is a {fs_type} mount, not skiff's", mountpoint.display())
+            }
+            MountedHere::Nothing => bail!("nothing is mounted at {}", mountpoint.display()),
         },
     }
     let _ = std::fs::remove_file(&record_path);
     let _ = std::fs::remove_file(&socket_path);
-    if mounted_fs_type(&mountpoint).as_deref() == Some("fuse.skiff") {
+    if mounted_here(&mountpoint) == MountedHere::Skiff {
         bail!("{} is still mounted", mountpoint.display());
     }
     Ok(())

@@ -1,0 +1,125 @@
+//! A man in the middle for lazy-mount tests: an HTTP/1.1 proxy in front of
+//! a real `skiff serve` that replaces one chunk in batch answers with other
+//! bytes (a valid zstd frame, so only the BLAKE3 check can catch it).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use skiff_format::wire::{self, ChunkRecord, RecordReader};
+use skiff_format::ChunkId;
+
+pub struct TamperingProxy {
+    pub url: String,
+    /// Chunk records replaced so far.
+    pub tampered: Arc<AtomicU64>,
+}
+
+impl TamperingProxy {
+    /// Proxies every request to `upstream` (http://HOST:PORT), swapping the
+    /// bytes of chunk `victim` wherever a batch answer carries it.
+    pub fn start(upstream: &str, victim: ChunkId) -> TamperingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let tampered = Arc::new(AtomicU64::new(0));
+        let (upstream, counter) = (upstream.to_owned(), tampered.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (upstream, counter) = (upstream.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &upstream, &victim, &counter);
+                });
+            }
+        });
+        TamperingProxy { url, tampered }
+    }
+}
+
+fn serve(
+    stream: TcpStream,
+    upstream: &str,
+    victim: &ChunkId,
+    tampered: &AtomicU64,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (
+        parts.next().unwrap_or("GET").to_owned(),
+        parts.next().unwrap_or("/").to_owned(),
+    );
+    let mut content_length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+
+    let client = reqwest::blocking::Client::new();
+    let url = format!("{upstream}{path}");
+    let request = match method.as_str() {
+        "POST" => client.post(&url).body(body),
+        "HEAD" => client.head(&url),
+        _ => client.get(&url),
+    };
+    let (status, content_type, mut answer) = match request.send() {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/octet-stream")
+                .to_owned();
+            (
+                status,
+                content_type,
+                response.bytes().map(|b| b.to_vec()).unwrap_or_default(),
+            )
+        }
+        Err(_) => (502, "text/plain".to_owned(), b"upstream down".to_vec()),
+    };
+    if path == "/v1/chunks/fetch" && status == 200 {
+        let mut records = RecordReader::new(answer.as_slice());
+        let mut rewritten = Vec::new();
+        while let Ok(Some(record)) = records.next_record() {
+            match record {
+                ChunkRecord::Chunk { id, .. } if id == *victim => {
+                    tampered.fetch_add(1, Ordering::SeqCst);
+                    let other = zstd::encode_all(&b"these are not the chunk's bytes"[..], 3)?;
+                    wire::write_chunk_record(&mut rewritten, &id, &other);
+                }
+                ChunkRecord::Chunk { id, wire } => {
+                    wire::write_chunk_record(&mut rewritten, &id, &wire)
+                }
+                ChunkRecord::Missing(id) => {
+                    rewritten.extend_from_slice(&wire::record_header(
+                        &id,
+                        wire::RecordKind::Missing,
+                        0,
+                    ));
+                }
+            }
+        }
+        answer = rewritten;
+    }
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        answer.len()
+    )?;
+    stream.write_all(&answer)?;
+    stream.flush()
+}

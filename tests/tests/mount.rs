@@ -1,0 +1,536 @@
+//! `skiff mount` for real: a FUSE mount served by a real `skiff serve` on
+//! 127.0.0.1, compared byte for byte with `umoci unpack` of the source,
+//! with counts of what crossed the network, a chunk tampered with on the
+//! way, the server killed under it, prefetch, and the cache's bound.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use skiff_tests::proxy::TamperingProxy;
+use skiff_tests::*;
+
+const MIB: usize = 1 << 20;
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    store: PathBuf,
+    run: PathBuf,
+    cache: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempdir();
+        let [store, run, cache] = ["store", "run", "cache"].map(|n| tmp.path().join(n));
+        Setup {
+            tmp,
+            store,
+            run,
+            cache,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Writes `image` as a layout and converts it as `name`; returns the layout.
+    fn convert(&self, image: &Image, name: &str) -> PathBuf {
+        let layout = self.path(&format!("layout-{}", name.replace(':', "-")));
+        image.write_layout(&layout, "latest");
+        skiff_ok(
+            &self.store,
+            &["convert", &format!("oci:{}", layout.display()), name],
+        );
+        layout
+    }
+
+    /// Mounts `name` from `server_url` with the test's cache and run dirs.
+    fn mount(&self, name: &str, dir: &str, server_url: &str, extra: &[&str]) -> SkiffMount {
+        let cache = self.cache.display().to_string();
+        let mut args = vec!["--server", server_url, "--cache", &cache];
+        args.extend_from_slice(extra);
+        SkiffMount::start(&self.store, name, &self.path(dir), &self.run, &args)
+    }
+
+    fn unpack(&self, layout: &Path, dir: &str) -> PathBuf {
+        umoci_unpack(layout, "latest", &self.path(dir))
+    }
+}
+
+fn assert_eio(result: std::io::Result<Vec<u8>>, what: &str) {
+    match result {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
+        Ok(_) => panic!("{what}: the read succeeded"),
+    }
+}
+
+/// 100 MiB of distinct noise (`noise` seeds differing only in bit 0 are the same) in 4 MiB files, a small config file, and eight
+/// copies of one 4 MiB file under different names (the same chunks).
+fn large_image() -> Image {
+    let mut layer = Layer::new().file("etc/small.conf", 0o644, text(3000, 1));
+    for n in 0..25 {
+        layer = layer.file(
+            &format!("usr/lib/f{n:02}.bin"),
+            0o644,
+            noise(4 * MIB, 1001 + 2 * n),
+        );
+    }
+    let copy = noise(4 * MIB, 7);
+    for n in 0..8 {
+        layer = layer.file(&format!("opt/copy{n}.bin"), 0o644, copy.clone());
+    }
+    Image::new(vec![(layer, Compression::None)])
+}
+
+/// Files a few chunks long, for tests that count what one read needs.
+fn small_image(seed: u64) -> Image {
+    Image::new(vec![(
+        Layer::new()
+            .file("shared/lib.so", 0o755, noise(600_000, 42))
+            .file("own/a.bin", 0o644, noise(300_000, seed))
+            .file("own/b.txt", 0o644, text(20_000, seed + 1))
+            .file("own/c.bin", 0o644, noise(900_000, seed + 2))
+            .file("own/d.bin", 0o644, noise(500_000, seed + 3))
+            .symlink("own/link", "a.bin"),
+        Compression::Gzip,
+    )])
+}
+
+#[test]
+fn a_mount_presents_the_image_exactly_as_umoci_unpacks_it() {
+    let setup = Setup::new();
+    let layout = setup.path("rich");
+    rich_image().write_layout(&layout, "latest");
+    skiff_ok(
+        &setup.store,
+        &["convert", &format!("oci:{}", layout.display()), "rich:v1"],
+    );
+    let expected = setup.unpack(&layout, "expected");
+    let server = SkiffServer::start(&setup.store, &[]);
+
+    let over_http = setup.mount("rich:v1", "mnt-http", &server.url, &["--no-prefetch"]);
+    let diffs = diff_trees(&expected, &over_http.mountpoint, true);
+    assert!(
+        diffs.is_empty(),
+        "mount over HTTP differs:\n{}",
+        diffs.join("\n")
+    );
+
+    // The same code path over the local store.
+    let local = SkiffMount::start(
+        &setup.store,
+        "rich:v1",
+        &setup.path("mnt-local"),
+        &setup.run,
+        &[],
+    );
+    let diffs = diff_trees(&expected, &local.mountpoint, true);
+    assert!(
+        diffs.is_empty(),
+        "mount of the store differs:\n{}",
+        diffs.join("\n")
+    );
+
+    // default_permissions: the kernel enforces modes and owners (notes is 0640, 1000:1001).
+    let notes = over_http.path("home/user/notes");
+    let cat_as = |uid: &str, gid: &str| {
+        Command::new("setpriv")
+            .args(["--reuid", uid, "--regid", gid, "--clear-groups", "cat"])
+            .arg(&notes)
+            .output()
+            .unwrap()
+    };
+    let refused = cat_as("2000", "2000");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let owner = cat_as("1000", "1001");
+    assert!(owner.status.success());
+    assert_eq!(
+        owner.stdout,
+        fs::read(expected.join("home/user/notes")).unwrap()
+    );
+    let group = cat_as("3000", "1001");
+    assert!(group.status.success(), "the group may read a 0640 file");
+
+    // Read-only: no writes, no new files.
+    let write = fs::write(over_http.path("etc/config"), b"x");
+    assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    let create = fs::write(over_http.path("new-file"), b"x");
+    assert_eq!(create.unwrap_err().raw_os_error(), Some(libc::EROFS));
+
+    let statfs = Command::new("stat")
+        .args(["-f", "-c", "%T %s"])
+        .arg(&over_http.mountpoint)
+        .output()
+        .unwrap();
+    // coreutils names FUSE's magic number "fuseblk".
+    assert_eq!(
+        String::from_utf8_lossy(&statfs.stdout).trim(),
+        "fuseblk 4096"
+    );
+
+    let (http_dir, local_dir) = (over_http.mountpoint.clone(), local.mountpoint.clone());
+    over_http.umount();
+    local.umount();
+    assert!(!is_mount_point(&http_dir) && !is_mount_point(&local_dir));
+    assert!(
+        fs::read_dir(&http_dir).unwrap().next().is_none(),
+        "the directory is empty again"
+    );
+}
+
+#[test]
+fn reading_a_file_fetches_only_its_chunks_once_however_many_read_it() {
+    let setup = Setup::new();
+    let image = large_image();
+    let layout = setup.convert(&image, "large:1");
+    let server = SkiffServer::start(&setup.store, &[]);
+    let started = Instant::now();
+    let mount = setup.mount("large:1", "mnt", &server.url, &["--no-prefetch"]);
+    let mount_time = started.elapsed();
+    assert!(
+        mount_time < Duration::from_secs(5),
+        "mount took {mount_time:?}"
+    );
+
+    let status = mount.status();
+    let image_bytes = status["local"]["bytes"].as_u64().unwrap();
+    assert!(image_bytes > 100 * MIB as u64, "{status}");
+    // Listing and stat-ing every path needs the index only.
+    let expected = setup.unpack(&layout, "expected");
+    for entry in walk_paths(&mount.mountpoint) {
+        fs::symlink_metadata(&entry).unwrap();
+    }
+    assert_eq!(mount.stat("fetched_bytes"), 0);
+
+    // One small file: its own chunk and nothing else.
+    let small = fs::read(mount.path("etc/small.conf")).unwrap();
+    assert_eq!(small, fs::read(expected.join("etc/small.conf")).unwrap());
+    let fetched = mount.stat("fetched_bytes");
+    assert_eq!(fetched, 3000);
+    assert!(
+        fetched * 100 < image_bytes,
+        "one file fetched {fetched} of {image_bytes} bytes"
+    );
+
+    // A read that misses brings about 1 MiB of the file in one request.
+    let before = mount.status()["stats"].clone();
+    let mut head = vec![0u8; 4096];
+    use std::io::Read;
+    fs::File::open(mount.path("usr/lib/f03.bin"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(head, noise(4 * MIB, 1007)[..4096]);
+    let after = mount.status()["stats"].clone();
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("fetch_requests"), 1, "{before} -> {after}");
+    let window = delta("fetched_bytes");
+    assert!(
+        (MIB as u64..=(MIB + 256 * 1024) as u64).contains(&window),
+        "the read window fetched {window} bytes"
+    );
+
+    // Eight files with the same bytes read at once: every chunk crosses once.
+    let before = mount.stat("fetched_bytes");
+    let readers: Vec<_> = (0..8)
+        .map(|n| {
+            let path = mount.path(&format!("opt/copy{n}.bin"));
+            std::thread::spawn(move || fs::read(path).unwrap())
+        })
+        .collect();
+    let copy = noise(4 * MIB, 7);
+    for reader in readers {
+        assert!(reader.join().unwrap() == copy, "a reader got other bytes");
+    }
+    assert_eq!(mount.stat("fetched_bytes") - before, 4 * MIB as u64);
+    assert_eq!(mount.stat("failed_reads"), 0);
+}
+
+/// Every path under `root`, depth first.
+fn walk_paths(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+            out.push(entry.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_chunk_that_fails_verification_is_never_returned() {
+    let setup = Setup::new();
+    let layout = setup.convert(&small_image(1), "small:1");
+    let expected = setup.unpack(&layout, "expected");
+    let server = SkiffServer::start(&setup.store, &[]);
+    let index = server.index("small:1");
+    let victim = file_chunks(&index, "own/a.bin")[0].id;
+    let proxy = TamperingProxy::start(&server.url, victim);
+
+    let mount = setup.mount(
+        "small:1",
+        "mnt",
+        &proxy.url,
+        &["--no-prefetch", "--retry-for", "2"],
+    );
+    assert_eio(
+        fs::read(mount.path("own/a.bin")),
+        "a file with a tampered chunk",
+    );
+    assert!(proxy.tampered.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(mount.stat("corrupt_chunks") >= 1);
+    assert!(mount.stat("failed_reads") >= 1);
+    // Other files read fine, and the bad bytes never reached the cache.
+    assert_eq!(
+        fs::read(mount.path("own/b.txt")).unwrap(),
+        fs::read(expected.join("own/b.txt")).unwrap()
+    );
+    let hex = victim.to_string();
+    assert!(!setup
+        .cache
+        .join("chunks")
+        .join(&hex[..2])
+        .join(&hex)
+        .exists());
+    let logs: String = fs::read_dir(setup.run.join("mounts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(logs.contains(&hex) && logs.contains("corrupt"), "{logs}");
+    // The same mount does not hand out the bad bytes on a second try either.
+    assert_eio(fs::read(mount.path("own/a.bin")), "a second read");
+
+    // Straight from the server, through the same cache, the file is right.
+    let direct = setup.mount("small:1", "mnt-direct", &server.url, &["--no-prefetch"]);
+    assert_eq!(
+        fs::read(direct.path("own/a.bin")).unwrap(),
+        fs::read(expected.join("own/a.bin")).unwrap()
+    );
+}
+
+#[test]
+fn reads_wait_out_a_server_restart_and_fail_with_eio_when_it_stays_away() {
+    let setup = Setup::new();
+    let layout = setup.convert(&small_image(2), "small:2");
+    let expected = setup.unpack(&layout, "expected");
+    let mut server = SkiffServer::start(&setup.store, &[]);
+    let port = server.port;
+    let mount = setup.mount(
+        "small:2",
+        "mnt",
+        &server.url,
+        &["--no-prefetch", "--retry-for", "4"],
+    );
+    let want = |rel: &str| fs::read(expected.join(rel)).unwrap();
+    assert_eq!(
+        fs::read(mount.path("own/a.bin")).unwrap(),
+        want("own/a.bin")
+    );
+
+    server.kill();
+    let started = Instant::now();
+    assert_eio(
+        fs::read(mount.path("own/c.bin")),
+        "a read with the server gone",
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(15),
+        "the read gave up after {waited:?}"
+    );
+    // The mount lives on: metadata and what is cached still work.
+    assert!(fs::read_dir(&mount.mountpoint).unwrap().count() > 0);
+    assert_eq!(fs::read(mount.path("own/link")).unwrap(), want("own/a.bin"));
+
+    let server = SkiffServer::start_on(port, &setup.store, &[]);
+    assert_eq!(
+        fs::read(mount.path("own/c.bin")).unwrap(),
+        want("own/c.bin")
+    );
+
+    // A read that starts while the server is down finishes once it is back.
+    drop(server);
+    let path = mount.path("own/d.bin");
+    let reader = std::thread::spawn(move || fs::read(path));
+    std::thread::sleep(Duration::from_secs(1));
+    let _server = SkiffServer::start_on(port, &setup.store, &[]);
+    assert_eq!(reader.join().unwrap().unwrap(), want("own/d.bin"));
+}
+
+/// Polls `skiff status` until prefetch is done (at most a minute).
+fn wait_for_prefetch(mount: &SkiffMount) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mount.status()["stats"]["prefetch_done"].as_bool().unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "prefetch did not finish: {}",
+            mount.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
+    let setup = Setup::new();
+    let layout = setup.convert(&small_image(3), "small:3");
+    setup.convert(&small_image(4), "small:4");
+    let expected = setup.unpack(&layout, "expected");
+    let mut server = SkiffServer::start(&setup.store, &[]);
+    let port = server.port;
+
+    let mount = setup.mount("small:3", "mnt", &server.url, &[]);
+    wait_for_prefetch(&mount);
+    let status = mount.status();
+    assert_eq!(
+        status["local"]["local_bytes"], status["local"]["bytes"],
+        "{status}"
+    );
+    assert_eq!(mount.stat("prefetched_bytes"), mount.stat("fetched_bytes"));
+    server.kill();
+    let diffs = diff_trees(&expected, &mount.mountpoint, true);
+    assert!(
+        diffs.is_empty(),
+        "with the server gone:\n{}",
+        diffs.join("\n")
+    );
+
+    // Another image through the same cache finds the chunks they share.
+    let _server = SkiffServer::start_on(port, &setup.store, &[]);
+    let other = setup.mount("small:4", "mnt-other", &_server.url, &["--no-prefetch"]);
+    let shared_len = 600_000;
+    assert!(other.status()["local"]["local_bytes"].as_u64().unwrap() >= shared_len);
+    assert_eq!(
+        fs::read(other.path("shared/lib.so")).unwrap(),
+        noise(600_000, 42)
+    );
+    assert_eq!(other.stat("fetched_bytes"), 0);
+    assert!(other.stat("disk_hits") > 0);
+}
+
+/// Bytes of chunk files in a cache directory.
+fn cache_bytes(cache: &Path) -> u64 {
+    walk_paths(&cache.join("chunks"))
+        .iter()
+        .map(|p| fs::metadata(p).unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn the_cache_stays_within_its_bound_and_reads_stay_right() {
+    let setup = Setup::new();
+    let layout = setup.convert(&small_image(5), "small:5");
+    let expected = setup.unpack(&layout, "expected");
+    let server = SkiffServer::start(&setup.store, &[]);
+    // 1 MB for an image of 2.3 MB.
+    let mount = setup.mount("small:5", "mnt", &server.url, &["--cache-max-gb", "0.001"]);
+    wait_for_prefetch(&mount);
+    let diffs = diff_trees(&expected, &mount.mountpoint, true);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let held = cache_bytes(&setup.cache);
+    assert!(held <= 1_000_000, "the cache holds {held} bytes");
+    assert!(held > 0);
+}
+
+#[test]
+fn umount_status_and_a_killed_daemon() {
+    let setup = Setup::new();
+    let layout = setup.convert(&small_image(6), "small:6");
+    let expected = setup.unpack(&layout, "expected");
+    let server = SkiffServer::start(&setup.store, &[]);
+    let run = setup.run.display().to_string();
+    let skiff_here = |args: &[&str]| skiff(&setup.store, args);
+
+    // Clear errors, and nothing left mounted.
+    let mnt = setup.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mnt_s = mnt.display().to_string();
+    let missing = skiff_here(&[
+        "mount",
+        "nope:1",
+        &mnt_s,
+        "--server",
+        &server.url,
+        "--run-dir",
+        &run,
+    ]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("no image nope:1"), "{stderr}");
+    assert!(!is_mount_point(&mnt));
+    let not_dir = setup.path("file");
+    fs::write(&not_dir, b"x").unwrap();
+    let out = skiff_here(&[
+        "mount",
+        "small:6",
+        not_dir.to_str().unwrap(),
+        "--server",
+        &server.url,
+        "--run-dir",
+        &run,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+    let out = skiff_here(&["status", &mnt_s, "--run-dir", &run]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no skiff mount answers"));
+
+    let mount = setup.mount("small:6", "mnt", &server.url, &[]);
+    let again = skiff_here(&[
+        "mount",
+        "small:6",
+        &mnt_s,
+        "--server",
+        &server.url,
+        "--run-dir",
+        &run,
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already has small:6 mounted"));
+    let printed = skiff_here(&["status", &mnt_s, "--run-dir", &run]);
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("of the image"));
+
+    // kill -9 leaves a dead mount; mounting again clears it.
+    Command::new("kill")
+        .args(["-9", &mount.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let dead = fs::read_dir(&mnt).map(|_| ()).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN));
+    std::mem::forget(mount);
+    let mount = setup.mount("small:6", "mnt", &server.url, &[]);
+    assert_eq!(
+        fs::read(mount.path("own/b.txt")).unwrap(),
+        fs::read(expected.join("own/b.txt")).unwrap()
+    );
+    mount.umount();
+    assert!(!is_mount_point(&mnt));
+    let out = skiff_here(&["umount", &mnt_s, "--run-dir", &run]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is mounted"));
+    // A dead mount can be unmounted too.
+    let mount = setup.mount("small:6", "mnt", &server.url, &[]);
+    Command::new("kill")
+        .args(["-9", &mount.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    mount.umount();
+    assert!(!is_mount_point(&mnt));
+}
