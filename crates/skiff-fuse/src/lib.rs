@@ -30,7 +30,7 @@ use crate::prefetch::Prefetcher;
 
 #[derive(Debug, Error)]
 pub enum MountError {
-    #[error("mounting at {path}: {source}")]
+    #[error("mounting at {path}")]
     Mount {
         path: PathBuf,
         #[source]
@@ -38,7 +38,7 @@ pub enum MountError {
     },
     #[error("{path} is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("unmounting {path}: {source}")]
+    #[error("unmounting {path}")]
     Unmount {
         path: PathBuf,
         #[source]

@@ -30,6 +30,7 @@ use skiff_format::{ChunkId, ImageIndex, ImageRef};
 use skiff_fuse::{LocalShare, Mount, MountOptions, PrefetchConfig, StatsReport};
 use skiff_store::{ChunkSource, Store};
 
+use crate::progress::bytes;
 use crate::Remote;
 
 const DEFAULT_RUN_DIR: &str = "/run/skiff";
@@ -41,7 +42,7 @@ const UNMOUNT_WAIT: Duration = Duration::from_secs(20);
 pub struct MountArgs {
     /// NAME[:TAG] of the image
     image: ImageRef,
-    /// An empty directory to mount it on
+    /// An empty directory to mount it on (created if missing)
     mountpoint: PathBuf,
     /// Read chunks from this server [default: from the local store, --store]
     #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
@@ -249,6 +250,8 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
             mountpoint.display()
         ),
     }
+    std::fs::create_dir_all(&mountpoint)
+        .with_context(|| format!("creating {}", mountpoint.display()))?;
     std::fs::create_dir_all(record_path.parent().context("run directory")?)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     if !args.foreground {
@@ -528,7 +531,6 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     let s = &status.stats;
-    let mb = |b: u64| b as f64 / 1e6;
     let percent = |part: u64, whole: u64| {
         if whole == 0 {
             100.0
@@ -548,10 +550,10 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
         status.pid, status.uptime_secs
     );
     println!(
-        "local       {:.1}% of the image ({:.1} of {:.1} MB, {} of {} chunks){}",
+        "local       {:.1}% of the image ({} of {}, {} of {} chunks){}",
         percent(status.local.local_bytes, status.local.bytes),
-        mb(status.local.local_bytes),
-        mb(status.local.bytes),
+        bytes(status.local.local_bytes),
+        bytes(status.local.bytes),
         status.local.local_chunks,
         status.local.chunks,
         if s.prefetch_done {
@@ -561,16 +563,16 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
         }
     );
     println!(
-        "fetched     {:.1} MB in {} chunks, {} requests ({:.1} MB by prefetch)",
-        mb(s.fetched_bytes),
+        "fetched     {} in {} chunks, {} requests ({} by prefetch)",
+        bytes(s.fetched_bytes),
         s.fetched_chunks,
         s.fetch_requests,
-        mb(s.prefetched_bytes)
+        bytes(s.prefetched_bytes)
     );
     println!(
-        "reads       {} ({:.1} MB), {} failed; chunk hits: {} memory, {} disk",
+        "reads       {} ({}), {} failed; chunk hits: {} memory, {} disk",
         s.reads,
-        mb(s.read_bytes),
+        bytes(s.read_bytes),
         s.failed_reads,
         s.memory_hits,
         s.disk_hits
@@ -586,10 +588,10 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
     }
     if let Some(cache) = &status.cache {
         println!(
-            "cache       {} ({:.1} of {:.1} GB)",
+            "cache       {} ({} of {})",
             cache.dir.display(),
-            cache.bytes as f64 / 1e9,
-            cache.max_bytes as f64 / 1e9
+            bytes(cache.bytes),
+            bytes(cache.max_bytes)
         );
     }
     Ok(())
