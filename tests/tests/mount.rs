@@ -364,6 +364,18 @@ fn reads_wait_out_a_server_restart_and_fail_with_eio_when_it_stays_away() {
         want("own/c.bin")
     );
 
+    // A server that stalls (SIGSTOP) costs the same bounded wait, then EIO.
+    let (b_bin, stop) = (mount.path("own/b.txt"), |signal: &str, pid: u32| {
+        Command::new("kill").args([signal, &pid.to_string()]).status().unwrap()
+    });
+    stop("-STOP", server.pid());
+    let started = Instant::now();
+    assert_eio(fs::read(&b_bin), "a read from a stalled server");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(15), "a stalled server held a read for {waited:?}");
+    stop("-CONT", server.pid());
+    assert_eq!(fs::read(&b_bin).unwrap(), want("own/b.txt"));
+
     // A read that starts while the server is down finishes once it is back.
     drop(server);
     let path = mount.path("own/d.bin");
@@ -411,8 +423,18 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
         diffs.join("\n")
     );
 
-    // Another image through the same cache finds the chunks they share.
+    // The cache outlives the mount: mounted again, nothing is fetched.
     let _server = SkiffServer::start_on(port, &setup.store, &[]);
+    let mnt = mount.mountpoint.clone();
+    mount.umount();
+    assert!(!is_mount_point(&mnt));
+    let again = setup.mount("small:3", "mnt", &_server.url, &[]);
+    wait_for_prefetch(&again);
+    let diffs = diff_trees(&expected, &again.mountpoint, true);
+    assert!(diffs.is_empty(), "mounted again:\n{}", diffs.join("\n"));
+    assert_eq!(again.stat("fetched_bytes"), 0);
+
+    // Another image through the same cache finds the chunks they share.
     let other = setup.mount("small:4", "mnt-other", &_server.url, &["--no-prefetch"]);
     let shared_len = 600_000;
     assert!(other.status()["local"]["local_bytes"].as_u64().unwrap() >= shared_len);

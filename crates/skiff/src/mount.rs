@@ -250,6 +250,9 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
             mountpoint.display()
         ),
     }
+    if std::fs::symlink_metadata(&mountpoint).is_ok_and(|m| !m.is_dir()) {
+        bail!("{} is not a directory", mountpoint.display());
+    }
     std::fs::create_dir_all(&mountpoint)
         .with_context(|| format!("creating {}", mountpoint.display()))?;
     std::fs::create_dir_all(record_path.parent().context("run directory")?)
