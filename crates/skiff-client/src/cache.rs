@@ -4,7 +4,9 @@
 //! ```text
 //! CACHE/
 //!   chunks/ab/abcd…   one file per chunk, named by its id, raw bytes
-//!   tmp/              chunks being written (renamed into place when whole)
+//!   files/abcd…       whole files assembled from cached chunks, named by the
+//!                     hash of their chunk list, for FUSE passthrough
+//!   tmp/              files being written (renamed into place when whole)
 //!   evict.lock        held (flock) by the process evicting
 //! ```
 //!
@@ -22,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use skiff_format::ChunkId;
+use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
 
 /// A read refreshes a chunk's recency at most this often.
@@ -67,7 +69,7 @@ impl ChunkCache {
     /// first scan of what it holds runs in the background, so opening is
     /// instant whatever the cache's size.
     pub fn open(root: &Path, max_bytes: u64) -> Result<Arc<ChunkCache>, CacheError> {
-        for dir in [root.join("chunks"), root.join("tmp")] {
+        for dir in [root.join("chunks"), root.join("files"), root.join("tmp")] {
             fs::create_dir_all(&dir).map_err(|source| CacheError {
                 path: root.to_owned(),
                 context: "creating the cache directory",
@@ -178,6 +180,41 @@ impl ChunkCache {
         Ok(())
     }
 
+    /// A file holding `chunks` end to end, made from the cache (each chunk
+    /// checked on the way) the first time it is asked for; `None` if a
+    /// chunk is not cached.
+    pub fn assembled(&self, chunks: &[ChunkRef]) -> Result<Option<File>, CacheError> {
+        let mut key = blake3::Hasher::new();
+        for chunk in chunks {
+            key.update(chunk.id.as_bytes());
+            key.update(&chunk.len.to_le_bytes());
+        }
+        let path = self
+            .root
+            .join("files")
+            .join(key.finalize().to_hex().as_str());
+        if let Ok(file) = File::open(&path) {
+            return Ok(Some(file));
+        }
+        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(self.error("creating a temporary file"))?;
+        let mut len = 0u64;
+        for chunk in chunks {
+            let Some(data) = self.get(&chunk.id) else {
+                return Ok(None);
+            };
+            temp.write_all(&data)
+                .map_err(self.error("assembling a file"))?;
+            len += data.len() as u64;
+        }
+        temp.persist(&path)
+            .map_err(|e| self.error("renaming a file into place")(e.error))?;
+        self.approx_bytes.fetch_add(len, Ordering::Relaxed);
+        File::open(&path)
+            .map(Some)
+            .map_err(self.error("opening an assembled file"))
+    }
+
     pub fn pin(&self, ids: &[ChunkId]) {
         let mut pins = self.pins.lock().expect("pin table poisoned");
         for id in ids {
@@ -226,7 +263,7 @@ impl ChunkCache {
                 if total <= target {
                     break;
                 }
-                if pins.contains_key(&entry.id) {
+                if entry.id.is_some_and(|id| pins.contains_key(&id)) {
                     continue;
                 }
                 match fs::remove_file(&entry.path) {
@@ -250,7 +287,8 @@ impl ChunkCache {
         Ok(report)
     }
 
-    fn scan(&self) -> Result<Vec<CachedChunk>, CacheError> {
+    /// Every chunk file and assembled file, with its size and last use.
+    fn scan(&self) -> Result<Vec<CachedFile>, CacheError> {
         let mut entries = Vec::new();
         let chunks = self.root.join("chunks");
         for dir in fs::read_dir(&chunks).map_err(self.error("listing chunks/"))? {
@@ -266,14 +304,13 @@ impl ChunkCache {
                 else {
                     continue;
                 };
-                // Gone since the listing: another process evicted it.
-                let Ok(meta) = file.metadata() else { continue };
-                entries.push(CachedChunk {
-                    id,
-                    path: file.path(),
-                    len: meta.len(),
-                    used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                });
+                entries.extend(CachedFile::of(&file, Some(id)));
+            }
+        }
+        // Assembled files: an open one stays readable after removal.
+        if let Ok(files) = fs::read_dir(self.root.join("files")) {
+            for file in files.flatten() {
+                entries.extend(CachedFile::of(&file, None));
             }
         }
         Ok(entries)
@@ -295,11 +332,25 @@ impl ChunkCache {
     }
 }
 
-struct CachedChunk {
-    id: ChunkId,
+struct CachedFile {
+    /// The chunk it holds; `None` for an assembled file.
+    id: Option<ChunkId>,
     path: PathBuf,
     len: u64,
     used: SystemTime,
+}
+
+impl CachedFile {
+    /// `None` if it went away since the listing (another process evicted it).
+    fn of(entry: &fs::DirEntry, id: Option<ChunkId>) -> Option<CachedFile> {
+        let meta = entry.metadata().ok()?;
+        Some(CachedFile {
+            id,
+            path: entry.path(),
+            len: meta.len(),
+            used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -357,6 +408,29 @@ mod tests {
         cache.put(&chunks[4].0, &chunks[4].1).unwrap();
         let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
         assert_eq!(present, [true, false, false, true, true]);
+    }
+
+    #[test]
+    fn assembled_files_hold_their_chunks_end_to_end_and_count_toward_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) = (chunk(1, 1000), chunk(2, 500));
+        let refs = [
+            ChunkRef { id: a.0, len: 1000 },
+            ChunkRef { id: b.0, len: 500 },
+            ChunkRef { id: a.0, len: 1000 },
+        ];
+        cache.put(&a.0, &a.1).unwrap();
+        assert!(
+            cache.assembled(&refs).unwrap().is_none(),
+            "a chunk is missing"
+        );
+        cache.put(&b.0, &b.1).unwrap();
+        let mut file = cache.assembled(&refs).unwrap().unwrap();
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+        assert_eq!(bytes, [a.1.clone(), b.1.clone(), a.1.clone()].concat());
+        assert_eq!(cache.evict().unwrap().bytes_before, 1000 + 500 + 2500);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use skiff_format::ChunkId;
+use skiff_format::{ChunkId, ChunkRef};
 use skiff_store::{ChunkSource, SourceError};
 
 use crate::cache::ChunkCache;
@@ -64,6 +64,14 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
 
     fn is_local(&self, id: &ChunkId) -> bool {
         self.cache.contains(id)
+    }
+
+    fn assembled(&self, chunks: &[ChunkRef]) -> Option<std::fs::File> {
+        self.cache
+            .assembled(chunks)
+            .map_err(|e| tracing::warn!("{e}"))
+            .ok()
+            .flatten()
     }
 
     fn pin(&self, ids: &[ChunkId]) {

@@ -4,18 +4,19 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    BackingId, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use skiff_format::{ChunkId, InodeKind};
+use skiff_format::{ChunkId, ChunkRef, InodeKind};
 
 use crate::fetcher::{ChunkBytes, Fetcher};
+use crate::stats::MountStats;
 use crate::tree::{ImageTree, BLOCK_SIZE};
 
 /// Images never change under a mount, so the kernel may keep names,
@@ -23,6 +24,17 @@ use crate::tree::{ImageTree, BLOCK_SIZE};
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Largest read the kernel is asked to send (it grants at most its own limit).
 const MAX_READ: u32 = 1 << 20;
+/// Files at least this big whose chunks are all on this host are handed to
+/// the kernel to read directly (passthrough); for smaller ones a copy of the
+/// file is not worth its disk space.
+const PASSTHROUGH_MIN: u64 = 256 * 1024;
+
+/// An open file: the chunks it pins in the host's cache, and the backing
+/// file the kernel reads directly when it is served by passthrough.
+struct OpenFile {
+    pins: Vec<ChunkId>,
+    _backing: Option<Arc<BackingId>>,
+}
 
 pub struct SkiffFs {
     tree: Arc<ImageTree>,
@@ -31,8 +43,9 @@ pub struct SkiffFs {
     /// kernel's requests never queue behind a slow server.
     network: rayon::ThreadPool,
     next_handle: AtomicU64,
-    /// Open files and the chunks each pins in the host's cache.
-    open: Mutex<HashMap<u64, Vec<ChunkId>>>,
+    open: Mutex<HashMap<u64, OpenFile>>,
+    /// Whether the kernel agreed to FUSE passthrough.
+    passthrough: AtomicBool,
 }
 
 impl SkiffFs {
@@ -52,7 +65,29 @@ impl SkiffFs {
             network,
             next_handle: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(false),
         })
+    }
+
+    /// A backing file for passthrough, when the kernel supports it and the
+    /// whole file is on this host; otherwise reads come through [`Filesystem::read`].
+    fn backing(&self, reply: &ReplyOpen, ino: INodeNo, chunks: &[ChunkRef]) -> Option<BackingId> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let size = self.tree.attr(ino)?.size;
+        if size < PASSTHROUGH_MIN || !chunks.iter().all(|c| self.fetcher.is_local(&c.id)) {
+            return None;
+        }
+        let file = self.fetcher.source().assembled(chunks)?;
+        match reply.open_backing(&file) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                // For instance a cache on a stacked file system: read through FUSE.
+                tracing::debug!("no passthrough for inode {}: {e}", ino.0);
+                None
+            }
+        }
     }
 
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
@@ -97,6 +132,13 @@ impl Filesystem for SkiffFs {
         if let Err(max) = config.set_max_write(MAX_READ) {
             let _ = config.set_max_write(max);
         }
+        // Passthrough with the backing files on a plain file system leaves
+        // one level of stacking for an overlay on top (`skiff run`).
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
         // Readahead of many files at once (a container start) may all be in flight.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
@@ -138,11 +180,22 @@ impl Filesystem for SkiffFs {
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         self.fetcher.source().pin(&ids);
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.open
-            .lock()
-            .expect("open table poisoned")
-            .insert(handle, ids);
-        reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
+        let backing = self.backing(&reply, ino, chunks).map(Arc::new);
+        // In the table before the kernel hears of the handle: its release may come at once.
+        self.open.lock().expect("open table poisoned").insert(
+            handle,
+            OpenFile {
+                pins: ids,
+                _backing: backing.clone(),
+            },
+        );
+        match backing {
+            Some(id) => {
+                MountStats::add(&self.fetcher.stats.passthrough_opens, 1);
+                reply.opened_passthrough(FileHandle(handle), FopenFlags::empty(), &id);
+            }
+            None => reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
     /// Called at every close; there is nothing to write back.
@@ -167,8 +220,8 @@ impl Filesystem for SkiffFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(ids) = self.open.lock().expect("open table poisoned").remove(&fh.0) {
-            self.fetcher.source().unpin(&ids);
+        if let Some(file) = self.open.lock().expect("open table poisoned").remove(&fh.0) {
+            self.fetcher.source().unpin(&file.pins);
         }
         reply.ok();
     }
@@ -209,7 +262,7 @@ impl Filesystem for SkiffFs {
                     reply.data(&assemble(&chunks, start, offset, len));
                 }
                 Err(e) => {
-                    crate::stats::MountStats::add(&fetcher.stats.failed_reads, 1);
+                    MountStats::add(&fetcher.stats.failed_reads, 1);
                     tracing::error!("read of inode {} at {offset} failed: {}", ino.0, e.0);
                     reply.error(Errno::EIO);
                 }

@@ -23,6 +23,7 @@ pub struct MountStats {
     pub prefetched_chunks: AtomicU64,
     pub prefetched_bytes: AtomicU64,
     pub prefetch_done: AtomicBool,
+    pub passthrough_opens: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -76,6 +77,7 @@ impl MountStats {
             prefetched_chunks: get(&self.prefetched_chunks),
             prefetched_bytes: get(&self.prefetched_bytes),
             prefetch_done: self.prefetch_done.load(Ordering::Relaxed),
+            passthrough_opens: get(&self.passthrough_opens),
             read_latency_us_p50: self.latency_quantile(0.50),
             read_latency_us_p90: self.latency_quantile(0.90),
             read_latency_us_p99: self.latency_quantile(0.99),
@@ -99,6 +101,8 @@ pub struct StatsReport {
     pub prefetched_chunks: u64,
     pub prefetched_bytes: u64,
     pub prefetch_done: bool,
+    /// Opens served by FUSE passthrough: the kernel reads those files directly.
+    pub passthrough_opens: u64,
     pub read_latency_us_p50: Option<u64>,
     pub read_latency_us_p90: Option<u64>,
     pub read_latency_us_p99: Option<u64>,

@@ -2,7 +2,7 @@
 //! which knows nothing of HTTP, and the places chunks live (this store, a
 //! chunk server, the host's chunk cache in front of one).
 
-use skiff_format::ChunkId;
+use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
 
 use crate::{Store, StoreError};
@@ -38,6 +38,12 @@ pub trait ChunkSource: Send + Sync {
     /// Whether [`ChunkSource::local`] would find `id`, without reading it.
     fn is_local(&self, _id: &ChunkId) -> bool {
         false
+    }
+
+    /// A local file holding `chunks` end to end, if every one is on this
+    /// host: the kernel can then read it directly (FUSE passthrough).
+    fn assembled(&self, _chunks: &[ChunkRef]) -> Option<std::fs::File> {
+        None
     }
 
     /// Asks that `ids` stay on this host while a file that needs them is open.
