@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench bench-dedup bench-serve images roundtrip clean
+.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: bench-dedup bench-serve
+bench: bench-dedup bench-serve bench-mount
 
 # Store size and convert speed against casync and file-level zstd.
 bench-dedup: build images
@@ -38,6 +38,12 @@ bench-dedup: build images
 bench-serve: build images
 	cargo build --release --locked -p skiff-bench
 	SKIFF=$(SKIFF) CHUNK_FILES=$(CARGO_TARGET_DIR)/release/chunk-files bench/serve.sh
+
+# Lazy mount: first byte, cold and warm reads against local disk, and an
+# emulated 100 Mbit/s, 20 ms link against pulling the gzip layers (root).
+bench-mount: build images
+	cargo build --release --locked -p skiff-bench
+	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/mount.sh
 
 # Every dataset image: convert, export, umoci unpack, compare with the source.
 roundtrip: build images

@@ -18,17 +18,19 @@ pub struct TamperingProxy {
 
 impl TamperingProxy {
     /// Proxies every request to `upstream` (http://HOST:PORT), swapping the
-    /// bytes of chunk `victim` wherever a batch answer carries it.
-    pub fn start(upstream: &str, victim: ChunkId) -> TamperingProxy {
+    /// bytes of the `victims` wherever a batch answer carries them.
+    pub fn start(upstream: &str, victims: &[ChunkId]) -> TamperingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let tampered = Arc::new(AtomicU64::new(0));
         let (upstream, counter) = (upstream.to_owned(), tampered.clone());
+        let victims = Arc::new(victims.to_vec());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (upstream, counter) = (upstream.clone(), counter.clone());
+                let (upstream, counter, victims) =
+                    (upstream.clone(), counter.clone(), victims.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &upstream, &victim, &counter);
+                    let _ = serve(stream, &upstream, &victims, &counter);
                 });
             }
         });
@@ -39,7 +41,7 @@ impl TamperingProxy {
 fn serve(
     stream: TcpStream,
     upstream: &str,
-    victim: &ChunkId,
+    victims: &[ChunkId],
     tampered: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -95,7 +97,7 @@ fn serve(
         let mut rewritten = Vec::new();
         while let Ok(Some(record)) = records.next_record() {
             match record {
-                ChunkRecord::Chunk { id, .. } if id == *victim => {
+                ChunkRecord::Chunk { id, .. } if victims.contains(&id) => {
                     tampered.fetch_add(1, Ordering::SeqCst);
                     let other = zstd::encode_all(&b"these are not the chunk's bytes"[..], 3)?;
                     wire::write_chunk_record(&mut rewritten, &id, &other);

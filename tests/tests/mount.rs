@@ -279,7 +279,9 @@ fn a_chunk_that_fails_verification_is_never_returned() {
     let server = SkiffServer::start(&setup.store, &[]);
     let index = server.index("small:1");
     let victim = file_chunks(&index, "own/a.bin")[0].id;
-    let proxy = TamperingProxy::start(&server.url, victim);
+    let c_chunks = file_chunks(&index, "own/c.bin");
+    let neighbour = c_chunks.last().unwrap().id;
+    let proxy = TamperingProxy::start(&server.url, &[victim, neighbour]);
 
     let mount = setup.mount(
         "small:1",
@@ -313,6 +315,19 @@ fn a_chunk_that_fails_verification_is_never_returned() {
         .map(|p| fs::read_to_string(p).unwrap())
         .collect();
     assert!(logs.contains(&hex) && logs.contains("corrupt"), "{logs}");
+    // A bad chunk in a read's window, not in the read, does not fail it.
+    assert!(c_chunks.len() > 2, "c.bin needs several chunks");
+    let mut head = vec![0u8; 4096];
+    use std::io::Read;
+    fs::File::open(mount.path("own/c.bin"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(head, fs::read(expected.join("own/c.bin")).unwrap()[..4096]);
+    assert_eio(
+        fs::read(mount.path("own/c.bin")),
+        "reading up to the bad chunk",
+    );
     // The same mount does not hand out the bad bytes on a second try either.
     assert_eio(fs::read(mount.path("own/a.bin")), "a second read");
 
@@ -578,6 +593,34 @@ fn umount_status_and_a_killed_daemon() {
     assert!(!is_mount_point(&mnt));
     let out = skiff_here(&["umount", &mnt_s, "--run-dir", &run]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is mounted"));
+    // In the foreground until Ctrl-C, which unmounts.
+    let fg = setup.path("mnt-fg");
+    let mut daemon = Command::new(skiff_bin())
+        .args(["mount", "small:6"])
+        .arg(&fg)
+        .args(["--server", &server.url, "--run-dir", &run, "--foreground"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mount_point(&fg) {
+        assert!(
+            Instant::now() < deadline,
+            "the foreground mount never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fs::read(fg.join("own/b.txt")).unwrap(),
+        fs::read(expected.join("own/b.txt")).unwrap()
+    );
+    Command::new("kill")
+        .args(["-INT", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().unwrap().success());
+    assert!(!is_mount_point(&fg));
+
     // A dead mount can be unmounted too.
     let mount = setup.mount("small:6", "mnt", &server.url, &[]);
     Command::new("kill")

@@ -7,6 +7,7 @@
 //!   files/abcd…       whole files assembled from cached chunks, named by the
 //!                     hash of their chunk list, for FUSE passthrough
 //!   tmp/              files being written (renamed into place when whole)
+//!   pins/PID-N        ids of the chunks open files of process PID pin
 //!   evict.lock        held (flock) by the process evicting
 //! ```
 //!
@@ -14,13 +15,13 @@
 //! and every read checks it against its id, so a crash or a stray write
 //! costs a refetch, never wrong bytes. Recency is the file's mtime, touched
 //! when a chunk is read after a while; eviction removes the least recently
-//! used chunks that no open file of this process pins.
+//! used chunks that no open file of a running process pins.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,11 @@ const TOUCH_AFTER: Duration = Duration::from_secs(60);
 const EVICT_TO_PERCENT: u64 = 90;
 /// Temporary files older than this were left by a writer that died.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
+/// How soon a change of this process's pins is published to other processes.
+const PIN_PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+/// Tells caches opened in one process apart in `pins/`.
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Error)]
 #[error("chunk cache {path}: {context}: {source}")]
@@ -61,6 +67,9 @@ pub struct ChunkCache {
     approx_bytes: AtomicU64,
     /// Chunks of files open in this process, with how many opens need each.
     pins: Mutex<HashMap<ChunkId, u32>>,
+    /// Where other processes read this one's pins, and whether it is behind.
+    pin_file: PathBuf,
+    pins_changed: AtomicBool,
     evicting: Mutex<()>,
 }
 
@@ -69,7 +78,7 @@ impl ChunkCache {
     /// first scan of what it holds runs in the background, so opening is
     /// instant whatever the cache's size.
     pub fn open(root: &Path, max_bytes: u64) -> Result<Arc<ChunkCache>, CacheError> {
-        for dir in [root.join("chunks"), root.join("files"), root.join("tmp")] {
+        for dir in ["chunks", "files", "tmp", "pins"].map(|d| root.join(d)) {
             fs::create_dir_all(&dir).map_err(|source| CacheError {
                 path: root.to_owned(),
                 context: "creating the cache directory",
@@ -81,21 +90,37 @@ impl ChunkCache {
             max_bytes,
             approx_bytes: AtomicU64::new(0),
             pins: Mutex::new(HashMap::new()),
+            pin_file: root.join("pins").join(format!(
+                "{}-{}",
+                std::process::id(),
+                INSTANCES.fetch_add(1, Ordering::Relaxed)
+            )),
+            pins_changed: AtomicBool::new(false),
             evicting: Mutex::new(()),
         });
-        let scanner = Arc::downgrade(&cache);
+        let this = Arc::downgrade(&cache);
         std::thread::Builder::new()
-            .name("cache-scan".into())
+            .name("cache-keeper".into())
             .spawn(move || {
-                if let Some(cache) = scanner.upgrade() {
+                if let Some(cache) = this.upgrade() {
                     if let Err(e) = cache.evict() {
                         tracing::warn!("{e}");
+                    }
+                }
+                // Publishes pins until the cache is dropped.
+                loop {
+                    std::thread::sleep(PIN_PUBLISH_EVERY);
+                    let Some(cache) = this.upgrade() else { return };
+                    if cache.pins_changed.swap(false, Ordering::Relaxed) {
+                        if let Err(e) = cache.publish_pins() {
+                            tracing::warn!("{e}");
+                        }
                     }
                 }
             })
             .map_err(|source| CacheError {
                 path: root.to_owned(),
-                context: "starting the scan thread",
+                context: "starting the cache thread",
                 source,
             })?;
         Ok(cache)
@@ -196,6 +221,9 @@ impl ChunkCache {
         if let Ok(file) = File::open(&path) {
             return Ok(Some(file));
         }
+        if !chunks.iter().all(|c| self.contains(&c.id)) {
+            return Ok(None);
+        }
         let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
             .map_err(self.error("creating a temporary file"))?;
         let mut len = 0u64;
@@ -220,6 +248,7 @@ impl ChunkCache {
         for id in ids {
             *pins.entry(*id).or_default() += 1;
         }
+        self.pins_changed.store(true, Ordering::Relaxed);
     }
 
     pub fn unpin(&self, ids: &[ChunkId]) {
@@ -232,6 +261,59 @@ impl ChunkCache {
                 }
             }
         }
+        self.pins_changed.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes this process's pins where other processes' evictions look.
+    fn publish_pins(&self) -> Result<(), CacheError> {
+        let ids: Vec<u8> = {
+            let pins = self.pins.lock().expect("pin table poisoned");
+            pins.keys().flat_map(|id| *id.as_bytes()).collect()
+        };
+        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(self.error("creating a pin file"))?;
+        temp.write_all(&ids)
+            .map_err(self.error("writing a pin file"))?;
+        temp.persist(&self.pin_file)
+            .map_err(|e| self.error("renaming a pin file into place")(e.error))?;
+        Ok(())
+    }
+
+    /// Chunks pinned by this process and by every other running one; pin
+    /// files of processes that are gone are removed.
+    fn all_pins(&self) -> std::collections::HashSet<ChunkId> {
+        let mut all: std::collections::HashSet<ChunkId> = self
+            .pins
+            .lock()
+            .expect("pin table poisoned")
+            .keys()
+            .copied()
+            .collect();
+        let Ok(files) = fs::read_dir(self.root.join("pins")) else {
+            return all;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            if path == self.pin_file {
+                continue;
+            }
+            let pid = file
+                .file_name()
+                .to_str()
+                .and_then(|name| name.split('-').next()?.parse::<u32>().ok());
+            if !pid.is_some_and(process_is_running) {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if let Ok(bytes) = fs::read(&path) {
+                all.extend(
+                    bytes
+                        .chunks_exact(32)
+                        .filter_map(|raw| <[u8; 32]>::try_from(raw).ok().map(ChunkId::from_bytes)),
+                );
+            }
+        }
+        all
     }
 
     /// Scans the cache and, if it holds more than its bound, removes the
@@ -258,12 +340,12 @@ impl ChunkCache {
         if total > self.max_bytes {
             let target = self.max_bytes / 100 * EVICT_TO_PERCENT;
             entries.sort_by_key(|e| e.used);
-            let pins = self.pins.lock().expect("pin table poisoned").clone();
+            let pins = self.all_pins();
             for entry in entries {
                 if total <= target {
                     break;
                 }
-                if entry.id.is_some_and(|id| pins.contains_key(&id)) {
+                if entry.id.is_some_and(|id| pins.contains(&id)) {
                     continue;
                 }
                 match fs::remove_file(&entry.path) {
@@ -330,6 +412,25 @@ impl ChunkCache {
             }
         }
     }
+}
+
+impl Drop for ChunkCache {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.pin_file);
+    }
+}
+
+/// Whether process `pid` runs. A killed process whose parent is gone may
+/// linger as a zombie where nothing reaps orphans; that counts as gone.
+pub fn process_is_running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
 }
 
 struct CachedFile {
@@ -431,6 +532,27 @@ mod tests {
         io::Read::read_to_end(&mut file, &mut bytes).unwrap();
         assert_eq!(bytes, [a.1.clone(), b.1.clone(), a.1.clone()].concat());
         assert_eq!(cache.evict().unwrap().bytes_before, 1000 + 500 + 2500);
+    }
+
+    #[test]
+    fn pins_of_another_process_are_honoured_until_it_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let cache = ChunkCache::open(dir.path(), 5000).unwrap();
+        let (old, new) = (chunk(1, 3000), chunk(2, 3000));
+        cache.put(&old.0, &old.1).unwrap();
+        age(&cache, &old.0, 1000);
+        other.pin(&[old.0]);
+        other.publish_pins().unwrap();
+        cache.put(&new.0, &new.1).unwrap();
+        assert!(cache.contains(&old.0), "pinned by the other cache");
+        assert!(!cache.contains(&new.0), "the only chunk it could evict");
+        // A pin file of a process that is gone counts for nothing.
+        drop(other);
+        fs::write(dir.path().join("pins/999999999-0"), old.0.as_bytes()).unwrap();
+        cache.put(&new.0, &new.1).unwrap();
+        assert!(!cache.contains(&old.0));
+        assert!(!dir.path().join("pins/999999999-0").exists());
     }
 
     #[test]

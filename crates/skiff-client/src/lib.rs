@@ -9,7 +9,7 @@ mod error;
 mod source;
 mod transfer;
 
-pub use cache::{CacheError, ChunkCache, EvictReport};
+pub use cache::{process_is_running, CacheError, ChunkCache, EvictReport};
 pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
 pub use source::CachedSource;

@@ -146,7 +146,9 @@ impl Fetcher {
                 .saturating_sub(wanted.iter().map(|c| u64::from(c.len)).sum::<u64>());
             let extra = self.neighbours(after, budget);
             let (lead, joined) = self.claim(&missing, &extra);
-            // A failure shows in the flights of the chunks it concerns.
+            // The read's own chunks lead the batch, so a neighbour that fails
+            // (corrupt, missing) cannot fail the read; a failure shows in the
+            // flights of the chunks it concerns.
             let _ = self.fly(&lead, false);
             for (id, flight) in lead.iter().chain(joined.iter()) {
                 if missing.contains(id) {
@@ -218,7 +220,7 @@ impl Fetcher {
     /// one of their flights, with data or with the error. Leaders never wait
     /// on other flights before landing their own, so no two readers can
     /// wait on each other.
-    fn fly(&self, lead: &[(ChunkId, Arc<Flight>)], prefetch: bool) -> Result<(), String> {
+    fn fly(&self, lead: &[(ChunkId, Arc<Flight>)], prefetch: bool) -> Result<(), SourceError> {
         if lead.is_empty() {
             return Ok(());
         }
@@ -261,19 +263,19 @@ impl Fetcher {
                 flights.remove(id);
             }
         }
-        outcome.map_err(|e| e.to_string())
+        outcome
     }
 
     /// Fetches whichever of `ids` are neither here nor on their way, in one
     /// request, for prefetch. Returns how many it asked for.
-    pub fn prefetch(&self, ids: &[ChunkId]) -> Result<usize, FetchFailed> {
+    pub fn prefetch(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {
         let wanted: Vec<ChunkId> = ids
             .iter()
             .filter(|id| !self.is_local(id))
             .copied()
             .collect();
         let (lead, _) = self.claim(&[], &wanted);
-        self.fly(&lead, true).map_err(FetchFailed)?;
+        self.fly(&lead, true)?;
         Ok(lead.len())
     }
 }

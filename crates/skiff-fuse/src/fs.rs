@@ -75,8 +75,7 @@ impl SkiffFs {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
-        let size = self.tree.attr(ino)?.size;
-        if size < PASSTHROUGH_MIN || !chunks.iter().all(|c| self.fetcher.is_local(&c.id)) {
+        if self.tree.attr(ino)?.size < PASSTHROUGH_MIN {
             return None;
         }
         let file = self.fetcher.source().assembled(chunks)?;

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use skiff_format::{ChunkId, InodeKind};
+use skiff_store::SourceError;
 
 use crate::fetcher::Fetcher;
 use crate::tree::ImageTree;
@@ -35,6 +36,8 @@ impl Default for PrefetchConfig {
 
 /// After a failed batch, wait this long before the next try.
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
+/// Failures of the same batch (each after the client's own retries) before it is skipped.
+const GIVE_UP_AFTER: u32 = 3;
 /// How often a paused prefetch looks again whether reads are still waiting.
 const YIELD_POLL: Duration = Duration::from_millis(5);
 
@@ -101,6 +104,7 @@ fn run(fetcher: &Fetcher, order: &[(ChunkId, u32)], config: &PrefetchConfig, sto
     let started = Instant::now();
     let mut sent = 0u64;
     let mut at = 0;
+    let (mut failures, mut skipped) = (0, 0);
     while at < order.len() {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -131,12 +135,31 @@ fn run(fetcher: &Fetcher, order: &[(ChunkId, u32)], config: &PrefetchConfig, sto
             Ok(_) => {
                 sent += bytes;
                 at = next;
+                failures = 0;
+            }
+            // A server may come back; a chunk it does not have (or sends
+            // corrupt) will not, so such a batch failing again is skipped.
+            Err(e @ (SourceError::Corrupt(_) | SourceError::Missing(_)))
+                if failures + 1 >= GIVE_UP_AFTER =>
+            {
+                tracing::error!("prefetch skips {} chunks: {e}", batch.len());
+                skipped += batch.len();
+                at = next;
+                failures = 0;
             }
             Err(e) => {
-                tracing::warn!("prefetch paused: {}", e.0);
-                std::thread::sleep(PAUSE_AFTER_FAILURE);
+                failures += 1;
+                tracing::warn!("prefetch paused: {e}");
+                let resume = Instant::now() + PAUSE_AFTER_FAILURE;
+                while Instant::now() < resume && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(YIELD_POLL * 10);
+                }
             }
         }
+    }
+    if skipped > 0 {
+        tracing::warn!("prefetch finished without {skipped} chunks; reads will ask for them again");
+        return;
     }
     fetcher.stats.prefetch_done.store(true, Ordering::Relaxed);
     tracing::info!(

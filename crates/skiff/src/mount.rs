@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use skiff_client::{CachedSource, ChunkCache};
+use skiff_client::{process_is_running, CachedSource, ChunkCache};
 use skiff_format::{ChunkId, ImageIndex, ImageRef};
 use skiff_fuse::{LocalShare, Mount, MountOptions, PrefetchConfig, StatsReport};
 use skiff_store::{ChunkSource, Store};
@@ -207,19 +207,6 @@ fn unescape_mountinfo(field: &str) -> String {
     out
 }
 
-/// Whether process `pid` runs. A killed daemon whose parent is gone may
-/// linger as a zombie where nothing reaps orphans; that counts as dead.
-fn is_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, Some('Z' | 'X') | None)
-}
-
 fn read_record(path: &Path) -> Option<MountRecord> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
@@ -237,7 +224,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     let (record_path, socket_path, log_path) = record_paths(&args.run_dir, &mountpoint);
     match (mounted_here(&mountpoint), read_record(&record_path)) {
         (MountedHere::Nothing, _) => {}
-        (MountedHere::Skiff, Some(record)) if is_alive(record.pid) => bail!(
+        (MountedHere::Skiff, Some(record)) if process_is_running(record.pid) => bail!(
             "{} already has {} mounted (pid {}); run `skiff umount {}` first",
             mountpoint.display(),
             record.image,
@@ -482,11 +469,11 @@ pub fn umount(args: MountPointArgs) -> Result<()> {
     let (record_path, socket_path, _) = record_paths(&args.run_dir, &mountpoint);
     let record = read_record(&record_path);
     match record {
-        Some(record) if is_alive(record.pid) => {
+        Some(record) if process_is_running(record.pid) => {
             kill(Pid::from_raw(record.pid as i32), Signal::SIGTERM)
                 .with_context(|| format!("signalling the mount daemon (pid {})", record.pid))?;
             let deadline = Instant::now() + UNMOUNT_WAIT;
-            while is_alive(record.pid) {
+            while process_is_running(record.pid) {
                 if Instant::now() > deadline {
                     bail!(
                         "the mount daemon (pid {}) did not exit within {} s; is a process still using {}?",
