@@ -139,7 +139,7 @@ cat "$work/mnt/$big_path" >/dev/null
 umount_image "$work/mnt"
 local_copy=$work/ref-$big_image/rootfs/$big_path
 mount_image "$big_image" "$work/mnt" "$server" --no-prefetch
-for _ in $(seq 7); do
+for _ in $(seq 11); do
   for variant in local skiff; do
     file=$local_copy; [ "$variant" = skiff ] && file=$work/mnt/$big_path
     drop_caches

@@ -68,7 +68,7 @@ for page, label in [("cold-page-cache", "page cache dropped"), ("warm-page-cache
 lines += [
     "",
     f"**Warm sequential read** of `{big_file}` ({mb(size)}), its chunks in the host's cache (a remount: "
-    "nothing in the daemon's memory), `cat` to /dev/null, median of 7. Through the mount the file is served "
+    "nothing in the daemon's memory), `cat` to /dev/null, median of 11. Through the mount the file is served "
     f"by FUSE passthrough ({int(med('passthrough', image, 'opens'))} passthrough opens):",
     "",
     "| | local disk | skiff mount | mount vs local |",
