@@ -35,8 +35,9 @@ const TOUCH_AFTER: Duration = Duration::from_secs(60);
 const EVICT_TO_PERCENT: u64 = 90;
 /// Temporary files older than this were left by a writer that died.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
-/// How soon a change of this process's pins is published to other processes.
-const PIN_PUBLISH_EVERY: Duration = Duration::from_millis(250);
+/// How often the keeper thread publishes changed pins and evicts if the
+/// cache is over its bound (so a fetch never waits on an eviction).
+const KEEPER_EVERY: Duration = Duration::from_millis(250);
 
 /// Tells caches opened in one process apart in `pins/`.
 static INSTANCES: AtomicU64 = AtomicU64::new(0);
@@ -102,20 +103,24 @@ impl ChunkCache {
         std::thread::Builder::new()
             .name("cache-keeper".into())
             .spawn(move || {
-                if let Some(cache) = this.upgrade() {
-                    if let Err(e) = cache.evict() {
-                        tracing::warn!("{e}");
-                    }
-                }
-                // Publishes pins until the cache is dropped.
+                // The first pass scans what earlier processes left.
+                let mut scan = true;
                 loop {
-                    std::thread::sleep(PIN_PUBLISH_EVERY);
                     let Some(cache) = this.upgrade() else { return };
                     if cache.pins_changed.swap(false, Ordering::Relaxed) {
                         if let Err(e) = cache.publish_pins() {
+                            cache.pins_changed.store(true, Ordering::Relaxed);
                             tracing::warn!("{e}");
                         }
                     }
+                    if scan || cache.approx_bytes() > cache.max_bytes {
+                        if let Err(e) = cache.evict() {
+                            tracing::warn!("{e}");
+                        }
+                        scan = false;
+                    }
+                    drop(cache);
+                    std::thread::sleep(KEEPER_EVERY);
                 }
             })
             .map_err(|source| CacheError {
@@ -168,14 +173,7 @@ impl ChunkCache {
             let _ = fs::remove_file(&path);
             return None;
         }
-        let stale = file
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > TOUCH_AFTER));
-        if stale {
-            // Recency only steers eviction; failing to record it is harmless.
-            let _ = file.set_modified(SystemTime::now());
-        }
+        touch_if_stale(&file);
         Some(data)
     }
 
@@ -189,26 +187,38 @@ impl ChunkCache {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(self.error("creating a chunk directory"))?;
         }
-        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(self.error("creating a temporary chunk file"))?;
-        temp.write_all(data)
-            .map_err(self.error("writing a chunk"))?;
-        temp.persist(&path)
-            .map_err(|e| self.error("renaming a chunk into place")(e.error))?;
-        let total = self
-            .approx_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed)
-            + data.len() as u64;
-        if total > self.max_bytes {
-            self.evict()?;
-        }
+        // No fsync: a chunk torn by a crash fails its check and is fetched again.
+        self.write_atomically(&path, false, |file| file.write_all(data))?;
+        self.approx_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// A file holding `chunks` end to end, made from the cache (each chunk
-    /// checked on the way) the first time it is asked for; `None` if a
-    /// chunk is not cached.
-    pub fn assembled(&self, chunks: &[ChunkRef]) -> Result<Option<File>, CacheError> {
+    /// Writes a file aside in tmp/ and renames it to `path`, so that readers
+    /// in any process see all of it or nothing.
+    fn write_atomically(
+        &self,
+        path: &Path,
+        sync: bool,
+        write: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<(), CacheError> {
+        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(self.error("creating a temporary file"))?;
+        write(temp.as_file_mut()).map_err(self.error("writing a file"))?;
+        if sync {
+            temp.as_file()
+                .sync_all()
+                .map_err(self.error("syncing a file"))?;
+        }
+        temp.persist(path)
+            .map_err(|e| self.error("renaming a file into place")(e.error))?;
+        Ok(())
+    }
+
+    /// A file holding `chunks` end to end. With `build`, it is made from the
+    /// cache (each chunk checked on the way) if it does not exist yet;
+    /// `None` if it does not exist and cannot (or may not) be made.
+    pub fn assembled(&self, chunks: &[ChunkRef], build: bool) -> Result<Option<File>, CacheError> {
         let mut key = blake3::Hasher::new();
         for chunk in chunks {
             key.update(chunk.id.as_bytes());
@@ -218,25 +228,28 @@ impl ChunkCache {
             .root
             .join("files")
             .join(key.finalize().to_hex().as_str());
+        let len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         if let Ok(file) = File::open(&path) {
-            return Ok(Some(file));
+            // Whole, as written (synced, renamed); anything else is rebuilt.
+            if file.metadata().is_ok_and(|m| m.len() == len) {
+                touch_if_stale(&file);
+                return Ok(Some(file));
+            }
         }
-        if !chunks.iter().all(|c| self.contains(&c.id)) {
+        if !build || !chunks.iter().all(|c| self.contains(&c.id)) {
             return Ok(None);
         }
-        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(self.error("creating a temporary file"))?;
-        let mut len = 0u64;
+        let mut parts = Vec::with_capacity(chunks.len());
         for chunk in chunks {
-            let Some(data) = self.get(&chunk.id) else {
-                return Ok(None);
-            };
-            temp.write_all(&data)
-                .map_err(self.error("assembling a file"))?;
-            len += data.len() as u64;
+            match self.get(&chunk.id) {
+                Some(data) if data.len() == chunk.len as usize => parts.push(data),
+                _ => return Ok(None),
+            }
         }
-        temp.persist(&path)
-            .map_err(|e| self.error("renaming a file into place")(e.error))?;
+        // Synced: passthrough hands these bytes to readers without a check.
+        self.write_atomically(&path, true, |file| {
+            parts.iter().try_for_each(|part| file.write_all(part))
+        })?;
         self.approx_bytes.fetch_add(len, Ordering::Relaxed);
         File::open(&path)
             .map(Some)
@@ -270,13 +283,7 @@ impl ChunkCache {
             let pins = self.pins.lock().expect("pin table poisoned");
             pins.keys().flat_map(|id| *id.as_bytes()).collect()
         };
-        let mut temp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(self.error("creating a pin file"))?;
-        temp.write_all(&ids)
-            .map_err(self.error("writing a pin file"))?;
-        temp.persist(&self.pin_file)
-            .map_err(|e| self.error("renaming a pin file into place")(e.error))?;
-        Ok(())
+        self.write_atomically(&self.pin_file, false, |file| file.write_all(&ids))
     }
 
     /// Chunks pinned by this process and by every other running one; pin
@@ -403,14 +410,23 @@ impl ChunkCache {
             return;
         };
         for temp in temps.flatten() {
-            let stale = temp
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP));
-            if stale {
+            if temp.metadata().is_ok_and(|m| older_than(&m, STALE_TEMP)) {
                 let _ = fs::remove_file(temp.path());
             }
         }
+    }
+}
+
+fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
+    meta.modified()
+        .is_ok_and(|t| t.elapsed().is_ok_and(|elapsed| elapsed > age))
+}
+
+/// Marks a cached file as used now, unless that was recorded lately.
+fn touch_if_stale(file: &File) {
+    if file.metadata().is_ok_and(|m| older_than(&m, TOUCH_AFTER)) {
+        // Recency only steers eviction; failing to record it is harmless.
+        let _ = file.set_modified(SystemTime::now());
     }
 }
 
@@ -501,12 +517,14 @@ mod tests {
         assert!(cache.get(&chunks[0].0).is_some());
         cache.pin(&[chunks[1].0]);
         cache.put(&chunks[3].0, &chunks[3].1).unwrap();
+        cache.evict().unwrap();
         // 12,000 bytes > 10,000: evict down to 9,000 by dropping the LRU unpinned chunk (2).
         let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
         assert_eq!(present, [true, true, false, true, false]);
         assert_eq!(cache.approx_bytes(), 9000);
         cache.unpin(&[chunks[1].0]);
         cache.put(&chunks[4].0, &chunks[4].1).unwrap();
+        cache.evict().unwrap();
         let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
         assert_eq!(present, [true, false, false, true, true]);
     }
@@ -523,11 +541,16 @@ mod tests {
         ];
         cache.put(&a.0, &a.1).unwrap();
         assert!(
-            cache.assembled(&refs).unwrap().is_none(),
+            cache.assembled(&refs, true).unwrap().is_none(),
             "a chunk is missing"
         );
         cache.put(&b.0, &b.1).unwrap();
-        let mut file = cache.assembled(&refs).unwrap().unwrap();
+        assert!(
+            cache.assembled(&refs, false).unwrap().is_none(),
+            "not built yet"
+        );
+        let mut file = cache.assembled(&refs, true).unwrap().unwrap();
+        assert!(cache.assembled(&refs, false).unwrap().is_some());
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut file, &mut bytes).unwrap();
         assert_eq!(bytes, [a.1.clone(), b.1.clone(), a.1.clone()].concat());
@@ -545,12 +568,14 @@ mod tests {
         other.pin(&[old.0]);
         other.publish_pins().unwrap();
         cache.put(&new.0, &new.1).unwrap();
+        cache.evict().unwrap();
         assert!(cache.contains(&old.0), "pinned by the other cache");
         assert!(!cache.contains(&new.0), "the only chunk it could evict");
         // A pin file of a process that is gone counts for nothing.
         drop(other);
         fs::write(dir.path().join("pins/999999999-0"), old.0.as_bytes()).unwrap();
         cache.put(&new.0, &new.1).unwrap();
+        cache.evict().unwrap();
         assert!(!cache.contains(&old.0));
         assert!(!dir.path().join("pins/999999999-0").exists());
     }

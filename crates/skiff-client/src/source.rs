@@ -66,9 +66,9 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
         self.cache.contains(id)
     }
 
-    fn assembled(&self, chunks: &[ChunkRef]) -> Option<std::fs::File> {
+    fn assembled(&self, chunks: &[ChunkRef], build: bool) -> Option<std::fs::File> {
         self.cache
-            .assembled(chunks)
+            .assembled(chunks, build)
             .map_err(|e| tracing::warn!("{e}"))
             .ok()
             .flatten()

@@ -24,15 +24,24 @@ impl Weighter<ChunkId, ChunkBytes> for ByLength {
     }
 }
 
+/// Why a flight came down without its chunk.
+#[derive(Clone, Debug)]
+struct Failure {
+    message: String,
+    /// The batch failed on one chunk (missing or corrupt), which may be
+    /// another chunk than this flight's; otherwise the source failed as a whole.
+    one_chunk: bool,
+}
+
 /// One chunk being fetched: whoever else needs it waits here.
 #[derive(Default)]
 struct Flight {
-    outcome: Mutex<Option<Result<ChunkBytes, String>>>,
+    outcome: Mutex<Option<Result<ChunkBytes, Failure>>>,
     landed: Condvar,
 }
 
 impl Flight {
-    fn land(&self, outcome: Result<ChunkBytes, String>) {
+    fn land(&self, outcome: Result<ChunkBytes, Failure>) {
         let mut slot = self.outcome.lock().expect("flight poisoned");
         if slot.is_none() {
             *slot = Some(outcome);
@@ -40,13 +49,50 @@ impl Flight {
         self.landed.notify_all();
     }
 
-    fn wait(&self) -> Result<ChunkBytes, String> {
+    fn wait(&self) -> Result<ChunkBytes, Failure> {
         let mut slot = self.outcome.lock().expect("flight poisoned");
         loop {
             if let Some(outcome) = slot.as_ref() {
                 return outcome.clone();
             }
             slot = self.landed.wait(slot).expect("flight poisoned");
+        }
+    }
+}
+
+/// What [`Fetcher::claim`] found for a request.
+#[derive(Default)]
+struct Claim {
+    /// Flights this thread leads.
+    lead: Vec<(ChunkId, Arc<Flight>)>,
+    /// Flights of needed chunks others lead.
+    joined: Vec<(ChunkId, Arc<Flight>)>,
+    /// Needed chunks that arrived meanwhile.
+    ready: Vec<(ChunkId, ChunkBytes)>,
+}
+
+/// Lands a leader's flights that did not get data with its failure, and
+/// takes them out of the table so later reads try again.
+struct Landing<'a> {
+    fetcher: &'a Fetcher,
+    lead: &'a [(ChunkId, Arc<Flight>)],
+    failure: Failure,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        for (_, flight) in self.lead {
+            flight.land(Err(self.failure.clone()));
+        }
+        let mut flights = self
+            .fetcher
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (id, flight) in self.lead {
+            if flights.get(id).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+                flights.remove(id);
+            }
         }
     }
 }
@@ -108,7 +154,13 @@ impl Fetcher {
 
     /// Every chunk of `wanted`, in order, if all are at hand without the network.
     pub fn all_cached(&self, wanted: &[ChunkRef]) -> Option<Vec<ChunkBytes>> {
-        wanted.iter().map(|c| self.cached(&c.id)).collect()
+        wanted
+            .iter()
+            .map(|c| {
+                self.cached(&c.id)
+                    .filter(|data| data.len() == c.len as usize)
+            })
+            .collect()
     }
 
     /// Every chunk of `wanted`, in order, fetching what is not at hand in one
@@ -145,24 +197,51 @@ impl Fetcher {
                 .window_bytes
                 .saturating_sub(wanted.iter().map(|c| u64::from(c.len)).sum::<u64>());
             let extra = self.neighbours(after, budget);
-            let (lead, joined) = self.claim(&missing, &extra);
+            let claimed = self.claim(&missing, &extra);
+            have.extend(claimed.ready);
             // The read's own chunks lead the batch, so a neighbour that fails
             // (corrupt, missing) cannot fail the read; a failure shows in the
             // flights of the chunks it concerns.
-            let _ = self.fly(&lead, false);
-            for (id, flight) in lead.iter().chain(joined.iter()) {
+            let _ = self.fly(&claimed.lead, false);
+            for (id, flight) in &claimed.lead {
                 if missing.contains(id) {
-                    let data = flight.wait().map_err(FetchFailed)?;
-                    have.insert(*id, data);
+                    have.insert(*id, flight.wait().map_err(|f| FetchFailed(f.message))?);
+                }
+            }
+            let mut retry = Vec::new();
+            for (id, flight) in &claimed.joined {
+                match flight.wait() {
+                    Ok(data) => {
+                        have.insert(*id, data);
+                    }
+                    // A batch led by another reader (or by prefetch) can fail
+                    // on a chunk this read does not need: ask again for ours.
+                    Err(f) if f.one_chunk => retry.push(*id),
+                    Err(f) => return Err(FetchFailed(f.message)),
+                }
+            }
+            if !retry.is_empty() {
+                let again = self.claim(&retry, &[]);
+                have.extend(again.ready);
+                let _ = self.fly(&again.lead, false);
+                for (id, flight) in again.lead.iter().chain(again.joined.iter()) {
+                    have.insert(*id, flight.wait().map_err(|f| FetchFailed(f.message))?);
                 }
             }
         }
         wanted
             .iter()
-            .map(|c| {
-                have.get(&c.id)
-                    .cloned()
-                    .ok_or_else(|| FetchFailed(format!("chunk {} went missing", c.id)))
+            .map(|c| match have.get(&c.id) {
+                // The bytes match the id; an index that disagrees on their
+                // length would shift every byte after them.
+                Some(data) if data.len() == c.len as usize => Ok(data.clone()),
+                Some(data) => Err(FetchFailed(format!(
+                    "chunk {} holds {} bytes, the index says {}",
+                    c.id,
+                    data.len(),
+                    c.len
+                ))),
+                None => Err(FetchFailed(format!("chunk {} went missing", c.id))),
             })
             .collect()
     }
@@ -185,16 +264,12 @@ impl Fetcher {
     }
 
     /// Takes the lead on every id of `needed` and `extra` nobody is fetching
-    /// yet, and joins the flights of `needed` ids somebody already is.
-    #[allow(clippy::type_complexity)]
-    fn claim(
-        &self,
-        needed: &[ChunkId],
-        extra: &[ChunkId],
-    ) -> (Vec<(ChunkId, Arc<Flight>)>, Vec<(ChunkId, Arc<Flight>)>) {
+    /// yet, and joins the flights of `needed` ids somebody already is. A
+    /// needed chunk whose flight landed since the caller looked is ready.
+    fn claim(&self, needed: &[ChunkId], extra: &[ChunkId]) -> Claim {
         let mut flights = self.flights.lock().expect("flight table poisoned");
         let mut seen = HashSet::new();
-        let (mut lead, mut joined) = (Vec::new(), Vec::new());
+        let mut claim = Claim::default();
         for (id, is_needed) in needed
             .iter()
             .map(|id| (id, true))
@@ -204,16 +279,24 @@ impl Fetcher {
                 continue;
             }
             match flights.get(id) {
-                Some(flight) if is_needed => joined.push((*id, flight.clone())),
+                Some(flight) if is_needed => claim.joined.push((*id, flight.clone())),
                 Some(_) => {}
                 None => {
+                    // A flight puts its chunk in memory before it leaves the
+                    // table: one that landed since the caller looked is here.
+                    if let Some(data) = self.memory.get(id) {
+                        if is_needed {
+                            claim.ready.push((*id, data));
+                        }
+                        continue;
+                    }
                     let flight = Arc::new(Flight::default());
                     flights.insert(*id, flight.clone());
-                    lead.push((*id, flight));
+                    claim.lead.push((*id, flight));
                 }
             }
         }
-        (lead, joined)
+        claim
     }
 
     /// Fetches the chunks this thread leads in one request and lands every
@@ -226,6 +309,15 @@ impl Fetcher {
         }
         let ids: Vec<ChunkId> = lead.iter().map(|(id, _)| *id).collect();
         let by_id: HashMap<ChunkId, &Arc<Flight>> = lead.iter().map(|(id, f)| (*id, f)).collect();
+        // Lands every flight and clears the table however this ends, a panic included.
+        let mut landing = Landing {
+            fetcher: self,
+            lead,
+            failure: Failure {
+                message: "the fetch was abandoned".to_owned(),
+                one_chunk: false,
+            },
+        };
         MountStats::add(&self.stats.fetch_requests, 1);
         let outcome = self.source.fetch(&ids, &mut |id, data| {
             let len = data.len() as u64;
@@ -242,7 +334,10 @@ impl Fetcher {
             }
         });
         let failure = match &outcome {
-            Ok(()) => "the source did not send it".to_owned(),
+            Ok(()) => Failure {
+                message: "the source did not send it".to_owned(),
+                one_chunk: true,
+            },
             Err(e) => {
                 if matches!(e, SourceError::Corrupt(_)) {
                     MountStats::add(&self.stats.corrupt_chunks, 1);
@@ -250,32 +345,22 @@ impl Fetcher {
                 } else {
                     tracing::warn!("fetching {} chunks: {e}", ids.len());
                 }
-                e.to_string()
+                Failure {
+                    message: e.to_string(),
+                    one_chunk: matches!(e, SourceError::Corrupt(_) | SourceError::Missing(_)),
+                }
             }
         };
-        // Land what did not arrive with the error, then let later reads try again.
-        for (_, flight) in lead {
-            flight.land(Err(failure.clone()));
-        }
-        let mut flights = self.flights.lock().expect("flight table poisoned");
-        for (id, flight) in lead {
-            if flights.get(id).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-                flights.remove(id);
-            }
-        }
+        landing.failure = failure;
         outcome
     }
 
     /// Fetches whichever of `ids` are neither here nor on their way, in one
     /// request, for prefetch. Returns how many it asked for.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {
-        let wanted: Vec<ChunkId> = ids
-            .iter()
-            .filter(|id| !self.is_local(id))
-            .copied()
-            .collect();
-        let (lead, _) = self.claim(&[], &wanted);
-        self.fly(&lead, true)?;
-        Ok(lead.len())
+        // The prefetch loop skipped what is local; what arrived since is in flight or in memory.
+        let claimed = self.claim(&[], ids);
+        self.fly(&claimed.lead, true)?;
+        Ok(claimed.lead.len())
     }
 }

@@ -70,20 +70,29 @@ impl SkiffFs {
     }
 
     /// A backing file for passthrough, when the kernel supports it and the
-    /// whole file is on this host; otherwise reads come through [`Filesystem::read`].
+    /// whole file was assembled on this host; otherwise reads come through
+    /// [`Filesystem::read`], and a file whose chunks are all here is
+    /// assembled in the background for the next open.
     fn backing(&self, reply: &ReplyOpen, ino: INodeNo, chunks: &[ChunkRef]) -> Option<BackingId> {
-        if !self.passthrough.load(Ordering::Relaxed) {
+        if !self.passthrough.load(Ordering::Relaxed) || self.tree.attr(ino)?.size < PASSTHROUGH_MIN
+        {
             return None;
         }
-        if self.tree.attr(ino)?.size < PASSTHROUGH_MIN {
+        let Some(file) = self.fetcher.source().assembled(chunks, false) else {
+            let (fetcher, chunks) = (self.fetcher.clone(), chunks.to_vec());
+            self.network.spawn(move || {
+                if chunks.iter().all(|c| fetcher.is_local(&c.id)) {
+                    fetcher.source().assembled(&chunks, true);
+                }
+            });
             return None;
-        }
-        let file = self.fetcher.source().assembled(chunks)?;
+        };
         match reply.open_backing(&file) {
             Ok(id) => Some(id),
             Err(e) => {
-                // For instance a cache on a stacked file system: read through FUSE.
-                tracing::debug!("no passthrough for inode {}: {e}", ino.0);
+                // A cache on a stacked file system, say: no passthrough then.
+                tracing::info!("FUSE passthrough unavailable ({e}); reads go through skiff");
+                self.passthrough.store(false, Ordering::Relaxed);
                 None
             }
         }
@@ -240,11 +249,7 @@ impl Filesystem for SkiffFs {
         let Some(span) = self.tree.span(ino, offset, u64::from(size)) else {
             return reply.error(Errno::EISDIR);
         };
-        let len = self
-            .tree
-            .attr(ino)
-            .map_or(0, |a| a.size.saturating_sub(offset).min(u64::from(size)))
-            as usize;
+        let len = span.len as usize;
         // At hand without the network: answer on this thread.
         if let Some(chunks) = self.fetcher.all_cached(span.chunks) {
             self.fetcher.stats.record_read(len, started.elapsed());

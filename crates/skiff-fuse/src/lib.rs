@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use nix::errno::Errno;
+use nix::mount::{umount2, MntFlags};
 use skiff_format::ImageIndex;
 use skiff_store::ChunkSource;
 use thiserror::Error;
@@ -179,7 +181,8 @@ impl Mount {
             .is_some_and(|s| !s.guard.is_finished())
     }
 
-    /// Stops prefetch and unmounts.
+    /// Stops prefetch and unmounts; a mount with files open is detached and
+    /// this returns once the last of them is closed.
     pub fn unmount(mut self) -> Result<(), MountError> {
         self.shut_down()
     }
@@ -188,17 +191,32 @@ impl Mount {
         if let Some(prefetcher) = self.prefetcher.take() {
             prefetcher.stop();
         }
-        match self.session.take() {
-            Some(session) if !session.guard.is_finished() => {
-                session
-                    .umount_and_join()
-                    .map_err(|source| MountError::Unmount {
-                        path: self.mountpoint.clone(),
-                        source,
-                    })
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let unmount_error = |source: io::Error| MountError::Unmount {
+            path: self.mountpoint.clone(),
+            source,
+        };
+        if !session.guard.is_finished() {
+            match umount2(&self.mountpoint, MntFlags::empty()) {
+                // Someone unmounted it already.
+                Ok(()) | Err(Errno::EINVAL) => {}
+                // Files are open (a running container): detach the mount
+                // now and serve those files until they are closed.
+                Err(Errno::EBUSY) => {
+                    tracing::warn!(
+                        "{} is busy: detached; serving the files still open until they are closed",
+                        self.mountpoint.display()
+                    );
+                    umount2(&self.mountpoint, MntFlags::MNT_DETACH)
+                        .map_err(|e| unmount_error(e.into()))?;
+                }
+                Err(e) => return Err(unmount_error(e.into())),
             }
-            _ => Ok(()),
         }
+        // The session ends when the kernel lets go of the file system.
+        session.join().map_err(unmount_error)
     }
 }
 

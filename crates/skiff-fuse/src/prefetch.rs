@@ -72,7 +72,7 @@ pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> Vec<(ChunkId, u32)
 
 pub struct Prefetcher {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Option<JoinHandle<()>>,
 }
 
 impl Prefetcher {
@@ -88,15 +88,16 @@ impl Prefetcher {
             .spawn(move || run(&fetcher, &order, &config, &stopped))
             .map_err(|e| tracing::error!("prefetch did not start: {e}"))
             .ok();
-        Prefetcher { stop, thread }
+        Prefetcher {
+            stop,
+            _thread: thread,
+        }
     }
 
-    /// Stops after the batch in flight.
-    pub fn stop(mut self) {
+    /// Asks the thread to stop after the batch in flight, without waiting:
+    /// against a dead server that batch may retry for the whole window.
+    pub fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -26,6 +26,8 @@ pub struct ChunkSpan<'a> {
     pub chunks: &'a [ChunkRef],
     /// File offset where the first chunk starts.
     pub start: u64,
+    /// Bytes of the range that lie inside the file.
+    pub len: u64,
 }
 
 impl ImageTree {
@@ -108,6 +110,7 @@ impl ImageTree {
                 first: 0,
                 chunks: &[],
                 start: offset,
+                len: 0,
             });
         }
         // The last chunk starting at or before `offset`, through the first
@@ -118,6 +121,7 @@ impl ImageTree {
             first,
             chunks: &chunks[first..=last],
             start: starts[first],
+            len: end - offset,
         })
     }
 
@@ -244,6 +248,7 @@ mod tests {
         assert_eq!(span(99, 2), (0, 2, 0));
         assert_eq!(span(100, 50), (1, 1, 100));
         assert_eq!(span(120, 1000), (1, 2, 100));
+        assert_eq!(tree.span(a, 120, 1000).unwrap().len, 230);
         assert_eq!(span(349, 1), (2, 1, 150));
         assert_eq!(span(350, 10).1, 0, "at the end of the file");
         assert_eq!(tree.span(INodeNo(3), 0, 10).unwrap().chunks.len(), 0);

@@ -40,9 +40,11 @@ pub trait ChunkSource: Send + Sync {
         false
     }
 
-    /// A local file holding `chunks` end to end, if every one is on this
-    /// host: the kernel can then read it directly (FUSE passthrough).
-    fn assembled(&self, _chunks: &[ChunkRef]) -> Option<std::fs::File> {
+    /// A local file holding `chunks` end to end, which the kernel can read
+    /// directly (FUSE passthrough). With `build`, one is made if every chunk
+    /// is on this host (slow: it copies the file); without, only an
+    /// existing one is returned.
+    fn assembled(&self, _chunks: &[ChunkRef], _build: bool) -> Option<std::fs::File> {
         None
     }
 

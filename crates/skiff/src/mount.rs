@@ -99,6 +99,10 @@ pub struct MountPointArgs {
 #[derive(Serialize, Deserialize)]
 struct MountRecord {
     pid: u32,
+    /// The daemon's start time (clock ticks after boot), so a pid reused by
+    /// another process is not mistaken for it.
+    #[serde(default)]
+    pid_start: u64,
     image: String,
     source: String,
     mountpoint: PathBuf,
@@ -211,6 +215,39 @@ fn read_record(path: &Path) -> Option<MountRecord> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
+/// When process `pid` started, in clock ticks after boot (/proc/PID/stat field 22).
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after "(COMM)" start with the state, field 3.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl MountRecord {
+    /// Whether the daemon that wrote this record still runs.
+    fn daemon_runs(&self) -> bool {
+        process_is_running(self.pid) && process_start(self.pid) == Some(self.pid_start)
+    }
+}
+
+/// Whether the mount at `path` is dead: its daemon is gone and every access
+/// fails with ENOTCONN.
+fn is_dead_mount(path: &Path) -> bool {
+    // Opening asks the daemon (a stat may be answered from the kernel's cache).
+    std::fs::read_dir(path).is_err_and(|e| e.raw_os_error() == Some(nix::libc::ENOTCONN))
+}
+
+/// Removes a mount's record and status socket when the daemon stops, however it stops.
+struct RecordFiles<'a>(&'a [&'a Path]);
+
+impl Drop for RecordFiles<'_> {
+    fn drop(&mut self) {
+        for path in self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Detaches a skiff mount whose daemon is gone ("Transport endpoint is not connected").
 fn clear_dead_mount(mountpoint: &Path) -> Result<()> {
     nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
@@ -222,16 +259,24 @@ fn clear_dead_mount(mountpoint: &Path) -> Result<()> {
 pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     let mountpoint = mountpoint_path(&args.mountpoint)?;
     let (record_path, socket_path, log_path) = record_paths(&args.run_dir, &mountpoint);
+    if args.cache_max_gb.is_nan() || args.cache_max_gb <= 0.0 {
+        bail!("--cache-max-gb must be above 0, not {}", args.cache_max_gb);
+    }
     match (mounted_here(&mountpoint), read_record(&record_path)) {
         (MountedHere::Nothing, _) => {}
-        (MountedHere::Skiff, Some(record)) if process_is_running(record.pid) => bail!(
+        (MountedHere::Skiff, Some(record)) if record.daemon_runs() => bail!(
             "{} already has {} mounted (pid {}); run `skiff umount {}` first",
             mountpoint.display(),
             record.image,
             record.pid,
             mountpoint.display()
         ),
-        (MountedHere::Skiff, _) => clear_dead_mount(&mountpoint)?,
+        (MountedHere::Skiff, _) if is_dead_mount(&mountpoint) => clear_dead_mount(&mountpoint)?,
+        (MountedHere::Skiff, _) => bail!(
+            "{} is mounted by a skiff daemon that {} does not know (another --run-dir?)",
+            mountpoint.display(),
+            args.run_dir.display()
+        ),
         (MountedHere::Other(fs_type), _) => bail!(
             "{} is already a mount point ({fs_type}); pick an empty directory",
             mountpoint.display()
@@ -355,6 +400,12 @@ fn serve_mount(
     socket_path: &Path,
 ) -> Result<()> {
     let started = Instant::now();
+    // Before anything is mounted: a signal from now on unmounts cleanly.
+    let (stop_tx, stop_rx) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })
+    .context("installing the signal handler")?;
     let OpenedSource {
         index,
         source,
@@ -374,8 +425,10 @@ fn serve_mount(
         ..MountOptions::default()
     };
     let mount = Mount::start(index, source, mountpoint, &options)?;
+    let pid = std::process::id();
     let record = MountRecord {
-        pid: std::process::id(),
+        pid,
+        pid_start: process_start(pid).unwrap_or(0),
         image: args.image.to_string(),
         source: describe,
         mountpoint: mountpoint.to_owned(),
@@ -383,7 +436,11 @@ fn serve_mount(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    std::fs::write(record_path, serde_json::to_vec_pretty(&record)?)
+    let _records = RecordFiles(&[record_path, socket_path]);
+    // Written aside and renamed: a reader never sees half a record.
+    let partial = record_path.with_extension("json.partial");
+    std::fs::write(&partial, serde_json::to_vec_pretty(&record)?)
+        .and_then(|()| std::fs::rename(&partial, record_path))
         .with_context(|| format!("writing {}", record_path.display()))?;
     let _ = std::fs::remove_file(socket_path);
     let listener = UnixListener::bind(socket_path)
@@ -407,24 +464,25 @@ fn serve_mount(
         );
     }
 
-    let (stop_tx, stop_rx) = mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
-    })
-    .context("installing the signal handler")?;
     // Until a signal, or until someone unmounts it from outside.
     while mount.is_mounted() {
         if stop_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
             break;
         }
     }
-    let _ = std::fs::remove_file(socket_path);
-    let _ = std::fs::remove_file(record_path);
-    match Arc::try_unwrap(mount) {
-        Ok(mount) => mount.unmount()?,
-        // A status request holds it for a moment; dropping it unmounts.
-        Err(mount) => drop(mount),
-    }
+    // The mount point is free for a new mount from here on, even while a
+    // busy mount is detached and still serves its open files.
+    drop(_records);
+    let mut mount = mount;
+    let mount = loop {
+        // A status request holds the mount for a moment.
+        match Arc::try_unwrap(mount) {
+            Ok(mount) => break mount,
+            Err(shared) => mount = shared,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    mount.unmount()?;
     tracing::info!("unmounted {}", mountpoint.display());
     Ok(())
 }
@@ -467,26 +525,39 @@ fn spawn_status_server(
 pub fn umount(args: MountPointArgs) -> Result<()> {
     let mountpoint = mountpoint_path(&args.mountpoint)?;
     let (record_path, socket_path, _) = record_paths(&args.run_dir, &mountpoint);
-    let record = read_record(&record_path);
-    match record {
-        Some(record) if process_is_running(record.pid) => {
+    match read_record(&record_path) {
+        Some(record) if record.daemon_runs() => {
             kill(Pid::from_raw(record.pid as i32), Signal::SIGTERM)
                 .with_context(|| format!("signalling the mount daemon (pid {})", record.pid))?;
+            // Done when the daemon exits, or when it has detached a busy
+            // mount and serves the files still open.
             let deadline = Instant::now() + UNMOUNT_WAIT;
-            while process_is_running(record.pid) {
+            while record.daemon_runs() && mounted_here(&mountpoint) == MountedHere::Skiff {
                 if Instant::now() > deadline {
                     bail!(
-                        "the mount daemon (pid {}) did not exit within {} s; is a process still using {}?",
+                        "the mount daemon (pid {}) did not unmount {} within {} s; see its log",
                         record.pid,
-                        UNMOUNT_WAIT.as_secs(),
-                        mountpoint.display()
+                        mountpoint.display(),
+                        UNMOUNT_WAIT.as_secs()
                     );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            if record.daemon_runs() {
+                eprintln!(
+                    "{} was busy: it is detached, and the daemon (pid {}) serves the files still open until they are closed",
+                    mountpoint.display(),
+                    record.pid
+                );
+            }
         }
         _ => match mounted_here(&mountpoint) {
-            MountedHere::Skiff => clear_dead_mount(&mountpoint)?,
+            MountedHere::Skiff if is_dead_mount(&mountpoint) => clear_dead_mount(&mountpoint)?,
+            MountedHere::Skiff => bail!(
+                "{} is mounted by a skiff daemon that {} does not know (another --run-dir?)",
+                mountpoint.display(),
+                args.run_dir.display()
+            ),
             MountedHere::Other(fs_type) => {
                 bail!("{} is a {fs_type} mount, not skiff's", mountpoint.display())
             }
