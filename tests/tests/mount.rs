@@ -541,6 +541,14 @@ fn the_cache_stays_within_its_bound_and_reads_stay_right() {
     assert!(held > 0);
 }
 
+/// Whether `pid` runs (a zombie left by a killed daemon does not).
+fn daemon_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
 /// SIGKILLs a mount's daemon and waits until its mount answers ENOTCONN.
 fn kill_9_and_wait_for_dead_mount(mount: &SkiffMount) {
     Command::new("kill")
@@ -628,6 +636,33 @@ fn umount_status_and_a_killed_daemon() {
     assert!(!is_mount_point(&mnt));
     let out = skiff_here(&["umount", &mnt_s, "--run-dir", &run]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is mounted"));
+    // A busy mount is detached at once and serves its open files until they close.
+    let mount = setup.mount("small:6", "mnt", &server.url, &[]);
+    let pid = mount.pid();
+    let mut open_file = fs::File::open(mount.path("own/c.bin")).unwrap();
+    let out = skiff_here(&["umount", &mnt_s, "--run-dir", &run]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("detached"));
+    std::mem::forget(mount);
+    assert!(!is_mount_point(&mnt));
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    open_file.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, fs::read(expected.join("own/c.bin")).unwrap());
+    drop(open_file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon_running(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon outlived its last open file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // In the foreground until Ctrl-C, which unmounts.
     let fg = setup.path("mnt-fg");
     let mut daemon = Command::new(skiff_bin())
