@@ -119,14 +119,13 @@ PY
 cat "$work/table.md"
 
 # Replace the section between the markers in docs/BENCHMARKS.md.
-python3 - "$work/table.md" "$(uname -r)" "$(nproc)" <<'PY'
-import re, sys, datetime
+python3 - "$work/table.md" "$(uname -r)" "$(nproc)" <<'PY' >/dev/null
+import datetime, sys
+sys.path.insert(0, "bench")
+from benchdoc import write_section
 table = open(sys.argv[1]).read()
-path = "docs/BENCHMARKS.md"
-doc = open(path).read()
-section = (f"<!-- dedup:start -->\nMeasured {datetime.date.today()} on a shared {sys.argv[3]}-core machine (Linux {sys.argv[2]}) with `make bench` "
-           f"(`bench/dedup.sh`).\n\n{table}<!-- dedup:end -->")
-doc = re.sub(r"<!-- dedup:start -->.*<!-- dedup:end -->", lambda _: section, doc, flags=re.S)
-open(path, "w").write(doc)
+write_section("dedup", "Storage and convert speed (`make bench-dedup`)",
+              f"Measured {datetime.date.today()} on a shared {sys.argv[3]}-core machine (Linux {sys.argv[2]}) with `make bench` "
+              f"(`bench/dedup.sh`).\n\n{table}")
 PY
 echo "wrote docs/BENCHMARKS.md"

@@ -62,7 +62,7 @@ record() { printf '%s\t%s\t%s\t%s\n' "$@" >> "$results"; } # metric image varian
 now() { echo "$EPOCHREALTIME"; }
 since() { awk -v s="$1" -v e="$EPOCHREALTIME" 'BEGIN { printf "%.4f", e - s }'; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/common.sh
 wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null && return; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
 
 mount_image() { # image mountpoint server [extra...]

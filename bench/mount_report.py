@@ -1,10 +1,11 @@
 """Renders bench/mount.sh's results as tables in docs/BENCHMARKS.md (medians)."""
 import datetime
-import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from benchdoc import write_section
 
 results, runs, rate, one_way_ms, kernel, cores, images, cat_image, big_file = sys.argv[1:]
 images = images.split()
@@ -24,7 +25,6 @@ def mb(n):
 
 
 lines = [
-    "<!-- mount:start -->",
     f"Measured {datetime.date.today()} on a shared {cores}-core machine (Linux {kernel}) with "
     f"`make bench-mount` (`bench/mount.sh`), medians of {runs} runs unless said otherwise. "
     "Images from the dataset (`tools/make-images`); every skiff run starts from an empty chunk cache "
@@ -105,14 +105,5 @@ lines += [
     "",
     f"Median speed-up over the images: {statistics.median(speedups):.1f}×. Bytes are counted on the link "
     "(TCP/IP headers included).",
-    "<!-- mount:end -->",
 ]
-section = "\n".join(lines)
-print(section)
-doc_path = Path("docs/BENCHMARKS.md")
-doc = doc_path.read_text()
-if "<!-- mount:start -->" in doc:
-    doc = re.sub(r"<!-- mount:start -->.*<!-- mount:end -->", lambda _: section, doc, flags=re.S)
-else:
-    doc = doc.rstrip("\n") + "\n\n## Lazy mount\n\n" + section + "\n"
-doc_path.write_text(doc)
+write_section("mount", "Lazy mount (`make bench-mount`, root)", "\n".join(lines))

@@ -34,7 +34,7 @@ for tool in wrk nginx curl; do
 done
 [ -f "$image_dir/index.json" ] || { echo "no image at $image_dir: run tools/make-images" >&2; exit 1; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/common.sh
 wait_port() { for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1/$2" >/dev/null && return; sleep 0.1; done; echo "port $1 never answered" >&2; exit 1; }
 
 echo "converting $image_dir..."
@@ -148,8 +148,10 @@ batch_run skiff-nocache "http://127.0.0.1:$skiff_port/v1/chunks/fetch" "$work/ba
 stop_skiff
 
 python3 - "$work" "$chunks" "$wire_bytes" "$batch" "$batch_bytes" "$rounds" "$duration" "$(uname -r)" "$(nproc)" "$image_dir" <<'PY'
-import datetime, re, statistics, sys
+import datetime, statistics, sys
 from pathlib import Path
+sys.path.insert(0, "bench")
+from benchdoc import write_section
 work, chunks, wire, batch, batch_bytes, rounds, duration, kernel, cores, image = sys.argv[1:]
 gets = {}
 for line in (Path(work) / "gets.tsv").read_text().splitlines():
@@ -165,7 +167,6 @@ for line in (Path(work) / "batch.tsv").read_text().splitlines():
     batches.setdefault(name, []).append(int(size) / float(secs) / 1e6)
 bmed = {n: statistics.median(v) for n, v in batches.items()}
 lines = [
-    "<!-- serve:start -->",
     f"Measured {datetime.date.today()} on a shared {cores}-core machine (Linux {kernel}) with `make bench-serve` (`bench/serve.sh`). "
     f"Image: `{Path(image).name}` from the dataset, {int(chunks):,} distinct chunks, {int(wire)/1e6:,.1f} MB as wire chunks. "
     "Server, nginx and wrk share the same 2 cores; loopback network.",
@@ -189,14 +190,5 @@ lines += [
 ]
 for name, label in [("nginx", "nginx (one static file)"), ("skiff-hot", "skiff, chunks in the hot cache"), ("skiff-nocache", "skiff, `--cache-mb 0` (read frames, compress each chunk)")]:
     lines.append(f"| {label} | {bmed[name]:,.0f} | {bmed[name] / bmed['nginx']:.2f} |")
-lines.append("<!-- serve:end -->")
-section = "\n".join(lines)
-print(section)
-doc_path = Path("docs/BENCHMARKS.md")
-doc = doc_path.read_text()
-if "<!-- serve:start -->" in doc:
-    doc = re.sub(r"<!-- serve:start -->.*<!-- serve:end -->", lambda _: section, doc, flags=re.S)
-else:
-    doc = doc.rstrip("\n") + "\n\n## Chunk server\n\n" + section + "\n"
-doc_path.write_text(doc)
+write_section("serve", "Chunk server (`make bench-serve`)", "\n".join(lines))
 PY
