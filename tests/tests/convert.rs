@@ -139,11 +139,17 @@ fn images_stats_fsck_rm_and_gc() {
     assert!(after_two["dedup_ratio"].as_f64().unwrap() > 1.7);
 
     let images = skiff_json(&store, &["images", "--json"]);
-    let names: Vec<&str> = images
+    let names: Vec<String> = images
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| i["image"].as_str().unwrap())
+        .map(|i| {
+            format!(
+                "{}:{}",
+                i["name"].as_str().unwrap(),
+                i["tag"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(names, ["one:latest", "two:1"]);
     let listing = skiff_ok(&store, &["images"]);
@@ -154,7 +160,7 @@ fn images_stats_fsck_rm_and_gc() {
 
     assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
 
-    skiff_ok(&store, &["rm", "one"]);
+    skiff_ok(&store, &["rmi", "one"]);
     let gc = skiff_json(&store, &["gc", "--json"]);
     assert!(gc["chunks_removed"].as_u64().unwrap() > 0);
     assert!(gc["bytes_after"].as_u64().unwrap() < gc["bytes_before"].as_u64().unwrap());
@@ -171,7 +177,7 @@ fn images_stats_fsck_rm_and_gc() {
     let b = umoci_unpack(&out, "t", &tmp.path().join("u2"));
     assert!(diff_trees(&a, &b, true).is_empty());
 
-    let missing = skiff(&store, &["rm", "nope:1"]);
+    let missing = skiff(&store, &["rmi", "nope:1"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
 }
@@ -334,7 +340,7 @@ fn layers_converted_before_are_not_read_again_until_gc_frees_them() {
 
     // The record outlives gc while an image made from the layer exists, and
     // keeps the chunk of `etc/a` (whited out above it) alive with it.
-    skiff_ok(&store, &["rm", "two"]);
+    skiff_ok(&store, &["rmi", "two"]);
     let gc = skiff_json(&store, &["gc", "--json"]);
     assert_eq!(gc["layers_removed"], 0);
     assert_eq!(
@@ -344,8 +350,8 @@ fn layers_converted_before_are_not_read_again_until_gc_frees_them() {
     assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
 
     // Once no image uses the layers, gc drops the records and their chunks.
-    skiff_ok(&store, &["rm", "one"]);
-    skiff_ok(&store, &["rm", "again"]);
+    skiff_ok(&store, &["rmi", "one"]);
+    skiff_ok(&store, &["rmi", "again"]);
     let gc = skiff_json(&store, &["gc", "--json"]);
     assert_eq!(gc["layers_removed"], 2);
     assert_eq!(skiff_json(&store, &["stats", "--json"])["chunks"], 0);

@@ -134,7 +134,7 @@ fn ctrl_c_stops_convert_and_leaves_the_store_as_it_was() {
         assert!(killed.success());
         let out = child.wait_with_output().unwrap();
         if out.status.success() {
-            skiff_ok(&store, &["rm", "big"]);
+            skiff_ok(&store, &["rmi", "big"]);
             skiff_ok(&store, &["gc"]);
             continue;
         }

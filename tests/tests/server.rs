@@ -76,7 +76,13 @@ fn index_of(store: &Path, name: &str) -> ImageIndex {
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["image"] == name)
+        .find(|i| {
+            format!(
+                "{}:{}",
+                i["name"].as_str().unwrap(),
+                i["tag"].as_str().unwrap()
+            ) == name
+        })
         .unwrap_or_else(|| panic!("{name} not in {images}"))["index"]
         .as_str()
         .unwrap()
@@ -344,7 +350,7 @@ fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
             .status(),
         StatusCode::NOT_FOUND
     );
-    let removed = skiff_ok(&local, &["rm", "app:1", "--server", &server.url]);
+    let removed = skiff_ok(&local, &["rmi", "app:1", "--server", &server.url]);
     assert!(removed.contains("removed app:1"), "{removed}");
     assert_eq!(
         skiff_json(&local, &["images", "--server", &server.url, "--json"]),

@@ -15,6 +15,8 @@ pub enum FormatError {
     IndexEncoding(#[from] postcard::Error),
     #[error("malformed image manifest: {0}")]
     MalformedManifest(String),
+    #[error("invalid startup profile: {0}")]
+    InvalidProfile(String),
     #[error("invalid chunking parameters: {0}")]
     InvalidChunking(String),
     #[error("invalid image reference {reference:?}: {reason}")]

@@ -317,6 +317,22 @@ impl ImageIndex {
         counts
     }
 
+    /// The inode at `path` (relative to the root, `/`-separated), without
+    /// following symlinks.
+    pub fn lookup_path(&self, path: &[u8]) -> Option<InodeNo> {
+        let mut ino = ROOT_INO;
+        for name in path.split(|&b| b == b'/').filter(|n| !n.is_empty()) {
+            let InodeKind::Directory { entries } = &self.inode(ino)?.kind else {
+                return None;
+            };
+            let pos = entries
+                .binary_search_by(|e| e.name.as_slice().cmp(name))
+                .ok()?;
+            ino = entries[pos].ino;
+        }
+        Some(ino)
+    }
+
     /// Every path depth-first in sorted order, as `(path, ino)`.
     /// The root is visited first with an empty path.
     pub fn walk(&self) -> Vec<(Vec<u8>, InodeNo)> {

@@ -9,6 +9,7 @@ mod error;
 mod image_ref;
 mod index;
 mod manifest;
+mod profile;
 pub mod wire;
 
 pub use digest::{ChunkId, IndexDigest};
@@ -19,3 +20,4 @@ pub use index::{
     INDEX_FORMAT_VERSION, INDEX_MAGIC, MAX_CHUNK_SIZE, ROOT_INO,
 };
 pub use manifest::{ImageManifest, IndexDescriptor, SourceInfo, MANIFEST_SCHEMA_VERSION};
+pub use profile::{ProfileRange, ProfileSummary, StartupProfile, MAX_PROFILE_RANGES};

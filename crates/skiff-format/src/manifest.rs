@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{ChunkingParams, FormatError, ImageRef, IndexDigest};
+use crate::{ChunkingParams, FormatError, ImageRef, IndexDigest, StartupProfile};
 
 /// The manifest encoding this code writes and reads.
 pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
@@ -46,6 +46,10 @@ pub struct ImageManifest {
     pub source: SourceInfo,
     /// The image's OCI config, byte for byte as in the source image.
     pub config: Box<RawValue>,
+    /// What a recorded start read first (`skiff run --record-profile`);
+    /// absent until one is recorded, so conversions stay byte-identical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StartupProfile>,
 }
 
 impl ImageManifest {

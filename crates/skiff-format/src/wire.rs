@@ -13,7 +13,7 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChunkId, ImageManifest, IndexDigest, MAX_CHUNK_SIZE};
+use crate::{ChunkId, ImageManifest, IndexDigest, ProfileSummary, MAX_CHUNK_SIZE};
 
 /// A chunk on its own (its wire form).
 pub const CHUNK_CONTENT_TYPE: &str = "application/zstd";
@@ -41,6 +41,9 @@ pub struct ImageSummary {
     pub index_size: u64,
     pub files: u64,
     pub logical_bytes: u64,
+    /// What the image's startup profile covers, if one was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileSummary>,
 }
 
 impl From<&ImageManifest> for ImageSummary {
@@ -52,6 +55,7 @@ impl From<&ImageManifest> for ImageSummary {
             index_size: m.index.size,
             files: m.index.files,
             logical_bytes: m.index.logical_bytes,
+            profile: m.profile.as_ref().map(|p| p.summary()),
         }
     }
 }

@@ -16,6 +16,7 @@ use fuser::{
 use skiff_format::{ChunkId, ChunkRef, InodeKind};
 
 use crate::fetcher::{ChunkBytes, Fetcher};
+use crate::profile::Recorder;
 use crate::stats::MountStats;
 use crate::tree::{ImageTree, BLOCK_SIZE};
 
@@ -46,6 +47,8 @@ pub struct SkiffFs {
     open: Mutex<HashMap<u64, OpenFile>>,
     /// Whether the kernel agreed to FUSE passthrough.
     passthrough: AtomicBool,
+    /// Notes what is read while a startup profile is recorded.
+    recorder: Arc<Recorder>,
 }
 
 impl SkiffFs {
@@ -53,6 +56,7 @@ impl SkiffFs {
         tree: Arc<ImageTree>,
         fetcher: Arc<Fetcher>,
         network_threads: usize,
+        recorder: Arc<Recorder>,
     ) -> io::Result<SkiffFs> {
         let network = rayon::ThreadPoolBuilder::new()
             .num_threads(network_threads.max(1))
@@ -66,6 +70,7 @@ impl SkiffFs {
             next_handle: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
+            recorder,
         })
     }
 
@@ -142,7 +147,9 @@ impl Filesystem for SkiffFs {
         }
         // Passthrough with the backing files on a plain file system leaves
         // one level of stacking for an overlay on top (`skiff run`).
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        // A recording mount must see every read, so it never hands files to the kernel.
+        if !self.recorder.is_recording()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
             self.passthrough.store(true, Ordering::Relaxed);
@@ -250,6 +257,9 @@ impl Filesystem for SkiffFs {
             return reply.error(Errno::EISDIR);
         };
         let len = span.len as usize;
+        self.fetcher.stats.note_read_request();
+        self.recorder
+            .note(ino, span.first, span.chunks.len(), offset, span.len);
         // At hand without the network: answer on this thread.
         if let Some(chunks) = self.fetcher.all_cached(span.chunks) {
             self.fetcher.stats.record_read(len, started.elapsed());

@@ -9,6 +9,7 @@
 mod fetcher;
 mod fs;
 mod prefetch;
+mod profile;
 mod stats;
 mod tree;
 
@@ -19,16 +20,17 @@ use std::sync::Arc;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
-use skiff_format::ImageIndex;
+use skiff_format::{ImageIndex, StartupProfile};
 use skiff_store::ChunkSource;
 use thiserror::Error;
 
 pub use fetcher::Fetcher;
-pub use prefetch::{prefetch_order, PrefetchConfig};
+pub use prefetch::{prefetch_order, PrefetchConfig, PrefetchPlan};
 pub use stats::StatsReport;
 pub use tree::ImageTree;
 
 use crate::prefetch::Prefetcher;
+use crate::profile::Recorder;
 
 #[derive(Debug, Error)]
 pub enum MountError {
@@ -61,6 +63,9 @@ pub struct MountOptions {
     pub prefetch: Option<PrefetchConfig>,
     /// Shown as the mount's source in /proc/mounts.
     pub fsname: String,
+    /// Record a startup profile from the first read on ([`Mount::finish_profile`]).
+    /// Such a mount sends every read through itself (no passthrough).
+    pub record_profile: bool,
 }
 
 impl Default for MountOptions {
@@ -72,6 +77,7 @@ impl Default for MountOptions {
             fuse_threads: 4,
             prefetch: Some(PrefetchConfig::default()),
             fsname: "skiff".into(),
+            record_profile: false,
         }
     }
 }
@@ -82,6 +88,7 @@ pub struct Mount {
     prefetcher: Option<Prefetcher>,
     fetcher: Arc<Fetcher>,
     tree: Arc<ImageTree>,
+    recorder: Arc<Recorder>,
     mountpoint: PathBuf,
 }
 
@@ -109,8 +116,18 @@ impl Mount {
             options.memory_bytes,
             options.window_bytes,
         ));
-        let fs = fs::SkiffFs::new(tree.clone(), fetcher.clone(), options.network_threads)
-            .map_err(mount_error)?;
+        let recorder = Arc::new(if options.record_profile {
+            Recorder::recording()
+        } else {
+            Recorder::default()
+        });
+        let fs = fs::SkiffFs::new(
+            tree.clone(),
+            fetcher.clone(),
+            options.network_threads,
+            recorder.clone(),
+        )
+        .map_err(mount_error)?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName(options.fsname.clone()),
@@ -130,16 +147,23 @@ impl Mount {
         // The first stat waits for the kernel's INIT to be answered.
         std::fs::metadata(mountpoint).map_err(mount_error)?;
         let prefetcher = options.prefetch.clone().map(|config| {
-            let order = prefetch_order(&tree, &config.first);
-            Prefetcher::start(fetcher.clone(), order, config)
+            let plan = prefetch_order(&tree, &config.first);
+            Prefetcher::start(fetcher.clone(), plan, config)
         });
         Ok(Mount {
             session: Some(session),
             prefetcher,
             fetcher,
             tree,
+            recorder,
             mountpoint: mountpoint.to_owned(),
         })
+    }
+
+    /// Stops recording and returns the startup profile of what was read so
+    /// far; `None` if this mount was not recording or already finished.
+    pub fn finish_profile(&self, command: Vec<String>) -> Option<StartupProfile> {
+        self.recorder.finish(&self.tree, command)
     }
 
     pub fn mountpoint(&self) -> &Path {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use skiff_format::wire::MAX_IDS_PER_REQUEST;
 use skiff_format::{ChunkId, InodeKind};
 use skiff_store::SourceError;
 
@@ -40,10 +41,22 @@ const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
 const GIVE_UP_AFTER: u32 = 3;
 /// How often a paused prefetch looks again whether reads are still waiting.
 const YIELD_POLL: Duration = Duration::from_millis(5);
+/// A startup profile is fetched in requests of up to this many raw bytes:
+/// one request for any profile of a usual size.
+const PROFILE_BATCH_BYTES: u64 = 256 << 20;
+/// After the profile, the rest waits until no read has come for this long.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Every distinct chunk of the image in the order to fetch it, with its length.
+pub struct PrefetchPlan {
+    pub order: Vec<(ChunkId, u32)>,
+    /// How many of `order`, from the start, are the startup profile's.
+    pub profile_len: usize,
+}
 
 /// Every distinct chunk of the image: `first` ones first, then file by file
 /// in path order (the order `ls -R` and most starts walk a tree).
-pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> Vec<(ChunkId, u32)> {
+pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> PrefetchPlan {
     let index = tree.index();
     let mut lens = std::collections::HashMap::new();
     for chunk in index.chunk_refs() {
@@ -58,6 +71,7 @@ pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> Vec<(ChunkId, u32)
             }
         }
     }
+    let profile_len = order.len();
     for (_, ino) in index.walk() {
         if let Some(InodeKind::File { chunks, .. }) = index.inode(ino).map(|i| &i.kind) {
             for chunk in chunks {
@@ -67,7 +81,7 @@ pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> Vec<(ChunkId, u32)
             }
         }
     }
-    order
+    PrefetchPlan { order, profile_len }
 }
 
 pub struct Prefetcher {
@@ -76,16 +90,12 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn start(
-        fetcher: Arc<Fetcher>,
-        order: Vec<(ChunkId, u32)>,
-        config: PrefetchConfig,
-    ) -> Prefetcher {
+    pub fn start(fetcher: Arc<Fetcher>, plan: PrefetchPlan, config: PrefetchConfig) -> Prefetcher {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("prefetch".into())
-            .spawn(move || run(&fetcher, &order, &config, &stopped))
+            .spawn(move || run(&fetcher, &plan, &config, &stopped))
             .map_err(|e| tracing::error!("prefetch did not start: {e}"))
             .ok();
         Prefetcher {
@@ -101,30 +111,59 @@ impl Prefetcher {
     }
 }
 
-fn run(fetcher: &Fetcher, order: &[(ChunkId, u32)], config: &PrefetchConfig, stop: &AtomicBool) {
+fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &AtomicBool) {
+    let (order, profile_len) = (&plan.order, plan.profile_len);
+    let stats = &fetcher.stats;
+    stats
+        .profile_chunks
+        .store(profile_len as u64, Ordering::Relaxed);
     let started = Instant::now();
     let mut sent = 0u64;
     let mut at = 0;
     let (mut failures, mut skipped) = (0, 0);
+    let mut settled = profile_len == 0;
     while at < order.len() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        if fetcher.busy_with_reads() {
+        let in_profile = at < profile_len;
+        if !in_profile && !settled {
+            // The start reads what its profile named and then some; the
+            // rest of the image waits until it has gone quiet, so it does
+            // not compete with the start for the link.
+            stats.profile_done.store(skipped == 0, Ordering::Relaxed);
+            tracing::info!(
+                "startup profile fetched in {:.0} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            while stats.since_last_read() < SETTLE && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(YIELD_POLL * 10);
+            }
+            settled = true;
+            continue;
+        }
+        // A profile's chunks are what the reads are about to ask for: they
+        // go at once, without yielding and without the rate cap.
+        if !in_profile && fetcher.busy_with_reads() {
             std::thread::sleep(YIELD_POLL);
             continue;
         }
-        if config.max_rate > 0 {
+        if !in_profile && config.max_rate > 0 {
             let due = Duration::from_secs_f64(sent as f64 / config.max_rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait.min(Duration::from_millis(100)));
                 continue;
             }
         }
+        let (end, budget) = if in_profile {
+            (profile_len, PROFILE_BATCH_BYTES)
+        } else {
+            (order.len(), config.batch_bytes)
+        };
         let mut batch = Vec::new();
         let mut bytes = 0u64;
         let mut next = at;
-        while next < order.len() && bytes < config.batch_bytes {
+        while next < end && bytes < budget && batch.len() < MAX_IDS_PER_REQUEST {
             let (id, len) = order[next];
             next += 1;
             if !fetcher.is_local(&id) {

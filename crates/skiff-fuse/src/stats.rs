@@ -24,12 +24,33 @@ pub struct MountStats {
     pub prefetched_bytes: AtomicU64,
     pub prefetch_done: AtomicBool,
     pub passthrough_opens: AtomicU64,
+    /// Chunks of the startup profile, and whether all of them are here.
+    pub profile_chunks: AtomicU64,
+    pub profile_done: AtomicBool,
+    /// When the kernel last asked for file bytes (ms after the Unix epoch).
+    pub last_read_ms: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
 impl MountStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Notes that the kernel asked for file bytes now.
+    pub fn note_read_request(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_read_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since the kernel last asked for file bytes.
+    pub fn since_last_read(&self) -> Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Duration::from_millis(now.saturating_sub(self.last_read_ms.load(Ordering::Relaxed)))
     }
 
     pub fn record_read(&self, bytes: usize, took: Duration) {
@@ -78,6 +99,8 @@ impl MountStats {
             prefetched_bytes: get(&self.prefetched_bytes),
             prefetch_done: self.prefetch_done.load(Ordering::Relaxed),
             passthrough_opens: get(&self.passthrough_opens),
+            profile_chunks: get(&self.profile_chunks),
+            profile_done: self.profile_done.load(Ordering::Relaxed),
             read_latency_us_p50: self.latency_quantile(0.50),
             read_latency_us_p90: self.latency_quantile(0.90),
             read_latency_us_p99: self.latency_quantile(0.99),
@@ -103,6 +126,11 @@ pub struct StatsReport {
     pub prefetch_done: bool,
     /// Opens served by FUSE passthrough: the kernel reads those files directly.
     pub passthrough_opens: u64,
+    /// Chunks of the image's startup profile (0: none), fetched first.
+    #[serde(default)]
+    pub profile_chunks: u64,
+    #[serde(default)]
+    pub profile_done: bool,
     pub read_latency_us_p50: Option<u64>,
     pub read_latency_us_p90: Option<u64>,
     pub read_latency_us_p99: Option<u64>,

@@ -274,6 +274,7 @@ fn manifest_for(
             diff_ids: resolved.layers.iter().map(|l| l.diff_id.clone()).collect(),
         },
         config,
+        profile: None,
     })
 }
 

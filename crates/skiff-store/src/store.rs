@@ -433,6 +433,11 @@ impl Store {
             &format!("image {}", manifest.image_ref()),
             index.chunk_refs().map(|c| &c.id),
         )?;
+        if let Some(profile) = &manifest.profile {
+            profile
+                .chunk_order(&index)
+                .map_err(|e| StoreError::BadManifest(e.to_string()))?;
+        }
         let mut batch = WriteBatch::default();
         batch.put_cf(
             self.cf(CF_IMAGES),

@@ -2,6 +2,7 @@
 
 mod mount;
 mod progress;
+mod run;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +14,8 @@ use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 use skiff_client::{Client, TransferReport};
-use skiff_format::{ImageRef, IndexDigest};
+use skiff_format::wire::ImageSummary;
+use skiff_format::ImageRef;
 use skiff_oci::{ConvertOptions, ImageSource, Platform};
 use skiff_server::{Server, ServerConfig, Tokens};
 use skiff_store::{Store, StoreConfig};
@@ -131,7 +133,7 @@ enum Command {
         json: bool,
     },
     /// Remove an image's tag, locally or on a server (its data stays until `gc`)
-    Rm {
+    Rmi {
         image: ImageRef,
         /// Remove the tag on this server instead of in the local store
         #[arg(long, value_name = "URL")]
@@ -158,6 +160,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a container from an image, fetching its chunks as they are read
+    #[command(
+        after_help = "The image is mounted lazily (a mount of it that exists is shared), \
+        an overlay on local disk takes the container's writes, and crun (or runc) runs it \
+        with the host's network. The exit code is the container's.\n\n\
+        Examples:\n  \
+        skiff run debian:bookworm --server http://127.0.0.1:7070 --rm -- echo hello\n  \
+        skiff run python:3 --server URL --record-profile -- python3 -c pass\n  \
+        skiff run debian:bookworm --rm -it -- bash"
+    )]
+    Run(run::RunArgs),
+    /// List containers
+    Ps {
+        #[command(flatten)]
+        dirs: run::Dirs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove containers (their writes go with them)
+    Rm(run::RmArgs),
     /// Delete chunks and indexes no image references, and compact packs
     Gc {
         #[arg(long)]
@@ -231,7 +253,15 @@ fn main() -> ExitCode {
         // A mount daemon's stderr is its log file: no colour codes there.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // `skiff run` passes the container's exit code on; its own failures
+    // are 125, as `docker run` reports them.
+    let failure = if matches!(cli.command, Command::Run(_)) {
+        125
+    } else {
+        1
+    };
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("skiff: error: {e:#}");
@@ -239,7 +269,7 @@ fn main() -> ExitCode {
                 .chain()
                 .any(|c| matches!(c.downcast_ref(), Some(skiff_oci::OciError::Interrupted)));
             // 128 + SIGINT, as shells report a command stopped by Ctrl-C.
-            ExitCode::from(if interrupted { 130 } else { 1 })
+            ExitCode::from(if interrupted { 130 } else { failure })
         }
     }
 }
@@ -318,6 +348,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_transfer(&report, "pulled", "from", client.server(), json)?;
         }
         Command::Mount(args) => mount::mount(&store_dir, args)?,
+        Command::Run(args) => return run::run(&store_dir, args),
+        Command::Ps { dirs, json } => run::ps(&dirs, json)?,
+        Command::Rm(args) => run::rm(args)?,
         Command::Umount(args) => mount::umount(args)?,
         Command::Status { at, json } => mount::status(at, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
@@ -325,7 +358,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             export(&Store::open_read_only(&store_dir)?, &image, &destination)?
         }
         Command::Fsck { json } => return fsck(&Store::open_read_only(&store_dir)?, json),
-        Command::Rm {
+        Command::Rmi {
             image,
             server: Some(server),
             token_file,
@@ -337,7 +370,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 client.server()
             );
         }
-        Command::Rm { image, .. } => {
+        Command::Rmi { image, .. } => {
             Store::open(&store_dir)?.remove_image(&image)?;
             println!("removed {image} (run `skiff gc` to free its data)");
         }
@@ -418,63 +451,35 @@ fn convert(
 }
 
 fn images(store: &Store, json: bool) -> Result<()> {
-    let images = store.images()?;
-    if json {
-        let rows: Vec<_> = images
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "image": m.image_ref().to_string(),
-                    "index": m.index.digest,
-                    "files": m.index.files,
-                    "logical_bytes": m.index.logical_bytes,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    print_image_rows(images.iter().map(|m| {
-        (
-            m.image_ref().to_string(),
-            m.index.digest,
-            m.index.files,
-            m.index.logical_bytes,
-        )
-    }));
-    Ok(())
-}
-
-fn print_image_rows(rows: impl Iterator<Item = (String, IndexDigest, u64, u64)>) {
-    println!(
-        "{:<32} {:<20} {:>8} {:>10}",
-        "IMAGE", "INDEX", "FILES", "SIZE"
-    );
-    for (image, digest, files, bytes) in rows {
-        println!(
-            "{:<32} {:<20} {:>8} {:>10}",
-            image,
-            format!("blake3:{}", &digest.to_hex()[..12]),
-            files,
-            progress::bytes(bytes)
-        );
-    }
+    let rows: Vec<ImageSummary> = store.images()?.iter().map(ImageSummary::from).collect();
+    print_images(&rows, json)
 }
 
 fn remote_images(client: &Client, json: bool) -> Result<()> {
-    let images = client.images()?;
+    print_images(&client.images()?, json)
+}
+
+fn print_images(rows: &[ImageSummary], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&images)?);
+        println!("{}", serde_json::to_string_pretty(rows)?);
         return Ok(());
     }
-    print_image_rows(images.iter().map(|i| {
-        (
-            format!("{}:{}", i.name, i.tag),
-            i.index,
-            i.files,
-            i.logical_bytes,
-        )
-    }));
+    println!(
+        "{:<32} {:<20} {:>8} {:>10}  PROFILE",
+        "IMAGE", "INDEX", "FILES", "SIZE"
+    );
+    for row in rows {
+        let profile = row.profile.as_ref().map_or("-".to_owned(), |p| {
+            format!("{} files, {} read", p.files, progress::bytes(p.read_bytes))
+        });
+        println!(
+            "{:<32} {:<20} {:>8} {:>10}  {profile}",
+            format!("{}:{}", row.name, row.tag),
+            format!("blake3:{}", &row.index.to_hex()[..12]),
+            row.files,
+            progress::bytes(row.logical_bytes)
+        );
+    }
     Ok(())
 }
 

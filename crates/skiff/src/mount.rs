@@ -12,6 +12,7 @@
 //! ```
 //! where KEY is derived from the mount point's canonical path.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -26,27 +27,27 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use skiff_client::{process_is_running, CachedSource, ChunkCache};
-use skiff_format::{ChunkId, ImageIndex, ImageRef};
+use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef};
 use skiff_fuse::{LocalShare, Mount, MountOptions, PrefetchConfig, StatsReport};
 use skiff_store::{ChunkSource, Store};
 
 use crate::progress::bytes;
 use crate::Remote;
 
-const DEFAULT_RUN_DIR: &str = "/run/skiff";
-const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
+pub(crate) const DEFAULT_RUN_DIR: &str = "/run/skiff";
+pub(crate) const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
 /// How long `skiff umount` waits for the daemon to let go.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(clap::Args)]
 pub struct MountArgs {
     /// NAME[:TAG] of the image
-    image: ImageRef,
+    pub(crate) image: ImageRef,
     /// An empty directory to mount it on (created if missing)
-    mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     /// Read chunks from this server [default: from the local store, --store]
     #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
-    server: Option<String>,
+    pub(crate) server: Option<String>,
     /// File holding the server's bearer token
     #[arg(
         long,
@@ -54,45 +55,51 @@ pub struct MountArgs {
         value_name = "FILE",
         requires = "server"
     )]
-    token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// The host's chunk cache, shared by every mount
     #[arg(long, env = "SKIFF_CACHE", default_value = DEFAULT_CACHE_DIR, value_name = "DIR")]
-    cache: PathBuf,
+    pub(crate) cache: PathBuf,
     /// Bound on the chunk cache; least recently used chunks go first
     #[arg(long, default_value_t = 20.0, value_name = "GB")]
-    cache_max_gb: f64,
+    pub(crate) cache_max_gb: f64,
     /// Do not fetch the rest of the image in the background
     #[arg(long)]
-    no_prefetch: bool,
+    pub(crate) no_prefetch: bool,
     /// Cap on the background prefetch rate (0: none)
     #[arg(long, default_value_t = 0, value_name = "MB/S")]
-    prefetch_rate_mb: u64,
+    pub(crate) prefetch_rate_mb: u64,
     /// A read that misses fetches this much of the file in one request
     #[arg(long, default_value_t = 1024, value_name = "KIB")]
-    window_kb: u64,
+    pub(crate) window_kb: u64,
     /// Memory for chunks, per mount
     #[arg(long, default_value_t = 256, value_name = "MIB")]
-    memory_mb: u64,
+    pub(crate) memory_mb: u64,
     /// Seconds a read keeps retrying an unreachable or stalled server before it fails with EIO
     #[arg(long, default_value_t = 30, value_name = "SECS")]
-    retry_for: u64,
+    pub(crate) retry_for: u64,
     /// Stay in the foreground until unmounted (Ctrl-C or SIGTERM unmounts)
     #[arg(long)]
-    foreground: bool,
+    pub(crate) foreground: bool,
     /// Where mounts keep their records and status sockets
     #[arg(long, env = "SKIFF_RUN_DIR", default_value = DEFAULT_RUN_DIR, value_name = "DIR")]
-    run_dir: PathBuf,
+    pub(crate) run_dir: PathBuf,
+    /// Do not fetch the image's startup profile first
+    #[arg(long)]
+    pub(crate) no_profile: bool,
+    /// Record a startup profile of the reads from now on (`skiff run --record-profile`)
+    #[arg(long, hide = true)]
+    pub(crate) record_profile: bool,
     /// Print "ready" on stdout once mounted (used by the parent of a daemon)
     #[arg(long, hide = true)]
-    notify_ready: bool,
+    pub(crate) notify_ready: bool,
 }
 
 #[derive(clap::Args)]
 pub struct MountPointArgs {
     /// Where the image is mounted
-    mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     #[arg(long, env = "SKIFF_RUN_DIR", default_value = DEFAULT_RUN_DIR, value_name = "DIR")]
-    run_dir: PathBuf,
+    pub(crate) run_dir: PathBuf,
 }
 
 /// What the run directory records about a live mount.
@@ -105,6 +112,9 @@ struct MountRecord {
     pid_start: u64,
     image: String,
     source: String,
+    /// Where the image comes from, as [`origin`] spells it.
+    #[serde(default)]
+    origin: String,
     mountpoint: PathBuf,
     started_unix: u64,
 }
@@ -144,13 +154,54 @@ fn mountpoint_path(path: &Path) -> Result<PathBuf> {
 }
 
 fn record_paths(run_dir: &Path, mountpoint: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let key = ChunkId::of(mountpoint.as_os_str().as_encoded_bytes()).to_string();
-    let base = run_dir.join("mounts").join(&key[..16]);
+    let base = record_base(run_dir, mountpoint);
     (
         base.with_extension("json"),
         base.with_extension("sock"),
         base.with_extension("log"),
     )
+}
+
+fn record_base(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    let key = ChunkId::of(mountpoint.as_os_str().as_encoded_bytes()).to_string();
+    run_dir.join("mounts").join(&key[..16])
+}
+
+/// Where the daemon of the mount at `mountpoint` keeps the image's manifest.
+pub(crate) fn manifest_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    record_base(run_dir, mountpoint).with_extension("manifest.json")
+}
+
+/// Where an image comes from, the same however it is named on the command
+/// line, so `skiff run` can find a mount of it to share.
+pub(crate) fn origin(store_dir: &Path, server: Option<&str>) -> String {
+    match server {
+        Some(url) => format!("server {}", url.trim_end_matches('/')),
+        None => format!(
+            "store {}",
+            store_dir
+                .canonicalize()
+                .unwrap_or_else(|_| store_dir.to_owned())
+                .display()
+        ),
+    }
+}
+
+/// A live skiff mount of `image` from `origin` that this run dir knows.
+pub(crate) fn find_mount(run_dir: &Path, image: &ImageRef, origin: &str) -> Option<PathBuf> {
+    let image = image.to_string();
+    std::fs::read_dir(run_dir.join("mounts"))
+        .ok()?
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+        .filter_map(|entry| read_record(&entry.path()))
+        .find(|record| {
+            record.image == image
+                && record.origin == origin
+                && record.daemon_runs()
+                && mounted_here(&record.mountpoint) == MountedHere::Skiff
+        })
+        .map(|record| record.mountpoint)
 }
 
 /// What is mounted at `path`, from /proc/self/mountinfo.
@@ -216,7 +267,7 @@ fn read_record(path: &Path) -> Option<MountRecord> {
 }
 
 /// When process `pid` started, in clock ticks after boot (/proc/PID/stat field 22).
-fn process_start(pid: u32) -> Option<u64> {
+pub(crate) fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after "(COMM)" start with the state, field 3.
     let (_, rest) = stat.rsplit_once(')')?;
@@ -256,13 +307,29 @@ fn clear_dead_mount(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
-    let mountpoint = mountpoint_path(&args.mountpoint)?;
-    let (record_path, socket_path, log_path) = record_paths(&args.run_dir, &mountpoint);
+/// Refuses a mount point that is in use or not a directory, clears a dead
+/// skiff mount there, and creates the mount point and the run directory.
+fn check_mount_point(args: &MountArgs, mountpoint: &Path) -> Result<()> {
+    let (record_path, _, _) = record_paths(&args.run_dir, mountpoint);
     if args.cache_max_gb.is_nan() || args.cache_max_gb <= 0.0 {
         bail!("--cache-max-gb must be above 0, not {}", args.cache_max_gb);
     }
-    match (mounted_here(&mountpoint), read_record(&record_path)) {
+    match (mounted_here(mountpoint), read_record(&record_path)) {
+        // Its mount was taken away from outside and the daemon is winding
+        // down: its files go with it, so wait rather than race it.
+        (MountedHere::Nothing, Some(record)) if record.daemon_runs() => {
+            let deadline = Instant::now() + UNMOUNT_WAIT;
+            while record.daemon_runs() {
+                if Instant::now() > deadline {
+                    bail!(
+                        "the daemon (pid {}) of an earlier mount at {} does not exit",
+                        record.pid,
+                        mountpoint.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         (MountedHere::Nothing, _) => {}
         (MountedHere::Skiff, Some(record)) if record.daemon_runs() => bail!(
             "{} already has {} mounted (pid {}); run `skiff umount {}` first",
@@ -271,7 +338,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
             record.pid,
             mountpoint.display()
         ),
-        (MountedHere::Skiff, _) if is_dead_mount(&mountpoint) => clear_dead_mount(&mountpoint)?,
+        (MountedHere::Skiff, _) if is_dead_mount(mountpoint) => clear_dead_mount(mountpoint)?,
         (MountedHere::Skiff, _) => bail!(
             "{} is mounted by a skiff daemon that {} does not know (another --run-dir?)",
             mountpoint.display(),
@@ -282,22 +349,87 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
             mountpoint.display()
         ),
     }
-    if std::fs::symlink_metadata(&mountpoint).is_ok_and(|m| !m.is_dir()) {
+    if std::fs::symlink_metadata(mountpoint).is_ok_and(|m| !m.is_dir()) {
         bail!("{} is not a directory", mountpoint.display());
     }
-    std::fs::create_dir_all(&mountpoint)
+    std::fs::create_dir_all(mountpoint)
         .with_context(|| format!("creating {}", mountpoint.display()))?;
     std::fs::create_dir_all(record_path.parent().context("run directory")?)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
+    Ok(())
+}
+
+pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
+    let mountpoint = mountpoint_path(&args.mountpoint)?;
+    let (record_path, socket_path, log_path) = record_paths(&args.run_dir, &mountpoint);
+    check_mount_point(&args, &mountpoint)?;
     if !args.foreground {
-        return spawn_daemon(&mountpoint, &log_path);
+        let pid = spawn_daemon(&daemon_argv(store_dir, &args, &mountpoint), &log_path)?;
+        eprintln!(
+            "mounted at {} (daemon pid {pid}, log {}); `skiff status {0}` shows progress, `skiff umount {0}` unmounts",
+            mountpoint.display(),
+            log_path.display()
+        );
+        return Ok(());
     }
     serve_mount(store_dir, &args, &mountpoint, &record_path, &socket_path)
 }
 
-/// Starts `skiff mount … --foreground` in its own process group with its log
-/// in the run directory, and returns once it reports the mount ready.
-fn spawn_daemon(mountpoint: &Path, log_path: &Path) -> Result<()> {
+/// The command line of the daemon serving `args`.
+fn daemon_argv(store_dir: &Path, args: &MountArgs, mountpoint: &Path) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        "--store".into(),
+        store_dir.into(),
+        "mount".into(),
+        args.image.to_string().into(),
+        mountpoint.into(),
+        "--cache".into(),
+        args.cache.clone().into(),
+        format!("--cache-max-gb={}", args.cache_max_gb).into(),
+        format!("--prefetch-rate-mb={}", args.prefetch_rate_mb).into(),
+        format!("--window-kb={}", args.window_kb).into(),
+        format!("--memory-mb={}", args.memory_mb).into(),
+        format!("--retry-for={}", args.retry_for).into(),
+        "--run-dir".into(),
+        args.run_dir.clone().into(),
+        "--foreground".into(),
+        "--notify-ready".into(),
+    ];
+    if let Some(server) = &args.server {
+        argv.extend(["--server".into(), server.into()]);
+    }
+    if let Some(token_file) = &args.token_file {
+        argv.extend(["--token-file".into(), token_file.into()]);
+    }
+    for (set, flag) in [
+        (args.no_prefetch, "--no-prefetch"),
+        (args.no_profile, "--no-profile"),
+        (args.record_profile, "--record-profile"),
+    ] {
+        if set {
+            argv.push(flag.into());
+        }
+    }
+    argv
+}
+
+/// Mounts as `args` say (the checks of `skiff mount` included) with a daemon,
+/// and returns once it is ready.
+pub(crate) fn mount_in_background(store_dir: &Path, args: MountArgs) -> Result<u32> {
+    let mountpoint = mountpoint_path(&args.mountpoint)?;
+    let (_, _, log_path) = record_paths(&args.run_dir, &mountpoint);
+    let args = MountArgs {
+        foreground: true,
+        ..args
+    };
+    check_mount_point(&args, &mountpoint)?;
+    spawn_daemon(&daemon_argv(store_dir, &args, &mountpoint), &log_path)
+}
+
+/// Starts the daemon (`skiff … mount … --foreground --notify-ready`) in its
+/// own process group with its log in the run directory, and returns its pid
+/// once it reports the mount ready.
+fn spawn_daemon(argv: &[OsString], log_path: &Path) -> Result<u32> {
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -306,8 +438,7 @@ fn spawn_daemon(mountpoint: &Path, log_path: &Path) -> Result<()> {
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut command = Command::new(std::env::current_exe().context("finding the skiff binary")?);
     command
-        .args(std::env::args_os().skip(1))
-        .args(["--foreground", "--notify-ready"])
+        .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -321,13 +452,7 @@ fn spawn_daemon(mountpoint: &Path, log_path: &Path) -> Result<()> {
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     if line.trim() == "ready" {
-        eprintln!(
-            "mounted at {} (daemon pid {}, log {}); `skiff status {0}` shows progress, `skiff umount {0}` unmounts",
-            mountpoint.display(),
-            child.id(),
-            log_path.display()
-        );
-        return Ok(());
+        return Ok(child.id());
     }
     let status = child.wait()?;
     let mut log_text = String::new();
@@ -349,6 +474,7 @@ fn spawn_daemon(mountpoint: &Path, log_path: &Path) -> Result<()> {
 
 /// Where a mount reads from, resolved before the file system is mounted.
 struct OpenedSource {
+    manifest: ImageManifest,
     index: ImageIndex,
     source: Arc<dyn ChunkSource>,
     /// The host's chunk cache, for a server source.
@@ -367,13 +493,14 @@ fn open_source(store_dir: &Path, args: &MountArgs) -> Result<OpenedSource> {
                 .client()?
                 // A stalled server costs a retry, never the whole window.
                 .with_batch_timeout(Duration::from_secs(10));
-            let (_, _, index) = client
+            let (manifest, _, index) = client
                 .image(&args.image)
                 .with_context(|| format!("getting {} from {server}", args.image))?;
             let max_bytes = (args.cache_max_gb * 1e9) as u64;
             let cache = ChunkCache::open(&args.cache, max_bytes)?;
             let source = CachedSource::new(cache.clone(), client);
             Ok(OpenedSource {
+                manifest,
                 index,
                 source: Arc::new(source),
                 cache: Some(cache),
@@ -384,6 +511,7 @@ fn open_source(store_dir: &Path, args: &MountArgs) -> Result<OpenedSource> {
             let manifest = store.image(&args.image)?;
             let index = store.index(&manifest.index.digest)?;
             Ok(OpenedSource {
+                manifest,
                 index,
                 source: Arc::new(store),
                 cache: None,
@@ -407,14 +535,29 @@ fn serve_mount(
     })
     .context("installing the signal handler")?;
     let OpenedSource {
+        manifest,
         index,
         source,
         cache,
     } = open_source(store_dir, args)?;
     let describe = source.describe();
+    // A recording mount must not learn from the profile it is replacing.
+    let first = match &manifest.profile {
+        Some(profile) if !args.no_profile && !args.record_profile => {
+            match profile.chunk_order(&index) {
+                Ok(first) => first,
+                Err(e) => {
+                    tracing::warn!("ignoring the image's startup profile: {e}");
+                    Vec::new()
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     // Prefetching from a local store would only copy it into memory.
     let prefetch = (!args.no_prefetch && cache.is_some()).then(|| PrefetchConfig {
         max_rate: args.prefetch_rate_mb * 1_000_000,
+        first,
         ..PrefetchConfig::default()
     });
     let options = MountOptions {
@@ -422,6 +565,7 @@ fn serve_mount(
         window_bytes: args.window_kb << 10,
         prefetch,
         fsname: format!("skiff:{}", args.image),
+        record_profile: args.record_profile,
         ..MountOptions::default()
     };
     let mount = Mount::start(index, source, mountpoint, &options)?;
@@ -431,17 +575,17 @@ fn serve_mount(
         pid_start: process_start(pid).unwrap_or(0),
         image: args.image.to_string(),
         source: describe,
+        origin: origin(store_dir, args.server.as_deref()),
         mountpoint: mountpoint.to_owned(),
         started_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let _records = RecordFiles(&[record_path, socket_path]);
-    // Written aside and renamed: a reader never sees half a record.
-    let partial = record_path.with_extension("json.partial");
-    std::fs::write(&partial, serde_json::to_vec_pretty(&record)?)
-        .and_then(|()| std::fs::rename(&partial, record_path))
-        .with_context(|| format!("writing {}", record_path.display()))?;
+    let manifest_path = manifest_path(&args.run_dir, mountpoint);
+    let _records = RecordFiles(&[record_path, socket_path, &manifest_path]);
+    // The manifest first: whoever finds the record finds the manifest.
+    write_atomically(&manifest_path, &manifest.to_json())?;
+    write_atomically(record_path, &serde_json::to_vec_pretty(&record)?)?;
     let _ = std::fs::remove_file(socket_path);
     let listener = UnixListener::bind(socket_path)
         .with_context(|| format!("listening on {}", socket_path.display()))?;
@@ -466,7 +610,7 @@ fn serve_mount(
 
     // Until a signal, or until someone unmounts it from outside.
     while mount.is_mounted() {
-        if stop_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+        if stop_rx.recv_timeout(Duration::from_millis(20)).is_ok() {
             break;
         }
     }
@@ -487,6 +631,15 @@ fn serve_mount(
     Ok(())
 }
 
+/// Written aside and renamed: a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn spawn_status_server(
     listener: UnixListener,
     mount: Arc<Mount>,
@@ -500,29 +653,60 @@ fn spawn_status_server(
         for stream in listener.incoming() {
             let Some(mount) = weak.upgrade() else { return };
             let Ok(mut stream) = stream else { continue };
-            let status = MountStatus {
-                image: record.image.clone(),
-                source: record.source.clone(),
-                mountpoint: record.mountpoint.clone(),
-                pid: record.pid,
-                uptime_secs: started.elapsed().as_secs_f64(),
-                local: mount.local_share(),
-                stats: mount.stats(),
-                cache: cache.as_ref().map(|c| CacheStatus {
-                    dir: c.root().to_owned(),
-                    bytes: c.approx_bytes(),
-                    max_bytes: c.max_bytes(),
-                }),
+            // One request line: `status` (or nothing) or `profile`.
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut request = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut request);
+            let body = if request.trim() == "profile" {
+                serde_json::to_vec(&mount.finish_profile(Vec::new()))
+            } else {
+                serde_json::to_vec(&MountStatus {
+                    image: record.image.clone(),
+                    source: record.source.clone(),
+                    mountpoint: record.mountpoint.clone(),
+                    pid: record.pid,
+                    uptime_secs: started.elapsed().as_secs_f64(),
+                    local: mount.local_share(),
+                    stats: mount.stats(),
+                    cache: cache.as_ref().map(|c| CacheStatus {
+                        dir: c.root().to_owned(),
+                        bytes: c.approx_bytes(),
+                        max_bytes: c.max_bytes(),
+                    }),
+                })
             };
             drop(mount);
-            if let Ok(body) = serde_json::to_vec(&status) {
+            if let Ok(body) = body {
                 let _ = stream.write_all(&body);
             }
         }
     });
 }
 
+/// Sends `request` to the daemon of the mount at `mountpoint` and returns its answer.
+pub(crate) fn ask_daemon(run_dir: &Path, mountpoint: &Path, request: &str) -> Result<Vec<u8>> {
+    let (_, socket_path, _) = record_paths(run_dir, mountpoint);
+    let mut stream = UnixStream::connect(&socket_path).with_context(|| {
+        format!(
+            "no skiff mount answers for {} (looked for {})",
+            mountpoint.display(),
+            socket_path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body)?;
+    Ok(body)
+}
+
 pub fn umount(args: MountPointArgs) -> Result<()> {
+    stop_mount(&args, true)
+}
+
+/// Unmounts what a skiff daemon serves at `args.mountpoint`; a busy mount is
+/// detached (and said so when `loud`).
+pub(crate) fn stop_mount(args: &MountPointArgs, loud: bool) -> Result<()> {
     let mountpoint = mountpoint_path(&args.mountpoint)?;
     let (record_path, socket_path, _) = record_paths(&args.run_dir, &mountpoint);
     match read_record(&record_path) {
@@ -543,7 +727,7 @@ pub fn umount(args: MountPointArgs) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if record.daemon_runs() {
+            if record.daemon_runs() && loud {
                 eprintln!(
                     "{} was busy: it is detached, and the daemon (pid {}) serves the files still open until they are closed",
                     mountpoint.display(),
@@ -566,6 +750,7 @@ pub fn umount(args: MountPointArgs) -> Result<()> {
     }
     let _ = std::fs::remove_file(&record_path);
     let _ = std::fs::remove_file(&socket_path);
+    let _ = std::fs::remove_file(manifest_path(&args.run_dir, &mountpoint));
     if mounted_here(&mountpoint) == MountedHere::Skiff {
         bail!("{} is still mounted", mountpoint.display());
     }
@@ -574,17 +759,7 @@ pub fn umount(args: MountPointArgs) -> Result<()> {
 
 pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
     let mountpoint = mountpoint_path(&args.mountpoint)?;
-    let (_, socket_path, _) = record_paths(&args.run_dir, &mountpoint);
-    let mut stream = UnixStream::connect(&socket_path).with_context(|| {
-        format!(
-            "no skiff mount answers for {} (looked for {})",
-            mountpoint.display(),
-            socket_path.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut body = Vec::new();
-    stream.read_to_end(&mut body)?;
+    let body = ask_daemon(&args.run_dir, &mountpoint, "status")?;
     let status: MountStatus =
         serde_json::from_slice(&body).context("reading the mount's status")?;
     if json {
@@ -644,6 +819,13 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
         latency(s.read_latency_us_p90),
         latency(s.read_latency_us_p99)
     );
+    if s.profile_chunks > 0 {
+        println!(
+            "profile     {} chunks fetched first{}",
+            s.profile_chunks,
+            if s.profile_done { ", all here" } else { "" }
+        );
+    }
     if s.corrupt_chunks > 0 {
         println!("corrupt     {} chunks refused", s.corrupt_chunks);
     }

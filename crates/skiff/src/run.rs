@@ -1,0 +1,711 @@
+//! `skiff run`, `skiff ps` and `skiff rm`.
+//!
+//! A container is a directory on local disk:
+//!
+//! ```text
+//! CONTAINERS/ID/state.json   image, command, the `skiff run` process, exit code
+//! CONTAINERS/ID/config.json  the OCI runtime config (the directory is the bundle)
+//! CONTAINERS/ID/rootfs       overlay: the image's lazy mount under upper/
+//! CONTAINERS/ID/upper, work  the container's writes
+//! CONTAINERS/ID/image        a private mount of the image, when recording a profile
+//! ```
+//!
+//! The image's lazy mount is shared: a mount of the same image from the
+//! same place that `skiff mount` or another `skiff run` made is used as it
+//! is. A mount `skiff run` made itself is unmounted when the last running
+//! container on it ends.
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use skiff_client::process_is_running;
+use skiff_format::{ChunkId, ImageManifest, ImageRef, StartupProfile};
+use skiff_runtime::{write_bundle, ExecConfig, Overlay, RunOptions, Runtime};
+use skiff_store::Store;
+
+use crate::mount::{self, MountArgs};
+use crate::progress::bytes;
+use crate::Remote;
+
+const DEFAULT_CONTAINERS_DIR: &str = "/var/lib/skiff/containers";
+/// How long `skiff rm --force` waits for a running container to stop.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// NAME[:TAG] of the image
+    image: ImageRef,
+    /// The command and its arguments [default: the image's Entrypoint and Cmd]
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+    /// Run the image from this server [default: from the local store, --store]
+    #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// File holding the server's bearer token (recording a profile needs the write token)
+    #[arg(
+        long,
+        env = "SKIFF_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "server"
+    )]
+    token_file: Option<PathBuf>,
+    /// Remove the container when it exits
+    #[arg(long)]
+    rm: bool,
+    /// The container's ID [default: 12 random hex digits]
+    #[arg(long, value_name = "ID")]
+    name: Option<String>,
+    /// Set an environment variable (KEY=VALUE), or pass this one's on (KEY)
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container [default: the image's]
+    #[arg(short, long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// user[:group], by name or number [default: the image's]
+    #[arg(short, long, value_name = "USER")]
+    user: Option<String>,
+    /// Replace the image's entrypoint ("" clears it)
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// The container's host name [default: its ID]
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Give the container a terminal [default: when stdin and stdout are terminals]
+    #[arg(short, long, conflicts_with = "no_tty")]
+    tty: bool,
+    /// Never give the container a terminal
+    #[arg(long)]
+    no_tty: bool,
+    /// The OCI runtime
+    #[arg(long, default_value = "crun", value_parser = ["crun", "runc"])]
+    runtime: String,
+    /// Record which files the start reads, in order, and store that startup
+    /// profile with the image: later mounts fetch those chunks first
+    #[arg(long)]
+    record_profile: bool,
+    /// Stop recording after this long even if the command still runs (a server)
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    profile_secs: u64,
+    /// Ignore the image's startup profile
+    #[arg(long)]
+    no_profile: bool,
+    /// Do not fetch the rest of the image in the background
+    #[arg(long)]
+    no_prefetch: bool,
+    /// The host's chunk cache, shared by every mount
+    #[arg(long, env = "SKIFF_CACHE", default_value = mount::DEFAULT_CACHE_DIR, value_name = "DIR")]
+    cache: PathBuf,
+    /// Bound on the chunk cache
+    #[arg(long, default_value_t = 20.0, value_name = "GB")]
+    cache_max_gb: f64,
+    /// Seconds a read keeps retrying an unreachable server before it fails with EIO
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    retry_for: u64,
+    #[command(flatten)]
+    dirs: Dirs,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Dirs {
+    /// Where containers keep their state and writes (local disk)
+    #[arg(long, env = "SKIFF_CONTAINERS", default_value = DEFAULT_CONTAINERS_DIR, value_name = "DIR")]
+    containers: PathBuf,
+    /// Where mounts keep their records and status sockets
+    #[arg(long, env = "SKIFF_RUN_DIR", default_value = mount::DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct RmArgs {
+    /// IDs of containers
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Stop a running container first
+    #[arg(short, long)]
+    force: bool,
+    #[command(flatten)]
+    dirs: Dirs,
+}
+
+/// `CONTAINERS/ID/state.json`.
+#[derive(Clone, Serialize, Deserialize)]
+struct ContainerState {
+    id: String,
+    image: String,
+    command: Vec<String>,
+    runtime: String,
+    created_unix: u64,
+    /// The `skiff run` process that supervises the container.
+    pid: u32,
+    pid_start: u64,
+    /// The image's lazy mount under the overlay.
+    lower: PathBuf,
+    /// Whether `skiff run` made that mount (and so unmounts it).
+    owns_mount: bool,
+    exit_code: Option<i32>,
+}
+
+impl ContainerState {
+    fn is_running(&self) -> bool {
+        self.exit_code.is_none()
+            && process_is_running(self.pid)
+            && mount::process_start(self.pid) == Some(self.pid_start)
+    }
+
+    fn status(&self) -> String {
+        match self.exit_code {
+            Some(code) => format!("exited ({code})"),
+            None if self.is_running() => "running".to_owned(),
+            None => "dead (its `skiff run` is gone)".to_owned(),
+        }
+    }
+}
+
+/// The containers directory, locked while a container claims or lets go
+/// of a shared mount.
+struct Containers {
+    dir: PathBuf,
+}
+
+impl Containers {
+    fn open(dir: &Path) -> Result<Containers> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Containers {
+            dir: dir.canonicalize()?,
+        })
+    }
+
+    fn lock(&self) -> Result<File> {
+        let path = self.dir.join(".lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(file)
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn state(&self, id: &str) -> Result<ContainerState> {
+        let path = self.path(id).join("state.json");
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!("no container {id}"),
+            _ => anyhow::Error::new(e).context(format!("reading {}", path.display())),
+        })?;
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
+    }
+
+    fn save(&self, state: &ContainerState) -> Result<()> {
+        let path = self.path(&state.id).join("state.json");
+        let partial = path.with_extension("json.partial");
+        std::fs::write(&partial, serde_json::to_vec_pretty(state)?)
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn all(&self) -> Vec<ContainerState> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut states: Vec<ContainerState> = entries
+            .flatten()
+            .filter_map(|e| self.state(&e.file_name().to_string_lossy()).ok())
+            .collect();
+        states.sort_by_key(|s| (s.created_unix, s.id.clone()));
+        states
+    }
+
+    /// Unmounts a mount `skiff run` made once no running container uses it.
+    /// Call with the lock held.
+    fn release_mount(&self, state: &ContainerState, run_dir: &Path) {
+        if !state.owns_mount {
+            return;
+        }
+        let in_use = self
+            .all()
+            .iter()
+            .any(|other| other.id != state.id && other.lower == state.lower && other.is_running());
+        if in_use {
+            return;
+        }
+        // The runtime's mount namespace may let go of the overlay (and so of
+        // the image) a moment after the container is gone.
+        for _ in 0..20 {
+            match nix::mount::umount2(&state.lower, nix::mount::MntFlags::empty()) {
+                // The daemon sees its mount gone and exits.
+                Ok(()) => return,
+                Err(nix::errno::Errno::EBUSY) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => break,
+            }
+        }
+        let args = mount::MountPointArgs {
+            mountpoint: state.lower.clone(),
+            run_dir: run_dir.to_owned(),
+        };
+        if let Err(e) = mount::stop_mount(&args, false) {
+            // Already gone (someone ran `skiff umount`) is fine.
+            tracing::debug!("unmounting {}: {e:#}", state.lower.display());
+        }
+    }
+
+    /// Unmounts the container's overlay and removes its directory.
+    fn remove(&self, state: &ContainerState) -> Result<()> {
+        let dir = self.path(&state.id);
+        Overlay::unmount(&dir.join("rootfs"))?;
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn check_id(id: &str) -> Result<()> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !valid {
+        bail!("invalid container ID {id:?}: use up to 64 letters, digits, '_', '.' or '-', starting with a letter or digit");
+    }
+    Ok(())
+}
+
+fn new_id() -> String {
+    let seed = format!(
+        "{}-{:?}-{:?}",
+        std::process::id(),
+        SystemTime::now(),
+        Instant::now()
+    );
+    ChunkId::of(seed.as_bytes()).to_string()[..12].to_owned()
+}
+
+/// The exit code a shell would report for `status`.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
+    let runtime = Runtime::from_name(&args.runtime).context("unknown runtime")?;
+    let id = args.name.clone().unwrap_or_else(new_id);
+    check_id(&id)?;
+    let containers = Containers::open(&args.dirs.containers)?;
+    let dir = containers.path(&id);
+    let origin = mount::origin(store_dir, args.server.as_deref());
+
+    // Claim the ID and a mount of the image under the lock, so a container
+    // ending now cannot unmount the image under this one.
+    let lock = containers.lock()?;
+    if dir.exists() {
+        bail!("a container {id} exists already; `skiff rm {id}` removes it");
+    }
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let claimed = claim_mount(store_dir, &args, &origin, &dir);
+    let (lower, owns_mount) = match claimed {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+    let mut state = ContainerState {
+        id: id.clone(),
+        image: args.image.to_string(),
+        command: args.command.clone(),
+        runtime: runtime.name().to_owned(),
+        created_unix: now_unix(),
+        pid: std::process::id(),
+        pid_start: mount::process_start(std::process::id()).unwrap_or(0),
+        lower: lower.clone(),
+        owns_mount,
+        exit_code: None,
+    };
+    let prepared = containers
+        .save(&state)
+        .and_then(|()| prepare(&args, &dir, &lower, &id));
+    drop(lock);
+    let (manifest, bundle_args) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            finish(&containers, &args.dirs, &mut state, 125, true);
+            return Err(e);
+        }
+    };
+    state.command = bundle_args.clone();
+    containers.save(&state)?;
+
+    let state_root = args.dirs.run_dir.join("runtime").join(runtime.name());
+    let code = match supervise(
+        &args,
+        runtime,
+        &state_root,
+        &dir,
+        &id,
+        &manifest,
+        &bundle_args,
+        store_dir,
+    ) {
+        Ok(code) => code,
+        Err(e) => {
+            runtime.delete(&state_root, &id);
+            finish(&containers, &args.dirs, &mut state, 125, args.rm);
+            return Err(e);
+        }
+    };
+    finish(&containers, &args.dirs, &mut state, code, args.rm);
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// The image's lazy mount for this container: a private one to record a
+/// profile, else one that already exists, else a new shared one.
+fn claim_mount(
+    store_dir: &Path,
+    args: &RunArgs,
+    origin: &str,
+    container_dir: &Path,
+) -> Result<(PathBuf, bool)> {
+    if !args.record_profile {
+        if let Some(existing) = mount::find_mount(&args.dirs.run_dir, &args.image, origin) {
+            tracing::info!(
+                "sharing the mount of {} at {}",
+                args.image,
+                existing.display()
+            );
+            return Ok((existing, false));
+        }
+    }
+    let mountpoint = if args.record_profile {
+        container_dir.join("image")
+    } else {
+        let key = ChunkId::of(format!("{origin} {}", args.image).as_bytes()).to_string();
+        args.dirs.run_dir.join("images").join(&key[..16])
+    };
+    if let Some(parent) = mountpoint.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mount_args = MountArgs {
+        image: args.image.clone(),
+        mountpoint: mountpoint.clone(),
+        server: args.server.clone(),
+        token_file: args.token_file.clone(),
+        cache: args.cache.clone(),
+        cache_max_gb: args.cache_max_gb,
+        no_prefetch: args.no_prefetch,
+        prefetch_rate_mb: 0,
+        window_kb: 1024,
+        memory_mb: 256,
+        retry_for: args.retry_for,
+        foreground: false,
+        run_dir: args.dirs.run_dir.clone(),
+        no_profile: args.no_profile,
+        record_profile: args.record_profile,
+        notify_ready: false,
+    };
+    mount::mount_in_background(store_dir, mount_args)
+        .with_context(|| format!("mounting {}", args.image))?;
+    Ok((mountpoint, true))
+}
+
+/// Mounts the overlay and writes the bundle; returns the manifest and the
+/// command line.
+fn prepare(
+    args: &RunArgs,
+    dir: &Path,
+    lower: &Path,
+    id: &str,
+) -> Result<(ImageManifest, Vec<String>)> {
+    let manifest_path = mount::manifest_path(&args.dirs.run_dir, lower);
+    let manifest = std::fs::read(&manifest_path)
+        .map_err(anyhow::Error::new)
+        .and_then(|bytes| Ok(ImageManifest::from_json(&bytes)?))
+        .with_context(|| format!("reading the image's manifest ({})", manifest_path.display()))?;
+    let image = ExecConfig::from_image_config(manifest.config.get())?;
+    let rootfs = dir.join("rootfs");
+    Overlay::mount(lower, &dir.join("upper"), &dir.join("work"), &rootfs)?;
+    let tty = args.tty
+        || (!args.no_tty && std::io::stdin().is_terminal() && std::io::stdout().is_terminal());
+    let options = RunOptions {
+        command: args.command.clone(),
+        entrypoint: args.entrypoint.clone(),
+        env: args.env.clone(),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        hostname: args.hostname.clone().unwrap_or_else(|| id.to_owned()),
+        tty,
+    };
+    let command = write_bundle(dir, &rootfs, &image, &options)?;
+    Ok((manifest, command))
+}
+
+/// Runs the container to its end, recording a profile on the way if asked,
+/// and returns its exit code.
+#[allow(clippy::too_many_arguments)]
+fn supervise(
+    args: &RunArgs,
+    runtime: Runtime,
+    state_root: &Path,
+    bundle: &Path,
+    id: &str,
+    manifest: &ImageManifest,
+    command: &[String],
+    store_dir: &Path,
+) -> Result<i32> {
+    std::fs::create_dir_all(state_root)
+        .with_context(|| format!("creating {}", state_root.display()))?;
+    let mut child = runtime
+        .run_command(state_root, bundle, id)?
+        .spawn()
+        .with_context(|| format!("starting {}", runtime.name()))?;
+    // SIGINT and SIGTERM go on to the container; this process waits for it.
+    let child_pid = Arc::new(AtomicU32::new(child.id()));
+    let forward = child_pid.clone();
+    if let Err(e) = ctrlc::set_handler(move || {
+        let _ = kill(
+            Pid::from_raw(forward.load(Ordering::Relaxed) as i32),
+            Signal::SIGTERM,
+        );
+    }) {
+        tracing::warn!("signals will not reach the container: {e}");
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = if args.record_profile {
+        let limit = Duration::from_secs(args.profile_secs);
+        let status = done_rx.recv_timeout(limit).ok();
+        if let Err(e) = store_profile(args, manifest, command, bundle, store_dir) {
+            eprintln!("skiff: the startup profile was not stored: {e:#}");
+        }
+        match status {
+            Some(status) => status,
+            None => done_rx.recv().context("waiting for the container")?,
+        }
+    } else {
+        done_rx.recv().context("waiting for the container")?
+    };
+    Ok(exit_code(status.context("waiting for the container")?))
+}
+
+/// Takes the profile from the recording mount and stores it in the image's
+/// manifest, on the server or in the local store.
+fn store_profile(
+    args: &RunArgs,
+    recorded_on: &ImageManifest,
+    command: &[String],
+    container_dir: &Path,
+    store_dir: &Path,
+) -> Result<()> {
+    let answer = mount::ask_daemon(&args.dirs.run_dir, &container_dir.join("image"), "profile")?;
+    let profile: Option<StartupProfile> =
+        serde_json::from_slice(&answer).context("reading the recorded profile")?;
+    let mut profile = profile.context("the mount was not recording")?;
+    profile.command = command.to_vec();
+    let summary = profile.summary();
+    let tag_moved = |now: &ImageManifest| {
+        anyhow::anyhow!(
+            "{} now names another image (index {}, the profile was recorded on {})",
+            args.image,
+            now.index.digest,
+            recorded_on.index.digest
+        )
+    };
+    let place = match &args.server {
+        Some(server) => {
+            let remote = Remote {
+                server: server.clone(),
+                token_file: args.token_file.clone(),
+                retry_for: args.retry_for,
+            };
+            let client = remote.client()?;
+            let mut manifest = client
+                .manifest(&args.image)?
+                .with_context(|| format!("{} is no longer on {server}", args.image))?;
+            if manifest.index.digest != recorded_on.index.digest {
+                return Err(tag_moved(&manifest));
+            }
+            manifest.profile = Some(profile);
+            client.put_manifest(&manifest)?;
+            server.clone()
+        }
+        None => {
+            let store = Store::open(store_dir)?;
+            let mut manifest = store.image(&args.image)?;
+            if manifest.index.digest != recorded_on.index.digest {
+                return Err(tag_moved(&manifest));
+            }
+            manifest.profile = Some(profile);
+            store.put_manifest(&manifest)?;
+            format!("the store at {}", store_dir.display())
+        }
+    };
+    eprintln!(
+        "skiff: recorded a startup profile of {}: {} files, {} ranges, {} read; stored on {place}",
+        args.image,
+        summary.files,
+        summary.ranges,
+        bytes(summary.read_bytes)
+    );
+    Ok(())
+}
+
+/// Unmounts the overlay, records the exit code (or removes the container),
+/// and lets go of the image's mount if this was its last container.
+fn finish(
+    containers: &Containers,
+    dirs: &Dirs,
+    state: &mut ContainerState,
+    code: i32,
+    remove: bool,
+) {
+    let dir = containers.path(&state.id);
+    if let Err(e) = Overlay::unmount(&dir.join("rootfs")) {
+        eprintln!("skiff: {e}");
+    }
+    let lock = containers.lock();
+    state.exit_code = Some(code);
+    if let Err(e) = containers.save(state) {
+        eprintln!("skiff: {e:#}");
+    }
+    // Before the directory goes: a private mount lives inside it.
+    containers.release_mount(state, &dirs.run_dir);
+    if remove {
+        if let Err(e) = containers.remove(state) {
+            eprintln!("skiff: {e:#}");
+        }
+    }
+    drop(lock);
+}
+
+pub fn ps(dirs: &Dirs, json: bool) -> Result<()> {
+    let containers = Containers::open(&dirs.containers)?;
+    let states = containers.all();
+    if json {
+        let rows: Vec<_> = states
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "image": s.image,
+                    "command": s.command,
+                    "runtime": s.runtime,
+                    "created_unix": s.created_unix,
+                    "running": s.is_running(),
+                    "exit_code": s.exit_code,
+                    "status": s.status(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<24} {:<30} {:>9}  STATUS",
+        "ID", "IMAGE", "COMMAND", "CREATED"
+    );
+    for state in states {
+        let mut command = state.command.join(" ");
+        if command.chars().count() > 30 {
+            command = command.chars().take(27).collect::<String>() + "...";
+        }
+        let age = now_unix().saturating_sub(state.created_unix);
+        println!(
+            "{:<14} {:<24} {:<30} {:>9}  {}",
+            state.id,
+            state.image,
+            command,
+            format!("{} ago", human_age(age)),
+            state.status()
+        );
+    }
+    Ok(())
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+pub fn rm(args: RmArgs) -> Result<()> {
+    let containers = Containers::open(&args.dirs.containers)?;
+    let mut failed = false;
+    for id in &args.ids {
+        match remove_one(&containers, &args, id) {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("skiff: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        bail!("some containers were not removed");
+    }
+    Ok(())
+}
+
+fn remove_one(containers: &Containers, args: &RmArgs, id: &str) -> Result<()> {
+    check_id(id)?;
+    let state = containers.state(id)?;
+    if state.is_running() {
+        if !args.force {
+            bail!("container {id} is running; stop it, or `skiff rm --force {id}`");
+        }
+        // Its `skiff run` passes the signal on and cleans up after it.
+        kill(Pid::from_raw(state.pid as i32), Signal::SIGTERM)
+            .with_context(|| format!("signalling the `skiff run` of {id} (pid {})", state.pid))?;
+        let deadline = Instant::now() + STOP_WAIT;
+        while state.is_running() {
+            if Instant::now() > deadline {
+                bail!(
+                    "container {id} did not stop within {} s",
+                    STOP_WAIT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _lock = containers.lock()?;
+    // Gone already if its `skiff run --rm` cleaned up.
+    let Ok(state) = containers.state(id) else {
+        return Ok(());
+    };
+    if state.exit_code.is_none() {
+        // Its `skiff run` died: what the runtime keeps of it goes too.
+        if let Some(runtime) = Runtime::from_name(&state.runtime) {
+            runtime.delete(&args.dirs.run_dir.join("runtime").join(runtime.name()), id);
+        }
+    }
+    containers.release_mount(&state, &args.dirs.run_dir);
+    containers.remove(&state)?;
+    Ok(())
+}
