@@ -673,9 +673,12 @@ pub fn diff_trees(a: &Path, b: &Path, compare_dir_mtimes: bool) -> Vec<String> {
 }
 
 /// A temporary directory that unmounts nothing and is removed at drop.
+/// A temporary directory for a test; kept for a post-mortem when
+/// `SKIFF_TEST_KEEP` is set.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("skiff-test-")
+        .disable_cleanup(std::env::var_os("SKIFF_TEST_KEEP").is_some())
         .tempdir()
         .unwrap()
 }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use skiff_format::wire::{self, ChunkRecord, RecordReader};
 use skiff_format::ChunkId;
@@ -14,6 +14,8 @@ pub struct TamperingProxy {
     pub url: String,
     /// Chunk records replaced so far.
     pub tampered: Arc<AtomicU64>,
+    /// The ids of every fetch request, in the order the requests arrived.
+    pub fetches: Arc<Mutex<Vec<Vec<ChunkId>>>>,
 }
 
 impl TamperingProxy {
@@ -23,18 +25,27 @@ impl TamperingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let tampered = Arc::new(AtomicU64::new(0));
-        let (upstream, counter) = (upstream.to_owned(), tampered.clone());
+        let fetches = Arc::new(Mutex::new(Vec::new()));
+        let (upstream, counter, log) = (upstream.to_owned(), tampered.clone(), fetches.clone());
         let victims = Arc::new(victims.to_vec());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (upstream, counter, victims) =
-                    (upstream.clone(), counter.clone(), victims.clone());
+                let (upstream, counter, victims, log) = (
+                    upstream.clone(),
+                    counter.clone(),
+                    victims.clone(),
+                    log.clone(),
+                );
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &upstream, &victims, &counter);
+                    let _ = serve(stream, &upstream, &victims, &counter, &log);
                 });
             }
         });
-        TamperingProxy { url, tampered }
+        TamperingProxy {
+            url,
+            tampered,
+            fetches,
+        }
     }
 }
 
@@ -43,6 +54,7 @@ fn serve(
     upstream: &str,
     victims: &[ChunkId],
     tampered: &AtomicU64,
+    fetches: &Mutex<Vec<Vec<ChunkId>>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -67,6 +79,11 @@ fn serve(
     }
     let mut body = vec![0u8; content_length];
     reader.read_exact(&mut body)?;
+    if path == "/v1/chunks/fetch" {
+        if let Ok(ids) = wire::decode_ids(&body) {
+            fetches.lock().unwrap().push(ids);
+        }
+    }
 
     let client = reqwest::blocking::Client::new();
     let url = format!("{upstream}{path}");

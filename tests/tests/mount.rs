@@ -457,6 +457,18 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
     // Files whose chunks are all here are assembled in the background and
     // then read by the kernel directly (passthrough) ...
     read_until_passthrough(&again, "own/c.bin", &expected);
+    // ... and opens of it at the same time share one backing file (the
+    // kernel fails an open that brings a second one with EIO: running a
+    // binary twice at once did).
+    let want = fs::read(expected.join("own/c.bin")).unwrap();
+    let mut held = fs::File::open(again.path("own/c.bin")).unwrap();
+    for _ in 0..3 {
+        assert!(fs::read(again.path("own/c.bin")).unwrap() == want);
+    }
+    let mut through_held = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut through_held).unwrap();
+    assert!(through_held == want);
+    drop(held);
     // ... and an overlay still stacks on the mount.
     let [upper, work, merged] = ["upper", "work", "merged"].map(|d| setup.path(d));
     for dir in [&upper, &work, &merged] {

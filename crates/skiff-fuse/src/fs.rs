@@ -30,11 +30,19 @@ const MAX_READ: u32 = 1 << 20;
 /// file is not worth its disk space.
 const PASSTHROUGH_MIN: u64 = 256 * 1024;
 
-/// An open file: the chunks it pins in the host's cache, and the backing
-/// file the kernel reads directly when it is served by passthrough.
+/// An open file: its inode and the chunks it pins in the host's cache.
 struct OpenFile {
+    ino: INodeNo,
     pins: Vec<ChunkId>,
-    _backing: Option<Arc<BackingId>>,
+}
+
+/// How the open handles of one inode are served. The kernel refuses to mix
+/// passthrough and cached opens of an inode, or two backing files for it
+/// (the open fails with EIO): while any handle is open, every new one is
+/// served the same way, through the same backing file.
+struct InodeOpens {
+    handles: usize,
+    backing: Option<Arc<BackingId>>,
 }
 
 pub struct SkiffFs {
@@ -45,6 +53,7 @@ pub struct SkiffFs {
     network: rayon::ThreadPool,
     next_handle: AtomicU64,
     open: Mutex<HashMap<u64, OpenFile>>,
+    inodes: Mutex<HashMap<INodeNo, InodeOpens>>,
     /// Whether the kernel agreed to FUSE passthrough.
     passthrough: AtomicBool,
     /// Notes what is read while a startup profile is recorded.
@@ -69,6 +78,7 @@ impl SkiffFs {
             network,
             next_handle: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
             recorder,
         })
@@ -195,15 +205,31 @@ impl Filesystem for SkiffFs {
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         self.fetcher.source().pin(&ids);
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let backing = self.backing(&reply, ino, chunks).map(Arc::new);
+        let backing = {
+            let mut inodes = self.inodes.lock().expect("inode table poisoned");
+            match inodes.get_mut(&ino) {
+                Some(opens) => {
+                    opens.handles += 1;
+                    opens.backing.clone()
+                }
+                None => {
+                    let backing = self.backing(&reply, ino, chunks).map(Arc::new);
+                    inodes.insert(
+                        ino,
+                        InodeOpens {
+                            handles: 1,
+                            backing: backing.clone(),
+                        },
+                    );
+                    backing
+                }
+            }
+        };
         // In the table before the kernel hears of the handle: its release may come at once.
-        self.open.lock().expect("open table poisoned").insert(
-            handle,
-            OpenFile {
-                pins: ids,
-                _backing: backing.clone(),
-            },
-        );
+        self.open
+            .lock()
+            .expect("open table poisoned")
+            .insert(handle, OpenFile { ino, pins: ids });
         match backing {
             Some(id) => {
                 MountStats::add(&self.fetcher.stats.passthrough_opens, 1);
@@ -237,6 +263,14 @@ impl Filesystem for SkiffFs {
     ) {
         if let Some(file) = self.open.lock().expect("open table poisoned").remove(&fh.0) {
             self.fetcher.source().unpin(&file.pins);
+            let mut inodes = self.inodes.lock().expect("inode table poisoned");
+            if let Some(opens) = inodes.get_mut(&file.ino) {
+                opens.handles -= 1;
+                if opens.handles == 0 {
+                    // The last handle is closed: its backing file goes too.
+                    inodes.remove(&file.ino);
+                }
+            }
         }
         reply.ok();
     }

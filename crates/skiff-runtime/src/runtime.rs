@@ -47,16 +47,38 @@ impl Runtime {
         bundle: &Path,
         id: &str,
     ) -> Result<Command, RuntimeError> {
+        self.command(
+            state_root,
+            &["run".into(), "--bundle".into(), bundle.into(), id.into()],
+        )
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, …) to container `id`'s process.
+    pub fn kill(self, state_root: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        let output = self
+            .command(state_root, &["kill".into(), id.into(), signal.into()])?
+            .output()
+            .map_err(RuntimeError::io(format!("running {} kill", self.name())))?;
+        if !output.status.success() {
+            return Err(RuntimeError::InvalidOption(format!(
+                "{} kill {id} {signal}: {}",
+                self.name(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `RUNTIME --root STATE_ROOT ARGS…`, in a mount namespace of its own on
+    /// a host whose cgroups crun refuses.
+    fn command(
+        self,
+        state_root: &Path,
+        subcommand: &[std::ffi::OsString],
+    ) -> Result<Command, RuntimeError> {
         let binary = self.binary()?;
-        let mut args = vec![
-            binary.into_os_string(),
-            "--root".into(),
-            state_root.into(),
-            "run".into(),
-            "--bundle".into(),
-            bundle.into(),
-            id.into(),
-        ];
+        let mut args = vec![binary.into_os_string(), "--root".into(), state_root.into()];
+        args.extend(subcommand.iter().cloned());
         // crun refuses hosts with cgroup v1 and v2 both mounted ("hybrid"):
         // in a mount namespace of its own the v2 mount is hidden from it,
         // and the host keeps both.

@@ -37,8 +37,10 @@ use crate::progress::bytes;
 use crate::Remote;
 
 const DEFAULT_CONTAINERS_DIR: &str = "/var/lib/skiff/containers";
-/// How long `skiff rm --force` waits for a running container to stop.
+/// How long `skiff rm --force` waits for a killed container's `skiff run` to clean up.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// How long a container may take to stop after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -481,14 +483,22 @@ fn supervise(
         .run_command(state_root, bundle, id)?
         .spawn()
         .with_context(|| format!("starting {}", runtime.name()))?;
-    // SIGINT and SIGTERM go on to the container; this process waits for it.
+    // SIGINT and SIGTERM go on to the container (the runtime passes them
+    // to its process); one that ignores them (a PID 1 without a handler
+    // does) is killed after a grace period, as `docker stop` does.
     let child_pid = Arc::new(AtomicU32::new(child.id()));
     let forward = child_pid.clone();
+    let (kill_root, kill_id) = (state_root.to_owned(), id.to_owned());
     if let Err(e) = ctrlc::set_handler(move || {
         let _ = kill(
             Pid::from_raw(forward.load(Ordering::Relaxed) as i32),
             Signal::SIGTERM,
         );
+        let (root, id) = (kill_root.clone(), kill_id.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(STOP_GRACE);
+            let _ = runtime.kill(&root, &id, "KILL");
+        });
     }) {
         tracing::warn!("signals will not reach the container: {e}");
     }
@@ -680,9 +690,10 @@ fn remove_one(containers: &Containers, args: &RmArgs, id: &str) -> Result<()> {
         if !args.force {
             bail!("container {id} is running; stop it, or `skiff rm --force {id}`");
         }
-        // Its `skiff run` passes the signal on and cleans up after it.
-        kill(Pid::from_raw(state.pid as i32), Signal::SIGTERM)
-            .with_context(|| format!("signalling the `skiff run` of {id} (pid {})", state.pid))?;
+        // Killed, as `docker rm --force` does; its `skiff run` cleans up.
+        let runtime = Runtime::from_name(&state.runtime).context("unknown runtime")?;
+        let state_root = args.dirs.run_dir.join("runtime").join(runtime.name());
+        runtime.kill(&state_root, id, "KILL")?;
         let deadline = Instant::now() + STOP_WAIT;
         while state.is_running() {
             if Instant::now() > deadline {
