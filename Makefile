@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount images roundtrip clean
+.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: bench-dedup bench-serve bench-mount
+bench: bench-dedup bench-serve bench-mount bench-hello
 
 # Store size and convert speed against casync and file-level zstd.
 bench-dedup: build images
@@ -44,6 +44,11 @@ bench-serve: build images
 bench-mount: build images
 	cargo build --release --locked -p skiff-bench
 	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/mount.sh
+
+# HelloBench: time to a container's ready line over the emulated WAN, plain pull against skiff run.
+bench-hello: build images
+	cargo build --release --locked -p skiff-bench
+	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/hello.sh
 
 # Every dataset image: convert, export, umoci unpack, compare with the source.
 roundtrip: build images

@@ -36,9 +36,7 @@ cleanup() {
     grep -qs " $m " /proc/self/mountinfo && { "$SKIFF" umount "$m" --run-dir "$run_dir" || umount -l "$m"; }
   done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null
-  ip netns del "$ns" 2>/dev/null || true
-  ip link del skb0 2>/dev/null || true
+  wan_down
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -59,11 +57,7 @@ declare -A command=(
 results=$work/results.tsv
 : > "$results"
 record() { printf '%s\t%s\t%s\t%s\n' "$@" >> "$results"; } # metric image variant value
-now() { echo "$EPOCHREALTIME"; }
-since() { awk -v s="$1" -v e="$EPOCHREALTIME" 'BEGIN { printf "%.4f", e - s }'; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 . bench/common.sh
-wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null && return; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
 
 mount_image() { # image mountpoint server [extra...]
   local image=$1 mnt=$2 server=$3; shift 3
@@ -153,52 +147,7 @@ umount_image "$work/mnt"
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 
 # ---- the wide-area link ----
-echo "building the emulated link: $rate, ${one_way_ms} ms each way..."
-ip netns add "$ns"
-ip link add skb0 type veth peer name skb1
-ip link set skb1 netns "$ns"
-ip addr add 10.78.0.1/24 dev skb0
-ip link set skb0 up
-ip netns exec "$ns" ip addr add 10.78.0.2/24 dev skb1
-ip netns exec "$ns" ip link set skb1 up
-ip netns exec "$ns" ip link set lo up
-tc qdisc add dev skb0 root tbf rate "$rate" burst 64kb latency 100ms
-ip netns exec "$ns" tc qdisc add dev skb1 root tbf rate "$rate" burst 64kb latency 100ms
-
-ip netns exec "$ns" "$SKIFF" --store "$work/store" serve --listen 10.78.0.2:7070 2>"$work/serve-wan.log" &
-pids+=($!)
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 256; }
-http {
-  access_log off;
-  sendfile on;
-  server {
-    listen 10.78.0.2:8080;
-    root $images_dir;
-  }
-}
-CONF
-ip netns exec "$ns" nginx -c "$work/nginx.conf"
-skiff_proxy=$(free_port); nginx_proxy=$(free_port)
-"$DELAY_PROXY" "127.0.0.1:$skiff_proxy" 10.78.0.2:7070 "$one_way_ms" 2>/dev/null &
-pids+=($!)
-"$DELAY_PROXY" "127.0.0.1:$nginx_proxy" 10.78.0.2:8080 "$one_way_ms" 2>/dev/null &
-pids+=($!)
-wan=http://127.0.0.1:$skiff_proxy
-layers=http://127.0.0.1:$nginx_proxy
-wait_http "$wan/healthz"
-wait_http "$layers/git/index.json"
-rx() { cat /sys/class/net/skb0/statistics/rx_bytes; }
-
-layer_paths() { # image: blob paths of its layers, in order
-  local dir=$images_dir/$1
-  local manifest
-  manifest=$(jq -r '.manifests[0].digest' "$dir/index.json" | sed 's/sha256://')
-  jq -r '.layers[].digest' "$dir/blobs/sha256/$manifest" | sed "s|sha256:|$1/blobs/sha256/|"
-}
+wan_up "$work/store"
 
 echo "over the link..."
 for _ in $(seq "$runs"); do
