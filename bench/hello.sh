@@ -46,6 +46,10 @@ declare -A ready=(
   [git]="^git version"
   [python]="^Serving HTTP"
 )
+# How the table shows a command, where the command itself is too long.
+declare -A shown=(
+  [python]="python3 -m http.server 18765 (with a SIGTERM handler: it is PID 1)"
+)
 declare -A kind=(
   [base]="shell echo"
   [perl]="perl"
@@ -155,5 +159,5 @@ for image in "${images[@]}"; do
 done
 
 meta=$work/images.tsv
-for image in "${images[@]}"; do printf '%s\t%s\t%s\n' "$image" "${kind[$image]}" "${command[$image]}"; done > "$meta"
+for image in "${images[@]}"; do printf '%s\t%s\t%s\n' "$image" "${kind[$image]}" "${shown[$image]:-${command[$image]}}"; done > "$meta"
 python3 bench/hello_report.py "$results" "$meta" "$runs" "$rate" "$one_way_ms" "$(uname -r)" "$(nproc)"

@@ -136,7 +136,12 @@ fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &A
                 "startup profile fetched in {:.0} ms",
                 started.elapsed().as_secs_f64() * 1000.0
             );
-            while stats.since_last_read() < SETTLE && !stop.load(Ordering::Relaxed) {
+            // Quiet since the profile arrived, too: with the profile on
+            // this host already, the start may not have begun reading yet.
+            let profile_done = Instant::now();
+            while (stats.since_last_read() < SETTLE || profile_done.elapsed() < SETTLE)
+                && !stop.load(Ordering::Relaxed)
+            {
                 std::thread::sleep(YIELD_POLL * 10);
             }
             settled = true;
@@ -196,6 +201,10 @@ fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &A
                 }
             }
         }
+    }
+    if !settled {
+        // The profile was the whole image.
+        stats.profile_done.store(skipped == 0, Ordering::Relaxed);
     }
     if skipped > 0 {
         tracing::warn!("prefetch finished without {skipped} chunks; reads will ask for them again");

@@ -59,15 +59,17 @@ impl Recorder {
     pub fn finish(&self, tree: &ImageTree, command: Vec<String>) -> Option<StartupProfile> {
         let recording = self.state.lock().expect("recorder poisoned").take()?;
         let wanted: HashSet<u64> = recording.order.iter().map(|(ino, _)| *ino).collect();
-        let paths: HashMap<u64, String> = tree
-            .index()
-            .walk()
-            .into_iter()
-            .filter(|(_, ino)| wanted.contains(ino))
-            // A path that is not UTF-8 cannot be named in the JSON profile;
-            // its chunks are then fetched on demand as without a profile.
-            .filter_map(|(path, ino)| Some((ino, String::from_utf8(path).ok()?)))
-            .collect();
+        // A hard-linked file goes by its first path. A path that is not
+        // UTF-8 cannot be named in the JSON profile; its chunks are then
+        // fetched on demand as without a profile.
+        let mut paths: HashMap<u64, String> = HashMap::new();
+        for (path, ino) in tree.index().walk() {
+            if wanted.contains(&ino) && !paths.contains_key(&ino) {
+                if let Ok(path) = String::from_utf8(path) {
+                    paths.insert(ino, path);
+                }
+            }
+        }
         let mut ranges: Vec<ProfileRange> = Vec::new();
         for (ino, position) in recording.order {
             let Some(path) = paths.get(&ino) else {
@@ -90,5 +92,53 @@ impl Recorder {
             read_bytes: recording.pages.len() as u64 * PAGE,
             ranges,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::tree::tests::tree;
+
+    #[test]
+    fn a_recording_keeps_first_touches_in_order_and_ends_once() {
+        let tree = tree();
+        let recorder = Recorder::recording();
+        assert!(recorder.is_recording());
+        // Chunks 1 and 2 of /a, then chunk 0, then all three again.
+        recorder.note(INodeNo(2), 1, 2, 100, 250);
+        recorder.note(INodeNo(2), 0, 1, 0, 100);
+        recorder.note(INodeNo(2), 0, 3, 0, 350);
+        let profile = recorder.finish(&tree, vec!["cat".into()]).unwrap();
+        let ranges: Vec<(&str, u32, u32)> = profile
+            .ranges
+            .iter()
+            .map(|r| (r.path.as_str(), r.first, r.count))
+            .collect();
+        assert_eq!(ranges, [("a", 1, 2), ("a", 0, 1)]);
+        assert_eq!(profile.read_bytes, PAGE);
+        assert_eq!(profile.command, ["cat"]);
+        let order = profile.chunk_order(tree.index()).unwrap();
+        let ids: Vec<_> = tree
+            .index()
+            .inode(2)
+            .map(|_| tree.chunks_from(INodeNo(2), 0))
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(order, [ids[1], ids[2], ids[0]]);
+        // Finished: nothing more is noted, and a second finish has nothing.
+        assert!(!recorder.is_recording());
+        recorder.note(INodeNo(2), 0, 1, 0, 1);
+        assert!(recorder.finish(&tree, Vec::new()).is_none());
+    }
+
+    #[test]
+    fn a_mount_that_does_not_record_notes_nothing() {
+        let recorder = Recorder::default();
+        recorder.note(INodeNo(2), 0, 1, 0, 1);
+        assert!(recorder.finish(&tree(), Vec::new()).is_none());
     }
 }

@@ -188,7 +188,7 @@ fn system_time(secs: i64, nsec: u32) -> SystemTime {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use skiff_format::{ChunkId, ChunkingParams, DirEntry, Metadata};
@@ -211,7 +211,8 @@ mod tests {
         }
     }
 
-    fn tree() -> ImageTree {
+    /// `/a` (chunks of 100, 50 and 200 bytes), `/b` (empty), `/d/link` (a hard link to `/a`).
+    pub(crate) fn tree() -> ImageTree {
         let dir = |entries: Vec<DirEntry>| Inode {
             meta: Metadata {
                 mode: 0o755,
