@@ -115,6 +115,12 @@ for image in "${images[@]}"; do
   mv "$bundle/c.json" "$bundle/config.json"
 done
 
+# An empty cache, once the mount daemons of earlier runs (which may still be
+# landing a prefetch batch) have exited.
+fresh_cache() {
+  while pgrep -f -- "--run-dir $work/run" >/dev/null; do sleep 0.05; done
+  rm -rf "$work/cache"
+}
 # `skiff run IMAGE` over the link with the cache at $work/cache.
 skiff_run() { echo "$SKIFF" run "$1:1" --server "$wan" --rm --cache "$work/cache" --run-dir "$work/run" --containers "$work/containers"; }
 measure() { # image variant command...
@@ -129,7 +135,7 @@ measure() { # image variant command...
 
 echo "recording startup profiles..."
 for image in "${images[@]}"; do
-  rm -rf "$work/cache"
+  fresh_cache
   python3 bench/ready.py "${ready[$image]}" "$counter" 120 -- \
     $(skiff_run "$image") --record-profile -- sh -c "${command[$image]}" >/dev/null
   # The profile is stored once the container has stopped.
@@ -147,9 +153,9 @@ echo "HelloBench over the link..."
 for _ in $(seq "$runs"); do
   for image in "${images[@]}"; do
     measure "$image" plain bash -c "plain_start $image"
-    rm -rf "$work/cache"
+    fresh_cache
     measure "$image" cold-no-profile $(skiff_run "$image") --no-profile -- sh -c "${command[$image]}"
-    rm -rf "$work/cache"
+    fresh_cache
     measure "$image" cold-profile $(skiff_run "$image") -- sh -c "${command[$image]}"
     measure "$image" warm $(skiff_run "$image") -- sh -c "${command[$image]}"
   done
