@@ -447,39 +447,67 @@ fn writes_in_one_container_never_reach_another_or_the_image() {
     );
     assert!(setup.containers().is_empty());
 
-    // A running container is removed only with --force, which stops it.
-    let sleeper = setup
-        .command(&[
-            "run",
-            "app:1",
-            "--server",
-            &setup.server.url,
-            "--name",
-            "sleeper",
-            "--entrypoint",
-            "",
-            "--",
-            "sleep",
-            "60",
-        ])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while setup.ps().as_array().unwrap().is_empty()
-        || !setup
+    // Two running containers on one mount of the image: the first made it.
+    let start = |name: &str| {
+        let child = setup
+            .command(&[
+                "run",
+                "app:1",
+                "--server",
+                &setup.server.url,
+                "--name",
+                name,
+                "--entrypoint",
+                "",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rootfs = format!("{name}/rootfs");
+        while !setup.skiff_mounts().iter().any(|m| m.ends_with(&rootfs)) {
+            assert!(Instant::now() < deadline, "{name} never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    };
+    let image_mounts = || {
+        let images = setup.path("run/images");
+        setup
             .skiff_mounts()
-            .iter()
-            .any(|m| m.ends_with("sleeper/rootfs"))
-    {
-        assert!(Instant::now() < deadline, "the sleeper never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = setup.command(&["rm", "sleeper"]).output().unwrap();
+            .into_iter()
+            .filter(|m| Path::new(m).starts_with(&images))
+            .count()
+    };
+    let mut first = start("first");
+    let mut second = start("second");
+    assert_eq!(image_mounts(), 1, "{:?}", setup.skiff_mounts());
+
+    // A running container is removed only with --force, which kills it.
+    let out = setup.command(&["rm", "first"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is running"));
     let started = Instant::now();
+    let out = setup.command(&["rm", "--force", "first"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_ne!(first.wait().unwrap().code(), Some(0));
+    // The image's mount outlives the container that made it while another runs on it,
+    assert_eq!(image_mounts(), 1, "{:?}", setup.skiff_mounts());
+    let (stdout, _, code) = text(&setup.run(&["--rm", "--", "0"]));
+    assert_eq!(
+        (stdout.as_str(), code),
+        ("greetings from layers in /data as 1000\n", Some(0))
+    );
+    // ... and goes with the last one.
     let out = setup
-        .command(&["rm", "--force", "sleeper"])
+        .command(&["rm", "--force", "second"])
         .output()
         .unwrap();
     assert!(
@@ -487,9 +515,7 @@ fn writes_in_one_container_never_reach_another_or_the_image() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(started.elapsed() < Duration::from_secs(15));
-    let mut sleeper = sleeper;
-    assert_ne!(sleeper.wait().unwrap().code(), Some(0));
+    assert_ne!(second.wait().unwrap().code(), Some(0));
     assert!(setup.containers().is_empty());
     assert!(
         setup.skiff_mounts().is_empty(),

@@ -43,9 +43,11 @@ const GIVE_UP_AFTER: u32 = 3;
 const YIELD_POLL: Duration = Duration::from_millis(5);
 /// A startup profile is fetched in requests of up to this many raw bytes:
 /// one request for any profile of a usual size.
-const PROFILE_BATCH_BYTES: u64 = 256 << 20;
-/// After the profile, the rest waits until no read has come for this long.
+const PROFILE_BATCH_BYTES: u64 = 64 << 20;
+/// After the profile, the rest waits until no read has come for this long,
 const SETTLE: Duration = Duration::from_millis(500);
+/// but no longer than this.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(5);
 
 /// Every distinct chunk of the image in the order to fetch it, with its length.
 pub struct PrefetchPlan {
@@ -138,8 +140,12 @@ fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &A
             );
             // Quiet since the profile arrived, too: with the profile on
             // this host already, the start may not have begun reading yet.
+            // A container that reads on and on does not hold the rest back
+            // for longer than SETTLE_AT_MOST.
             let profile_done = Instant::now();
-            while (stats.since_last_read() < SETTLE || profile_done.elapsed() < SETTLE)
+            let busy = || stats.since_last_read().is_some_and(|quiet| quiet < SETTLE);
+            while (busy() || profile_done.elapsed() < SETTLE)
+                && profile_done.elapsed() < SETTLE_AT_MOST
                 && !stop.load(Ordering::Relaxed)
             {
                 std::thread::sleep(YIELD_POLL * 10);

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use fuser::INodeNo;
-use skiff_format::{ProfileRange, StartupProfile};
+use skiff_format::{ProfileRange, StartupProfile, MAX_PROFILE_RANGES};
 
 use crate::tree::ImageTree;
 
@@ -76,10 +76,15 @@ impl Recorder {
                 continue;
             };
             let position = position as u32;
+            let extends_last = ranges
+                .last()
+                .is_some_and(|last| last.path == *path && last.first + last.count == position);
+            // A store refuses more; the start's first ranges matter most.
+            if !extends_last && ranges.len() == MAX_PROFILE_RANGES {
+                break;
+            }
             match ranges.last_mut() {
-                Some(last) if last.path == *path && last.first + last.count == position => {
-                    last.count += 1;
-                }
+                Some(last) if extends_last => last.count += 1,
                 _ => ranges.push(ProfileRange {
                     path: path.clone(),
                     first: position,

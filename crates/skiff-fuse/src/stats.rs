@@ -5,6 +5,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// A monotonic origin for timestamps kept in atomics.
+fn clock_origin() -> std::time::Instant {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(std::time::Instant::now)
+}
+
 /// Read latencies in power-of-two microsecond buckets: bucket `b` counts
 /// reads that took less than 2^b µs (the last one, everything slower).
 const LATENCY_BUCKETS: usize = 28;
@@ -27,7 +33,7 @@ pub struct MountStats {
     /// Chunks of the startup profile, and whether all of them are here.
     pub profile_chunks: AtomicU64,
     pub profile_done: AtomicBool,
-    /// When the kernel last asked for file bytes (ms after the Unix epoch).
+    /// When the kernel last asked for file bytes (ms after [`clock_origin`], 0: never).
     pub last_read_ms: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
@@ -39,18 +45,17 @@ impl MountStats {
 
     /// Notes that the kernel asked for file bytes now.
     pub fn note_read_request(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.last_read_ms.store(now, Ordering::Relaxed);
+        let now = clock_origin().elapsed().as_millis() as u64;
+        self.last_read_ms.store(now.max(1), Ordering::Relaxed);
     }
 
-    /// How long since the kernel last asked for file bytes.
-    pub fn since_last_read(&self) -> Duration {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Duration::from_millis(now.saturating_sub(self.last_read_ms.load(Ordering::Relaxed)))
+    /// How long since the kernel last asked for file bytes (`None`: never).
+    pub fn since_last_read(&self) -> Option<Duration> {
+        let last = self.last_read_ms.load(Ordering::Relaxed);
+        (last > 0).then(|| {
+            let now = clock_origin().elapsed().as_millis() as u64;
+            Duration::from_millis(now.saturating_sub(last))
+        })
     }
 
     pub fn record_read(&self, bytes: usize, took: Duration) {

@@ -277,17 +277,30 @@ fn resolve_user(rootfs: &Path, spec: &str) -> Result<User, RuntimeError> {
     Ok(user)
 }
 
-/// A small text file of the image, or "" if it is absent or reached through
-/// a symlink (which could point out of the image, onto the host).
+/// The most of /etc/passwd or /etc/group that is read.
+const MAX_ACCOUNTS_FILE: u64 = 1 << 20;
+
+/// A small text file of the image, or "" if it is absent, not a regular file
+/// (a device or a pipe would hang or never end) or reached through a symlink
+/// (which could point out of the image, onto the host).
 fn image_file(rootfs: &Path, path: &str) -> String {
+    use std::io::Read;
     let mut at = rootfs.to_owned();
-    for part in path.split('/') {
+    let parts: Vec<&str> = path.split('/').collect();
+    for (n, part) in parts.iter().enumerate() {
         at.push(part);
-        if std::fs::symlink_metadata(&at).map_or(true, |m| m.file_type().is_symlink()) {
+        let Ok(meta) = std::fs::symlink_metadata(&at) else {
+            return String::new();
+        };
+        let last = n + 1 == parts.len();
+        if (last && !meta.is_file()) || (!last && !meta.is_dir()) {
             return String::new();
         }
     }
-    std::fs::read_to_string(at).unwrap_or_default()
+    let mut text = String::new();
+    let _ =
+        std::fs::File::open(at).and_then(|f| f.take(MAX_ACCOUNTS_FILE).read_to_string(&mut text));
+    text
 }
 
 #[cfg(test)]
@@ -421,6 +434,21 @@ mod tests {
             Err(RuntimeError::NoCommand)
         ));
         assert!(ExecConfig::from_image_config("{not json").is_err());
+    }
+
+    #[test]
+    fn a_passwd_that_is_not_a_regular_file_is_not_read() {
+        let root = rootfs();
+        let passwd = root.path().join("etc/passwd");
+        std::fs::remove_file(&passwd).unwrap();
+        // A fifo would block the read forever (a device could never end).
+        let made = std::process::Command::new("mkfifo")
+            .arg(&passwd)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(resolve_user(root.path(), "app").is_err());
+        assert_eq!(resolve_user(root.path(), "1000").unwrap().uid(), 1000);
     }
 
     #[test]

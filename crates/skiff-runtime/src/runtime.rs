@@ -55,14 +55,34 @@ impl Runtime {
 
     /// Sends `signal` (`TERM`, `KILL`, …) to container `id`'s process.
     pub fn kill(self, state_root: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        self.call(state_root, &["kill", id, signal])
+    }
+
+    /// Removes what the runtime keeps of container `id` (after a crash of
+    /// the process that ran it, killing what still runs); nothing is there
+    /// after a clean exit.
+    pub fn delete(self, state_root: &Path, id: &str) -> Result<(), RuntimeError> {
+        if !state_root.join(id).exists() {
+            return Ok(());
+        }
+        self.call(state_root, &["delete", "--force", id])
+    }
+
+    fn call(self, state_root: &Path, args: &[&str]) -> Result<(), RuntimeError> {
+        let subcommand: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
         let output = self
-            .command(state_root, &["kill".into(), id.into(), signal.into()])?
+            .command(state_root, &subcommand)?
             .output()
-            .map_err(RuntimeError::io(format!("running {} kill", self.name())))?;
+            .map_err(RuntimeError::io(format!(
+                "running {} {}",
+                self.name(),
+                args[0]
+            )))?;
         if !output.status.success() {
             return Err(RuntimeError::InvalidOption(format!(
-                "{} kill {id} {signal}: {}",
+                "{} {}: {}",
                 self.name(),
+                args.join(" "),
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
@@ -85,8 +105,10 @@ impl Runtime {
         let command = if self == Runtime::Crun && hybrid_cgroups() {
             let mut shim: Vec<std::ffi::OsString> = vec![
                 "--mount".into(),
+                // Slave: the cgroup unmount stays in here, while unmounts on
+                // the host (other images' lazy mounts) still reach this copy.
                 "--propagation".into(),
-                "private".into(),
+                "slave".into(),
                 "--".into(),
                 "sh".into(),
                 "-c".into(),
@@ -103,29 +125,6 @@ impl Runtime {
             command
         };
         Ok(command)
-    }
-
-    /// Removes what the runtime keeps of container `id` (after a crash of
-    /// the process that ran it); nothing is there after a clean exit.
-    pub fn delete(self, state_root: &Path, id: &str) {
-        if !state_root.join(id).exists() {
-            return;
-        }
-        let Ok(binary) = self.binary() else { return };
-        let outcome = Command::new(binary)
-            .arg("--root")
-            .arg(state_root)
-            .args(["delete", "--force", id])
-            .output();
-        if let Ok(output) = outcome {
-            if !output.status.success() {
-                tracing::warn!(
-                    "{} delete {id}: {}",
-                    self.name(),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-            }
-        }
     }
 }
 

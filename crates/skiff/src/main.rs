@@ -168,7 +168,7 @@ enum Command {
         Examples:\n  \
         skiff run debian:bookworm --server http://127.0.0.1:7070 --rm -- echo hello\n  \
         skiff run python:3 --server URL --record-profile -- python3 -c pass\n  \
-        skiff run debian:bookworm --rm -it -- bash"
+        skiff run debian:bookworm --rm -- bash        (a terminal when run from one)"
     )]
     Run(run::RunArgs),
     /// List containers

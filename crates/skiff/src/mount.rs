@@ -167,6 +167,11 @@ fn record_base(run_dir: &Path, mountpoint: &Path) -> PathBuf {
     run_dir.join("mounts").join(&key[..16])
 }
 
+/// The log of the daemon of the mount at `mountpoint`.
+pub(crate) fn log_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    record_base(run_dir, mountpoint).with_extension("log")
+}
+
 /// Where the daemon of the mount at `mountpoint` keeps the image's manifest.
 pub(crate) fn manifest_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
     record_base(run_dir, mountpoint).with_extension("manifest.json")

@@ -265,10 +265,14 @@ impl Containers {
         }
     }
 
-    /// Unmounts the container's overlay and removes its directory.
-    fn remove(&self, state: &ContainerState) -> Result<()> {
+    /// Unmounts the container's overlay and removes its directory, and the
+    /// log of a mount that was the container's alone.
+    fn remove(&self, state: &ContainerState, run_dir: &Path) -> Result<()> {
         let dir = self.path(&state.id);
         Overlay::unmount(&dir.join("rootfs"))?;
+        if state.lower.starts_with(&dir) {
+            let _ = std::fs::remove_file(mount::log_path(run_dir, &state.lower));
+        }
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
     }
 }
@@ -358,7 +362,10 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         }
     };
     state.command = bundle_args.clone();
-    containers.save(&state)?;
+    if let Err(e) = containers.save(&state) {
+        finish(&containers, &args.dirs, &mut state, 125, true);
+        return Err(e);
+    }
 
     let state_root = args.dirs.run_dir.join("runtime").join(runtime.name());
     let code = match supervise(
@@ -373,7 +380,9 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     ) {
         Ok(code) => code,
         Err(e) => {
-            runtime.delete(&state_root, &id);
+            if let Err(cleanup) = runtime.delete(&state_root, &id) {
+                eprintln!("skiff: {cleanup}");
+            }
             finish(&containers, &args.dirs, &mut state, 125, args.rm);
             return Err(e);
         }
@@ -397,7 +406,15 @@ fn claim_mount(
                 args.image,
                 existing.display()
             );
-            return Ok((existing, false));
+            // One `skiff run` made goes with the last container on it,
+            // whichever made it; one `skiff mount` made stays.
+            let made_by_run = args
+                .dirs
+                .run_dir
+                .join("images")
+                .canonicalize()
+                .is_ok_and(|images| existing.starts_with(images));
+            return Ok((existing, made_by_run));
         }
     }
     let mountpoint = if args.record_profile {
@@ -598,6 +615,10 @@ fn finish(
         eprintln!("skiff: {e}");
     }
     let lock = containers.lock();
+    if let Err(e) = &lock {
+        // Cleaning up matters more than the lock: go on without it.
+        eprintln!("skiff: {e:#}");
+    }
     state.exit_code = Some(code);
     if let Err(e) = containers.save(state) {
         eprintln!("skiff: {e:#}");
@@ -605,7 +626,7 @@ fn finish(
     // Before the directory goes: a private mount lives inside it.
     containers.release_mount(state, &dirs.run_dir);
     if remove {
-        if let Err(e) = containers.remove(state) {
+        if let Err(e) = containers.remove(state, &dirs.run_dir) {
             eprintln!("skiff: {e:#}");
         }
     }
@@ -707,16 +728,21 @@ fn remove_one(containers: &Containers, args: &RmArgs, id: &str) -> Result<()> {
     }
     let _lock = containers.lock()?;
     // Gone already if its `skiff run --rm` cleaned up.
-    let Ok(state) = containers.state(id) else {
+    let Ok(now) = containers.state(id) else {
         return Ok(());
     };
+    // Another container may have taken the ID since.
+    if now.created_unix != state.created_unix || now.pid != state.pid || now.is_running() {
+        bail!("container {id} was replaced by a new one while it was removed; it stays");
+    }
+    let state = now;
     if state.exit_code.is_none() {
         // Its `skiff run` died: what the runtime keeps of it goes too.
         if let Some(runtime) = Runtime::from_name(&state.runtime) {
-            runtime.delete(&args.dirs.run_dir.join("runtime").join(runtime.name()), id);
+            runtime.delete(&args.dirs.run_dir.join("runtime").join(runtime.name()), id)?;
         }
     }
     containers.release_mount(&state, &args.dirs.run_dir);
-    containers.remove(&state)?;
+    containers.remove(&state, &args.dirs.run_dir)?;
     Ok(())
 }
