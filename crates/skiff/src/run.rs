@@ -350,10 +350,13 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         owns_mount,
         exit_code: None,
     };
-    let prepared = containers
-        .save(&state)
-        .and_then(|()| prepare(&args, &dir, &lower, &id));
+    // Recorded as running before the lock goes: from here on no ending
+    // container unmounts the image under this one.
+    let saved = containers.save(&state);
     drop(lock);
+    // The bundle may read the image's /etc/passwd over the network: not
+    // under the lock.
+    let prepared = saved.and_then(|()| prepare(&args, &dir, &lower, &id));
     let (manifest, bundle_args) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
