@@ -1,5 +1,8 @@
-"""Writes one benchmark's tables into docs/BENCHMARKS.md, between its markers."""
+"""Writes one benchmark's tables into docs/BENCHMARKS.md, between its markers,
+and reads the results files the benchmark scripts write."""
 import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 DOC = Path("docs/BENCHMARKS.md")
@@ -17,3 +20,22 @@ def write_section(name, heading, body):
         doc = doc.rstrip("\n") + f"\n\n## {heading}\n\n{section}\n"
     DOC.write_text(doc)
     print(section)
+
+
+def load_results(path):
+    """`metric image variant value` lines (tab-separated) as a function
+    `med(metric, image, variant)`: the median of the values, NaN if none."""
+    values = defaultdict(list)
+    for line in Path(path).read_text().splitlines():
+        metric, image, variant, value = line.split("\t")
+        values[(metric, image, variant)].append(float(value))
+
+    def med(metric, image, variant):
+        v = values.get((metric, image, variant))
+        return statistics.median(v) if v else float("nan")
+
+    return med
+
+
+def mb(n):
+    return f"{n / 1e6:,.1f} MB"

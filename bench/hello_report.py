@@ -2,27 +2,13 @@
 import datetime
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-from benchdoc import write_section
+from benchdoc import load_results, mb, write_section
 
 results, meta, runs, rate, one_way_ms, kernel, cores = sys.argv[1:]
 images = [line.split("\t") for line in Path(meta).read_text().splitlines()]
-values = defaultdict(list)
-for line in Path(results).read_text().splitlines():
-    metric, image, variant, value = line.split("\t")
-    values[(metric, image, variant)].append(float(value))
-
-
-def med(metric, image, variant):
-    v = values.get((metric, image, variant))
-    return statistics.median(v) if v else float("nan")
-
-
-def mb(n):
-    return f"{n / 1e6:,.1f} MB"
-
+med = load_results(results)
 
 variants = ["plain", "cold-no-profile", "cold-profile", "warm"]
 lines = [

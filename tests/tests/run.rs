@@ -608,23 +608,28 @@ fn a_recorded_profile_round_trips_through_the_server_and_leads_the_fetch() {
         "{listed}"
     );
 
-    // A mount with an empty cache asks for the profile's chunks first, all
-    // in one request, in its order: zz before aa.
-    let proxy = TamperingProxy::start(&setup.server.url, &[]);
-    let mount = SkiffMount::start(
-        &setup.store,
-        "app:1",
-        &setup.path("profiled"),
-        &setup.path("run"),
-        &[
-            "--server",
-            &proxy.url,
-            "--cache",
-            setup.path("cache-1").to_str().unwrap(),
-        ],
-    );
-    wait_for_prefetch(&mount);
-    let fetches = proxy.fetches.lock().unwrap().clone();
+    // A mount with an empty cache, through a proxy that logs the fetch
+    // requests, until its prefetch is done.
+    let mount_logged = |dir: &str, extra: &[&str]| {
+        let proxy = TamperingProxy::start(&setup.server.url, &[]);
+        let cache = setup.path(&format!("cache-{dir}"));
+        let mut args = vec!["--server", &proxy.url, "--cache", cache.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mount = SkiffMount::start(
+            &setup.store,
+            "app:1",
+            &setup.path(dir),
+            &setup.path("run"),
+            &args,
+        );
+        wait_for_prefetch(&mount);
+        let fetches = proxy.fetches.lock().unwrap().clone();
+        (mount, fetches)
+    };
+
+    // It asks for the profile's chunks first, all in one request, in its
+    // order: zz before aa.
+    let (mount, fetches) = mount_logged("profiled", &[]);
     assert_eq!(
         fetches[0], order,
         "the first request is the profile, in order"
@@ -641,22 +646,7 @@ fn a_recorded_profile_round_trips_through_the_server_and_leads_the_fetch() {
     drop(mount);
 
     // Without the profile, prefetch goes in path order: aa before zz.
-    let plain = TamperingProxy::start(&setup.server.url, &[]);
-    let mount = SkiffMount::start(
-        &setup.store,
-        "app:1",
-        &setup.path("plain"),
-        &setup.path("run"),
-        &[
-            "--server",
-            &plain.url,
-            "--cache",
-            setup.path("cache-2").to_str().unwrap(),
-            "--no-profile",
-        ],
-    );
-    wait_for_prefetch(&mount);
-    let fetches = plain.fetches.lock().unwrap().clone();
+    let (mount, fetches) = mount_logged("plain", &["--no-profile"]);
     let (aa_at, zz_at) = (positions(&fetches, &aa), positions(&fetches, &zz));
     assert!(
         aa_at.iter().max() < zz_at.iter().min(),
