@@ -2,6 +2,7 @@
 //! chunks it touched, in the order they were first touched.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use fuser::INodeNo;
@@ -14,6 +15,8 @@ const PAGE: u64 = 4096;
 
 #[derive(Default)]
 pub struct Recorder {
+    /// Checked first on every read: a mount that does not record takes no lock.
+    active: AtomicBool,
     state: Mutex<Option<Recording>>,
 }
 
@@ -28,17 +31,21 @@ struct Recording {
 impl Recorder {
     pub fn recording() -> Recorder {
         Recorder {
+            active: AtomicBool::new(true),
             state: Mutex::new(Some(Recording::default())),
         }
     }
 
     pub fn is_recording(&self) -> bool {
-        self.state.lock().expect("recorder poisoned").is_some()
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Notes a read of bytes `offset..offset + len` of `ino`, which covers
     /// chunks `first..first + count`.
     pub fn note(&self, ino: INodeNo, first: usize, count: usize, offset: u64, len: u64) {
+        if !self.is_recording() {
+            return;
+        }
         let mut state = self.state.lock().expect("recorder poisoned");
         let Some(recording) = state.as_mut() else {
             return;
@@ -57,6 +64,7 @@ impl Recorder {
     /// Stops recording and returns what was read, or `None` when this
     /// mount was not recording (or was asked before).
     pub fn finish(&self, tree: &ImageTree, command: Vec<String>) -> Option<StartupProfile> {
+        self.active.store(false, Ordering::Relaxed);
         let recording = self.state.lock().expect("recorder poisoned").take()?;
         let wanted: HashSet<u64> = recording.order.iter().map(|(ino, _)| *ino).collect();
         // A hard-linked file goes by its first path. A path that is not
