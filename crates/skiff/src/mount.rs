@@ -279,10 +279,16 @@ pub(crate) fn process_start(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether process `pid`, which started at `start` (see [`process_start`]),
+/// still runs: a pid reused by another process does not count.
+pub(crate) fn still_runs(pid: u32, start: u64) -> bool {
+    process_is_running(pid) && process_start(pid) == Some(start)
+}
+
 impl MountRecord {
     /// Whether the daemon that wrote this record still runs.
     fn daemon_runs(&self) -> bool {
-        process_is_running(self.pid) && process_start(self.pid) == Some(self.pid_start)
+        still_runs(self.pid, self.pid_start)
     }
 }
 
@@ -637,7 +643,7 @@ fn serve_mount(
 }
 
 /// Written aside and renamed: a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     std::fs::write(&partial, bytes)

@@ -27,7 +27,6 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use skiff_client::process_is_running;
 use skiff_format::{ChunkId, ImageManifest, ImageRef, StartupProfile};
 use skiff_runtime::{write_bundle, ExecConfig, Overlay, RunOptions, Runtime};
 use skiff_store::Store;
@@ -158,9 +157,7 @@ struct ContainerState {
 
 impl ContainerState {
     fn is_running(&self) -> bool {
-        self.exit_code.is_none()
-            && process_is_running(self.pid)
-            && mount::process_start(self.pid) == Some(self.pid_start)
+        self.exit_code.is_none() && mount::still_runs(self.pid, self.pid_start)
     }
 
     fn status(&self) -> String {
@@ -214,10 +211,7 @@ impl Containers {
 
     fn save(&self, state: &ContainerState) -> Result<()> {
         let path = self.path(&state.id).join("state.json");
-        let partial = path.with_extension("json.partial");
-        std::fs::write(&partial, serde_json::to_vec_pretty(state)?)
-            .and_then(|()| std::fs::rename(&partial, &path))
-            .with_context(|| format!("writing {}", path.display()))
+        mount::write_atomically(&path, &serde_json::to_vec_pretty(state)?)
     }
 
     fn all(&self) -> Vec<ContainerState> {
