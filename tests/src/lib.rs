@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod proxy;
+pub mod registry_proxy;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -858,17 +859,38 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with_auth(None)
+    }
+
+    /// A registry that wants `user`/`password` (htpasswd, bcrypt) for everything.
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Registry {
+        Self::start_with_auth(Some((user, password)))
+    }
+
+    fn start_with_auth(auth: Option<(&str, &str)>) -> Registry {
         let dir = tempdir();
         let port = free_port();
         let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect(
+                    "htpasswd is required (apt-get install apache2-utils; `make test` installs it)",
+                );
+            assert!(out.status.success(), "htpasswd failed");
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, &out.stdout).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        fs::write(&config, yaml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -905,6 +927,19 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `DOCKER_CONFIG` directory whose config.json holds `auths` for `host`, as `docker login` writes it.
+pub fn docker_config(dir: &Path, host: &str, user: &str, password: &str) -> PathBuf {
+    use base64::Engine;
+    fs::create_dir_all(dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec(&json!({ "auths": { host: { "auth": auth } } })).unwrap(),
+    )
+    .unwrap();
+    dir.to_owned()
 }
 
 /// A one-file image whose config says `arch` and whose file `arch` holds it.

@@ -708,3 +708,66 @@ fn wait_for_prefetch(mount: &SkiffMount) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_container_runs_from_a_registry_and_its_profile_is_stored_there() {
+    let setup = Setup::new();
+    let registry = Registry::start_with_basic_auth("runner", "pw");
+    let host = format!("127.0.0.1:{}", registry.port);
+    let config = docker_config(&setup.path("docker"), &host, "runner", "pw");
+    let image = format!("docker://{host}/apps/app:1");
+    let skiff = |args: &[&str]| {
+        setup
+            .command(args)
+            .env("DOCKER_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let out = skiff(&["push", "app:1", &image]);
+    assert!(out.status.success(), "{}", text(&out).1);
+
+    // Straight from the registry, with the image's own entrypoint and user.
+    let (stdout, stderr, code) = text(&skiff(&["run", "--rm", &image]));
+    assert_eq!(
+        stdout, "greetings from layers in /data as 1000\n",
+        "{stderr}"
+    );
+    assert_eq!(code, Some(7), "{stderr}");
+
+    // A profile recorded on it goes to the registry, under the same tag.
+    let (stdout, stderr, code) = text(&skiff(&[
+        "run",
+        "--rm",
+        "--record-profile",
+        &image,
+        "--entrypoint",
+        "",
+        "--",
+        "sh",
+        "-c",
+        "cat /data/zz > /dev/null && echo read",
+    ]));
+    assert_eq!((stdout.as_str(), code), ("read\n", Some(0)), "{stderr}");
+    assert!(stderr.contains("recorded a startup profile"), "{stderr}");
+    let out = skiff(&["images", &format!("docker://{host}/apps/app"), "--json"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["tag"], "1", "{listed}");
+    assert!(
+        listed[0]["profile"]["files"].as_u64().unwrap() >= 2,
+        "{listed}"
+    );
+
+    // The next container starts with the profile fetched first.
+    let (stdout, stderr, code) = text(&skiff(&["run", "--rm", &image, "--", "0"]));
+    assert_eq!(
+        stdout, "greetings from layers in /data as 1000\n",
+        "{stderr}"
+    );
+    assert_eq!(code, Some(0));
+    assert!(
+        setup.skiff_mounts().is_empty(),
+        "{:?}",
+        setup.skiff_mounts()
+    );
+}

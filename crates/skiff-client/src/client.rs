@@ -1,7 +1,7 @@
 //! Requests to a skiff chunk server (docs/API.md), blocking.
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::blocking::{RequestBuilder, Response};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -13,51 +13,12 @@ use skiff_format::wire::{
 };
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, IndexDigest};
 
+use skiff_source::Backoff;
+
 use crate::ClientError;
 
 /// How long a failing request is retried unless told otherwise.
 pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Exponential backoff within a window, restarted whenever work progresses.
-struct Backoff {
-    window: Duration,
-    deadline: Instant,
-    delay: Duration,
-}
-
-impl Backoff {
-    fn new(window: Duration) -> Self {
-        Backoff {
-            window,
-            deadline: Instant::now() + window,
-            delay: FIRST_BACKOFF,
-        }
-    }
-
-    /// After a failure: waits and says to try again, or says to give up.
-    fn retry(&mut self, error: &ClientError) -> bool {
-        if !error.is_transient() || Instant::now() + self.delay >= self.deadline {
-            return false;
-        }
-        tracing::warn!("{error}; retrying in {:?}", self.delay);
-        std::thread::sleep(self.delay);
-        self.delay = (self.delay * 2).min(MAX_BACKOFF);
-        true
-    }
-
-    /// Time left before giving up, so one attempt cannot outlast the window.
-    fn remaining(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
-    }
-
-    fn progressed(&mut self) {
-        self.deadline = Instant::now() + self.window;
-        self.delay = FIRST_BACKOFF;
-    }
-}
-
 /// A connection to one chunk server.
 #[derive(Clone)]
 pub struct Client {
@@ -181,7 +142,7 @@ impl Client {
                 {
                     return Ok(Vec::new());
                 }
-                Err(e) if backoff.retry(&e) => retried = true,
+                Err(e) if backoff.retry(e.is_transient(), &e) => retried = true,
                 other => return other,
             }
         }
@@ -317,7 +278,7 @@ impl Client {
             let before = done;
             let timeout = self
                 .batch_timeout
-                .map(|t| t.min(backoff.remaining()).max(FIRST_BACKOFF));
+                .map(|t| t.min(backoff.remaining()).max(Backoff::FIRST_DELAY));
             let attempt = self.fetch_once(&ids[done..], timeout, &mut |id, data, wire_len| {
                 each(id, data, wire_len)?;
                 done += 1;
@@ -334,7 +295,7 @@ impl Client {
                     if done == ids.len() && e.is_transient() {
                         return Ok(());
                     }
-                    if !backoff.retry(&e) {
+                    if !backoff.retry(e.is_transient(), &e) {
                         return Err(e);
                     }
                 }

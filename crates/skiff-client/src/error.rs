@@ -32,6 +32,10 @@ pub enum ClientError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
+    Registry(#[from] skiff_registry::RegistryError),
+    #[error("{0}")]
+    Source(String),
+    #[error(transparent)]
     Format(#[from] FormatError),
 }
 
@@ -43,6 +47,7 @@ impl ClientError {
         match self {
             ClientError::Http { source, .. } => !source.is_builder(),
             ClientError::Interrupted { .. } => true,
+            ClientError::Registry(e) => e.is_transient(),
             ClientError::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
             _ => false,
         }

@@ -6,11 +6,16 @@
 mod cache;
 mod client;
 mod error;
+mod registry;
 mod source;
 mod transfer;
 
 pub use cache::{process_is_running, CacheError, ChunkCache, EvictReport};
 pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
+pub use registry::{
+    pull_from_registry, push_to_registry, put_profile, RegistryPullReport, RegistryPushReport,
+    BLOB_SEGMENT_BYTES,
+};
 pub use source::CachedSource;
 pub use transfer::{pull, push, NoProgress, TransferProgress, TransferReport};

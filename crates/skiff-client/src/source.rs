@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use skiff_format::{ChunkId, ChunkRef};
-use skiff_store::{ChunkSource, SourceError};
+use skiff_source::{ChunkSource, SourceError, SourceTraffic};
 
 use crate::cache::ChunkCache;
 use crate::{Client, ClientError};
@@ -80,6 +80,10 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
 
     fn unpin(&self, ids: &[ChunkId]) {
         self.cache.unpin(ids);
+    }
+
+    fn traffic(&self) -> Option<SourceTraffic> {
+        self.remote.traffic()
     }
 
     fn describe(&self) -> String {

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use skiff_chunk::{compress_chunk, FrameBuilder};
 use skiff_format::wire::write_chunk_record;
-use skiff_format::{ChunkRef, ImageIndex, ImageRef};
+use skiff_format::{ChunkId, ChunkRef, ImageIndex, ImageRef};
 use skiff_store::Store;
 
 use crate::{Client, ClientError};
@@ -58,12 +58,12 @@ pub struct TransferReport {
     pub elapsed: Duration,
 }
 
-fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
 /// The image's distinct chunks in first-use order.
-fn distinct_chunks(index: &ImageIndex) -> Vec<ChunkRef> {
+pub(crate) fn distinct_chunks(index: &ImageIndex) -> Vec<ChunkRef> {
     let mut seen = HashSet::new();
     index
         .chunk_refs()
@@ -182,23 +182,64 @@ pub fn pull(
     let started = Instant::now();
     let (manifest, encoded, index) = client.image(image)?;
     let chunks = distinct_chunks(&index);
+    let missing = missing_in(store, &chunks)?;
+    let bytes_sent: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+    progress.start(missing.len() as u64, bytes_sent);
+
+    let mut wire_bytes = 0;
+    let batches_done = store_chunks(store, &missing, progress, &mut |ids, each| {
+        client.fetch(ids, |id, data, wire_len| {
+            wire_bytes += wire_len as u64;
+            each(id, data)
+        })
+    })?;
+    store.put_index(&encoded)?;
+    store.put_manifest(&manifest)?;
+    Ok(TransferReport {
+        image: image.to_string(),
+        chunks: chunks.len() as u64,
+        chunks_sent: missing.len() as u64,
+        bytes_sent,
+        wire_bytes,
+        batches: batches_done,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Where a fetch hands each verified chunk.
+pub(crate) type ChunkSink<'a> = dyn FnMut(ChunkId, Vec<u8>) -> Result<(), ClientError> + 'a;
+
+/// Fetches one batch of ids into a [`ChunkSink`].
+pub(crate) type BatchFetch<'a> =
+    dyn FnMut(&[ChunkId], &mut ChunkSink) -> Result<(), ClientError> + 'a;
+
+/// The chunks of `chunks` that `store` lacks.
+pub(crate) fn missing_in(store: &Store, chunks: &[ChunkRef]) -> Result<Vec<ChunkRef>, ClientError> {
     let mut missing = Vec::new();
-    for chunk in &chunks {
+    for chunk in chunks {
         if !store.contains_chunk(&chunk.id)? {
             missing.push(*chunk);
         }
     }
-    let bytes_sent: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
-    progress.start(missing.len() as u64, bytes_sent);
+    Ok(missing)
+}
 
+/// Fetches `missing` into `store` in batches, each durable before the next
+/// is asked for (a rerun skips them); returns how many batches it took.
+/// `fetch` gets a batch's ids and hands each verified chunk on.
+pub(crate) fn store_chunks(
+    store: &Store,
+    missing: &[ChunkRef],
+    progress: &dyn TransferProgress,
+    fetch: &mut BatchFetch,
+) -> Result<u64, ClientError> {
     let config = store.config();
     let mut writer = store.pack_writer()?;
-    let (mut batches_done, mut wire_bytes) = (0, 0);
-    for batch in batches(&missing) {
+    let mut batches_done = 0;
+    for batch in batches(missing) {
         let mut frames = FrameBuilder::new(config.frame_size as usize, config.zstd_level)?;
         let ids: Vec<_> = batch.iter().map(|c| c.id).collect();
-        client.fetch(&ids, |id, data, wire_len| {
-            wire_bytes += wire_len as u64;
+        fetch(&ids, &mut |id, data| {
             progress.advance(data.len() as u64);
             if let Some(frame) = frames.push(id, &data)? {
                 writer.append(&frame)?;
@@ -213,17 +254,7 @@ pub fn pull(
         batches_done += 1;
     }
     writer.finish()?;
-    store.put_index(&encoded)?;
-    store.put_manifest(&manifest)?;
-    Ok(TransferReport {
-        image: image.to_string(),
-        chunks: chunks.len() as u64,
-        chunks_sent: missing.len() as u64,
-        bytes_sent,
-        wire_bytes,
-        batches: batches_done,
-        elapsed: started.elapsed(),
-    })
+    Ok(batches_done)
 }
 
 #[cfg(test)]

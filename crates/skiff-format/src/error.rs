@@ -17,6 +17,8 @@ pub enum FormatError {
     MalformedManifest(String),
     #[error("invalid startup profile: {0}")]
     InvalidProfile(String),
+    #[error("malformed chunk table: {0}")]
+    MalformedChunkTable(String),
     #[error("invalid chunking parameters: {0}")]
     InvalidChunking(String),
     #[error("invalid image reference {reference:?}: {reason}")]

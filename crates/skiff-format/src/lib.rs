@@ -4,6 +4,7 @@
 //! Everything here is pure data with a deterministic encoding; see
 //! `docs/FORMAT.md` for the byte-level description.
 
+pub mod artifact;
 mod digest;
 mod error;
 mod image_ref;

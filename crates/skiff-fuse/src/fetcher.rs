@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 use skiff_format::{ChunkId, ChunkRef};
-use skiff_store::{ChunkSource, SourceError};
+use skiff_source::{ChunkSource, SourceError};
 
 use crate::stats::MountStats;
 

@@ -21,7 +21,7 @@ use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
 use skiff_format::{ImageIndex, StartupProfile};
-use skiff_store::ChunkSource;
+use skiff_source::ChunkSource;
 use thiserror::Error;
 
 pub use fetcher::Fetcher;
@@ -172,6 +172,11 @@ impl Mount {
 
     pub fn stats(&self) -> StatsReport {
         self.fetcher.stats.report()
+    }
+
+    /// What the chunk source did on the network, if it is a network source.
+    pub fn source_traffic(&self) -> Option<skiff_source::SourceTraffic> {
+        self.fetcher.source().traffic()
     }
 
     pub fn tree(&self) -> &ImageTree {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use skiff_format::wire::MAX_IDS_PER_REQUEST;
 use skiff_format::{ChunkId, InodeKind};
-use skiff_store::SourceError;
+use skiff_source::SourceError;
 
 use crate::fetcher::Fetcher;
 use crate::tree::ImageTree;

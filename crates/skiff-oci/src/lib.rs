@@ -18,5 +18,4 @@ pub use convert::{convert, ConvertOptions, ConvertProgress, ConvertReport};
 pub use error::OciError;
 pub use export::{export, ExportReport};
 pub use merge::MergedTree;
-pub use registry::{RegistryClient, RegistryRef};
 pub use source::{ImageSource, LayerCompression, LayerDescriptor, Platform, ResolvedImage};

@@ -13,9 +13,9 @@ use oci_spec::image::{
 use serde::Deserialize;
 
 use crate::error::IoContext;
-use crate::registry::{RegistryClient, RegistryRef};
 use crate::verify::{sha256_hex, verify_blob, DigestCheckedReader, HashingReader};
 use crate::OciError;
+use skiff_registry::{Registry, RegistryRef};
 
 /// Manifests and configs are small; anything bigger is not one.
 pub(crate) const MAX_JSON_BLOB: u64 = 16 << 20;
@@ -180,7 +180,7 @@ pub enum ImageSource {
     /// `docker://[HOST[:PORT]/]NAME[:TAG|@DIGEST]`
     Registry {
         reference: RegistryRef,
-        client: RegistryClient,
+        client: Box<Registry>,
     },
 }
 
@@ -202,7 +202,7 @@ impl ImageSource {
         }
         if let Some(rest) = spec.strip_prefix("docker://") {
             let reference = RegistryRef::parse(rest)?;
-            let client = RegistryClient::new(&reference)?;
+            let client = Box::new(Registry::new(&reference)?);
             return Ok(ImageSource::Registry { reference, client });
         }
         Err(OciError::UnsupportedSource(spec.to_owned()))
@@ -271,7 +271,7 @@ impl ImageSource {
                     .as_deref()
                     .expect("remote layers are named by digest");
                 Ok(Box::new(DigestCheckedReader::new(
-                    client.blob(digest)?,
+                    crate::registry::open_blob(client, digest)?,
                     digest,
                     layer.size,
                 )))

@@ -27,5 +27,5 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use layout::{ChunkLocation, LayerRecord, StoreConfig};
 pub use pack::{PackWriter, WriteSummary};
-pub use source::{ChunkSource, SourceError};
-pub use store::{FsckReport, Store, StoreStats};
+
+pub use store::{FsckReport, PackFrame, Store, StoreStats};

@@ -1,6 +1,7 @@
 //! The `skiff` command.
 
 mod mount;
+mod origin;
 mod progress;
 mod run;
 
@@ -16,6 +17,9 @@ use std::time::Duration;
 use skiff_client::{Client, TransferReport};
 use skiff_format::wire::ImageSummary;
 use skiff_format::ImageRef;
+use skiff_registry::{Registry, RegistryRef};
+
+use crate::origin::ImageArg;
 use skiff_oci::{ConvertOptions, ImageSource, Platform};
 use skiff_server::{Server, ServerConfig, Tokens};
 use skiff_store::{Store, StoreConfig};
@@ -47,12 +51,17 @@ enum Command {
         docker://[HOST/]NAME[:TAG|@DIGEST]  a registry (plain HTTP for loopback hosts and\n  \
                                          those in SKIFF_INSECURE_REGISTRIES; credentials\n  \
                                          from SKIFF_REGISTRY_AUTH=user:password)\n\n\
-        Example: skiff convert oci:./debian:bookworm debian:bookworm")]
+        TARGET is NAME[:TAG] in the store, or docker://HOST[:PORT]/REPO:TAG: converted into\n  \
+        --store if given (so later pushes share its blobs), else a temporary store, then\n  \
+        pushed to that registry.\n\n\
+        Examples:\n  \
+        skiff convert oci:./debian:bookworm debian:bookworm\n  \
+        skiff convert docker://registry.example/debian:12 docker://registry.example/skiff/debian:12")]
     Convert {
         /// Where the image comes from
         source: String,
-        /// NAME[:TAG] to store it under (tag defaults to latest)
-        target: ImageRef,
+        /// NAME[:TAG] to store it under (tag defaults to latest), or docker://HOST/REPO:TAG to publish to
+        target: ImageArg,
         /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
         #[arg(long)]
         platform: Option<String>,
@@ -63,10 +72,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the images in the store, or on a server
+    /// List the images in the store, on a server, or a registry repository's skiff tags
+    #[command(
+        after_help = "Examples:\n  skiff images\n  skiff images --server http://127.0.0.1:7070\n  \
+        skiff images docker://registry.example/skiff/debian"
+    )]
     Images {
+        /// docker://HOST[:PORT]/REPO: list that repository's skiff images
+        repository: Option<String>,
         /// List a server's images instead of the local store's
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", conflicts_with = "repository")]
         server: Option<String>,
         /// Bearer token for a server that guards reads
         #[arg(long, value_name = "FILE", requires = "server")]
@@ -94,21 +109,35 @@ enum Command {
         #[arg(long, default_value_t = 512, value_name = "MIB")]
         cache_mb: u64,
     },
-    /// Send an image to a server: only the chunks it lacks, resumable
-    #[command(after_help = "Example: skiff push debian:bookworm --server http://127.0.0.1:7070")]
+    /// Send an image to a registry or a server: only what it lacks, resumable
+    #[command(
+        after_help = "To a registry, the image's chunks travel as pack blobs: blobs the \
+        repository has are not sent, blobs another repository of the registry got from this \
+        store are cross-mounted. Credentials come from docker's config.json (auths, credHelpers, \
+        credsStore) or SKIFF_REGISTRY_AUTH=[HOST=]USER:PASSWORD.\n\n\
+        Examples:\n  \
+        skiff push debian:bookworm docker://registry.example/skiff/debian:bookworm\n  \
+        skiff push debian:bookworm --server http://127.0.0.1:7070"
+    )]
     Push {
         /// NAME[:TAG] in the local store
         image: ImageRef,
+        /// docker://HOST[:PORT]/REPO:TAG to publish to [default: --server]
+        destination: Option<String>,
         #[command(flatten)]
         remote: Remote,
         #[arg(long)]
         json: bool,
     },
-    /// Fetch an image from a server into the store: only the chunks it lacks, resumable
-    #[command(after_help = "Example: skiff pull debian:bookworm --server http://127.0.0.1:7070")]
+    /// Fetch an image from a registry or a server into the store: only the chunks it lacks, resumable
+    #[command(after_help = "Examples:\n  \
+        skiff pull docker://registry.example/skiff/debian:bookworm debian:bookworm\n  \
+        skiff pull debian:bookworm --server http://127.0.0.1:7070")]
     Pull {
-        /// NAME[:TAG] on the server
-        image: ImageRef,
+        /// NAME[:TAG] on the server, or docker://HOST[:PORT]/REPO:TAG
+        image: ImageArg,
+        /// NAME[:TAG] to store a registry's image under [default: REPO:TAG]
+        target: Option<ImageRef>,
         #[command(flatten)]
         remote: Remote,
         #[arg(long)]
@@ -191,7 +220,7 @@ enum Command {
 struct Remote {
     /// The chunk server's URL
     #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
-    server: String,
+    server: Option<String>,
     /// File holding the server's bearer token
     #[arg(long, env = "SKIFF_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -205,18 +234,25 @@ impl Remote {
     /// The server of a command that also works on the local store.
     fn at(server: String, token_file: Option<PathBuf>) -> Remote {
         Remote {
-            server,
+            server: Some(server),
             token_file,
             retry_for: skiff_client::DEFAULT_RETRY_WINDOW.as_secs(),
         }
     }
 
     fn client(&self) -> Result<Client> {
+        let Some(server) = &self.server else {
+            bail!("name a server with --server URL (or $SKIFF_SERVER), or a registry as docker://HOST/REPO:TAG");
+        };
         let token = self.token_file.as_deref().map(read_token).transpose()?;
-        Ok(
-            Client::new(&self.server, token)?
-                .with_retry_window(Duration::from_secs(self.retry_for)),
-        )
+        Ok(Client::new(server, token)?.with_retry_window(Duration::from_secs(self.retry_for)))
+    }
+
+    fn registry(&self, reference: &RegistryRef) -> Result<Registry> {
+        if self.server.is_some() {
+            bail!("{reference} names a registry: drop --server");
+        }
+        Ok(Registry::new(reference)?.with_retry_window(Duration::from_secs(self.retry_for)))
     }
 }
 
@@ -275,14 +311,28 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let store_dir = match cli.store {
-        Some(dir) => dir,
+    let store_dir = match &cli.store {
+        Some(dir) => dir.clone(),
         None => default_store()?,
     };
     match cli.command {
         Command::Convert {
             source,
-            target,
+            target: ImageArg::Registry(destination),
+            platform,
+            threads,
+            json,
+        } => convert_and_push(
+            cli.store.as_deref(),
+            &source,
+            &destination,
+            platform.as_deref(),
+            threads,
+            json,
+        )?,
+        Command::Convert {
+            source,
+            target: ImageArg::Named(target),
             platform,
             threads,
             json,
@@ -303,9 +353,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             result?
         }
         Command::Images {
+            repository: Some(repository),
+            json,
+            ..
+        } => registry_images(&repository, json)?,
+        Command::Images {
             server: Some(server),
             token_file,
             json,
+            ..
         } => remote_images(&Remote::at(server, token_file).client()?, json)?,
         Command::Images { json, .. } => images(&Store::open_read_only(&store_dir)?, json)?,
         Command::Serve {
@@ -322,6 +378,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Push {
             image,
+            destination: Some(destination),
+            remote,
+            json,
+        } => {
+            let reference = registry_arg(&destination)?;
+            let registry = remote.registry(&reference)?;
+            let store = Store::open_read_only(&store_dir)?;
+            push_to_registry(&store, &image, &registry, json)?;
+        }
+        Command::Push {
+            image,
+            destination: None,
             remote,
             json,
         } => {
@@ -334,7 +402,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_transfer(&report, "pushed", "to", client.server(), json)?;
         }
         Command::Pull {
-            image,
+            image: ImageArg::Registry(reference),
+            target,
+            remote,
+            json,
+        } => {
+            let registry = Arc::new(remote.registry(&reference)?);
+            let target = match target {
+                Some(target) => target,
+                None => format!("{}:{}", reference.repository, reference.reference)
+                    .parse()
+                    .context("name the image in the store: skiff pull docker://… NAME:TAG")?,
+            };
+            let store = Store::open_or_create(&store_dir, &StoreConfig::default())
+                .with_context(|| format!("opening store {}", store_dir.display()))?;
+            let bar = progress::TransferBar::new("pull");
+            let report = skiff_client::pull_from_registry(registry, &store, &target, &bar)
+                .with_context(|| format!("pulling {reference}"))?;
+            bar.bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "pulled {} as {}: {} of {} chunks fetched ({}, {} from the registry in {} requests), {:.2}s",
+                    report.source,
+                    report.image,
+                    report.chunks_fetched,
+                    report.chunks,
+                    progress::bytes(report.bytes_fetched),
+                    progress::bytes(report.wire_bytes),
+                    report.requests,
+                    report.elapsed.as_secs_f64()
+                );
+            }
+        }
+        Command::Pull {
+            image: ImageArg::Named(image),
+            target: Some(_),
+            ..
+        } => bail!("a second NAME:TAG is for images from a registry; {image} keeps its name"),
+        Command::Pull {
+            image: ImageArg::Named(image),
+            target: None,
             remote,
             json,
         } => {
@@ -448,6 +557,107 @@ fn convert(
     );
     println!("index {}", report.manifest.index.digest);
     Ok(())
+}
+
+/// A `docker://` argument.
+fn registry_arg(arg: &str) -> Result<RegistryRef> {
+    match RegistryRef::parse_url(arg) {
+        Some(reference) => Ok(reference?),
+        None => {
+            bail!("{arg:?} is not a registry reference: expected docker://HOST[:PORT]/REPO:TAG")
+        }
+    }
+}
+
+fn push_to_registry(
+    store: &Store,
+    image: &ImageRef,
+    registry: &Registry,
+    json: bool,
+) -> Result<()> {
+    let bar = progress::TransferBar::new("push");
+    let report = skiff_client::push_to_registry(store, image, registry, &bar)
+        .with_context(|| format!("pushing {image} to {}", registry.reference()))?;
+    bar.bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "pushed {image} to {} ({}): {} blobs, {} uploaded ({}), {} cross-mounted, {} present, {:.2}s",
+        report.destination,
+        report.digest,
+        report.blobs,
+        report.blobs_uploaded,
+        progress::bytes(report.bytes_uploaded),
+        report.blobs_mounted,
+        report.blobs_present,
+        report.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `skiff convert SOURCE docker://DST`: into `store` if given, else a
+/// temporary store that goes when the push is done.
+fn convert_and_push(
+    store: Option<&Path>,
+    source: &str,
+    destination: &RegistryRef,
+    platform: Option<&str>,
+    threads: usize,
+    json: bool,
+) -> Result<()> {
+    if destination.is_digest() {
+        bail!("publish {destination} to a tag, not a digest");
+    }
+    let registry = Registry::new(destination)?;
+    let target: ImageRef =
+        format!("{}:{}", destination.repository, destination.reference).parse()?;
+    let temporary;
+    let store_dir = match store {
+        Some(dir) => dir,
+        None => {
+            temporary = tempfile::Builder::new()
+                .prefix("skiff-convert-")
+                .tempdir()
+                .context("making a temporary store")?;
+            temporary.path()
+        }
+    };
+    convert(store_dir, source, &target, platform, threads, json)?;
+    let store = Store::open_read_only(store_dir)?;
+    push_to_registry(&store, &target, &registry, json)
+}
+
+fn registry_images(repository: &str, json: bool) -> Result<()> {
+    let mut reference = registry_arg(repository)?;
+    if repository
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.contains(':') || last.contains('@'))
+    {
+        bail!("name a repository, docker://HOST/REPO, without a tag");
+    }
+    reference.reference = "latest".into();
+    let registry = Registry::new(&reference)?;
+    let mut rows = Vec::new();
+    for tag in registry.tags()? {
+        match skiff_registry::RemoteImage::manifest_at(&registry, &tag) {
+            Ok((oci, _)) => {
+                let layer = &oci.layers[0];
+                let bytes =
+                    registry.blob(&layer.digest, skiff_registry::MAX_SKIFF_MANIFEST_BYTES)?;
+                let mut manifest = skiff_format::ImageManifest::from_json(&bytes)?;
+                manifest.name = format!("{}/{}", reference.host, reference.repository);
+                manifest.tag = tag;
+                rows.push(ImageSummary::from(&manifest));
+            }
+            // Plain images and other artifacts share repositories with skiff's.
+            Err(skiff_registry::RegistryError::NotSkiff { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    print_images(&rows, json)
 }
 
 fn images(store: &Store, json: bool) -> Result<()> {

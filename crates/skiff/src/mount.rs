@@ -26,13 +26,13 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use skiff_client::{process_is_running, CachedSource, ChunkCache};
-use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef};
+use skiff_client::{process_is_running, ChunkCache};
+use skiff_format::ChunkId;
 use skiff_fuse::{LocalShare, Mount, MountOptions, PrefetchConfig, StatsReport};
-use skiff_store::{ChunkSource, Store};
+use skiff_source::SourceTraffic;
 
+use crate::origin::{open_image, ImageArg, OpenOptions, OpenedImage, Origin};
 use crate::progress::bytes;
-use crate::Remote;
 
 pub(crate) const DEFAULT_RUN_DIR: &str = "/run/skiff";
 pub(crate) const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
@@ -41,11 +41,11 @@ const UNMOUNT_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(clap::Args)]
 pub struct MountArgs {
-    /// NAME[:TAG] of the image
-    pub(crate) image: ImageRef,
+    /// NAME[:TAG] of the image, or docker://HOST[:PORT]/REPO[:TAG] in a registry
+    pub(crate) image: ImageArg,
     /// An empty directory to mount it on (created if missing)
     pub(crate) mountpoint: PathBuf,
-    /// Read chunks from this server [default: from the local store, --store]
+    /// Read chunks from this server [default: from the local store, --store, or the image's registry]
     #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
     pub(crate) server: Option<String>,
     /// File holding the server's bearer token
@@ -74,7 +74,7 @@ pub struct MountArgs {
     /// Memory for chunks, per mount
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub(crate) memory_mb: u64,
-    /// Seconds a read keeps retrying an unreachable or stalled server before it fails with EIO
+    /// Seconds a read keeps retrying an unreachable or stalled server or registry before it fails with EIO
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub(crate) retry_for: u64,
     /// Stay in the foreground until unmounted (Ctrl-C or SIGTERM unmounts)
@@ -112,9 +112,8 @@ struct MountRecord {
     pid_start: u64,
     image: String,
     source: String,
-    /// Where the image comes from, as [`origin`] spells it.
-    #[serde(default)]
-    origin: String,
+    /// Where the image comes from.
+    origin: Origin,
     mountpoint: PathBuf,
     started_unix: u64,
 }
@@ -130,6 +129,9 @@ struct MountStatus {
     /// Chunks of this image on this host (memory or cache).
     local: LocalShare,
     stats: StatsReport,
+    /// What the source did on the network (a registry's requests, bytes, ranges).
+    #[serde(default)]
+    traffic: Option<SourceTraffic>,
     cache: Option<CacheStatus>,
 }
 
@@ -177,23 +179,8 @@ pub(crate) fn manifest_path(run_dir: &Path, mountpoint: &Path) -> PathBuf {
     record_base(run_dir, mountpoint).with_extension("manifest.json")
 }
 
-/// Where an image comes from, the same however it is named on the command
-/// line, so `skiff run` can find a mount of it to share.
-pub(crate) fn origin(store_dir: &Path, server: Option<&str>) -> String {
-    match server {
-        Some(url) => format!("server {}", url.trim_end_matches('/')),
-        None => format!(
-            "store {}",
-            store_dir
-                .canonicalize()
-                .unwrap_or_else(|_| store_dir.to_owned())
-                .display()
-        ),
-    }
-}
-
 /// A live skiff mount of `image` from `origin` that this run dir knows.
-pub(crate) fn find_mount(run_dir: &Path, image: &ImageRef, origin: &str) -> Option<PathBuf> {
+pub(crate) fn find_mount(run_dir: &Path, image: &ImageArg, origin: &Origin) -> Option<PathBuf> {
     let image = image.to_string();
     std::fs::read_dir(run_dir.join("mounts"))
         .ok()?
@@ -202,7 +189,7 @@ pub(crate) fn find_mount(run_dir: &Path, image: &ImageRef, origin: &str) -> Opti
         .filter_map(|entry| read_record(&entry.path()))
         .find(|record| {
             record.image == image
-                && record.origin == origin
+                && record.origin == *origin
                 && record.daemon_runs()
                 && mounted_here(&record.mountpoint) == MountedHere::Skiff
         })
@@ -483,54 +470,6 @@ fn spawn_daemon(argv: &[OsString], log_path: &Path) -> Result<u32> {
     )
 }
 
-/// Where a mount reads from, resolved before the file system is mounted.
-struct OpenedSource {
-    manifest: ImageManifest,
-    index: ImageIndex,
-    source: Arc<dyn ChunkSource>,
-    /// The host's chunk cache, for a server source.
-    cache: Option<Arc<ChunkCache>>,
-}
-
-fn open_source(store_dir: &Path, args: &MountArgs) -> Result<OpenedSource> {
-    match &args.server {
-        Some(server) => {
-            let remote = Remote {
-                server: server.clone(),
-                token_file: args.token_file.clone(),
-                retry_for: args.retry_for,
-            };
-            let client = remote
-                .client()?
-                // A stalled server costs a retry, never the whole window.
-                .with_batch_timeout(Duration::from_secs(10));
-            let (manifest, _, index) = client
-                .image(&args.image)
-                .with_context(|| format!("getting {} from {server}", args.image))?;
-            let max_bytes = (args.cache_max_gb * 1e9) as u64;
-            let cache = ChunkCache::open(&args.cache, max_bytes)?;
-            let source = CachedSource::new(cache.clone(), client);
-            Ok(OpenedSource {
-                manifest,
-                index,
-                source: Arc::new(source),
-                cache: Some(cache),
-            })
-        }
-        None => {
-            let store = Store::open_read_only(store_dir)?;
-            let manifest = store.image(&args.image)?;
-            let index = store.index(&manifest.index.digest)?;
-            Ok(OpenedSource {
-                manifest,
-                index,
-                source: Arc::new(store),
-                cache: None,
-            })
-        }
-    }
-}
-
 fn serve_mount(
     store_dir: &Path,
     args: &MountArgs,
@@ -545,12 +484,22 @@ fn serve_mount(
         let _ = stop_tx.send(());
     })
     .context("installing the signal handler")?;
-    let OpenedSource {
+    let origin = Origin::of(&args.image, args.server.as_deref(), store_dir)?;
+    let OpenedImage {
         manifest,
         index,
         source,
         cache,
-    } = open_source(store_dir, args)?;
+    } = open_image(
+        &args.image,
+        &origin,
+        &OpenOptions {
+            token_file: args.token_file.as_deref(),
+            retry_for: Duration::from_secs(args.retry_for),
+            cache: &args.cache,
+            cache_max_bytes: (args.cache_max_gb * 1e9) as u64,
+        },
+    )?;
     let describe = source.describe();
     // A recording mount must not learn from the profile it is replacing.
     let first = match &manifest.profile {
@@ -586,7 +535,7 @@ fn serve_mount(
         pid_start: process_start(pid).unwrap_or(0),
         image: args.image.to_string(),
         source: describe,
-        origin: origin(store_dir, args.server.as_deref()),
+        origin,
         mountpoint: mountpoint.to_owned(),
         started_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -679,6 +628,7 @@ fn spawn_status_server(
                     uptime_secs: started.elapsed().as_secs_f64(),
                     local: mount.local_share(),
                     stats: mount.stats(),
+                    traffic: mount.source_traffic(),
                     cache: cache.as_ref().map(|c| CacheStatus {
                         dir: c.root().to_owned(),
                         bytes: c.approx_bytes(),
@@ -839,6 +789,18 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
     }
     if s.corrupt_chunks > 0 {
         println!("corrupt     {} chunks refused", s.corrupt_chunks);
+    }
+    if let Some(t) = &status.traffic {
+        println!(
+            "network     {} requests, {} ranges, {} received, {} retried",
+            t.requests,
+            t.ranges,
+            bytes(t.bytes),
+            t.retries
+        );
+        for note in &t.notes {
+            println!("note        {note}");
+        }
     }
     if let Some(cache) = &status.cache {
         println!(

@@ -27,11 +27,13 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use skiff_format::{ChunkId, ImageManifest, ImageRef, StartupProfile};
+use skiff_format::{ChunkId, ImageManifest, StartupProfile};
+use skiff_registry::Registry;
 use skiff_runtime::{write_bundle, ExecConfig, Overlay, RunOptions, Runtime};
 use skiff_store::Store;
 
 use crate::mount::{self, MountArgs};
+use crate::origin::{ImageArg, Origin};
 use crate::progress::bytes;
 use crate::Remote;
 
@@ -43,8 +45,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// NAME[:TAG] of the image
-    image: ImageRef,
+    /// NAME[:TAG] of the image, or docker://HOST[:PORT]/REPO[:TAG] in a registry
+    image: ImageArg,
     /// The command and its arguments [default: the image's Entrypoint and Cmd]
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -315,7 +317,7 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     check_id(&id)?;
     let containers = Containers::open(&args.dirs.containers)?;
     let dir = containers.path(&id);
-    let origin = mount::origin(store_dir, args.server.as_deref());
+    let origin = Origin::of(&args.image, args.server.as_deref(), store_dir)?;
 
     // Claim the ID and a mount of the image under the lock, so a container
     // ending now cannot unmount the image under this one.
@@ -393,7 +395,7 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
 fn claim_mount(
     store_dir: &Path,
     args: &RunArgs,
-    origin: &str,
+    origin: &Origin,
     container_dir: &Path,
 ) -> Result<(PathBuf, bool)> {
     if !args.record_profile {
@@ -559,17 +561,24 @@ fn store_profile(
             recorded_on.index.digest
         )
     };
-    let place = match &args.server {
-        Some(server) => {
+    let origin = Origin::of(&args.image, args.server.as_deref(), store_dir)?;
+    let place = match (&origin, &args.image) {
+        (Origin::Registry { .. }, ImageArg::Registry(reference)) => {
+            let registry =
+                Registry::new(reference)?.with_retry_window(Duration::from_secs(args.retry_for));
+            let digest = skiff_client::put_profile(&registry, &recorded_on.index.digest, profile)?;
+            format!("{reference} (manifest {digest})")
+        }
+        (Origin::Server { url: server }, ImageArg::Named(image)) => {
             let remote = Remote {
-                server: server.clone(),
+                server: Some(server.clone()),
                 token_file: args.token_file.clone(),
                 retry_for: args.retry_for,
             };
             let client = remote.client()?;
             let mut manifest = client
-                .manifest(&args.image)?
-                .with_context(|| format!("{} is no longer on {server}", args.image))?;
+                .manifest(image)?
+                .with_context(|| format!("{image} is no longer on {server}"))?;
             if manifest.index.digest != recorded_on.index.digest {
                 return Err(tag_moved(&manifest));
             }
@@ -577,9 +586,9 @@ fn store_profile(
             client.put_manifest(&manifest)?;
             server.clone()
         }
-        None => {
+        (_, ImageArg::Named(image)) => {
             let store = Store::open(store_dir)?;
-            let mut manifest = store.image(&args.image)?;
+            let mut manifest = store.image(image)?;
             if manifest.index.digest != recorded_on.index.digest {
                 return Err(tag_moved(&manifest));
             }
@@ -587,6 +596,7 @@ fn store_profile(
             store.put_manifest(&manifest)?;
             format!("the store at {}", store_dir.display())
         }
+        (origin, image) => bail!("{image} cannot come from the {origin}"),
     };
     eprintln!(
         "skiff: recorded a startup profile of {}: {} files, {} ranges, {} read; stored on {place}",

@@ -1,0 +1,427 @@
+//! `push` and `pull` between a local store and an OCI registry.
+//!
+//! A push cuts the packs that hold the image's chunks into blobs at fixed
+//! frame boundaries ([`BLOB_SEGMENT_BYTES`] of pack each), so the same
+//! frames make the same blob whichever image is pushed: a second image that
+//! shares chunks names blobs the registry already has (HEAD) or that
+//! another repository of it holds (cross-mounted), and uploads only blobs
+//! with new chunks. Blobs go first, the manifest last, so a killed push run
+//! again sends only what had not arrived.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use skiff_format::artifact::{
+    ChunkTable, TableChunk, TableFrame, CHUNK_TABLE_LAYER_TYPE, INDEX_DIGEST_ANNOTATION,
+    INDEX_LAYER_TYPE, MANIFEST_LAYER_TYPE, OCI_CONFIG_TYPE, OCI_MANIFEST_TYPE, PACK_LAYER_TYPE,
+};
+use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, StartupProfile};
+use skiff_registry::{
+    Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry, RegistrySource,
+    RemoteImage, Sha256Digest, MAX_SKIFF_MANIFEST_BYTES,
+};
+use skiff_source::ChunkSource;
+use skiff_store::{ChunkLocation, Store};
+
+use crate::transfer::{distinct_chunks, missing_in, seconds, store_chunks, TransferProgress};
+use crate::ClientError;
+
+/// A pack is cut into blobs of the frames that start in each such span of it.
+pub const BLOB_SEGMENT_BYTES: u64 = 64 << 20;
+/// Index and chunk table blobs are compressed harder than frames: they are
+/// read before a mount is ready.
+const METADATA_ZSTD_LEVEL: i32 = 9;
+/// Where a store remembers which repositories got which blobs, for cross-mounts.
+const BLOB_LOG_FILE: &str = "registry-blobs.json";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RegistryPushReport {
+    pub image: String,
+    pub destination: String,
+    /// The OCI manifest's digest.
+    pub digest: String,
+    /// Blobs the manifest names (config and skiff metadata included).
+    pub blobs: u64,
+    pub blobs_uploaded: u64,
+    pub blobs_mounted: u64,
+    /// Blobs the repository had already.
+    pub blobs_present: u64,
+    pub bytes_uploaded: u64,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RegistryPullReport {
+    pub image: String,
+    pub source: String,
+    pub chunks: u64,
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Bytes the registry sent (compressed frames, neighbours in them included).
+    pub wire_bytes: u64,
+    pub requests: u64,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+/// One blob of a push: the frames of one pack that start in one segment.
+struct PlannedBlob {
+    pack: u32,
+    start: u64,
+    end: u64,
+}
+
+/// The image's frames cut into blobs, and its chunk table over them.
+fn plan_blobs(
+    store: &Store,
+    locations: &HashMap<ChunkId, ChunkLocation>,
+) -> Result<(Vec<PlannedBlob>, ChunkTable), ClientError> {
+    let packs: HashSet<u32> = locations.values().map(|l| l.pack).collect();
+    let all_frames = store.frames_of_packs(&packs)?;
+    let used: HashSet<(u32, u64)> = locations
+        .values()
+        .map(|l| (l.pack, l.frame_offset))
+        .collect();
+    let mut blobs = Vec::new();
+    // (pack, frame offset) → (blob, offset in the blob), for the table.
+    let mut placed: BTreeMap<(u32, u64), (u32, u64, u32, u32)> = BTreeMap::new();
+    for (pack, frames) in &all_frames {
+        let mut segments: BTreeMap<u64, Vec<_>> = BTreeMap::new();
+        for frame in frames {
+            segments
+                .entry(frame.offset / BLOB_SEGMENT_BYTES)
+                .or_default()
+                .push(*frame);
+        }
+        for frames in segments.values() {
+            if !frames.iter().any(|f| used.contains(&(*pack, f.offset))) {
+                continue;
+            }
+            let start = frames[0].offset;
+            let last = frames[frames.len() - 1];
+            let blob = blobs.len() as u32;
+            blobs.push(PlannedBlob {
+                pack: *pack,
+                start,
+                end: last.offset + u64::from(last.len),
+            });
+            for f in frames.iter().filter(|f| used.contains(&(*pack, f.offset))) {
+                placed.insert(
+                    (*pack, f.offset),
+                    (blob, f.offset - start, f.len, f.raw_len),
+                );
+            }
+        }
+    }
+    let frame_at: HashMap<(u32, u64), u32> = placed
+        .keys()
+        .enumerate()
+        .map(|(i, key)| (*key, i as u32))
+        .collect();
+    let frames = placed
+        .values()
+        .map(|&(blob, offset, len, raw_len)| TableFrame {
+            blob,
+            offset,
+            len,
+            raw_len,
+        })
+        .collect();
+    let mut chunks: Vec<TableChunk> = locations
+        .iter()
+        .map(|(id, loc)| TableChunk {
+            id: *id,
+            frame: frame_at[&(loc.pack, loc.frame_offset)],
+            offset: loc.offset,
+            len: loc.len,
+        })
+        .collect();
+    chunks.sort_by_key(|c| c.id);
+    let table = ChunkTable { frames, chunks };
+    table.validate(blobs.len())?;
+    Ok((blobs, table))
+}
+
+/// Which repositories of which registries received which blobs from this store.
+#[derive(Default, serde::Deserialize, Serialize)]
+struct BlobLog {
+    /// host → blob digest → repositories.
+    #[serde(default)]
+    hosts: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+}
+
+impl BlobLog {
+    fn path(store: &Store) -> PathBuf {
+        store.root().join(BLOB_LOG_FILE)
+    }
+
+    fn load(path: &Path) -> BlobLog {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    fn holders(&self, host: &str, digest: &Sha256Digest) -> Vec<String> {
+        self.hosts
+            .get(host)
+            .and_then(|blobs| blobs.get(&digest.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn add(&mut self, host: &str, digest: &Sha256Digest, repository: &str) {
+        let repos = self
+            .hosts
+            .entry(host.to_owned())
+            .or_default()
+            .entry(digest.to_string())
+            .or_default();
+        if !repos.iter().any(|r| r == repository) {
+            repos.push(repository.to_owned());
+        }
+    }
+
+    /// Written aside and renamed; a lost update only costs an upload a cross-mount could have saved.
+    fn save(&self, path: &Path) {
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!("could not record pushed blobs in {}: {e}", path.display());
+        }
+    }
+}
+
+/// What happened to one blob of a push.
+enum Sent {
+    Present,
+    Mounted,
+    Uploaded(u64),
+}
+
+/// Makes sure the repository has `digest`: HEAD, else a cross-mount from
+/// a repository this store pushed it to, else an upload of `bytes()`.
+fn ensure_blob(
+    registry: &Registry,
+    log: &BlobLog,
+    descriptor: &Descriptor,
+    bytes: &mut dyn FnMut() -> Result<Vec<u8>, ClientError>,
+) -> Result<Sent, ClientError> {
+    if registry
+        .blob_size(&descriptor.digest, &Access::Push)?
+        .is_some()
+    {
+        return Ok(Sent::Present);
+    }
+    let mut session = None;
+    for from in log.holders(registry.host(), &descriptor.digest) {
+        if from == registry.repository() {
+            continue;
+        }
+        match registry.mount_blob(&descriptor.digest, &from)? {
+            MountOutcome::Mounted => return Ok(Sent::Mounted),
+            // Not mountable from there (gone, or no access): upload into the session it opened.
+            MountOutcome::Upload(location) => session = Some(location),
+        }
+        break;
+    }
+    let data = bytes()?;
+    registry.upload_blob(&descriptor.digest, &data, session)?;
+    Ok(Sent::Uploaded(data.len() as u64))
+}
+
+fn zstd_compress(data: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(data, METADATA_ZSTD_LEVEL).expect("zstd compression of a buffer")
+}
+
+/// Publishes `image` from `store` to `registry`'s repository under its reference (a tag).
+pub fn push_to_registry(
+    store: &Store,
+    image: &ImageRef,
+    registry: &Registry,
+    progress: &dyn TransferProgress,
+) -> Result<RegistryPushReport, ClientError> {
+    let started = Instant::now();
+    let manifest = store.image(image)?;
+    let tag = &registry.reference().reference;
+    if registry.reference().is_digest() {
+        return Err(ClientError::Protocol {
+            url: registry.reference().to_string(),
+            message: "push to a tag, not a digest".into(),
+        });
+    }
+    let encoded = store.index_bytes(&manifest.index.digest)?;
+    let index = ImageIndex::decode(&encoded)?;
+    let mut locations = HashMap::new();
+    for chunk in distinct_chunks(&index) {
+        let loc = store
+            .chunk_location(&chunk.id)?
+            .ok_or(skiff_store::StoreError::ChunkNotFound(chunk.id))?;
+        locations.insert(chunk.id, loc);
+    }
+    let (planned, table) = plan_blobs(store, &locations)?;
+    let total: u64 = planned.iter().map(|b| b.end - b.start).sum();
+    progress.start(planned.len() as u64, total);
+
+    let log_path = BlobLog::path(store);
+    let mut log = BlobLog::load(&log_path);
+    let mut report = RegistryPushReport {
+        image: image.to_string(),
+        destination: registry.reference().to_string(),
+        digest: String::new(),
+        blobs: 0,
+        blobs_uploaded: 0,
+        blobs_mounted: 0,
+        blobs_present: 0,
+        bytes_uploaded: 0,
+        elapsed: Duration::ZERO,
+    };
+    let count = |sent: Sent, report: &mut RegistryPushReport| {
+        report.blobs += 1;
+        match sent {
+            Sent::Present => report.blobs_present += 1,
+            Sent::Mounted => report.blobs_mounted += 1,
+            Sent::Uploaded(n) => {
+                report.blobs_uploaded += 1;
+                report.bytes_uploaded += n;
+            }
+        }
+    };
+    let mut packs = Vec::with_capacity(planned.len());
+    for blob in &planned {
+        let bytes = store.read_pack_bytes(blob.pack, blob.start, blob.end - blob.start)?;
+        let descriptor = Descriptor::of(PACK_LAYER_TYPE, &bytes);
+        let mut once = Some(bytes);
+        let sent = ensure_blob(registry, &log, &descriptor, &mut || {
+            Ok(once.take().unwrap_or_default())
+        })?;
+        log.add(registry.host(), &descriptor.digest, registry.repository());
+        count(sent, &mut report);
+        progress.advance(blob.end - blob.start);
+        packs.push(descriptor);
+    }
+    let config_bytes = manifest.config.get().as_bytes().to_vec();
+    let small = [
+        (OCI_CONFIG_TYPE, config_bytes),
+        (MANIFEST_LAYER_TYPE, manifest.to_json()),
+        (INDEX_LAYER_TYPE, zstd_compress(&encoded)),
+        (CHUNK_TABLE_LAYER_TYPE, zstd_compress(&table.encode())),
+    ];
+    let mut descriptors = Vec::new();
+    for (media_type, bytes) in small {
+        let descriptor = Descriptor::of(media_type, &bytes);
+        let mut once = Some(bytes);
+        let sent = ensure_blob(registry, &log, &descriptor, &mut || {
+            Ok(once.take().unwrap_or_default())
+        })?;
+        log.add(registry.host(), &descriptor.digest, registry.repository());
+        count(sent, &mut report);
+        descriptors.push(descriptor);
+    }
+    log.save(&log_path);
+    let [config, skiff_manifest, mut index_layer, table_layer] =
+        <[Descriptor; 4]>::try_from(descriptors).expect("four small blobs");
+    index_layer.annotations.insert(
+        INDEX_DIGEST_ANNOTATION.to_owned(),
+        format!("blake3:{}", manifest.index.digest),
+    );
+    let oci = OciManifest::skiff(
+        config,
+        skiff_manifest,
+        index_layer,
+        &manifest.index.digest,
+        table_layer,
+        packs,
+    );
+    let digest = registry.put_manifest(tag, OCI_MANIFEST_TYPE, &oci.to_json())?;
+    report.digest = digest.to_string();
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Fetches the image at `registry`'s reference into `store` as `target`.
+pub fn pull_from_registry(
+    registry: std::sync::Arc<Registry>,
+    store: &Store,
+    target: &ImageRef,
+    progress: &dyn TransferProgress,
+) -> Result<RegistryPullReport, ClientError> {
+    let started = Instant::now();
+    let image = RemoteImage::fetch(&registry)?;
+    let chunks = distinct_chunks(&image.index);
+    let missing = missing_in(store, &chunks)?;
+    let bytes_fetched: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+    progress.start(missing.len() as u64, bytes_fetched);
+    let before = registry.traffic.snapshot();
+    let spool = store.root().join("tmp");
+    let source = RegistrySource::new(registry.clone(), &image, RangePlan::default(), spool);
+    store_chunks(store, &missing, progress, &mut |ids, each| {
+        let mut failed = None;
+        source
+            .fetch(ids, &mut |id, data| {
+                if failed.is_none() {
+                    failed = each(id, data).err();
+                }
+            })
+            .map_err(|e| ClientError::Source(e.to_string()))?;
+        failed.map_or(Ok(()), Err)
+    })?;
+    store.put_index(&image.index_bytes)?;
+    let mut manifest: ImageManifest = image.manifest.clone();
+    manifest.name = target.name.clone();
+    manifest.tag = target.tag.clone();
+    store.put_manifest(&manifest)?;
+    let after = registry.traffic.snapshot();
+    Ok(RegistryPullReport {
+        image: target.to_string(),
+        source: registry.reference().to_string(),
+        chunks: chunks.len() as u64,
+        chunks_fetched: missing.len() as u64,
+        bytes_fetched,
+        wire_bytes: after.bytes - before.bytes,
+        requests: after.requests - before.requests,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Stores a startup profile with the image at `registry`'s tag: a new skiff
+/// manifest blob, and the OCI manifest pushed again to the tag with that
+/// blob as layer 0 (nothing else is uploaded). Refused if the tag now names
+/// an image with another index than `index`.
+pub fn put_profile(
+    registry: &Registry,
+    index: &skiff_format::IndexDigest,
+    profile: StartupProfile,
+) -> Result<Sha256Digest, ClientError> {
+    let tag = registry.reference().reference.clone();
+    let (mut oci, _) = RemoteImage::manifest_at(registry, &tag)?;
+    let layer = &oci.layers[0];
+    let bytes = registry.blob(&layer.digest, MAX_SKIFF_MANIFEST_BYTES)?;
+    let mut manifest = ImageManifest::from_json(&bytes)?;
+    if manifest.index.digest != *index {
+        return Err(ClientError::Protocol {
+            url: registry.reference().to_string(),
+            message: format!(
+                "the tag now names another image (index {}); the profile is not stored",
+                manifest.index.digest
+            ),
+        });
+    }
+    manifest.profile = Some(profile);
+    let json = manifest.to_json();
+    let descriptor = Descriptor::of(MANIFEST_LAYER_TYPE, &json);
+    if registry
+        .blob_size(&descriptor.digest, &Access::Push)?
+        .is_none()
+    {
+        registry.upload_blob(&descriptor.digest, &json, None)?;
+    }
+    oci.layers[0] = descriptor;
+    Ok(registry.put_manifest(&tag, OCI_MANIFEST_TYPE, &oci.to_json())?)
+}

@@ -1,0 +1,437 @@
+//! A skiff image in a registry as a [`ChunkSource`]: chunks come from
+//! ranged reads of the pack blobs, a frame at a time.
+//!
+//! A fetch looks its chunks up in the chunk table, takes the frames that
+//! hold them in blob order, coalesces neighbours into requests of one
+//! closed range each (up to [`RangePlan::max_request_bytes`]), and sends
+//! those on several connections at once. Every frame is decompressed with
+//! its stated length as the bound and every chunk checked against its
+//! BLAKE3 id before it is handed on.
+//!
+//! A registry or proxy that answers a ranged GET with 200 and the whole
+//! blob gets its blob read once, to a local file checked against the
+//! blob's sha256, and every later read of that blob is served from there.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use skiff_chunk::{decompress_frame, verify_chunk};
+use skiff_format::artifact::ChunkTable;
+use skiff_format::ChunkId;
+use skiff_source::{Backoff, ChunkSource, SourceError, SourceTraffic};
+
+use crate::client::{RangeAnswer, Registry};
+use crate::digest::Sha256Writer;
+use crate::image::{Descriptor, RemoteImage};
+use crate::RegistryError;
+
+/// How a fetch turns frames into requests.
+#[derive(Clone, Debug)]
+pub struct RangePlan {
+    /// Neighbouring frames share a request up to this many bytes.
+    pub max_request_bytes: u64,
+    /// Frames this close (bytes of unneeded frames between them) still share a request.
+    pub max_gap_bytes: u64,
+    /// Requests in flight at once, each on its own connection.
+    pub connections: usize,
+    /// One attempt of a request; a stalled registry costs a retry, not the window.
+    pub attempt_timeout: Duration,
+    /// How long a failing request is retried before the read fails.
+    pub retry_window: Duration,
+}
+
+impl Default for RangePlan {
+    fn default() -> Self {
+        RangePlan {
+            max_request_bytes: 8 << 20,
+            max_gap_bytes: 256 << 10,
+            connections: 4,
+            attempt_timeout: Duration::from_secs(10),
+            retry_window: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Consecutive frames of one blob fetched with one ranged GET.
+#[derive(Debug, PartialEq, Eq)]
+struct RangeRequest {
+    blob: u32,
+    start: u64,
+    end: u64,
+    /// Positions in the chunk table's frames.
+    frames: Vec<u32>,
+}
+
+/// Groups `frames` (positions in `table.frames`, ascending, so in blob order) into requests.
+fn plan_requests(table: &ChunkTable, frames: &[u32], plan: &RangePlan) -> Vec<RangeRequest> {
+    let mut requests: Vec<RangeRequest> = Vec::new();
+    for &at in frames {
+        let frame = &table.frames[at as usize];
+        let (start, end) = (frame.offset, frame.offset + u64::from(frame.len));
+        match requests.last_mut() {
+            Some(last)
+                if last.blob == frame.blob
+                    && start >= last.end
+                    && start - last.end <= plan.max_gap_bytes
+                    && end - last.start <= plan.max_request_bytes =>
+            {
+                last.end = end;
+                last.frames.push(at);
+            }
+            _ => requests.push(RangeRequest {
+                blob: frame.blob,
+                start,
+                end,
+                frames: vec![at],
+            }),
+        }
+    }
+    requests
+}
+
+type WholeBlob = Arc<OnceLock<Result<Arc<File>, String>>>;
+
+pub struct RegistrySource {
+    registry: Arc<Registry>,
+    packs: Vec<Descriptor>,
+    table: ChunkTable,
+    plan: RangePlan,
+    /// Blobs read whole because the registry ignored `Range`, by position.
+    whole: Mutex<HashMap<u32, WholeBlob>>,
+    spool_dir: PathBuf,
+    said_ranges_ignored: AtomicBool,
+}
+
+fn corrupt(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Corrupt(e.to_string())
+}
+
+fn to_source_error(e: RegistryError) -> SourceError {
+    match e {
+        RegistryError::DigestMismatch { .. } | RegistryError::Chunk(_) => corrupt(e),
+        other => SourceError::Unavailable(other.to_string()),
+    }
+}
+
+impl RegistrySource {
+    /// Chunks of `image` from `registry`; blobs read whole land in `spool_dir`.
+    pub fn new(
+        registry: Arc<Registry>,
+        image: &RemoteImage,
+        plan: RangePlan,
+        spool_dir: PathBuf,
+    ) -> RegistrySource {
+        RegistrySource {
+            registry,
+            packs: image.oci.packs().to_vec(),
+            table: image.table.clone(),
+            plan,
+            whole: Mutex::new(HashMap::new()),
+            spool_dir,
+            said_ranges_ignored: AtomicBool::new(false),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The bytes of `request`, by ranged GET or from a blob read whole.
+    fn request_bytes(&self, request: &RangeRequest) -> Result<Vec<u8>, SourceError> {
+        let blob = &self.packs[request.blob as usize];
+        if let Some(file) = self.whole_ready(request.blob) {
+            return read_file_range(&file, request.start, request.end);
+        }
+        let mut backoff = Backoff::new(self.plan.retry_window);
+        loop {
+            let timeout = backoff
+                .remaining()
+                .min(self.plan.attempt_timeout)
+                .max(Backoff::FIRST_DELAY);
+            let attempt =
+                self.registry
+                    .blob_range(&blob.digest, request.start..request.end, timeout);
+            match attempt {
+                Ok(RangeAnswer::Partial(bytes)) => return Ok(bytes),
+                Ok(RangeAnswer::Whole(response)) => {
+                    let file = self.whole_blob(request.blob, response)?;
+                    return read_file_range(&file, request.start, request.end);
+                }
+                Err(e) if backoff.retry(e.is_transient(), &e) => {}
+                Err(e) => return Err(to_source_error(e)),
+            }
+        }
+    }
+
+    fn whole_ready(&self, blob: u32) -> Option<Arc<File>> {
+        let whole = self.whole.lock().expect("whole blobs poisoned");
+        whole.get(&blob)?.get()?.as_ref().ok().cloned()
+    }
+
+    /// Reads a blob whose registry ignored `Range`, once, from `response`
+    /// (the first one to arrive) to a local file checked against its digest.
+    fn whole_blob(
+        &self,
+        blob: u32,
+        response: reqwest::blocking::Response,
+    ) -> Result<Arc<File>, SourceError> {
+        let slot = self
+            .whole
+            .lock()
+            .expect("whole blobs poisoned")
+            .entry(blob)
+            .or_default()
+            .clone();
+        let descriptor = &self.packs[blob as usize];
+        let outcome = slot.get_or_init(|| {
+            if !self.said_ranges_ignored.swap(true, Ordering::Relaxed) {
+                self.registry.traffic.note(format!(
+                    "{} ignores Range on blob GETs (answers 200): each such blob is read \
+                     whole once, checked, and served from a local copy",
+                    self.registry.host()
+                ));
+            }
+            spool(response, descriptor, &self.spool_dir, &self.registry)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
+        match outcome {
+            Ok(file) => Ok(file.clone()),
+            Err(message) => {
+                let message = message.clone();
+                // The next read tries again.
+                let mut whole = self.whole.lock().expect("whole blobs poisoned");
+                if whole.get(&blob).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                    whole.remove(&blob);
+                }
+                Err(SourceError::Unavailable(message))
+            }
+        }
+    }
+
+    /// Decompresses the frames of `request` and checks the chunks of them that `wanted` names.
+    fn decode(
+        &self,
+        request: &RangeRequest,
+        bytes: &[u8],
+        wanted: &HashMap<u32, Vec<(ChunkId, u32, u32)>>,
+    ) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+        let mut out = Vec::new();
+        for &at in &request.frames {
+            let frame = &self.table.frames[at as usize];
+            let from = (frame.offset - request.start) as usize;
+            let compressed = bytes
+                .get(from..from + frame.len as usize)
+                .ok_or_else(|| corrupt("a frame outside its request"))?;
+            let raw = decompress_frame(compressed, frame.raw_len as usize).map_err(|e| {
+                corrupt(format!(
+                    "a frame at {} of blob {} does not decode: {e}",
+                    frame.offset, self.packs[frame.blob as usize].digest
+                ))
+            })?;
+            for (id, offset, len) in wanted.get(&at).into_iter().flatten() {
+                let data = raw
+                    .get(*offset as usize..(*offset + *len) as usize)
+                    .ok_or_else(|| corrupt(format!("chunk {id} lies outside its frame")))?;
+                verify_chunk(id, data).map_err(corrupt)?;
+                out.push((*id, data.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Copies a whole blob to an unnamed file in `dir`, checking size and sha256.
+fn spool(
+    mut response: reqwest::blocking::Response,
+    descriptor: &Descriptor,
+    dir: &std::path::Path,
+    registry: &Registry,
+) -> Result<File, RegistryError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RegistryError::Io(format!("{}: {e}", dir.display())))?;
+    let file = tempfile::tempfile_in(dir)
+        .map_err(|e| RegistryError::Io(format!("a spool file in {}: {e}", dir.display())))?;
+    let mut hasher = Sha256Writer::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        let n = response
+            .read(&mut buf)
+            .map_err(|e| RegistryError::Interrupted {
+                url: format!("blob {}", descriptor.digest),
+                message: e.to_string(),
+            })?;
+        if n == 0 {
+            break;
+        }
+        if written + n as u64 > descriptor.size {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("blob {}", descriptor.digest),
+                expected: format!("{} bytes", descriptor.size),
+                actual: "more".into(),
+            });
+        }
+        hasher.update(&buf[..n]);
+        file.write_all_at(&buf[..n], written)
+            .map_err(|e| RegistryError::Io(format!("spool file: {e}")))?;
+        written += n as u64;
+        registry.traffic.add_bytes(n as u64);
+    }
+    if written != descriptor.size {
+        return Err(RegistryError::Interrupted {
+            url: format!("blob {}", descriptor.digest),
+            message: format!("{written} of {} bytes", descriptor.size),
+        });
+    }
+    let actual = hasher.finish();
+    if actual != descriptor.digest {
+        return Err(RegistryError::DigestMismatch {
+            what: format!("blob {}", descriptor.digest),
+            expected: descriptor.digest.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(file)
+}
+
+fn read_file_range(file: &File, start: u64, end: u64) -> Result<Vec<u8>, SourceError> {
+    let mut bytes = vec![0u8; (end - start) as usize];
+    file.read_exact_at(&mut bytes, start)
+        .map_err(|e| SourceError::Unavailable(format!("reading a local copy of a blob: {e}")))?;
+    Ok(bytes)
+}
+
+impl ChunkSource for RegistrySource {
+    fn fetch(
+        &self,
+        ids: &[ChunkId],
+        each: &mut dyn FnMut(ChunkId, Vec<u8>),
+    ) -> Result<(), SourceError> {
+        // Chunks by frame, and the frames in blob order.
+        let mut wanted: HashMap<u32, Vec<(ChunkId, u32, u32)>> = HashMap::new();
+        for id in ids {
+            let (chunk, _) = self.table.find(id).ok_or(SourceError::Missing(*id))?;
+            let list = wanted.entry(chunk.frame).or_default();
+            if !list.iter().any(|(other, _, _)| other == id) {
+                list.push((*id, chunk.offset, chunk.len));
+            }
+        }
+        let mut frames: Vec<u32> = wanted.keys().copied().collect();
+        frames.sort_unstable();
+        let requests = plan_requests(&self.table, &frames, &self.plan);
+        let queue = Mutex::new((0..requests.len()).collect::<VecDeque<_>>());
+        let failed = AtomicBool::new(false);
+        let (tx, rx) = mpsc::channel();
+        let workers = self.plan.connections.clamp(1, requests.len().max(1));
+        let mut ready: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        let mut next = 0;
+        let mut first_error = None;
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let tx = tx.clone();
+                let (queue, failed, requests, wanted) = (&queue, &failed, &requests, &wanted);
+                scope.spawn(move || loop {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Some(at) = queue.lock().expect("queue poisoned").pop_front() else {
+                        return;
+                    };
+                    let request = &requests[at];
+                    let outcome = self
+                        .request_bytes(request)
+                        .and_then(|bytes| self.decode(request, &bytes, wanted));
+                    if outcome.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    if tx.send(outcome).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            // Hand chunks on in the order asked, as soon as the ones before them are in.
+            for outcome in rx {
+                match outcome {
+                    Ok(chunks) => ready.extend(chunks),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                }
+                while let Some(id) = ids.get(next) {
+                    match ready.remove(id) {
+                        Some(data) => each(*id, data),
+                        None if ids[..next].contains(id) => {}
+                        None => break,
+                    }
+                    next += 1;
+                }
+            }
+        });
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.registry.reference().to_string()
+    }
+
+    fn traffic(&self) -> Option<SourceTraffic> {
+        Some(self.registry.traffic.snapshot())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_format::artifact::TableFrame;
+
+    fn frame(blob: u32, offset: u64, len: u32) -> TableFrame {
+        TableFrame {
+            blob,
+            offset,
+            len,
+            raw_len: len * 3,
+        }
+    }
+
+    #[test]
+    fn neighbours_share_a_request_up_to_the_window() {
+        let table = ChunkTable {
+            frames: vec![
+                frame(0, 0, 100),
+                frame(0, 100, 100),
+                frame(0, 250, 100),
+                frame(0, 2000, 100),
+                frame(1, 0, 100),
+            ],
+            chunks: Vec::new(),
+        };
+        let plan = RangePlan {
+            max_request_bytes: 350,
+            max_gap_bytes: 50,
+            ..RangePlan::default()
+        };
+        let requests = plan_requests(&table, &[0, 1, 2, 3, 4], &plan);
+        let spans: Vec<_> = requests.iter().map(|r| (r.blob, r.start, r.end)).collect();
+        // 0+1 adjoin, 2 is 50 bytes on and still fits 350; 3 is too far; 4 is another blob.
+        assert_eq!(spans, vec![(0, 0, 350), (0, 2000, 2100), (1, 0, 100)]);
+        let tight = RangePlan {
+            max_request_bytes: 200,
+            ..plan
+        };
+        let requests = plan_requests(&table, &[0, 1, 2], &tight);
+        assert_eq!(requests.len(), 2, "the window splits a run of frames");
+        assert_eq!(requests[0].frames, vec![0, 1]);
+    }
+}

@@ -1,0 +1,166 @@
+//! Where an image comes from, typed: the one place a backend is chosen.
+//!
+//! An image on the command line is `NAME[:TAG]` (the local store, or a
+//! chunk server with `--server`) or `docker://HOST/REPO:TAG` (a registry).
+//! Adding a backend is one arm of [`Origin`] and one in [`open_image`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use skiff_client::{CachedSource, ChunkCache};
+use skiff_format::{ImageIndex, ImageManifest, ImageRef};
+use skiff_registry::{RangePlan, Registry, RegistryRef, RegistrySource, RemoteImage};
+use skiff_source::ChunkSource;
+use skiff_store::Store;
+
+use crate::Remote;
+
+/// An image as the user names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageArg {
+    /// `NAME[:TAG]` in a store or on a chunk server.
+    Named(ImageRef),
+    /// `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]`.
+    Registry(RegistryRef),
+}
+
+impl FromStr for ImageArg {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match RegistryRef::parse_url(s) {
+            Some(reference) => Ok(ImageArg::Registry(reference?)),
+            None => Ok(ImageArg::Named(s.parse()?)),
+        }
+    }
+}
+
+impl fmt::Display for ImageArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageArg::Named(image) => image.fmt(f),
+            ImageArg::Registry(reference) => reference.fmt(f),
+        }
+    }
+}
+
+/// Where a mount's chunks come from; kept in mount records, so `skiff run`
+/// shares a mount only with one of the same image from the same place.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Origin {
+    Store { path: PathBuf },
+    Server { url: String },
+    Registry { reference: String },
+}
+
+impl Origin {
+    /// The origin of `image`, with `--server` if given, else the store.
+    pub fn of(image: &ImageArg, server: Option<&str>, store_dir: &Path) -> Result<Origin> {
+        Ok(match (image, server) {
+            (ImageArg::Registry(_), Some(_)) => {
+                bail!("a docker:// image comes from its registry: drop --server")
+            }
+            (ImageArg::Registry(reference), None) => Origin::Registry {
+                reference: reference.to_string(),
+            },
+            (ImageArg::Named(_), Some(url)) => Origin::Server {
+                url: url.trim_end_matches('/').to_owned(),
+            },
+            (ImageArg::Named(_), None) => Origin::Store {
+                path: store_dir
+                    .canonicalize()
+                    .unwrap_or_else(|_| store_dir.to_owned()),
+            },
+        })
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Store { path } => write!(f, "store {}", path.display()),
+            Origin::Server { url } => write!(f, "server {url}"),
+            Origin::Registry { reference } => write!(f, "registry {reference}"),
+        }
+    }
+}
+
+/// What opening an image needs beyond its name.
+pub struct OpenOptions<'a> {
+    pub token_file: Option<&'a Path>,
+    pub retry_for: Duration,
+    pub cache: &'a Path,
+    pub cache_max_bytes: u64,
+}
+
+/// An image ready to mount: its manifest and index, and where its chunks come from.
+pub struct OpenedImage {
+    pub manifest: ImageManifest,
+    pub index: ImageIndex,
+    pub source: Arc<dyn ChunkSource>,
+    /// The host's chunk cache, for a network source.
+    pub cache: Option<Arc<ChunkCache>>,
+}
+
+/// Reads `image`'s manifest and index from `origin` and makes its chunk source.
+pub fn open_image(image: &ImageArg, origin: &Origin, options: &OpenOptions) -> Result<OpenedImage> {
+    let cache = || ChunkCache::open(options.cache, options.cache_max_bytes);
+    match (origin, image) {
+        (Origin::Store { path }, ImageArg::Named(name)) => {
+            let store = Store::open_read_only(path)?;
+            let manifest = store.image(name)?;
+            let index = store.index(&manifest.index.digest)?;
+            Ok(OpenedImage {
+                manifest,
+                index,
+                source: Arc::new(store),
+                cache: None,
+            })
+        }
+        (Origin::Server { url }, ImageArg::Named(name)) => {
+            let remote = Remote {
+                server: Some(url.clone()),
+                token_file: options.token_file.map(Path::to_owned),
+                retry_for: options.retry_for.as_secs(),
+            };
+            let client = remote
+                .client()?
+                // A stalled server costs a retry, never the whole window.
+                .with_batch_timeout(Duration::from_secs(10));
+            let (manifest, _, index) = client
+                .image(name)
+                .with_context(|| format!("getting {name} from {url}"))?;
+            let cache = cache()?;
+            Ok(OpenedImage {
+                manifest,
+                index,
+                source: Arc::new(CachedSource::new(cache.clone(), client)),
+                cache: Some(cache),
+            })
+        }
+        (Origin::Registry { .. }, ImageArg::Registry(reference)) => {
+            let registry = Arc::new(Registry::new(reference)?.with_retry_window(options.retry_for));
+            let remote =
+                RemoteImage::fetch(&registry).with_context(|| format!("getting {reference}"))?;
+            let cache = cache()?;
+            let plan = RangePlan {
+                retry_window: options.retry_for,
+                ..RangePlan::default()
+            };
+            let source = RegistrySource::new(registry, &remote, plan, cache.root().join("tmp"));
+            Ok(OpenedImage {
+                manifest: remote.manifest,
+                index: remote.index,
+                source: Arc::new(CachedSource::new(cache.clone(), source)),
+                cache: Some(cache),
+            })
+        }
+        (origin, image) => bail!("{image} cannot come from the {origin}"),
+    }
+}
