@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello images roundtrip clean
+.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello bench-registry images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: bench-dedup bench-serve bench-mount bench-hello
+bench: bench-dedup bench-serve bench-mount bench-hello bench-registry
 
 # Store size and convert speed against casync and file-level zstd.
 bench-dedup: build images
@@ -49,6 +49,12 @@ bench-mount: build images
 bench-hello: build images
 	cargo build --release --locked -p skiff-bench
 	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/hello.sh
+
+# An OCI registry as the distribution engine: HelloBench and a cold full read
+# through docker-registry, through skiff serve and the plain pull, over the emulated WAN.
+bench-registry: build images
+	cargo build --release --locked -p skiff-bench
+	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/registry.sh
 
 # Every dataset image: convert, export, umoci unpack, compare with the source.
 roundtrip: build images

@@ -1,35 +1,45 @@
 //! `push` and `pull` between a local store and an OCI registry.
 //!
-//! A push cuts the packs that hold the image's chunks into blobs at fixed
-//! frame boundaries ([`BLOB_SEGMENT_BYTES`] of pack each), so the same
-//! frames make the same blob whichever image is pushed: a second image that
-//! shares chunks names blobs the registry already has (HEAD) or that
-//! another repository of it holds (cross-mounted), and uploads only blobs
-//! with new chunks. Blobs go first, the manifest last, so a killed push run
-//! again sends only what had not arrived.
+//! A push names the image's frames in blobs. Frames that hold only this
+//! image's chunks are copied verbatim, grouped by the [`BLOB_SEGMENT_BYTES`]
+//! span of the pack they start in, so the same frames make the same blob
+//! whichever image of the store is pushed: a second image that shares them
+//! names blobs the registry has (HEAD) or that another repository of it
+//! holds (cross-mounted), and uploads only blobs with new chunks. Frames
+//! that also hold other chunks (another image's, a deleted file's) are never
+//! published: this image's chunks from them are framed anew. Blobs go first,
+//! the manifest last, so a killed push run again sends only what had not
+//! arrived.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use skiff_chunk::{Frame, FrameBuilder};
 use skiff_format::artifact::{
     ChunkTable, TableChunk, TableFrame, CHUNK_TABLE_LAYER_TYPE, INDEX_DIGEST_ANNOTATION,
     INDEX_LAYER_TYPE, MANIFEST_LAYER_TYPE, OCI_CONFIG_TYPE, OCI_MANIFEST_TYPE, PACK_LAYER_TYPE,
 };
+use skiff_format::ChunkRef;
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, StartupProfile};
 use skiff_registry::{
     Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry, RegistrySource,
     RemoteImage, Sha256Digest, MAX_SKIFF_MANIFEST_BYTES,
 };
 use skiff_source::ChunkSource;
-use skiff_store::{ChunkLocation, Store};
+use skiff_store::{ChunkLocation, PackFrame, Store};
 
 use crate::transfer::{distinct_chunks, missing_in, seconds, store_chunks, TransferProgress};
 use crate::ClientError;
 
-/// A pack is cut into blobs of the frames that start in each such span of it.
-pub const BLOB_SEGMENT_BYTES: u64 = 64 << 20;
+/// A pack is cut into blobs of the frames that start in each such span of
+/// it. Small enough that images sharing a run of frames share most of its
+/// blobs (only those where the run starts and ends differ), large enough
+/// that an image has few blobs (a 350 MB image: about 90).
+pub const BLOB_SEGMENT_BYTES: u64 = 4 << 20;
+/// Chunks framed anew for a push go into blobs of about this many raw bytes.
+const REFRAMED_BLOB_RAW_BYTES: u64 = 64 << 20;
 /// Index and chunk table blobs are compressed harder than frames: they are
 /// read before a mount is ready.
 const METADATA_ZSTD_LEVEL: i32 = 9;
@@ -60,89 +70,153 @@ pub struct RegistryPullReport {
     pub chunks: u64,
     pub chunks_fetched: u64,
     pub bytes_fetched: u64,
-    /// Bytes the registry sent (compressed frames, neighbours in them included).
+    /// Bytes the registry sent: the image's metadata blobs, and compressed
+    /// frames (neighbours in them included).
     pub wire_bytes: u64,
     pub requests: u64,
     #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
 }
 
-/// One blob of a push: the frames of one pack that start in one segment.
-struct PlannedBlob {
-    pack: u32,
-    start: u64,
-    end: u64,
+/// One blob of a push.
+enum PlannedBlob {
+    /// Frames that hold only this image's chunks, copied verbatim: those of
+    /// one segment of one pack that the image uses.
+    Frames { pack: u32, frames: Vec<PackFrame> },
+    /// This image's chunks from frames that also hold other chunks (another
+    /// image's, or a deleted file's): framed anew, so a push never
+    /// publishes bytes that are not the image's.
+    Reframed { chunks: Vec<ChunkRef> },
 }
 
-/// The image's frames cut into blobs, and its chunk table over them.
+/// The image's frames cut into blobs, in the order they are named.
 fn plan_blobs(
     store: &Store,
+    chunks: &[ChunkRef],
     locations: &HashMap<ChunkId, ChunkLocation>,
-) -> Result<(Vec<PlannedBlob>, ChunkTable), ClientError> {
+) -> Result<Vec<PlannedBlob>, ClientError> {
     let packs: HashSet<u32> = locations.values().map(|l| l.pack).collect();
-    let all_frames = store.frames_of_packs(&packs)?;
+    let mine: HashSet<ChunkId> = locations.keys().copied().collect();
     let used: HashSet<(u32, u64)> = locations
         .values()
         .map(|l| (l.pack, l.frame_offset))
         .collect();
     let mut blobs = Vec::new();
-    // (pack, frame offset) → (blob, offset in the blob), for the table.
-    let mut placed: BTreeMap<(u32, u64), (u32, u64, u32, u32)> = BTreeMap::new();
-    for (pack, frames) in &all_frames {
-        let mut segments: BTreeMap<u64, Vec<_>> = BTreeMap::new();
+    let mut foreign_frames = HashSet::new();
+    for (pack, frames) in store.frames_of_packs(&packs)? {
+        let mut segments: BTreeMap<u64, Vec<PackFrame>> = BTreeMap::new();
         for frame in frames {
-            segments
-                .entry(frame.offset / BLOB_SEGMENT_BYTES)
-                .or_default()
-                .push(*frame);
-        }
-        for frames in segments.values() {
-            if !frames.iter().any(|f| used.contains(&(*pack, f.offset))) {
+            if !used.contains(&(pack, frame.offset)) {
                 continue;
             }
-            let start = frames[0].offset;
-            let last = frames[frames.len() - 1];
-            let blob = blobs.len() as u32;
-            blobs.push(PlannedBlob {
-                pack: *pack,
-                start,
-                end: last.offset + u64::from(last.len),
+            if frame.chunks.iter().all(|id| mine.contains(id)) {
+                segments
+                    .entry(frame.offset / BLOB_SEGMENT_BYTES)
+                    .or_default()
+                    .push(frame);
+            } else {
+                foreign_frames.insert((pack, frame.offset));
+            }
+        }
+        blobs.extend(
+            segments
+                .into_values()
+                .map(|frames| PlannedBlob::Frames { pack, frames }),
+        );
+    }
+    // In the index's order, so the same image frames them the same way every time.
+    let mut reframed = Vec::new();
+    let mut bytes = 0u64;
+    for chunk in chunks {
+        let loc = &locations[&chunk.id];
+        if !foreign_frames.contains(&(loc.pack, loc.frame_offset)) {
+            continue;
+        }
+        if bytes >= REFRAMED_BLOB_RAW_BYTES {
+            blobs.push(PlannedBlob::Reframed {
+                chunks: std::mem::take(&mut reframed),
             });
-            for f in frames.iter().filter(|f| used.contains(&(*pack, f.offset))) {
-                placed.insert(
-                    (*pack, f.offset),
-                    (blob, f.offset - start, f.len, f.raw_len),
-                );
+            bytes = 0;
+        }
+        reframed.push(*chunk);
+        bytes += u64::from(chunk.len);
+    }
+    if !reframed.is_empty() {
+        blobs.push(PlannedBlob::Reframed { chunks: reframed });
+    }
+    Ok(blobs)
+}
+
+/// The bytes of blob number `blob`, with its frames appended to the table
+/// (frames) and its chunks noted in `placed` (chunk → frame, offset, length).
+fn build_blob(
+    store: &Store,
+    planned: &PlannedBlob,
+    blob: u32,
+    frames: &mut Vec<TableFrame>,
+    placed: &mut Vec<TableChunk>,
+    mine: &HashSet<ChunkId>,
+    locations: &HashMap<ChunkId, ChunkLocation>,
+) -> Result<Vec<u8>, ClientError> {
+    let mut bytes = Vec::new();
+    match planned {
+        PlannedBlob::Frames {
+            pack,
+            frames: copied,
+        } => {
+            for frame in copied {
+                let at = frames.len() as u32;
+                frames.push(TableFrame {
+                    blob,
+                    offset: bytes.len() as u64,
+                    len: frame.len,
+                    raw_len: frame.raw_len,
+                });
+                for id in frame.chunks.iter().filter(|id| mine.contains(id)) {
+                    let loc = &locations[id];
+                    placed.push(TableChunk {
+                        id: *id,
+                        frame: at,
+                        offset: loc.offset,
+                        len: loc.len,
+                    });
+                }
+                bytes.extend(store.read_pack_bytes(*pack, frame.offset, u64::from(frame.len))?);
+            }
+        }
+        PlannedBlob::Reframed { chunks } => {
+            let config = store.config();
+            let mut builder = FrameBuilder::new(config.frame_size as usize, config.zstd_level)?;
+            let mut add = |frame: Frame, bytes: &mut Vec<u8>| {
+                let at = frames.len() as u32;
+                frames.push(TableFrame {
+                    blob,
+                    offset: bytes.len() as u64,
+                    len: frame.compressed.len() as u32,
+                    raw_len: frame.uncompressed_len,
+                });
+                for entry in &frame.entries {
+                    placed.push(TableChunk {
+                        id: entry.id,
+                        frame: at,
+                        offset: entry.offset,
+                        len: entry.len,
+                    });
+                }
+                bytes.extend_from_slice(&frame.compressed);
+            };
+            for chunk in chunks {
+                let data = store.read_chunk(&chunk.id)?;
+                if let Some(frame) = builder.push(chunk.id, &data)? {
+                    add(frame, &mut bytes);
+                }
+            }
+            if let Some(frame) = builder.finish()? {
+                add(frame, &mut bytes);
             }
         }
     }
-    let frame_at: HashMap<(u32, u64), u32> = placed
-        .keys()
-        .enumerate()
-        .map(|(i, key)| (*key, i as u32))
-        .collect();
-    let frames = placed
-        .values()
-        .map(|&(blob, offset, len, raw_len)| TableFrame {
-            blob,
-            offset,
-            len,
-            raw_len,
-        })
-        .collect();
-    let mut chunks: Vec<TableChunk> = locations
-        .iter()
-        .map(|(id, loc)| TableChunk {
-            id: *id,
-            frame: frame_at[&(loc.pack, loc.frame_offset)],
-            offset: loc.offset,
-            len: loc.len,
-        })
-        .collect();
-    chunks.sort_by_key(|c| c.id);
-    let table = ChunkTable { frames, chunks };
-    table.validate(blobs.len())?;
-    Ok((blobs, table))
+    Ok(bytes)
 }
 
 /// Which repositories of which registries received which blobs from this store.
@@ -224,10 +298,14 @@ fn ensure_blob(
         if from == registry.repository() {
             continue;
         }
-        match registry.mount_blob(&descriptor.digest, &from)? {
-            MountOutcome::Mounted => return Ok(Sent::Mounted),
+        match registry.mount_blob(&descriptor.digest, &from) {
+            Ok(MountOutcome::Mounted) => return Ok(Sent::Mounted),
             // Not mountable from there (gone, or no access): upload into the session it opened.
-            MountOutcome::Upload(location) => session = Some(location),
+            Ok(MountOutcome::Upload(location)) => session = Some(location),
+            Err(e) => tracing::warn!(
+                "cross-mounting {} from {from}: {e}; uploading it",
+                descriptor.digest
+            ),
         }
         break;
     }
@@ -258,15 +336,17 @@ pub fn push_to_registry(
     }
     let encoded = store.index_bytes(&manifest.index.digest)?;
     let index = ImageIndex::decode(&encoded)?;
+    let chunks = distinct_chunks(&index);
     let mut locations = HashMap::new();
-    for chunk in distinct_chunks(&index) {
+    for chunk in &chunks {
         let loc = store
             .chunk_location(&chunk.id)?
             .ok_or(skiff_store::StoreError::ChunkNotFound(chunk.id))?;
         locations.insert(chunk.id, loc);
     }
-    let (planned, table) = plan_blobs(store, &locations)?;
-    let total: u64 = planned.iter().map(|b| b.end - b.start).sum();
+    let mine: HashSet<ChunkId> = locations.keys().copied().collect();
+    let planned = plan_blobs(store, &chunks, &locations)?;
+    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
     progress.start(planned.len() as u64, total);
 
     let log_path = BlobLog::path(store);
@@ -293,9 +373,19 @@ pub fn push_to_registry(
             }
         }
     };
+    let (mut frames, mut placed) = (Vec::new(), Vec::new());
     let mut packs = Vec::with_capacity(planned.len());
-    for blob in &planned {
-        let bytes = store.read_pack_bytes(blob.pack, blob.start, blob.end - blob.start)?;
+    for (at, blob) in planned.iter().enumerate() {
+        let before = placed.len();
+        let bytes = build_blob(
+            store,
+            blob,
+            at as u32,
+            &mut frames,
+            &mut placed,
+            &mine,
+            &locations,
+        )?;
         let descriptor = Descriptor::of(PACK_LAYER_TYPE, &bytes);
         let mut once = Some(bytes);
         let sent = ensure_blob(registry, &log, &descriptor, &mut || {
@@ -303,9 +393,15 @@ pub fn push_to_registry(
         })?;
         log.add(registry.host(), &descriptor.digest, registry.repository());
         count(sent, &mut report);
-        progress.advance(blob.end - blob.start);
+        progress.advance(placed[before..].iter().map(|c| u64::from(c.len)).sum());
         packs.push(descriptor);
     }
+    placed.sort_by_key(|c| c.id);
+    let table = ChunkTable {
+        frames,
+        chunks: placed,
+    };
+    table.validate(packs.len())?;
     let config_bytes = manifest.config.get().as_bytes().to_vec();
     let small = [
         (OCI_CONFIG_TYPE, config_bytes),
@@ -353,12 +449,12 @@ pub fn pull_from_registry(
     progress: &dyn TransferProgress,
 ) -> Result<RegistryPullReport, ClientError> {
     let started = Instant::now();
+    let before = registry.traffic.snapshot();
     let image = RemoteImage::fetch(&registry)?;
     let chunks = distinct_chunks(&image.index);
     let missing = missing_in(store, &chunks)?;
     let bytes_fetched: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
     progress.start(missing.len() as u64, bytes_fetched);
-    let before = registry.traffic.snapshot();
     let spool = store.root().join("tmp");
     let source = RegistrySource::new(registry.clone(), &image, RangePlan::default(), spool);
     store_chunks(store, &missing, progress, &mut |ids, each| {
@@ -399,6 +495,12 @@ pub fn put_profile(
     index: &skiff_format::IndexDigest,
     profile: StartupProfile,
 ) -> Result<Sha256Digest, ClientError> {
+    if registry.reference().is_digest() {
+        return Err(ClientError::Protocol {
+            url: registry.reference().to_string(),
+            message: "a profile is stored under a tag; this image is named by digest".into(),
+        });
+    }
     let tag = registry.reference().reference.clone();
     let (mut oci, _) = RemoteImage::manifest_at(registry, &tag)?;
     let layer = &oci.layers[0];

@@ -29,6 +29,8 @@ pub const INDEX_DIGEST_ANNOTATION: &str = "dev.skiff.index.digest";
 
 pub const CHUNK_TABLE_MAGIC: &[u8; 8] = b"SKIFFCTB";
 pub const CHUNK_TABLE_VERSION: u32 = 1;
+/// Frames end within this many bytes of their blob's start (2^48: 256 TiB).
+const MAX_BLOB_END: u64 = 1 << 48;
 /// A frame decompresses to at most this many bytes (writers aim at 1 MiB).
 pub const MAX_FRAME_RAW_LEN: u32 = 64 << 20;
 /// A frame's compressed bytes are at most this many (zstd's worst case of the above).
@@ -100,6 +102,15 @@ impl ChunkTable {
 
     /// Checks the rules of the encoding: sorted, unique, every chunk inside its frame.
     pub fn validate(&self, blobs: usize) -> Result<(), FormatError> {
+        for frame in &self.frames {
+            if frame
+                .offset
+                .checked_add(u64::from(frame.len))
+                .is_none_or(|end| end > MAX_BLOB_END)
+            {
+                return Err(malformed(format!("a frame at offset {}", frame.offset)));
+            }
+        }
         for pair in self.frames.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
             let ordered = (a.blob, a.offset) < (b.blob, b.offset);
@@ -218,6 +229,9 @@ mod tests {
         );
         assert!(ChunkTable::decode(&encoded[..encoded.len() - 1], 2).is_err());
         assert!(ChunkTable::decode(b"SKIFFCTB\x02\0\0\0", 2).is_err());
+        let mut t = table();
+        t.frames[2].offset = u64::MAX - 5;
+        assert!(t.validate(2).is_err(), "a frame past any blob's end");
         let mut t = table();
         t.frames[1].offset = 99;
         assert!(t.validate(2).is_err(), "overlapping frames");

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::error::IoContext;
 use crate::verify::{sha256_hex, verify_blob, DigestCheckedReader, HashingReader};
 use crate::OciError;
-use skiff_registry::{Registry, RegistryRef};
+use skiff_registry::{BareCredentials, Registry, RegistryRef};
 
 /// Manifests and configs are small; anything bigger is not one.
 pub(crate) const MAX_JSON_BLOB: u64 = 16 << 20;
@@ -187,6 +187,12 @@ pub enum ImageSource {
 impl ImageSource {
     /// Parses `oci:DIR[:TAG]`, `docker-archive:FILE[:NAME:TAG]` or `docker://REF`.
     pub fn parse(spec: &str) -> Result<ImageSource, OciError> {
+        Self::parse_with(spec, BareCredentials::Apply)
+    }
+
+    /// As [`ImageSource::parse`], saying whether a bare `SKIFF_REGISTRY_AUTH`
+    /// is for this registry (not when the command publishes to another one).
+    pub fn parse_with(spec: &str, bare: BareCredentials) -> Result<ImageSource, OciError> {
         if let Some(rest) = spec.strip_prefix("oci:") {
             let (dir, tag) = split_reference(rest, |p| p.join("index.json").exists());
             return Ok(ImageSource::OciLayout { dir, tag });
@@ -202,7 +208,7 @@ impl ImageSource {
         }
         if let Some(rest) = spec.strip_prefix("docker://") {
             let reference = RegistryRef::parse(rest)?;
-            let client = Box::new(Registry::new(&reference)?);
+            let client = Box::new(Registry::with_bare_credentials(&reference, bare)?);
             return Ok(ImageSource::Registry { reference, client });
         }
         Err(OciError::UnsupportedSource(spec.to_owned()))

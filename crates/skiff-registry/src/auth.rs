@@ -2,8 +2,9 @@
 //! for them.
 //!
 //! Where credentials for a host come from, first match wins:
-//! 1. `SKIFF_REGISTRY_AUTH`: `USER:PASSWORD` (for any registry skiff is told
-//!    to use) or `HOST=USER:PASSWORD[,HOST=USER:PASSWORD…]`;
+//! 1. `SKIFF_REGISTRY_AUTH`: `HOST=USER:PASSWORD[,HOST=USER:PASSWORD…]`, or a
+//!    bare `USER:PASSWORD` for the one registry a command is about (the
+//!    destination, when `convert` reads one registry and writes another);
 //! 2. docker's `config.json` (`$DOCKER_CONFIG/config.json`, else
 //!    `~/.docker/config.json`): `credHelpers[HOST]`, then `auths[HOST]`,
 //!    then `credsStore`, a helper run as `docker-credential-NAME get`.
@@ -44,10 +45,23 @@ fn credential_error(host: &str, reason: impl Into<String>) -> RegistryError {
     }
 }
 
+/// Whether a bare `SKIFF_REGISTRY_AUTH=USER:PASSWORD` applies to a registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BareCredentials {
+    /// The registry is the one the command is about.
+    Apply,
+    /// Another registry (the source of a registry-to-registry convert): only
+    /// credentials named for its host.
+    Ignore,
+}
+
 /// The credentials the environment and docker's config hold for `host` (`HOST[:PORT]`).
-pub fn credentials_for(host: &str) -> Result<Option<Credentials>, RegistryError> {
+pub fn credentials_for(
+    host: &str,
+    bare: BareCredentials,
+) -> Result<Option<Credentials>, RegistryError> {
     if let Ok(value) = std::env::var("SKIFF_REGISTRY_AUTH") {
-        if let Some(found) = from_skiff_env(&value, host) {
+        if let Some(found) = from_skiff_env(&value, host, bare) {
             return Ok(Some(found));
         }
     }
@@ -69,7 +83,7 @@ pub fn credentials_for(host: &str) -> Result<Option<Credentials>, RegistryError>
     config.lookup(host)
 }
 
-fn from_skiff_env(value: &str, host: &str) -> Option<Credentials> {
+fn from_skiff_env(value: &str, host: &str, bare_use: BareCredentials) -> Option<Credentials> {
     let split = |pair: &str| {
         pair.split_once(':').map(|(u, p)| Credentials {
             username: u.to_owned(),
@@ -87,7 +101,7 @@ fn from_skiff_env(value: &str, host: &str) -> Option<Credentials> {
             _ => bare = bare.or_else(|| split(entry)),
         }
     }
-    bare
+    bare.filter(|_| bare_use == BareCredentials::Apply)
 }
 
 /// `HOST[:PORT]` with a dot, `localhost` or a port: not `USER:PASSWORD`.
@@ -346,7 +360,8 @@ pub(crate) struct Token {
 /// How long a token may be used: its `expires_in` (60 s when absent, as
 /// the token spec says), less a margin so it is renewed before it lapses.
 pub(crate) fn token_lifetime(expires_in: Option<u64>) -> Duration {
-    let secs = expires_in.filter(|s| *s > 0).unwrap_or(60);
+    // A day at most: a token server's number must not overflow a clock.
+    let secs = expires_in.filter(|s| *s > 0).unwrap_or(60).min(86_400);
     Duration::from_secs(secs) - Duration::from_secs(secs / 10).min(Duration::from_secs(30))
 }
 
@@ -387,17 +402,28 @@ mod tests {
 
     #[test]
     fn skiff_env_credentials_are_per_host() {
+        use BareCredentials::{Apply, Ignore};
         let both = "h.example:5000=u1:p1,u2:p2";
-        let for_h = from_skiff_env(both, "h.example:5000").unwrap();
+        let for_h = from_skiff_env(both, "h.example:5000", Ignore).unwrap();
         assert_eq!(
             (for_h.username.as_str(), for_h.password.as_str()),
             ("u1", "p1")
         );
-        let other = from_skiff_env(both, "other.example").unwrap();
+        let other = from_skiff_env(both, "other.example", Apply).unwrap();
         assert_eq!(other.username, "u2");
-        assert_eq!(from_skiff_env("h.example=u:p", "other.example"), None);
         assert_eq!(
-            from_skiff_env("u:p:with:colons", "x").unwrap().password,
+            from_skiff_env(both, "other.example", Ignore),
+            None,
+            "bare, for another registry"
+        );
+        assert_eq!(
+            from_skiff_env("h.example=u:p", "other.example", Apply),
+            None
+        );
+        assert_eq!(
+            from_skiff_env("u:p:with:colons", "x", Apply)
+                .unwrap()
+                .password,
             "p:with:colons"
         );
     }
@@ -430,5 +456,6 @@ mod tests {
         assert_eq!(token_lifetime(None), Duration::from_secs(54));
         assert_eq!(token_lifetime(Some(300)), Duration::from_secs(270));
         assert_eq!(token_lifetime(Some(3600)), Duration::from_secs(3570));
+        assert_eq!(token_lifetime(Some(u64::MAX)), Duration::from_secs(86_370));
     }
 }

@@ -20,7 +20,7 @@ use reqwest::{Method, StatusCode, Url};
 use skiff_source::{Backoff, SourceTraffic};
 
 use crate::auth::{
-    credentials_for, token_lifetime, Challenge, Credentials, Token, TokenAnswer,
+    credentials_for, token_lifetime, BareCredentials, Challenge, Credentials, Token, TokenAnswer,
     IDENTITY_TOKEN_USER,
 };
 use crate::digest::{sha256_digest, Sha256Digest};
@@ -32,6 +32,8 @@ pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Error bodies and token answers are read up to this much.
 const MAX_SMALL_BODY: u64 = 64 << 10;
 const MAX_REDIRECTS: usize = 5;
+/// A repository's tag list is read up to this many tags.
+const MAX_TAGS: usize = 100_000;
 pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
 
 /// What a request needs the token to allow.
@@ -166,7 +168,15 @@ impl Registry {
     /// A client for `reference`'s repository, with the credentials the
     /// environment or docker's config hold for its host.
     pub fn new(reference: &RegistryRef) -> Result<Registry, RegistryError> {
-        let credentials = credentials_for(&reference.host)?;
+        Self::with_bare_credentials(reference, BareCredentials::Apply)
+    }
+
+    /// As [`Registry::new`], saying whether a bare `SKIFF_REGISTRY_AUTH` is for this registry.
+    pub fn with_bare_credentials(
+        reference: &RegistryRef,
+        bare: BareCredentials,
+    ) -> Result<Registry, RegistryError> {
+        let credentials = credentials_for(&reference.host, bare)?;
         Self::with_credentials(reference, credentials)
     }
 
@@ -175,10 +185,17 @@ impl Registry {
         credentials: Option<Credentials>,
     ) -> Result<Registry, RegistryError> {
         let base_text = reference.base_url();
-        let base = Url::parse(&base_text).map_err(|e| RegistryError::BadReference {
+        let bad = |reason: String| RegistryError::BadReference {
             reference: reference.to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let base = Url::parse(&base_text).map_err(|e| bad(e.to_string()))?;
+        // The URL must name the host that decided plain HTTP and credentials.
+        let wanted = crate::reference::host_only(&reference.host).to_ascii_lowercase();
+        let parsed = base.host_str().unwrap_or_default().trim_matches(['[', ']']);
+        if parsed != wanted || !base.username().is_empty() || base.password().is_some() {
+            return Err(bad(format!("{base_text} does not name host {wanted}")));
+        }
         let http = reqwest::blocking::Client::builder()
             .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
@@ -253,29 +270,23 @@ impl Registry {
         Ok(None)
     }
 
-    /// Learns from a 401's challenge; says whether a retry may now succeed.
-    fn learn(&self, response: &Response, had_auth: bool) -> bool {
+    /// Learns from a 401's challenge what the registry wants.
+    fn learn(&self, response: &Response) {
         let Some(challenge) = response
             .headers()
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .and_then(Challenge::parse)
         else {
-            return false;
+            return;
         };
         let mut auth = self.auth.lock().expect("auth poisoned");
         match challenge {
-            Challenge::Basic => {
-                let first = !auth.basic;
-                auth.basic = true;
-                first && self.credentials.is_some()
-            }
+            Challenge::Basic => auth.basic = true,
             Challenge::Bearer { realm, service, .. } => {
-                let known = auth.bearer.as_ref().is_some_and(|(r, _)| *r == realm);
                 auth.bearer = Some((realm, service));
-                // A token the registry refuses (revoked, expired early) is renewed once.
+                // A token the registry refuses (revoked, expired early) is renewed.
                 auth.tokens.clear();
-                !known || had_auth
             }
         }
     }
@@ -286,7 +297,7 @@ impl Registry {
         service: Option<&str>,
         access: &Access,
     ) -> Result<Token, RegistryError> {
-        let mut url =
+        let url =
             Url::parse(realm).map_err(|e| protocol(realm, format!("bad token realm: {e}")))?;
         let realm_host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -303,6 +314,26 @@ impl Registry {
                 ),
             });
         }
+        match self.request_token(&url, service, access, credentials) {
+            // Credentials this token service refuses may be meant for
+            // another registry: pull anonymously, as docker does.
+            Err(e) if e.status() == Some(401) && credentials.is_some() => {
+                tracing::warn!("{e}; trying without credentials");
+                self.request_token(&url, service, access, None)
+            }
+            other => other,
+        }
+    }
+
+    fn request_token(
+        &self,
+        realm_url: &Url,
+        service: Option<&str>,
+        access: &Access,
+        credentials: Option<&Credentials>,
+    ) -> Result<Token, RegistryError> {
+        let mut url = realm_url.clone();
+        let realm = realm_url.as_str();
         let scopes = access.scopes(&self.reference.repository);
         let request = match credentials {
             Some(c) if c.username == IDENTITY_TOKEN_USER => {
@@ -384,7 +415,10 @@ impl Registry {
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && ours && authorised < 2 {
                 authorised += 1;
-                if self.learn(&response, authorization.is_some()) {
+                self.learn(&response);
+                // Again only if what would be sent now differs (a token, a
+                // renewed token, basic credentials), however threads raced.
+                if self.authorization(access)? != authorization {
                     continue;
                 }
             }
@@ -397,14 +431,16 @@ impl Registry {
                     let location = location
                         .to_str()
                         .map_err(|_| protocol(url, "a redirect to a non-ASCII location"))?;
-                    target = target
+                    target = response
+                        .url()
                         .join(location)
                         .map_err(|e| protocol(url, format!("bad redirect {location:?}: {e}")))?;
-                    if target.scheme() == "http"
-                        && self.base.scheme() == "https"
-                        && origin_of(&target) != home
-                    {
-                        tracing::debug!("following a redirect to plain HTTP {target}");
+                    // A tag's manifest cannot be checked against anything: never downgrade.
+                    if target.scheme() != "https" && self.base.scheme() == "https" {
+                        return Err(protocol(
+                            url,
+                            format!("refusing a redirect from HTTPS to {target}"),
+                        ));
                     }
                     continue;
                 }
@@ -439,6 +475,12 @@ impl Registry {
         reference: &str,
         accept: &[&str],
     ) -> Result<Option<(Vec<u8>, String, Sha256Digest)>, RegistryError> {
+        if reference.contains(':') && reference.parse::<Sha256Digest>().is_err() {
+            return Err(protocol(
+                &self.reference.to_string(),
+                format!("{reference} is not a sha256 digest, the only kind skiff can check"),
+            ));
+        }
         let url = self.url(&format!("manifests/{reference}"));
         let accept = accept.join(", ");
         let response = match self.send_retrying(Method::GET, &url, &Access::Pull, &|r| {
@@ -610,7 +652,8 @@ impl Registry {
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| protocol(url, "an upload answer without a Location"))?;
-        self.base
+        response
+            .url()
             .join(location)
             .map(String::from)
             .map_err(|e| protocol(url, format!("bad upload location {location:?}: {e}")))
@@ -670,11 +713,12 @@ impl Registry {
         }
         let mut tags = Vec::new();
         let mut url = self.url("tags/list?n=1000");
-        for _ in 0..1000 {
+        while tags.len() < MAX_TAGS {
             let response = match self.send_retrying(Method::GET, &url, &Access::Pull, &|r| r) {
                 Err(e) if e.status() == Some(404) => break,
                 other => other?,
             };
+            let at = response.url().clone();
             let next = response
                 .headers()
                 .get("link")
@@ -691,8 +735,7 @@ impl Registry {
             tags.extend(page.tags.unwrap_or_default());
             match next {
                 Some(next) => {
-                    url = self
-                        .base
+                    url = at
                         .join(&next)
                         .map_err(|e| protocol(&url, e.to_string()))?
                         .to_string();

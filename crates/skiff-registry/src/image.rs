@@ -20,6 +20,9 @@ use crate::RegistryError;
 pub const MAX_SKIFF_MANIFEST_BYTES: u64 = 32 << 20;
 /// 60 bytes a chunk before compression: 512 MiB is millions of chunks.
 pub const MAX_CHUNK_TABLE_BYTES: u64 = 512 << 20;
+/// A pack blob may be this large at most (skiff writes 16 to 64 MiB ones):
+/// what a reader spools when a registry ignores `Range`.
+pub const MAX_PACK_BLOB_BYTES: u64 = 1 << 30;
 /// Layers before the first pack blob: the skiff manifest, the index, the chunk table.
 pub const FIRST_PACK_LAYER: usize = 3;
 
@@ -232,6 +235,22 @@ impl RemoteImage {
         let index = ImageIndex::decode(&index_bytes)?;
         let table_bytes = unzstd(&table_zstd?, MAX_CHUNK_TABLE_BYTES, "the chunk table")?;
         let table = ChunkTable::decode(&table_bytes, oci.packs().len())?;
+        for pack in oci.packs() {
+            limited(registry, "pack blob", pack, MAX_PACK_BLOB_BYTES)?;
+        }
+        let outside = table
+            .frames
+            .iter()
+            .find(|f| f.offset + u64::from(f.len) > oci.packs()[f.blob as usize].size);
+        if let Some(frame) = outside {
+            return Err(not_skiff(
+                registry,
+                format!(
+                    "a frame at {} lies past the end of pack blob {}",
+                    frame.offset, frame.blob
+                ),
+            ));
+        }
         if let Some(missing) = index.chunk_refs().find(|c| table.find(&c.id).is_none()) {
             return Err(not_skiff(
                 registry,

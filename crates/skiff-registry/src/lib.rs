@@ -18,7 +18,7 @@ mod image;
 mod reference;
 mod source;
 
-pub use auth::Credentials;
+pub use auth::{BareCredentials, Credentials};
 pub use client::{
     Access, MountOutcome, RangeAnswer, Registry, Traffic, DEFAULT_RETRY_WINDOW, MAX_MANIFEST_BYTES,
 };

@@ -26,6 +26,11 @@ impl RegistryRef {
         };
         let (host, rest) = match s.split_once('/') {
             Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
+                if !valid_host(first) {
+                    return Err(bad(
+                        "the host must be NAME, IPv4 or [IPv6], with an optional :PORT",
+                    ));
+                }
                 (first.to_owned(), rest)
             }
             _ => (DOCKER_HUB.to_owned(), s),
@@ -117,6 +122,48 @@ impl fmt::Display for RegistryRef {
     }
 }
 
+/// `NAME`, IPv4 or `[IPv6]`, then an optional `:PORT`: nothing a URL would
+/// read as user info, path or query (`localhost:5000@evil.example`).
+fn valid_host(host: &str) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return false,
+            },
+        };
+        (None, port)
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (Some(name), Some(port)),
+            None => (Some(host), None),
+        }
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let name_ok = name.is_none_or(|n| {
+        !n.is_empty()
+            && n.len() <= 253
+            && n.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+    });
+    port_ok && name_ok
+}
+
 /// The host part of `HOST[:PORT]` (brackets kept for IPv6).
 pub(crate) fn host_only(host: &str) -> &str {
     if host.starts_with('[') {
@@ -170,6 +217,8 @@ mod tests {
         assert_eq!(r.reference, digest);
         assert_eq!(r.base_url(), "https://quay.io");
         assert_eq!(r.to_string(), format!("docker://quay.io/x/y@{digest}"));
+        let r = RegistryRef::parse("[::1]:5000/app:1").unwrap();
+        assert_eq!(r.base_url(), "http://[::1]:5000");
         for bad in [
             "",
             "UPPER/case",

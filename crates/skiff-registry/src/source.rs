@@ -149,18 +149,21 @@ impl RegistrySource {
             return read_file_range(&file, request.start, request.end);
         }
         let mut backoff = Backoff::new(self.plan.retry_window);
+        // A larger request may take longer on a slow link: a second per MiB more.
+        let budget =
+            self.plan.attempt_timeout + Duration::from_secs((request.end - request.start) >> 20);
         loop {
-            let timeout = backoff
-                .remaining()
-                .min(self.plan.attempt_timeout)
-                .max(Backoff::FIRST_DELAY);
+            let timeout = backoff.remaining().min(budget).max(Backoff::FIRST_DELAY);
             let attempt =
                 self.registry
                     .blob_range(&blob.digest, request.start..request.end, timeout);
             match attempt {
                 Ok(RangeAnswer::Partial(bytes)) => return Ok(bytes),
                 Ok(RangeAnswer::Whole(response)) => {
-                    let file = self.whole_blob(request.blob, response)?;
+                    // That answer is bound by one range's deadline: the whole
+                    // blob comes on a request of its own.
+                    drop(response);
+                    let file = self.whole_blob(request.blob)?;
                     return read_file_range(&file, request.start, request.end);
                 }
                 Err(e) if backoff.retry(e.is_transient(), &e) => {}
@@ -174,13 +177,9 @@ impl RegistrySource {
         whole.get(&blob)?.get()?.as_ref().ok().cloned()
     }
 
-    /// Reads a blob whose registry ignored `Range`, once, from `response`
-    /// (the first one to arrive) to a local file checked against its digest.
-    fn whole_blob(
-        &self,
-        blob: u32,
-        response: reqwest::blocking::Response,
-    ) -> Result<Arc<File>, SourceError> {
+    /// Reads a blob whose registry ignored `Range`, once, to a local file
+    /// checked against its digest.
+    fn whole_blob(&self, blob: u32) -> Result<Arc<File>, SourceError> {
         let slot = self
             .whole
             .lock()
@@ -197,7 +196,9 @@ impl RegistrySource {
                     self.registry.host()
                 ));
             }
-            spool(response, descriptor, &self.spool_dir, &self.registry)
+            self.registry
+                .blob_stream(&descriptor.digest)
+                .and_then(|response| spool(response, descriptor, &self.spool_dir, &self.registry))
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
         });

@@ -40,11 +40,13 @@ struct FrameCache {
 }
 
 /// A frame in a pack file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackFrame {
     pub offset: u64,
     pub len: u32,
     pub raw_len: u32,
+    /// The chunks stored in it.
+    pub chunks: Vec<ChunkId>,
 }
 
 /// Sizes and ratios of what a store holds.
@@ -347,25 +349,32 @@ impl Store {
         cache.order.retain(|key| key.0 != pack);
     }
 
-    /// Every frame of each of `packs` that holds a chunk, in pack order:
-    /// what a push cuts into blobs. One pass over the chunk table.
+    /// Every frame of each of `packs` that holds a chunk, in pack order,
+    /// with the chunks it holds: what a push cuts into blobs. One pass over
+    /// the chunk table.
     pub fn frames_of_packs(
         &self,
         packs: &HashSet<u32>,
     ) -> Result<BTreeMap<u32, Vec<PackFrame>>, StoreError> {
         let mut frames: BTreeMap<u32, BTreeMap<u64, PackFrame>> = BTreeMap::new();
         for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
-            let (_, value) = item?;
+            let (key, value) = item?;
             let loc = ChunkLocation::decode(&value)?;
             if packs.contains(&loc.pack) {
-                frames.entry(loc.pack).or_default().insert(
-                    loc.frame_offset,
-                    PackFrame {
+                let id = ChunkId::from_slice(&key)
+                    .map_err(|e| StoreError::Corrupt(format!("chunk key: {e}")))?;
+                frames
+                    .entry(loc.pack)
+                    .or_default()
+                    .entry(loc.frame_offset)
+                    .or_insert_with(|| PackFrame {
                         offset: loc.frame_offset,
                         len: loc.frame_len,
                         raw_len: loc.frame_raw_len,
-                    },
-                );
+                        chunks: Vec::new(),
+                    })
+                    .chunks
+                    .push(id);
             }
         }
         Ok(frames

@@ -17,7 +17,7 @@ use std::time::Duration;
 use skiff_client::{Client, TransferReport};
 use skiff_format::wire::ImageSummary;
 use skiff_format::ImageRef;
-use skiff_registry::{Registry, RegistryRef};
+use skiff_registry::{BareCredentials, Registry, RegistryRef};
 
 use crate::origin::ImageArg;
 use skiff_oci::{ConvertOptions, ImageSource, Platform};
@@ -249,8 +249,9 @@ impl Remote {
     }
 
     fn registry(&self, reference: &RegistryRef) -> Result<Registry> {
-        if self.server.is_some() {
-            bail!("{reference} names a registry: drop --server");
+        if let Some(server) = &self.server {
+            // Likely $SKIFF_SERVER, set for other commands.
+            tracing::warn!("{reference} names a registry; ignoring the server {server}");
         }
         Ok(Registry::new(reference)?.with_retry_window(Duration::from_secs(self.retry_for)))
     }
@@ -340,7 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let existed = store_dir.exists();
             let result = convert(
                 &store_dir,
-                &source,
+                &ImageSource::parse(&source)?,
                 &target,
                 platform.as_deref(),
                 threads,
@@ -504,13 +505,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn convert(
     store_dir: &Path,
-    source: &str,
+    source: &ImageSource,
     target: &ImageRef,
     platform: Option<&str>,
     threads: usize,
     json: bool,
 ) -> Result<()> {
-    let source = ImageSource::parse(source)?;
     let platform = match platform {
         Some(p) => Platform::parse(p)?,
         None => Platform::host(),
@@ -535,7 +535,7 @@ fn convert(
     })
     .context("installing the Ctrl-C handler")?;
     let bar = progress::ConvertBar::new(format!("{target}"));
-    let report = skiff_oci::convert(&source, &store, target, &options, &bar)
+    let report = skiff_oci::convert(source, &store, target, &options, &bar)
         .with_context(|| format!("converting {} into {target}", source.name()))?;
     bar.finish();
     if json {
@@ -624,10 +624,15 @@ fn convert_and_push(
             temporary.path()
         }
     };
-    convert(store_dir, source, &target, platform, threads, json)?;
+    // A bare SKIFF_REGISTRY_AUTH is for the registry published to, not the source's.
+    let source = ImageSource::parse_with(source, BareCredentials::Ignore)?;
+    convert(store_dir, &source, &target, platform, threads, json)?;
     let store = Store::open_read_only(store_dir)?;
     push_to_registry(&store, &target, &registry, json)
 }
+
+/// Tags `skiff images docker://…` looks at, at most.
+const MAX_LISTED_TAGS: usize = 10_000;
 
 fn registry_images(repository: &str, json: bool) -> Result<()> {
     let mut reference = registry_arg(repository)?;
@@ -641,7 +646,17 @@ fn registry_images(repository: &str, json: bool) -> Result<()> {
     reference.reference = "latest".into();
     let registry = Registry::new(&reference)?;
     let mut rows = Vec::new();
-    for tag in registry.tags()? {
+    let tags = registry.tags()?;
+    for tag in tags.into_iter().take(MAX_LISTED_TAGS) {
+        if RegistryRef::parse(&format!(
+            "{}/{}:{tag}",
+            reference.host, reference.repository
+        ))
+        .is_err()
+        {
+            tracing::warn!("skipping a malformed tag {tag:?}");
+            continue;
+        }
         match skiff_registry::RemoteImage::manifest_at(&registry, &tag) {
             Ok((oci, _)) => {
                 let layer = &oci.layers[0];
@@ -652,8 +667,10 @@ fn registry_images(repository: &str, json: bool) -> Result<()> {
                 manifest.tag = tag;
                 rows.push(ImageSummary::from(&manifest));
             }
-            // Plain images and other artifacts share repositories with skiff's.
+            // Plain images and other artifacts share repositories with skiff's,
+            // and a tag may go (or be an index) between the listing and here.
             Err(skiff_registry::RegistryError::NotSkiff { .. }) => {}
+            Err(e) if e.status() == Some(404) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -674,8 +691,14 @@ fn print_images(rows: &[ImageSummary], json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(rows)?);
         return Ok(());
     }
+    let width = rows
+        .iter()
+        .map(|r| r.name.len() + r.tag.len() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(32);
     println!(
-        "{:<32} {:<20} {:>8} {:>10}  PROFILE",
+        "{:<width$} {:<20} {:>8} {:>10}  PROFILE",
         "IMAGE", "INDEX", "FILES", "SIZE"
     );
     for row in rows {
@@ -683,7 +706,7 @@ fn print_images(rows: &[ImageSummary], json: bool) -> Result<()> {
             format!("{} files, {} read", p.files, progress::bytes(p.read_bytes))
         });
         println!(
-            "{:<32} {:<20} {:>8} {:>10}  {profile}",
+            "{:<width$} {:<20} {:>8} {:>10}  {profile}",
             format!("{}:{}", row.name, row.tag),
             format!("blake3:{}", &row.index.to_hex()[..12]),
             row.files,

@@ -113,9 +113,14 @@ struct MountRecord {
     image: String,
     source: String,
     /// Where the image comes from.
+    #[serde(default = "unknown_origin", deserialize_with = "Origin::lenient")]
     origin: Origin,
     mountpoint: PathBuf,
     started_unix: u64,
+}
+
+fn unknown_origin() -> Origin {
+    Origin::Unknown
 }
 
 /// `skiff status --json`.
@@ -190,6 +195,7 @@ pub(crate) fn find_mount(run_dir: &Path, image: &ImageArg, origin: &Origin) -> O
         .find(|record| {
             record.image == image
                 && record.origin == *origin
+                && record.origin != Origin::Unknown
                 && record.daemon_runs()
                 && mounted_here(&record.mountpoint) == MountedHere::Skiff
         })

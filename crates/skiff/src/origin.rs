@@ -54,21 +54,44 @@ impl fmt::Display for ImageArg {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Origin {
-    Store { path: PathBuf },
-    Server { url: String },
-    Registry { reference: String },
+    Store {
+        path: PathBuf,
+    },
+    Server {
+        url: String,
+    },
+    Registry {
+        reference: String,
+    },
+    /// A record this version cannot read (written by an older skiff): its
+    /// mount is still listed and unmounted, never shared.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Origin {
+    /// Reads a mount record's origin, whatever an older skiff wrote there.
+    pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Origin, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(serde_json::from_value(value).unwrap_or(Origin::Unknown))
+    }
 }
 
 impl Origin {
     /// The origin of `image`, with `--server` if given, else the store.
     pub fn of(image: &ImageArg, server: Option<&str>, store_dir: &Path) -> Result<Origin> {
         Ok(match (image, server) {
-            (ImageArg::Registry(_), Some(_)) => {
-                bail!("a docker:// image comes from its registry: drop --server")
+            (ImageArg::Registry(reference), server) => {
+                if let Some(server) = server {
+                    // Likely $SKIFF_SERVER, set for other commands.
+                    tracing::warn!(
+                        "{reference} comes from its registry; ignoring the server {server}"
+                    );
+                }
+                Origin::Registry {
+                    reference: reference.to_string(),
+                }
             }
-            (ImageArg::Registry(reference), None) => Origin::Registry {
-                reference: reference.to_string(),
-            },
             (ImageArg::Named(_), Some(url)) => Origin::Server {
                 url: url.trim_end_matches('/').to_owned(),
             },
@@ -87,6 +110,7 @@ impl fmt::Display for Origin {
             Origin::Store { path } => write!(f, "store {}", path.display()),
             Origin::Server { url } => write!(f, "server {url}"),
             Origin::Registry { reference } => write!(f, "registry {reference}"),
+            Origin::Unknown => write!(f, "unknown origin"),
         }
     }
 }
