@@ -7,7 +7,7 @@
 #     (a) plain: gzip layers from nginx across the link, tar, crun;
 #     (b) skiff run NAME:TAG --server (skiff serve across the link);
 #     (c) skiff run docker://… (Debian's docker-registry across the link);
-#   a cold full read (`find -type f -exec cat`, empty cache, no prefetch):
+#   a cold full read (`find -type f -exec cat`, empty cache, prefetch on as by default):
 #     (d) plain: download and unpack the gzip layers, then read the tree;
 #     (e) through a lazy mount from skiff serve;
 #     (f) through a lazy mount from the registry;
@@ -125,7 +125,7 @@ plain_read() { # image
 lazy_read() { # image origin
   local mnt=$work/mnt-read
   mkdir -p "$mnt"
-  "$SKIFF" mount $(skiff_args "$1" "$2") "$mnt" --no-prefetch --cache "$work/cache" --run-dir "$work/run" >/dev/null 2>&1
+  "$SKIFF" mount $(skiff_args "$1" "$2") "$mnt" --cache "$work/cache" --run-dir "$work/run" >/dev/null 2>&1
   find "$mnt" -type f -exec cat {} + > /dev/null
   "$SKIFF" umount "$mnt" --run-dir "$work/run"
 }

@@ -41,8 +41,8 @@ lines += [
     f"the time (range {min(hello_ratio):.2f} to {max(hello_ratio):.2f}); against the plain pull, "
     f"median **{statistics.median(hello_speedup):.1f}×** faster.",
     "",
-    "Cold full read, `find -type f -exec cat {} +` of the whole image, empty cache, no "
-    "prefetch: (d) download and unpack the gzip layers, then read the tree from local disk; "
+    "Cold full read, `find -type f -exec cat {} +` of the whole image, empty cache, "
+    "background prefetch on (the default): (d) download and unpack the gzip layers, then read the tree from local disk; "
     "(e) a lazy mount from `skiff serve`; (f) a lazy mount from the registry (mount time "
     "included). Bytes are those received over the link.",
     "",

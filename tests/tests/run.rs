@@ -725,6 +725,17 @@ fn a_container_runs_from_a_registry_and_its_profile_is_stored_there() {
     };
     let out = skiff(&["push", "app:1", &image]);
     assert!(out.status.success(), "{}", text(&out).1);
+    let layers = || {
+        let response = reqwest::blocking::Client::new()
+            .get(format!("http://{host}/v2/apps/app/manifests/1"))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .basic_auth("runner", Some("pw"))
+            .send()
+            .unwrap();
+        let manifest: Value = serde_json::from_slice(&response.bytes().unwrap()).unwrap();
+        manifest["layers"].as_array().unwrap().len()
+    };
+    let before = layers();
 
     // Straight from the registry, with the image's own entrypoint and user.
     let (stdout, stderr, code) = text(&skiff(&["run", "--rm", &image]));
@@ -757,6 +768,8 @@ fn a_container_runs_from_a_registry_and_its_profile_is_stored_there() {
         listed[0]["profile"]["files"].as_u64().unwrap() >= 2,
         "{listed}"
     );
+    // Its chunks were laid out anew in one more pack blob, in the order the start read them.
+    assert_eq!(layers(), before + 1);
 
     // The next container starts with the profile fetched first.
     let (stdout, stderr, code) = text(&skiff(&["run", "--rm", &image, "--", "0"]));

@@ -486,14 +486,19 @@ pub fn pull_from_registry(
     })
 }
 
-/// Stores a startup profile with the image at `registry`'s tag: a new skiff
-/// manifest blob, and the OCI manifest pushed again to the tag with that
-/// blob as layer 0 (nothing else is uploaded). Refused if the tag now names
-/// an image with another index than `index`.
+/// Stores a startup profile with the image at `registry`'s tag, and lays
+/// the profile's chunks out for it: they are framed anew, in the profile's
+/// order, into one more pack blob, and the chunk table points them there,
+/// so a start fetches them with a few contiguous ranged reads instead of a
+/// frame for each. Uploaded: that blob, the new chunk table and skiff
+/// manifest; then the OCI manifest is pushed again to the tag. Refused if
+/// the tag now names an image with another index than `index`. `chunks`
+/// gives the profile's chunks (the host's cache, after the recording).
 pub fn put_profile(
     registry: &Registry,
     index: &skiff_format::IndexDigest,
     profile: StartupProfile,
+    chunks: &dyn ChunkSource,
 ) -> Result<Sha256Digest, ClientError> {
     if registry.reference().is_digest() {
         return Err(ClientError::Protocol {
@@ -502,9 +507,13 @@ pub fn put_profile(
         });
     }
     let tag = registry.reference().reference.clone();
-    let (mut oci, _) = RemoteImage::manifest_at(registry, &tag)?;
-    let layer = &oci.layers[0];
-    let bytes = registry.blob(&layer.digest, MAX_SKIFF_MANIFEST_BYTES)?;
+    let RemoteImage {
+        mut oci,
+        index: image_index,
+        mut table,
+        ..
+    } = RemoteImage::fetch(registry)?;
+    let bytes = registry.blob(&oci.layers[0].digest, MAX_SKIFF_MANIFEST_BYTES)?;
     let mut manifest = ImageManifest::from_json(&bytes)?;
     if manifest.index.digest != *index {
         return Err(ClientError::Protocol {
@@ -515,15 +524,73 @@ pub fn put_profile(
             ),
         });
     }
+    let order = profile.chunk_order(&image_index)?;
+    let blob = oci.packs().len() as u32;
+    let mut builder = FrameBuilder::new(
+        skiff_chunk::DEFAULT_FRAME_SIZE,
+        skiff_chunk::DEFAULT_ZSTD_LEVEL,
+    )?;
+    let mut frames = Vec::new();
+    let mut failed = None;
+    chunks
+        .fetch(&order, &mut |id, data| {
+            if failed.is_none() {
+                match builder.push(id, &data) {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+        })
+        .map_err(|e| ClientError::Source(e.to_string()))?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    frames.extend(builder.finish()?);
+    let mut blob_bytes = Vec::new();
+    for frame in frames {
+        let at = table.frames.len() as u32;
+        table.frames.push(TableFrame {
+            blob,
+            offset: blob_bytes.len() as u64,
+            len: frame.compressed.len() as u32,
+            raw_len: frame.uncompressed_len,
+        });
+        for entry in &frame.entries {
+            if let Ok(i) = table.chunks.binary_search_by(|c| c.id.cmp(&entry.id)) {
+                table.chunks[i] = TableChunk {
+                    id: entry.id,
+                    frame: at,
+                    offset: entry.offset,
+                    len: entry.len,
+                };
+            }
+        }
+        blob_bytes.extend_from_slice(&frame.compressed);
+    }
+    table.validate(oci.packs().len() + 1)?;
     manifest.profile = Some(profile);
     let json = manifest.to_json();
-    let descriptor = Descriptor::of(MANIFEST_LAYER_TYPE, &json);
-    if registry
-        .blob_size(&descriptor.digest, &Access::Push)?
-        .is_none()
-    {
-        registry.upload_blob(&descriptor.digest, &json, None)?;
+    let uploads = [
+        (PACK_LAYER_TYPE, blob_bytes),
+        (CHUNK_TABLE_LAYER_TYPE, zstd_compress(&table.encode())),
+        (MANIFEST_LAYER_TYPE, json),
+    ];
+    let mut descriptors = Vec::new();
+    for (media_type, bytes) in uploads {
+        let descriptor = Descriptor::of(media_type, &bytes);
+        if registry
+            .blob_size(&descriptor.digest, &Access::Push)?
+            .is_none()
+        {
+            registry.upload_blob(&descriptor.digest, &bytes, None)?;
+        }
+        descriptors.push(descriptor);
     }
-    oci.layers[0] = descriptor;
+    let [profile_blob, table_layer, manifest_layer] =
+        <[Descriptor; 3]>::try_from(descriptors).expect("three blobs");
+    oci.layers[0] = manifest_layer;
+    oci.layers[2] = table_layer;
+    oci.layers.push(profile_blob);
     Ok(registry.put_manifest(&tag, OCI_MANIFEST_TYPE, &oci.to_json())?)
 }

@@ -33,7 +33,7 @@ use skiff_runtime::{write_bundle, ExecConfig, Overlay, RunOptions, Runtime};
 use skiff_store::Store;
 
 use crate::mount::{self, MountArgs};
-use crate::origin::{ImageArg, Origin};
+use crate::origin::{open_image, ImageArg, OpenOptions, Origin};
 use crate::progress::bytes;
 use crate::Remote;
 
@@ -566,7 +566,23 @@ fn store_profile(
         (Origin::Registry { .. }, ImageArg::Registry(reference)) => {
             let registry =
                 Registry::new(reference)?.with_retry_window(Duration::from_secs(args.retry_for));
-            let digest = skiff_client::put_profile(&registry, &recorded_on.index.digest, profile)?;
+            // The profile's chunks, from the host's cache the recording filled.
+            let image = open_image(
+                &args.image,
+                &origin,
+                &OpenOptions {
+                    token_file: None,
+                    retry_for: Duration::from_secs(args.retry_for),
+                    cache: &args.cache,
+                    cache_max_bytes: (args.cache_max_gb * 1e9) as u64,
+                },
+            )?;
+            let digest = skiff_client::put_profile(
+                &registry,
+                &recorded_on.index.digest,
+                profile,
+                image.source.as_ref(),
+            )?;
             format!("{reference} (manifest {digest})")
         }
         (Origin::Server { url: server }, ImageArg::Named(image)) => {
