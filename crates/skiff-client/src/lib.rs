@@ -15,7 +15,6 @@ pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
 pub use registry::{
     pull_from_registry, push_to_registry, put_profile, RegistryPullReport, RegistryPushReport,
-    BLOB_SEGMENT_BYTES,
 };
 pub use source::CachedSource;
 pub use transfer::{pull, push, NoProgress, TransferProgress, TransferReport};

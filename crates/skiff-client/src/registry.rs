@@ -1,17 +1,18 @@
 //! `push` and `pull` between a local store and an OCI registry.
 //!
-//! A push names the image's frames in blobs. Frames that hold only this
-//! image's chunks are copied verbatim, grouped by the [`BLOB_SEGMENT_BYTES`]
-//! span of the pack they start in, so the same frames make the same blob
-//! whichever image of the store is pushed: a second image that shares them
-//! names blobs the registry has (HEAD) or that another repository of it
-//! holds (cross-mounted), and uploads only blobs with new chunks. Frames
-//! that also hold other chunks (another image's, a deleted file's) are never
-//! published: this image's chunks from them are framed anew. Blobs go first,
-//! the manifest last, so a killed push run again sends only what had not
-//! arrived.
+//! A push frames the image's chunks anew, in a deterministic order (layer
+//! by layer, each in the index's file order), and cuts frames and blobs
+//! where the chunks' own ids say ([`frame_cut`], [`blob_cut`]), within size
+//! bounds. So blobs are a function of the image's content alone: a second
+//! image sharing a run of chunks (a base layer) makes the same blobs for it,
+//! in any store, which the registry has (HEAD) or another repository of it
+//! holds (cross-mounted); only blobs with new chunks are uploaded. And a
+//! push never publishes a byte the image does not hold (another image's
+//! chunks, a file a later layer deleted), as copying the store's frames
+//! would. Blobs go first, the manifest last, so a killed push run again
+//! sends only what had not arrived.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,18 +29,11 @@ use skiff_registry::{
     RemoteImage, Sha256Digest, MAX_SKIFF_MANIFEST_BYTES,
 };
 use skiff_source::ChunkSource;
-use skiff_store::{ChunkLocation, PackFrame, Store};
+use skiff_store::Store;
 
 use crate::transfer::{distinct_chunks, missing_in, seconds, store_chunks, TransferProgress};
 use crate::ClientError;
 
-/// A pack is cut into blobs of the frames that start in each such span of
-/// it. Small enough that images sharing a run of frames share most of its
-/// blobs (only those where the run starts and ends differ), large enough
-/// that an image has few blobs (a 350 MB image: about 90).
-pub const BLOB_SEGMENT_BYTES: u64 = 4 << 20;
-/// Chunks framed anew for a push go into blobs of about this many raw bytes.
-const REFRAMED_BLOB_RAW_BYTES: u64 = 64 << 20;
 /// Index and chunk table blobs are compressed harder than frames: they are
 /// read before a mount is ready.
 const METADATA_ZSTD_LEVEL: i32 = 9;
@@ -78,145 +72,125 @@ pub struct RegistryPullReport {
     pub elapsed: Duration,
 }
 
-/// One blob of a push.
-enum PlannedBlob {
-    /// Frames that hold only this image's chunks, copied verbatim: those of
-    /// one segment of one pack that the image uses.
-    Frames { pack: u32, frames: Vec<PackFrame> },
-    /// This image's chunks from frames that also hold other chunks (another
-    /// image's, or a deleted file's): framed anew, so a push never
-    /// publishes bytes that are not the image's.
-    Reframed { chunks: Vec<ChunkRef> },
+/// A push closes a frame after a chunk whose id has these low bits clear
+/// (about every 16 chunks: ~1 MiB), once it holds [`MIN_FRAME_RAW`]; at
+/// [`MAX_FRAME_RAW`] it closes anyway. Content decides, so a shared run of
+/// chunks gets the same frames in every image.
+fn frame_cut(id: &ChunkId, raw: u64) -> bool {
+    raw >= MIN_FRAME_RAW && id.as_bytes()[0] & 0x0f == 0
 }
 
-/// The image's frames cut into blobs, in the order they are named.
-fn plan_blobs(
+/// A blob closes after a frame whose last chunk's id says so (about every 4
+/// frames), once it holds [`MIN_BLOB_RAW`], and at [`MAX_BLOB_RAW`] anyway:
+/// ~6 MiB of chunks, ~2 MB compressed, so a shared run of chunks is mostly
+/// whole blobs and an image has few (a 1 GB one: about 170).
+fn blob_cut(last: &ChunkId, raw: u64) -> bool {
+    raw >= MAX_BLOB_RAW || (raw >= MIN_BLOB_RAW && last.as_bytes()[1] & 0x03 == 0)
+}
+
+const MIN_FRAME_RAW: u64 = 256 << 10;
+const MAX_FRAME_RAW: usize = 2 << 20;
+const MIN_BLOB_RAW: u64 = 2 << 20;
+const MAX_BLOB_RAW: u64 = 8 << 20;
+
+/// The image's chunks in the order a push frames them: layer by layer
+/// (the records of the layers it was converted from), each layer's in the
+/// index's file order; then any the records do not name (a pulled image has none).
+fn push_order(
     store: &Store,
+    manifest: &ImageManifest,
     chunks: &[ChunkRef],
-    locations: &HashMap<ChunkId, ChunkLocation>,
-) -> Result<Vec<PlannedBlob>, ClientError> {
-    let packs: HashSet<u32> = locations.values().map(|l| l.pack).collect();
-    let mine: HashSet<ChunkId> = locations.keys().copied().collect();
-    let used: HashSet<(u32, u64)> = locations
-        .values()
-        .map(|l| (l.pack, l.frame_offset))
-        .collect();
-    let mut blobs = Vec::new();
-    let mut foreign_frames = HashSet::new();
-    for (pack, frames) in store.frames_of_packs(&packs)? {
-        let mut segments: BTreeMap<u64, Vec<PackFrame>> = BTreeMap::new();
-        for frame in frames {
-            if !used.contains(&(pack, frame.offset)) {
-                continue;
-            }
-            if frame.chunks.iter().all(|id| mine.contains(id)) {
-                segments
-                    .entry(frame.offset / BLOB_SEGMENT_BYTES)
-                    .or_default()
-                    .push(frame);
-            } else {
-                foreign_frames.insert((pack, frame.offset));
-            }
-        }
-        blobs.extend(
-            segments
-                .into_values()
-                .map(|frames| PlannedBlob::Frames { pack, frames }),
-        );
-    }
-    // In the index's order, so the same image frames them the same way every time.
-    let mut reframed = Vec::new();
-    let mut bytes = 0u64;
-    for chunk in chunks {
-        let loc = &locations[&chunk.id];
-        if !foreign_frames.contains(&(loc.pack, loc.frame_offset)) {
+) -> Result<Vec<ChunkRef>, ClientError> {
+    let mut order = Vec::with_capacity(chunks.len());
+    let mut placed = HashSet::new();
+    for diff_id in &manifest.source.diff_ids {
+        let Some(record) = store.layer_record(diff_id)? else {
             continue;
+        };
+        let layer: HashSet<ChunkId> = record.chunks.into_iter().collect();
+        for chunk in chunks {
+            if layer.contains(&chunk.id) && placed.insert(chunk.id) {
+                order.push(*chunk);
+            }
         }
-        if bytes >= REFRAMED_BLOB_RAW_BYTES {
-            blobs.push(PlannedBlob::Reframed {
-                chunks: std::mem::take(&mut reframed),
-            });
-            bytes = 0;
-        }
-        reframed.push(*chunk);
-        bytes += u64::from(chunk.len);
     }
-    if !reframed.is_empty() {
-        blobs.push(PlannedBlob::Reframed { chunks: reframed });
-    }
-    Ok(blobs)
+    order.extend(chunks.iter().filter(|c| placed.insert(c.id)).copied());
+    Ok(order)
 }
 
-/// The bytes of blob number `blob`, with its frames appended to the table
-/// (frames) and its chunks noted in `placed` (chunk → frame, offset, length).
-fn build_blob(
-    store: &Store,
-    planned: &PlannedBlob,
-    blob: u32,
-    frames: &mut Vec<TableFrame>,
-    placed: &mut Vec<TableChunk>,
-    mine: &HashSet<ChunkId>,
-    locations: &HashMap<ChunkId, ChunkLocation>,
-) -> Result<Vec<u8>, ClientError> {
-    let mut bytes = Vec::new();
-    match planned {
-        PlannedBlob::Frames {
-            pack,
-            frames: copied,
-        } => {
-            for frame in copied {
-                let at = frames.len() as u32;
-                frames.push(TableFrame {
-                    blob,
-                    offset: bytes.len() as u64,
-                    len: frame.len,
-                    raw_len: frame.raw_len,
-                });
-                for id in frame.chunks.iter().filter(|id| mine.contains(id)) {
-                    let loc = &locations[id];
-                    placed.push(TableChunk {
-                        id: *id,
-                        frame: at,
-                        offset: loc.offset,
-                        len: loc.len,
-                    });
-                }
-                bytes.extend(store.read_pack_bytes(*pack, frame.offset, u64::from(frame.len))?);
+/// Frames and blobs as a push makes them, and the chunk table over them.
+struct BlobWriter<'a> {
+    registry: &'a Registry,
+    log: &'a mut BlobLog,
+    report: &'a mut RegistryPushReport,
+    builder: FrameBuilder,
+    frame_raw: u64,
+    blob: Vec<u8>,
+    blob_raw: u64,
+    packs: Vec<Descriptor>,
+    table: ChunkTable,
+}
+
+impl BlobWriter<'_> {
+    fn push(&mut self, chunk: &ChunkRef, data: &[u8]) -> Result<(), ClientError> {
+        self.frame_raw += u64::from(chunk.len);
+        let full = self.builder.push(chunk.id, data)?;
+        let frame = match full {
+            Some(frame) => Some(frame),
+            None if frame_cut(&chunk.id, self.frame_raw) => self.builder.finish()?,
+            None => None,
+        };
+        if let Some(frame) = frame {
+            self.add_frame(frame);
+            if blob_cut(&chunk.id, self.blob_raw) {
+                self.close_blob()?;
             }
         }
-        PlannedBlob::Reframed { chunks } => {
-            let config = store.config();
-            let mut builder = FrameBuilder::new(config.frame_size as usize, config.zstd_level)?;
-            let mut add = |frame: Frame, bytes: &mut Vec<u8>| {
-                let at = frames.len() as u32;
-                frames.push(TableFrame {
-                    blob,
-                    offset: bytes.len() as u64,
-                    len: frame.compressed.len() as u32,
-                    raw_len: frame.uncompressed_len,
-                });
-                for entry in &frame.entries {
-                    placed.push(TableChunk {
-                        id: entry.id,
-                        frame: at,
-                        offset: entry.offset,
-                        len: entry.len,
-                    });
-                }
-                bytes.extend_from_slice(&frame.compressed);
-            };
-            for chunk in chunks {
-                let data = store.read_chunk(&chunk.id)?;
-                if let Some(frame) = builder.push(chunk.id, &data)? {
-                    add(frame, &mut bytes);
-                }
-            }
-            if let Some(frame) = builder.finish()? {
-                add(frame, &mut bytes);
-            }
-        }
+        Ok(())
     }
-    Ok(bytes)
+
+    fn add_frame(&mut self, frame: Frame) {
+        let at = self.table.frames.len() as u32;
+        self.table.frames.push(TableFrame {
+            blob: self.packs.len() as u32,
+            offset: self.blob.len() as u64,
+            len: frame.compressed.len() as u32,
+            raw_len: frame.uncompressed_len,
+        });
+        self.table
+            .chunks
+            .extend(frame.entries.iter().map(|e| TableChunk {
+                id: e.id,
+                frame: at,
+                offset: e.offset,
+                len: e.len,
+            }));
+        self.blob.extend_from_slice(&frame.compressed);
+        self.blob_raw += u64::from(frame.uncompressed_len);
+        self.frame_raw = 0;
+    }
+
+    fn close_blob(&mut self) -> Result<(), ClientError> {
+        if self.blob.is_empty() {
+            return Ok(());
+        }
+        let blob = std::mem::take(&mut self.blob);
+        let descriptor = publish(self.registry, self.log, self.report, PACK_LAYER_TYPE, &blob)?;
+        self.packs.push(descriptor);
+        self.blob_raw = 0;
+        Ok(())
+    }
+
+    /// Closes the last frame and blob; the pack descriptors and the chunk table.
+    fn finish(mut self) -> Result<(Vec<Descriptor>, ChunkTable), ClientError> {
+        if let Some(frame) = self.builder.finish()? {
+            self.add_frame(frame);
+        }
+        self.close_blob()?;
+        self.table.chunks.sort_by_key(|c| c.id);
+        self.table.validate(self.packs.len())?;
+        Ok((self.packs, self.table))
+    }
 }
 
 /// Which repositories of which registries received which blobs from this store.
@@ -279,13 +253,13 @@ enum Sent {
     Uploaded(u64),
 }
 
-/// Makes sure the repository has `digest`: HEAD, else a cross-mount from
-/// a repository this store pushed it to, else an upload of `bytes()`.
+/// Makes sure the repository has `bytes` as a blob: HEAD, else a
+/// cross-mount from a repository this store pushed it to, else an upload.
 fn ensure_blob(
     registry: &Registry,
     log: &BlobLog,
     descriptor: &Descriptor,
-    bytes: &mut dyn FnMut() -> Result<Vec<u8>, ClientError>,
+    bytes: &[u8],
 ) -> Result<Sent, ClientError> {
     if registry
         .blob_size(&descriptor.digest, &Access::Push)?
@@ -309,9 +283,32 @@ fn ensure_blob(
         }
         break;
     }
-    let data = bytes()?;
-    registry.upload_blob(&descriptor.digest, &data, session)?;
-    Ok(Sent::Uploaded(data.len() as u64))
+    registry.upload_blob(&descriptor.digest, bytes, session)?;
+    Ok(Sent::Uploaded(bytes.len() as u64))
+}
+
+/// Makes sure the repository has `bytes` as a blob of `media_type`,
+/// noting what it took in `report` and where the blob now is in `log`.
+fn publish(
+    registry: &Registry,
+    log: &mut BlobLog,
+    report: &mut RegistryPushReport,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<Descriptor, ClientError> {
+    let descriptor = Descriptor::of(media_type, bytes);
+    let sent = ensure_blob(registry, log, &descriptor, bytes)?;
+    log.add(registry.host(), &descriptor.digest, registry.repository());
+    report.blobs += 1;
+    match sent {
+        Sent::Present => report.blobs_present += 1,
+        Sent::Mounted => report.blobs_mounted += 1,
+        Sent::Uploaded(n) => {
+            report.blobs_uploaded += 1;
+            report.bytes_uploaded += n;
+        }
+    }
+    Ok(descriptor)
 }
 
 fn zstd_compress(data: &[u8]) -> Vec<u8> {
@@ -336,18 +333,9 @@ pub fn push_to_registry(
     }
     let encoded = store.index_bytes(&manifest.index.digest)?;
     let index = ImageIndex::decode(&encoded)?;
-    let chunks = distinct_chunks(&index);
-    let mut locations = HashMap::new();
-    for chunk in &chunks {
-        let loc = store
-            .chunk_location(&chunk.id)?
-            .ok_or(skiff_store::StoreError::ChunkNotFound(chunk.id))?;
-        locations.insert(chunk.id, loc);
-    }
-    let mine: HashSet<ChunkId> = locations.keys().copied().collect();
-    let planned = plan_blobs(store, &chunks, &locations)?;
-    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
-    progress.start(planned.len() as u64, total);
+    let order = push_order(store, &manifest, &distinct_chunks(&index))?;
+    let total: u64 = order.iter().map(|c| u64::from(c.len)).sum();
+    progress.start(order.len() as u64, total);
 
     let log_path = BlobLog::path(store);
     let mut log = BlobLog::load(&log_path);
@@ -362,46 +350,22 @@ pub fn push_to_registry(
         bytes_uploaded: 0,
         elapsed: Duration::ZERO,
     };
-    let count = |sent: Sent, report: &mut RegistryPushReport| {
-        report.blobs += 1;
-        match sent {
-            Sent::Present => report.blobs_present += 1,
-            Sent::Mounted => report.blobs_mounted += 1,
-            Sent::Uploaded(n) => {
-                report.blobs_uploaded += 1;
-                report.bytes_uploaded += n;
-            }
-        }
+    let mut writer = BlobWriter {
+        registry,
+        log: &mut log,
+        report: &mut report,
+        builder: FrameBuilder::new(MAX_FRAME_RAW, store.config().zstd_level)?,
+        frame_raw: 0,
+        blob: Vec::new(),
+        blob_raw: 0,
+        packs: Vec::new(),
+        table: ChunkTable::default(),
     };
-    let (mut frames, mut placed) = (Vec::new(), Vec::new());
-    let mut packs = Vec::with_capacity(planned.len());
-    for (at, blob) in planned.iter().enumerate() {
-        let before = placed.len();
-        let bytes = build_blob(
-            store,
-            blob,
-            at as u32,
-            &mut frames,
-            &mut placed,
-            &mine,
-            &locations,
-        )?;
-        let descriptor = Descriptor::of(PACK_LAYER_TYPE, &bytes);
-        let mut once = Some(bytes);
-        let sent = ensure_blob(registry, &log, &descriptor, &mut || {
-            Ok(once.take().unwrap_or_default())
-        })?;
-        log.add(registry.host(), &descriptor.digest, registry.repository());
-        count(sent, &mut report);
-        progress.advance(placed[before..].iter().map(|c| u64::from(c.len)).sum());
-        packs.push(descriptor);
+    for chunk in &order {
+        writer.push(chunk, &store.read_chunk(&chunk.id)?)?;
+        progress.advance(u64::from(chunk.len));
     }
-    placed.sort_by_key(|c| c.id);
-    let table = ChunkTable {
-        frames,
-        chunks: placed,
-    };
-    table.validate(packs.len())?;
+    let (packs, table) = writer.finish()?;
     let config_bytes = manifest.config.get().as_bytes().to_vec();
     let small = [
         (OCI_CONFIG_TYPE, config_bytes),
@@ -411,14 +375,13 @@ pub fn push_to_registry(
     ];
     let mut descriptors = Vec::new();
     for (media_type, bytes) in small {
-        let descriptor = Descriptor::of(media_type, &bytes);
-        let mut once = Some(bytes);
-        let sent = ensure_blob(registry, &log, &descriptor, &mut || {
-            Ok(once.take().unwrap_or_default())
-        })?;
-        log.add(registry.host(), &descriptor.digest, registry.repository());
-        count(sent, &mut report);
-        descriptors.push(descriptor);
+        descriptors.push(publish(
+            registry,
+            &mut log,
+            &mut report,
+            media_type,
+            &bytes,
+        )?);
     }
     log.save(&log_path);
     let [config, skiff_manifest, mut index_layer, table_layer] =

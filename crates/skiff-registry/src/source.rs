@@ -97,6 +97,21 @@ fn plan_requests(table: &ChunkTable, frames: &[u32], plan: &RangePlan) -> Vec<Ra
 
 type WholeBlob = Arc<OnceLock<Result<Arc<File>, String>>>;
 
+/// Decompressed frames by position, weighed by their bytes.
+#[derive(Clone)]
+struct ByLength;
+
+impl quick_cache::Weighter<u32, Arc<Vec<u8>>> for ByLength {
+    fn weight(&self, _frame: &u32, raw: &Arc<Vec<u8>>) -> u64 {
+        raw.len() as u64 + 64
+    }
+}
+
+/// Frames just decompressed stay this long (in bytes): a frame holds the
+/// chunks of several files, which reads and prefetch ask for one file at a
+/// time, so without it each would fetch the frame again.
+const RECENT_FRAME_BYTES: u64 = 64 << 20;
+
 pub struct RegistrySource {
     registry: Arc<Registry>,
     packs: Vec<Descriptor>,
@@ -106,6 +121,7 @@ pub struct RegistrySource {
     whole: Mutex<HashMap<u32, WholeBlob>>,
     spool_dir: PathBuf,
     said_ranges_ignored: AtomicBool,
+    recent: quick_cache::sync::Cache<u32, Arc<Vec<u8>>, ByLength>,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> SourceError {
@@ -135,7 +151,28 @@ impl RegistrySource {
             whole: Mutex::new(HashMap::new()),
             spool_dir,
             said_ranges_ignored: AtomicBool::new(false),
+            recent: quick_cache::sync::Cache::with_weighter(
+                (RECENT_FRAME_BYTES >> 20) as usize,
+                RECENT_FRAME_BYTES,
+                ByLength,
+            ),
         }
+    }
+
+    /// The chunks of `wanted` out of a decompressed frame, each checked against its id.
+    fn chunks_of(
+        raw: &[u8],
+        wanted: &[(ChunkId, u32, u32)],
+        out: &mut Vec<(ChunkId, Vec<u8>)>,
+    ) -> Result<(), SourceError> {
+        for (id, offset, len) in wanted {
+            let data = raw
+                .get(*offset as usize..(*offset + *len) as usize)
+                .ok_or_else(|| corrupt(format!("chunk {id} lies outside its frame")))?;
+            verify_chunk(id, data).map_err(corrupt)?;
+            out.push((*id, data.to_vec()));
+        }
+        Ok(())
     }
 
     pub fn registry(&self) -> &Registry {
@@ -236,13 +273,10 @@ impl RegistrySource {
                     frame.offset, self.packs[frame.blob as usize].digest
                 ))
             })?;
-            for (id, offset, len) in wanted.get(&at).into_iter().flatten() {
-                let data = raw
-                    .get(*offset as usize..(*offset + *len) as usize)
-                    .ok_or_else(|| corrupt(format!("chunk {id} lies outside its frame")))?;
-                verify_chunk(id, data).map_err(corrupt)?;
-                out.push((*id, data.to_vec()));
-            }
+            let raw = Arc::new(raw);
+            Self::chunks_of(&raw, wanted.get(&at).map_or(&[], Vec::as_slice), &mut out)?;
+            // Kept only once its wanted chunks proved it sound.
+            self.recent.insert(at, raw);
         }
         Ok(out)
     }
@@ -324,14 +358,25 @@ impl ChunkSource for RegistrySource {
                 list.push((*id, chunk.offset, chunk.len));
             }
         }
-        let mut frames: Vec<u32> = wanted.keys().copied().collect();
+        // Frames decompressed a moment ago need no request.
+        let mut ready: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        let mut frames = Vec::new();
+        for (at, chunks) in &wanted {
+            match self.recent.get(at) {
+                Some(raw) => {
+                    let mut out = Vec::new();
+                    Self::chunks_of(&raw, chunks, &mut out)?;
+                    ready.extend(out);
+                }
+                None => frames.push(*at),
+            }
+        }
         frames.sort_unstable();
         let requests = plan_requests(&self.table, &frames, &self.plan);
         let queue = Mutex::new((0..requests.len()).collect::<VecDeque<_>>());
         let failed = AtomicBool::new(false);
         let (tx, rx) = mpsc::channel();
         let workers = self.plan.connections.clamp(1, requests.len().max(1));
-        let mut ready: HashMap<ChunkId, Vec<u8>> = HashMap::new();
         let mut next = 0;
         let mut first_error = None;
         std::thread::scope(|scope| {
@@ -359,14 +404,7 @@ impl ChunkSource for RegistrySource {
             }
             drop(tx);
             // Hand chunks on in the order asked, as soon as the ones before them are in.
-            for outcome in rx {
-                match outcome {
-                    Ok(chunks) => ready.extend(chunks),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                        continue;
-                    }
-                }
+            let mut deliver = |ready: &mut HashMap<ChunkId, Vec<u8>>| {
                 while let Some(id) = ids.get(next) {
                     match ready.remove(id) {
                         Some(data) => each(*id, data),
@@ -375,6 +413,17 @@ impl ChunkSource for RegistrySource {
                     }
                     next += 1;
                 }
+            };
+            deliver(&mut ready);
+            for outcome in rx {
+                match outcome {
+                    Ok(chunks) => ready.extend(chunks),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                }
+                deliver(&mut ready);
             }
         });
         match first_error {

@@ -28,4 +28,4 @@ pub use gc::GcReport;
 pub use layout::{ChunkLocation, LayerRecord, StoreConfig};
 pub use pack::{PackWriter, WriteSummary};
 
-pub use store::{FsckReport, PackFrame, Store, StoreStats};
+pub use store::{FsckReport, Store, StoreStats};

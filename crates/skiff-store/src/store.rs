@@ -39,16 +39,6 @@ struct FrameCache {
     order: VecDeque<(u32, u64)>,
 }
 
-/// A frame in a pack file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PackFrame {
-    pub offset: u64,
-    pub len: u32,
-    pub raw_len: u32,
-    /// The chunks stored in it.
-    pub chunks: Vec<ChunkId>,
-}
-
 /// Sizes and ratios of what a store holds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StoreStats {
@@ -347,49 +337,6 @@ impl Store {
         let mut cache = self.frames.lock().expect("frame cache poisoned");
         cache.frames.retain(|key, _| key.0 != pack);
         cache.order.retain(|key| key.0 != pack);
-    }
-
-    /// Every frame of each of `packs` that holds a chunk, in pack order,
-    /// with the chunks it holds: what a push cuts into blobs. One pass over
-    /// the chunk table.
-    pub fn frames_of_packs(
-        &self,
-        packs: &HashSet<u32>,
-    ) -> Result<BTreeMap<u32, Vec<PackFrame>>, StoreError> {
-        let mut frames: BTreeMap<u32, BTreeMap<u64, PackFrame>> = BTreeMap::new();
-        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
-            let (key, value) = item?;
-            let loc = ChunkLocation::decode(&value)?;
-            if packs.contains(&loc.pack) {
-                let id = ChunkId::from_slice(&key)
-                    .map_err(|e| StoreError::Corrupt(format!("chunk key: {e}")))?;
-                frames
-                    .entry(loc.pack)
-                    .or_default()
-                    .entry(loc.frame_offset)
-                    .or_insert_with(|| PackFrame {
-                        offset: loc.frame_offset,
-                        len: loc.frame_len,
-                        raw_len: loc.frame_raw_len,
-                        chunks: Vec::new(),
-                    })
-                    .chunks
-                    .push(id);
-            }
-        }
-        Ok(frames
-            .into_iter()
-            .map(|(pack, frames)| (pack, frames.into_values().collect()))
-            .collect())
-    }
-
-    /// `len` bytes of pack `pack` from `offset`, as stored (compressed frames).
-    pub fn read_pack_bytes(&self, pack: u32, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        let file = self.pack_file(pack)?;
-        let mut bytes = vec![0u8; len as usize];
-        file.read_exact_at(&mut bytes, offset)
-            .context(|| format!("reading pack {pack} at {offset}"))?;
-        Ok(bytes)
     }
 
     /// The compressed bytes of a frame, straight from its pack.
