@@ -89,24 +89,32 @@ fn blob_cut(last: &ChunkId, raw: u64) -> bool {
 }
 
 const MIN_FRAME_RAW: u64 = 256 << 10;
+/// A profile's chunks go into blobs of about this many compressed bytes.
+const PROFILE_BLOB_BYTES: u64 = 64 << 20;
 const MAX_FRAME_RAW: usize = 2 << 20;
 const MIN_BLOB_RAW: u64 = 2 << 20;
 const MAX_BLOB_RAW: u64 = 8 << 20;
 
 /// The image's chunks in the order a push frames them: layer by layer
 /// (the records of the layers it was converted from), each layer's in the
-/// index's file order; then any the records do not name (a pulled image has none).
+/// index's file order, then any the records do not name; in the index's
+/// order alone when a record is missing (an image pulled into the store).
 fn push_order(
     store: &Store,
     manifest: &ImageManifest,
     chunks: &[ChunkRef],
 ) -> Result<Vec<ChunkRef>, ClientError> {
+    let mut records = Vec::new();
+    for diff_id in &manifest.source.diff_ids {
+        match store.layer_record(diff_id)? {
+            Some(record) => records.push(record),
+            // All or none: the order must not depend on which records a store happens to hold.
+            None => return Ok(chunks.to_vec()),
+        }
+    }
     let mut order = Vec::with_capacity(chunks.len());
     let mut placed = HashSet::new();
-    for diff_id in &manifest.source.diff_ids {
-        let Some(record) = store.layer_record(diff_id)? else {
-            continue;
-        };
+    for record in records {
         let layer: HashSet<ChunkId> = record.chunks.into_iter().collect();
         for chunk in chunks {
             if layer.contains(&chunk.id) && placed.insert(chunk.id) {
@@ -354,7 +362,8 @@ pub fn push_to_registry(
         registry,
         log: &mut log,
         report: &mut report,
-        builder: FrameBuilder::new(MAX_FRAME_RAW, store.config().zstd_level)?,
+        // Not the store's level: the same image must make the same blobs in every store.
+        builder: FrameBuilder::new(MAX_FRAME_RAW, skiff_chunk::DEFAULT_ZSTD_LEVEL)?,
         frame_raw: 0,
         blob: Vec::new(),
         blob_raw: 0,
@@ -488,7 +497,6 @@ pub fn put_profile(
         });
     }
     let order = profile.chunk_order(&image_index)?;
-    let blob = oci.packs().len() as u32;
     let mut builder = FrameBuilder::new(
         skiff_chunk::DEFAULT_FRAME_SIZE,
         skiff_chunk::DEFAULT_ZSTD_LEVEL,
@@ -510,8 +518,17 @@ pub fn put_profile(
         return Err(e.into());
     }
     frames.extend(builder.finish()?);
-    let mut blob_bytes = Vec::new();
+    // One or more blobs after the image's packs, each well under what a reader accepts.
+    let mut blobs: Vec<Vec<u8>> = Vec::new();
     for frame in frames {
+        if blobs
+            .last()
+            .is_none_or(|b| b.len() as u64 >= PROFILE_BLOB_BYTES)
+        {
+            blobs.push(Vec::new());
+        }
+        let blob = (oci.packs().len() + blobs.len() - 1) as u32;
+        let blob_bytes = blobs.last_mut().expect("a blob was just added");
         let at = table.frames.len() as u32;
         table.frames.push(TableFrame {
             blob,
@@ -531,29 +548,23 @@ pub fn put_profile(
         }
         blob_bytes.extend_from_slice(&frame.compressed);
     }
-    table.validate(oci.packs().len() + 1)?;
+    table.validate(oci.packs().len() + blobs.len())?;
     manifest.profile = Some(profile);
-    let json = manifest.to_json();
-    let uploads = [
-        (PACK_LAYER_TYPE, blob_bytes),
-        (CHUNK_TABLE_LAYER_TYPE, zstd_compress(&table.encode())),
-        (MANIFEST_LAYER_TYPE, json),
-    ];
-    let mut descriptors = Vec::new();
-    for (media_type, bytes) in uploads {
-        let descriptor = Descriptor::of(media_type, &bytes);
+    let upload = |media_type: &str, bytes: &[u8]| -> Result<Descriptor, ClientError> {
+        let descriptor = Descriptor::of(media_type, bytes);
         if registry
             .blob_size(&descriptor.digest, &Access::Push)?
             .is_none()
         {
-            registry.upload_blob(&descriptor.digest, &bytes, None)?;
+            registry.upload_blob(&descriptor.digest, bytes, None)?;
         }
-        descriptors.push(descriptor);
+        Ok(descriptor)
+    };
+    for blob in &blobs {
+        let descriptor = upload(PACK_LAYER_TYPE, blob)?;
+        oci.layers.push(descriptor);
     }
-    let [profile_blob, table_layer, manifest_layer] =
-        <[Descriptor; 3]>::try_from(descriptors).expect("three blobs");
-    oci.layers[0] = manifest_layer;
-    oci.layers[2] = table_layer;
-    oci.layers.push(profile_blob);
+    oci.layers[2] = upload(CHUNK_TABLE_LAYER_TYPE, &zstd_compress(&table.encode()))?;
+    oci.layers[0] = upload(MANIFEST_LAYER_TYPE, &manifest.to_json())?;
     Ok(registry.put_manifest(&tag, OCI_MANIFEST_TYPE, &oci.to_json())?)
 }

@@ -12,7 +12,7 @@
 //! blob gets its blob read once, to a local file checked against the
 //! blob's sha256, and every later read of that blob is served from there.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -107,6 +107,9 @@ impl quick_cache::Weighter<u32, Arc<Vec<u8>>> for ByLength {
     }
 }
 
+/// A request is not split below this (a frame or two): fewer round trips win there.
+const MIN_SPLIT_BYTES: u64 = 512 << 10;
+
 /// Frames just decompressed stay this long (in bytes): a frame holds the
 /// chunks of several files, which reads and prefetch ask for one file at a
 /// time, so without it each would fetch the frame again.
@@ -177,6 +180,21 @@ impl RegistrySource {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The plan for fetching `frames`: a batch large enough to fill every
+    /// connection is split across them (each starts cold, in TCP slow
+    /// start: four climb four times as fast as one), a small one is not.
+    fn spread(&self, frames: &[u32]) -> RangePlan {
+        let total: u64 = frames
+            .iter()
+            .map(|&at| u64::from(self.table.frames[at as usize].len))
+            .sum();
+        let share = total / self.plan.connections.max(1) as u64;
+        RangePlan {
+            max_request_bytes: share.max(MIN_SPLIT_BYTES).min(self.plan.max_request_bytes),
+            ..self.plan.clone()
+        }
     }
 
     /// The bytes of `request`, by ranged GET or from a blob read whole.
@@ -351,28 +369,33 @@ impl ChunkSource for RegistrySource {
     ) -> Result<(), SourceError> {
         // Chunks by frame, and the frames in blob order.
         let mut wanted: HashMap<u32, Vec<(ChunkId, u32, u32)>> = HashMap::new();
-        for id in ids {
+        let mut seen = HashSet::new();
+        // Whether ids[i] is the first of its kind: repeats are handed on once.
+        let first: Vec<bool> = ids.iter().map(|id| seen.insert(*id)).collect();
+        for (id, _) in ids.iter().zip(&first).filter(|(_, first)| **first) {
             let (chunk, _) = self.table.find(id).ok_or(SourceError::Missing(*id))?;
-            let list = wanted.entry(chunk.frame).or_default();
-            if !list.iter().any(|(other, _, _)| other == id) {
-                list.push((*id, chunk.offset, chunk.len));
-            }
+            wanted
+                .entry(chunk.frame)
+                .or_default()
+                .push((*id, chunk.offset, chunk.len));
         }
         // Frames decompressed a moment ago need no request.
         let mut ready: HashMap<ChunkId, Vec<u8>> = HashMap::new();
         let mut frames = Vec::new();
         for (at, chunks) in &wanted {
+            let mut out = Vec::new();
             match self.recent.get(at) {
-                Some(raw) => {
-                    let mut out = Vec::new();
-                    Self::chunks_of(&raw, chunks, &mut out)?;
-                    ready.extend(out);
+                Some(raw) if Self::chunks_of(&raw, chunks, &mut out).is_ok() => ready.extend(out),
+                // Not here, or bytes no earlier read checked are wrong: ask again.
+                Some(_) => {
+                    self.recent.remove(at);
+                    frames.push(*at);
                 }
                 None => frames.push(*at),
             }
         }
         frames.sort_unstable();
-        let requests = plan_requests(&self.table, &frames, &self.plan);
+        let requests = plan_requests(&self.table, &frames, &self.spread(&frames));
         let queue = Mutex::new((0..requests.len()).collect::<VecDeque<_>>());
         let failed = AtomicBool::new(false);
         let (tx, rx) = mpsc::channel();
@@ -408,7 +431,7 @@ impl ChunkSource for RegistrySource {
                 while let Some(id) = ids.get(next) {
                     match ready.remove(id) {
                         Some(data) => each(*id, data),
-                        None if ids[..next].contains(id) => {}
+                        None if !first[next] => {}
                         None => break,
                     }
                     next += 1;
