@@ -60,8 +60,9 @@ impl Access {
 
 /// The answer to a ranged blob GET.
 pub enum RangeAnswer {
-    /// The bytes asked for.
-    Partial(Vec<u8>),
+    /// The bytes asked for, to be read from the body as they arrive
+    /// (their count is the caller's to add to [`Traffic`]).
+    Partial(Response),
     /// The registry (or a proxy) ignored `Range` and sends the whole blob.
     Whole(Response),
 }
@@ -103,7 +104,7 @@ impl Traffic {
         }
     }
 
-    pub(crate) fn add_bytes(&self, n: u64) {
+    pub fn add_bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -611,16 +612,7 @@ impl Registry {
                 format!("asked for {header}, got Content-Range {content_range:?}"),
             ));
         }
-        let want = range.end - range.start;
-        let bytes = read_bounded(response, want, &at)?;
-        self.traffic.add_bytes(bytes.len() as u64);
-        if bytes.len() as u64 != want {
-            return Err(RegistryError::Interrupted {
-                url: at,
-                message: format!("{} of {want} bytes", bytes.len()),
-            });
-        }
-        Ok(RangeAnswer::Partial(bytes))
+        Ok(RangeAnswer::Partial(response))
     }
 
     /// Mounts a blob from another repository of this registry.

@@ -107,9 +107,6 @@ impl quick_cache::Weighter<u32, Arc<Vec<u8>>> for ByLength {
     }
 }
 
-/// A request is not split below this (a frame or two): fewer round trips win there.
-const MIN_SPLIT_BYTES: u64 = 512 << 10;
-
 /// Frames just decompressed stay this long (in bytes): a frame holds the
 /// chunks of several files, which reads and prefetch ask for one file at a
 /// time, so without it each would fetch the frame again.
@@ -182,49 +179,119 @@ impl RegistrySource {
         &self.registry
     }
 
-    /// The plan for fetching `frames`: a batch large enough to fill every
-    /// connection is split across them (each starts cold, in TCP slow
-    /// start: four climb four times as fast as one), a small one is not.
-    fn spread(&self, frames: &[u32]) -> RangePlan {
-        let total: u64 = frames
-            .iter()
-            .map(|&at| u64::from(self.table.frames[at as usize].len))
-            .sum();
-        let share = total / self.plan.connections.max(1) as u64;
-        RangePlan {
-            max_request_bytes: share.max(MIN_SPLIT_BYTES).min(self.plan.max_request_bytes),
-            ..self.plan.clone()
+    /// Fetches `request`'s frames and hands each frame's wanted chunks to
+    /// `send` as soon as that frame has arrived, so a read waits for its own
+    /// frame, not for the whole request. An answer cut short is asked again
+    /// from the first frame not yet handed on.
+    fn fetch_request(
+        &self,
+        request: &RangeRequest,
+        wanted: &Wanted,
+        send: &mut dyn FnMut(Vec<(ChunkId, Vec<u8>)>),
+    ) -> Result<(), SourceError> {
+        let blob = &self.packs[request.blob as usize];
+        let mut done = 0;
+        let mut backoff = Backoff::new(self.plan.retry_window);
+        loop {
+            let rest = &request.frames[done..];
+            let Some(&first) = rest.first() else {
+                return Ok(());
+            };
+            let whole = match self.whole_ready(request.blob) {
+                Some(file) => Some(file),
+                None => {
+                    let start = self.table.frames[first as usize].offset;
+                    // A larger request may take longer on a slow link: a second per MiB more.
+                    let budget = self.plan.attempt_timeout
+                        + Duration::from_secs((request.end - start) >> 20);
+                    let timeout = backoff.remaining().min(budget).max(Backoff::FIRST_DELAY);
+                    match self
+                        .registry
+                        .blob_range(&blob.digest, start..request.end, timeout)
+                    {
+                        Ok(RangeAnswer::Partial(response)) => {
+                            let before = done;
+                            let read =
+                                self.read_frames(response, start, rest, wanted, send, &mut done);
+                            match read {
+                                Ok(()) => return Ok(()),
+                                Err(Attempt::Bad(e)) => return Err(e),
+                                Err(Attempt::Net(e)) => {
+                                    if done > before {
+                                        backoff.progressed();
+                                    }
+                                    if !backoff.retry(e.is_transient(), &e) {
+                                        return Err(to_source_error(e));
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
+                        // That answer is bound by one range's deadline: the
+                        // whole blob comes on a request of its own.
+                        Ok(RangeAnswer::Whole(response)) => {
+                            drop(response);
+                            Some(self.whole_blob(request.blob)?)
+                        }
+                        Err(e) if backoff.retry(e.is_transient(), &e) => continue,
+                        Err(e) => return Err(to_source_error(e)),
+                    }
+                }
+            };
+            if let Some(file) = whole {
+                for &at in rest {
+                    let frame = &self.table.frames[at as usize];
+                    let end = frame.offset + u64::from(frame.len);
+                    let bytes = read_file_range(&file, frame.offset, end)?;
+                    send(self.decode_frame(at, &bytes, wanted)?);
+                }
+                return Ok(());
+            }
         }
     }
 
-    /// The bytes of `request`, by ranged GET or from a blob read whole.
-    fn request_bytes(&self, request: &RangeRequest) -> Result<Vec<u8>, SourceError> {
-        let blob = &self.packs[request.blob as usize];
-        if let Some(file) = self.whole_ready(request.blob) {
-            return read_file_range(&file, request.start, request.end);
+    /// Reads `frames` off a ranged answer that starts at `start`, skipping
+    /// the gaps between them, decoding and handing on each as it completes.
+    fn read_frames(
+        &self,
+        mut response: reqwest::blocking::Response,
+        start: u64,
+        frames: &[u32],
+        wanted: &Wanted,
+        send: &mut dyn FnMut(Vec<(ChunkId, Vec<u8>)>),
+        done: &mut usize,
+    ) -> Result<(), Attempt> {
+        let cut = |e: std::io::Error| {
+            Attempt::Net(RegistryError::Interrupted {
+                url: format!(
+                    "blob {}",
+                    self.packs[self.table.frames[frames[0] as usize].blob as usize].digest
+                ),
+                message: e.to_string(),
+            })
+        };
+        let mut pos = start;
+        let mut buf = Vec::new();
+        for &at in frames {
+            let frame = &self.table.frames[at as usize];
+            let gap = frame.offset - pos;
+            std::io::copy(&mut (&mut response).take(gap), &mut std::io::sink())
+                .map_err(cut)
+                .and_then(|n| {
+                    if n == gap {
+                        Ok(())
+                    } else {
+                        Err(cut(std::io::ErrorKind::UnexpectedEof.into()))
+                    }
+                })?;
+            buf.resize(frame.len as usize, 0);
+            response.read_exact(&mut buf).map_err(cut)?;
+            self.registry.traffic.add_bytes(gap + u64::from(frame.len));
+            send(self.decode_frame(at, &buf, wanted).map_err(Attempt::Bad)?);
+            *done += 1;
+            pos = frame.offset + u64::from(frame.len);
         }
-        let mut backoff = Backoff::new(self.plan.retry_window);
-        // A larger request may take longer on a slow link: a second per MiB more.
-        let budget =
-            self.plan.attempt_timeout + Duration::from_secs((request.end - request.start) >> 20);
-        loop {
-            let timeout = backoff.remaining().min(budget).max(Backoff::FIRST_DELAY);
-            let attempt =
-                self.registry
-                    .blob_range(&blob.digest, request.start..request.end, timeout);
-            match attempt {
-                Ok(RangeAnswer::Partial(bytes)) => return Ok(bytes),
-                Ok(RangeAnswer::Whole(response)) => {
-                    // That answer is bound by one range's deadline: the whole
-                    // blob comes on a request of its own.
-                    drop(response);
-                    let file = self.whole_blob(request.blob)?;
-                    return read_file_range(&file, request.start, request.end);
-                }
-                Err(e) if backoff.retry(e.is_transient(), &e) => {}
-                Err(e) => return Err(to_source_error(e)),
-            }
-        }
+        Ok(())
     }
 
     fn whole_ready(&self, blob: u32) -> Option<Arc<File>> {
@@ -271,34 +338,39 @@ impl RegistrySource {
         }
     }
 
-    /// Decompresses the frames of `request` and checks the chunks of them that `wanted` names.
-    fn decode(
+    /// Decompresses frame `at` and checks the chunks of it that `wanted` names.
+    fn decode_frame(
         &self,
-        request: &RangeRequest,
-        bytes: &[u8],
-        wanted: &HashMap<u32, Vec<(ChunkId, u32, u32)>>,
+        at: u32,
+        compressed: &[u8],
+        wanted: &Wanted,
     ) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+        let frame = &self.table.frames[at as usize];
+        let raw = decompress_frame(compressed, frame.raw_len as usize).map_err(|e| {
+            corrupt(format!(
+                "a frame at {} of blob {} does not decode: {e}",
+                frame.offset, self.packs[frame.blob as usize].digest
+            ))
+        })?;
+        let raw = Arc::new(raw);
         let mut out = Vec::new();
-        for &at in &request.frames {
-            let frame = &self.table.frames[at as usize];
-            let from = (frame.offset - request.start) as usize;
-            let compressed = bytes
-                .get(from..from + frame.len as usize)
-                .ok_or_else(|| corrupt("a frame outside its request"))?;
-            let raw = decompress_frame(compressed, frame.raw_len as usize).map_err(|e| {
-                corrupt(format!(
-                    "a frame at {} of blob {} does not decode: {e}",
-                    frame.offset, self.packs[frame.blob as usize].digest
-                ))
-            })?;
-            let raw = Arc::new(raw);
-            Self::chunks_of(&raw, wanted.get(&at).map_or(&[], Vec::as_slice), &mut out)?;
-            // Kept only once its wanted chunks proved it sound.
-            self.recent.insert(at, raw);
-        }
+        Self::chunks_of(&raw, wanted.get(&at).map_or(&[], Vec::as_slice), &mut out)?;
+        // Kept only once its wanted chunks proved it sound.
+        self.recent.insert(at, raw);
         Ok(out)
     }
 }
+
+/// Why an attempt at a ranged answer ended early.
+enum Attempt {
+    /// The network: worth asking again.
+    Net(RegistryError),
+    /// Bytes that are not the chunks: never retried into data.
+    Bad(SourceError),
+}
+
+/// The chunks a fetch wants, by frame: (id, offset, length) in the frame.
+type Wanted = HashMap<u32, Vec<(ChunkId, u32, u32)>>;
 
 /// Copies a whole blob to an unnamed file in `dir`, checking size and sha256.
 fn spool(
@@ -368,7 +440,7 @@ impl ChunkSource for RegistrySource {
         each: &mut dyn FnMut(ChunkId, Vec<u8>),
     ) -> Result<(), SourceError> {
         // Chunks by frame, and the frames in blob order.
-        let mut wanted: HashMap<u32, Vec<(ChunkId, u32, u32)>> = HashMap::new();
+        let mut wanted: Wanted = HashMap::new();
         let mut seen = HashSet::new();
         // Whether ids[i] is the first of its kind: repeats are handed on once.
         let first: Vec<bool> = ids.iter().map(|id| seen.insert(*id)).collect();
@@ -395,7 +467,7 @@ impl ChunkSource for RegistrySource {
             }
         }
         frames.sort_unstable();
-        let requests = plan_requests(&self.table, &frames, &self.spread(&frames));
+        let requests = plan_requests(&self.table, &frames, &self.plan);
         let queue = Mutex::new((0..requests.len()).collect::<VecDeque<_>>());
         let failed = AtomicBool::new(false);
         let (tx, rx) = mpsc::channel();
@@ -413,14 +485,12 @@ impl ChunkSource for RegistrySource {
                     let Some(at) = queue.lock().expect("queue poisoned").pop_front() else {
                         return;
                     };
-                    let request = &requests[at];
-                    let outcome = self
-                        .request_bytes(request)
-                        .and_then(|bytes| self.decode(request, &bytes, wanted));
-                    if outcome.is_err() {
+                    let outcome = self.fetch_request(&requests[at], wanted, &mut |chunks| {
+                        let _ = tx.send(Ok(chunks));
+                    });
+                    if let Err(e) = outcome {
                         failed.store(true, Ordering::Relaxed);
-                    }
-                    if tx.send(outcome).is_err() {
+                        let _ = tx.send(Err(e));
                         return;
                     }
                 });
