@@ -31,7 +31,7 @@ use skiff_registry::{
 use skiff_source::ChunkSource;
 use skiff_store::Store;
 
-use crate::transfer::{distinct_chunks, missing_in, seconds, store_chunks, TransferProgress};
+use crate::transfer::{missing_in, seconds, store_chunks, TransferProgress};
 use crate::ClientError;
 
 /// Index and chunk table blobs are compressed harder than frames: they are
@@ -341,7 +341,8 @@ pub fn push_to_registry(
     }
     let encoded = store.index_bytes(&manifest.index.digest)?;
     let index = ImageIndex::decode(&encoded)?;
-    let order = push_order(store, &manifest, &distinct_chunks(&index))?;
+    let distinct = index.distinct_chunks();
+    let order = push_order(store, &manifest, &distinct)?;
     let total: u64 = order.iter().map(|c| u64::from(c.len)).sum();
     progress.start(order.len() as u64, total);
 
@@ -380,7 +381,10 @@ pub fn push_to_registry(
         (OCI_CONFIG_TYPE, config_bytes),
         (MANIFEST_LAYER_TYPE, manifest.to_json()),
         (INDEX_LAYER_TYPE, zstd_compress(&encoded)),
-        (CHUNK_TABLE_LAYER_TYPE, zstd_compress(&table.encode())),
+        (
+            CHUNK_TABLE_LAYER_TYPE,
+            zstd_compress(&table.encode(&distinct)?),
+        ),
     ];
     let mut descriptors = Vec::new();
     for (media_type, bytes) in small {
@@ -423,7 +427,7 @@ pub fn pull_from_registry(
     let started = Instant::now();
     let before = registry.traffic.snapshot();
     let image = RemoteImage::fetch(&registry)?;
-    let chunks = distinct_chunks(&image.index);
+    let chunks = image.index.distinct_chunks();
     let missing = missing_in(store, &chunks)?;
     let bytes_fetched: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
     progress.start(missing.len() as u64, bytes_fetched);
@@ -564,7 +568,10 @@ pub fn put_profile(
         let descriptor = upload(PACK_LAYER_TYPE, blob)?;
         oci.layers.push(descriptor);
     }
-    oci.layers[2] = upload(CHUNK_TABLE_LAYER_TYPE, &zstd_compress(&table.encode()))?;
+    oci.layers[2] = upload(
+        CHUNK_TABLE_LAYER_TYPE,
+        &zstd_compress(&table.encode(&image_index.distinct_chunks())?),
+    )?;
     oci.layers[0] = upload(MANIFEST_LAYER_TYPE, &manifest.to_json())?;
     Ok(registry.put_manifest(&tag, OCI_MANIFEST_TYPE, &oci.to_json())?)
 }

@@ -62,16 +62,6 @@ pub(crate) fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok,
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// The image's distinct chunks in first-use order.
-pub(crate) fn distinct_chunks(index: &ImageIndex) -> Vec<ChunkRef> {
-    let mut seen = HashSet::new();
-    index
-        .chunk_refs()
-        .filter(|c| seen.insert(c.id))
-        .copied()
-        .collect()
-}
-
 /// Splits chunks into runs of about [`TRANSFER_BATCH_BYTES`], and of at
 /// most [`MAX_BATCH_CHUNKS`] (an image of tiny files has many chunks per MiB).
 fn batches(chunks: &[ChunkRef]) -> Vec<&[ChunkRef]> {
@@ -108,7 +98,7 @@ pub fn push(
         });
     }
     let encoded = store.index_bytes(&manifest.index.digest)?;
-    let chunks = distinct_chunks(&ImageIndex::decode(&encoded)?);
+    let chunks = ImageIndex::decode(&encoded)?.distinct_chunks();
 
     let mut missing = Vec::new();
     for ask in chunks.chunks(MISSING_BATCH) {
@@ -181,7 +171,7 @@ pub fn pull(
 ) -> Result<TransferReport, ClientError> {
     let started = Instant::now();
     let (manifest, encoded, index) = client.image(image)?;
-    let chunks = distinct_chunks(&index);
+    let chunks = index.distinct_chunks();
     let missing = missing_in(store, &chunks)?;
     let bytes_sent: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
     progress.start(missing.len() as u64, bytes_sent);

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChunkId, FormatError, MAX_CHUNK_SIZE};
+use crate::{ChunkId, ChunkRef, FormatError, MAX_CHUNK_SIZE};
 
 /// `artifactType` of a skiff image's OCI manifest.
 pub const ARTIFACT_TYPE: &str = "application/vnd.skiff.image.v1";
@@ -59,14 +59,25 @@ pub struct TableChunk {
     pub len: u32,
 }
 
-/// Every chunk of an image and the frame that holds it.
+/// Every chunk of an image and the frame that holds it; in memory, chunks
+/// sorted by id (for lookups), frames by (blob, offset) without overlaps.
 ///
-/// Encoded as [`CHUNK_TABLE_MAGIC`], the version (u32 LE), then postcard;
-/// frames sorted by (blob, offset) without overlaps, chunks sorted by id.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Encoded as [`CHUNK_TABLE_MAGIC`], the version (u32 LE), then postcard
+/// [`EncodedTable`]: the ids and lengths are the index's, so the table
+/// names only each chunk's frame and offset, in the order of
+/// [`ImageIndex::distinct_chunks`](crate::ImageIndex::distinct_chunks).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChunkTable {
     pub frames: Vec<TableFrame>,
     pub chunks: Vec<TableChunk>,
+}
+
+/// The chunk table as it travels.
+#[derive(Serialize, Deserialize)]
+struct EncodedTable {
+    frames: Vec<TableFrame>,
+    /// (frame, offset in the frame) of each of the index's distinct chunks, in order.
+    chunks: Vec<(u32, u32)>,
 }
 
 fn malformed(reason: impl Into<String>) -> FormatError {
@@ -74,15 +85,36 @@ fn malformed(reason: impl Into<String>) -> FormatError {
 }
 
 impl ChunkTable {
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the table for an image whose distinct chunks are `order`
+    /// (every one of which the table must hold).
+    pub fn encode(&self, order: &[ChunkRef]) -> Result<Vec<u8>, FormatError> {
+        let chunks = order
+            .iter()
+            .map(|c| {
+                self.find(&c.id)
+                    .map(|(chunk, _)| (chunk.frame, chunk.offset))
+                    .ok_or_else(|| malformed(format!("the table lacks chunk {}", c.id)))
+            })
+            .collect::<Result<_, _>>()?;
+        let encoded = EncodedTable {
+            frames: self.frames.clone(),
+            chunks,
+        };
         let mut out = CHUNK_TABLE_MAGIC.to_vec();
         out.extend_from_slice(&CHUNK_TABLE_VERSION.to_le_bytes());
-        out.extend_from_slice(&postcard::to_stdvec(self).expect("postcard encoding into a Vec"));
-        out
+        out.extend_from_slice(
+            &postcard::to_stdvec(&encoded).expect("postcard encoding into a Vec"),
+        );
+        Ok(out)
     }
 
-    /// Decodes and validates a table whose frames may name `blobs` pack blobs.
-    pub fn decode(bytes: &[u8], blobs: usize) -> Result<ChunkTable, FormatError> {
+    /// Decodes and validates the table of an image whose distinct chunks
+    /// are `order`, with frames in at most `blobs` pack blobs.
+    pub fn decode(
+        bytes: &[u8],
+        blobs: usize,
+        order: &[ChunkRef],
+    ) -> Result<ChunkTable, FormatError> {
         let rest = bytes
             .strip_prefix(CHUNK_TABLE_MAGIC.as_slice())
             .ok_or_else(|| malformed("bad magic"))?;
@@ -95,7 +127,30 @@ impl ChunkTable {
                 "version {version} (this skiff reads {CHUNK_TABLE_VERSION})"
             )));
         }
-        let table: ChunkTable = postcard::from_bytes(body).map_err(|e| malformed(e.to_string()))?;
+        let encoded: EncodedTable =
+            postcard::from_bytes(body).map_err(|e| malformed(e.to_string()))?;
+        if encoded.chunks.len() != order.len() {
+            return Err(malformed(format!(
+                "{} chunks for an index of {}",
+                encoded.chunks.len(),
+                order.len()
+            )));
+        }
+        let mut chunks: Vec<TableChunk> = order
+            .iter()
+            .zip(encoded.chunks)
+            .map(|(c, (frame, offset))| TableChunk {
+                id: c.id,
+                frame,
+                offset,
+                len: c.len,
+            })
+            .collect();
+        chunks.sort_by_key(|c| c.id);
+        let table = ChunkTable {
+            frames: encoded.frames,
+            chunks,
+        };
         table.validate(blobs)?;
         Ok(table)
     }
@@ -210,10 +265,29 @@ mod tests {
         }
     }
 
+    /// The index's distinct chunks, in another order than the table's.
+    fn order(t: &ChunkTable) -> Vec<ChunkRef> {
+        t.chunks
+            .iter()
+            .rev()
+            .map(|c| ChunkRef {
+                id: c.id,
+                len: c.len,
+            })
+            .collect()
+    }
+
     #[test]
     fn round_trips_and_finds() {
         let t = table();
-        let decoded = ChunkTable::decode(&t.encode(), 2).unwrap();
+        let encoded = t.encode(&order(&t)).unwrap();
+        // Ids and lengths are the index's: 12 bytes header, then a few per chunk.
+        assert!(
+            encoded.len() < 12 + 3 * 16 + 3 * 4,
+            "{} bytes",
+            encoded.len()
+        );
+        let decoded = ChunkTable::decode(&encoded, 2, &order(&t)).unwrap();
         assert_eq!(decoded, t);
         let (chunk, frame) = decoded.find(&t.chunks[2].id).unwrap();
         assert_eq!((chunk.len, frame.blob), (10, 1));
@@ -222,13 +296,28 @@ mod tests {
 
     #[test]
     fn rejects_broken_tables() {
-        let encoded = table().encode();
+        let t = table();
+        let order = order(&t);
+        let encoded = t.encode(&order).unwrap();
         assert!(
-            ChunkTable::decode(&encoded, 1).is_err(),
+            ChunkTable::decode(&encoded, 1, &order).is_err(),
             "a frame past the blobs"
         );
-        assert!(ChunkTable::decode(&encoded[..encoded.len() - 1], 2).is_err());
-        assert!(ChunkTable::decode(b"SKIFFCTB\x02\0\0\0", 2).is_err());
+        assert!(ChunkTable::decode(&encoded[..encoded.len() - 1], 2, &order).is_err());
+        assert!(ChunkTable::decode(b"SKIFFCTB\x02\0\0\0", 2, &order).is_err());
+        assert!(
+            ChunkTable::decode(&encoded, 2, &order[1..]).is_err(),
+            "another index"
+        );
+        let mut longer = order.clone();
+        longer[0].len = 5000;
+        assert!(
+            ChunkTable::decode(&encoded, 2, &longer).is_err(),
+            "a chunk past its frame"
+        );
+        let mut stranger = order.clone();
+        stranger[0].id = ChunkId::of(b"not in the table");
+        assert!(t.encode(&stranger).is_err(), "a chunk the table lacks");
         let mut t = table();
         t.frames[2].offset = u64::MAX - 5;
         assert!(t.validate(2).is_err(), "a frame past any blob's end");

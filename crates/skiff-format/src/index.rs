@@ -376,6 +376,15 @@ impl ImageIndex {
             .count() as u64
     }
 
+    /// The image's distinct chunks in first-use order (file order).
+    pub fn distinct_chunks(&self) -> Vec<ChunkRef> {
+        let mut seen = std::collections::HashSet::new();
+        self.chunk_refs()
+            .filter(|c| seen.insert(c.id))
+            .copied()
+            .collect()
+    }
+
     /// Every chunk referenced by regular files, in file order, duplicates included.
     pub fn chunk_refs(&self) -> impl Iterator<Item = &ChunkRef> {
         self.inodes.iter().flat_map(|i| match &i.kind {
