@@ -26,7 +26,7 @@ use skiff_format::ChunkRef;
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, StartupProfile};
 use skiff_registry::{
     Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry, RegistrySource,
-    RemoteImage, Sha256Digest, MAX_SKIFF_MANIFEST_BYTES,
+    RemoteImage, Sha256Digest,
 };
 use skiff_source::ChunkSource;
 use skiff_store::Store;
@@ -487,10 +487,9 @@ pub fn put_profile(
         mut oci,
         index: image_index,
         mut table,
+        stored_manifest: mut manifest,
         ..
     } = RemoteImage::fetch(registry)?;
-    let bytes = registry.blob(&oci.layers[0].digest, MAX_SKIFF_MANIFEST_BYTES)?;
-    let mut manifest = ImageManifest::from_json(&bytes)?;
     if manifest.index.digest != *index {
         return Err(ClientError::Protocol {
             url: registry.reference().to_string(),

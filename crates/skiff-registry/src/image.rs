@@ -143,7 +143,10 @@ pub struct RemoteImage {
     /// The OCI manifest's own digest.
     pub digest: Sha256Digest,
     pub oci: OciManifest,
+    /// The skiff manifest, named after the registry reference.
     pub manifest: ImageManifest,
+    /// The skiff manifest as stored (layer 0), under the name it was pushed with.
+    pub stored_manifest: ImageManifest,
     /// The encoded index, as checked against its digest.
     pub index_bytes: Vec<u8>,
     pub index: ImageIndex,
@@ -223,6 +226,7 @@ impl RemoteImage {
             (join(m), join(i), t)
         });
         let mut manifest = ImageManifest::from_json(&manifest_bytes?)?;
+        let stored_manifest = manifest.clone();
         let index_bytes = unzstd(&index_zstd?, MAX_INDEX_BYTES as u64, "the index")?;
         let actual = IndexDigest::of(&index_bytes);
         if actual != manifest.index.digest {
@@ -263,6 +267,7 @@ impl RemoteImage {
             digest,
             oci,
             manifest,
+            stored_manifest,
             index_bytes,
             index,
             table,
