@@ -1,7 +1,6 @@
 //! The `skiff` command.
 
 mod mount;
-mod origin;
 mod progress;
 mod run;
 
@@ -19,7 +18,7 @@ use skiff_format::wire::ImageSummary;
 use skiff_format::ImageRef;
 use skiff_registry::{BareCredentials, Registry, RegistryRef};
 
-use crate::origin::ImageArg;
+use skiff_agent::ImageArg;
 use skiff_oci::{ConvertOptions, ImageSource, Platform};
 use skiff_server::{Server, ServerConfig, Tokens};
 use skiff_store::{Store, StoreConfig};
@@ -182,6 +181,28 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount an image mounted by `skiff mount`
     Umount(mount::MountPointArgs),
+    /// Serve containerd's snapshots API on a unix socket (a remote snapshotter)
+    #[command(
+        after_help = "Ordinary layers get overlayfs semantics, as with containerd's own \
+        overlayfs snapshotter. In containerd's config.toml:\n\n  \
+        [proxy_plugins.skiff]\n    type = \"snapshot\"\n    address = \"/run/skiff/snapshotter.sock\"\n\n\
+        and for CRI: snapshotter = \"skiff\", disable_snapshot_annotations = false. \
+        SIGINT or SIGTERM stops it; snapshots stay on disk for the next start."
+    )]
+    Snapshotter {
+        /// The unix socket containerd connects to
+        #[arg(long, default_value = skiff_snapshotter::DEFAULT_ADDRESS, value_name = "PATH")]
+        address: PathBuf,
+        /// Where snapshots and their metadata live (local disk)
+        #[arg(long, default_value = skiff_snapshotter::DEFAULT_ROOT, value_name = "DIR")]
+        root: PathBuf,
+    },
+    /// Serve one lazy mount; `skiff mount` and `skiff run` start it with the mount's spec on stdin
+    #[command(hide = true)]
+    MountDaemon {
+        #[arg(long, value_name = "DIR")]
+        run_dir: PathBuf,
+    },
     /// Show what a mount has fetched, how much of the image is local, read latencies
     Status {
         #[command(flatten)]
@@ -244,7 +265,11 @@ impl Remote {
         let Some(server) = &self.server else {
             bail!("name a server with --server URL (or $SKIFF_SERVER), or a registry as docker://HOST/REPO:TAG");
         };
-        let token = self.token_file.as_deref().map(read_token).transpose()?;
+        let token = self
+            .token_file
+            .as_deref()
+            .map(skiff_agent::read_token_file)
+            .transpose()?;
         Ok(Client::new(server, token)?.with_retry_window(Duration::from_secs(self.retry_for)))
     }
 
@@ -255,17 +280,6 @@ impl Remote {
         }
         Ok(Registry::new(reference)?.with_retry_window(Duration::from_secs(self.retry_for)))
     }
-}
-
-/// A token file's contents without surrounding white space; never empty.
-fn read_token(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("token file {} is empty", path.display());
-    }
-    Ok(token.to_owned())
 }
 
 fn default_store() -> Result<PathBuf> {
@@ -372,8 +386,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cache_mb,
         } => {
             let tokens = Tokens {
-                write: token_file.as_deref().map(read_token).transpose()?,
-                read: read_token_file.as_deref().map(read_token).transpose()?,
+                write: token_file
+                    .as_deref()
+                    .map(skiff_agent::read_token_file)
+                    .transpose()?,
+                read: read_token_file
+                    .as_deref()
+                    .map(skiff_agent::read_token_file)
+                    .transpose()?,
             };
             serve(&store_dir, &listen, tokens, cache_mb)?
         }
@@ -462,6 +482,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ps { dirs, json } => run::ps(&dirs, json)?,
         Command::Rm(args) => run::rm(args)?,
         Command::Umount(args) => mount::umount(args)?,
+        Command::MountDaemon { run_dir } => mount::daemon(&run_dir)?,
+        Command::Snapshotter { address, root } => snapshotter(address, root)?,
         Command::Status { at, json } => mount::status(at, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
@@ -744,6 +766,17 @@ fn serve(store_dir: &Path, listen: &str, tokens: Tokens, cache_mb: u64) -> Resul
     runtime.shutdown_timeout(Duration::from_secs(10));
     drop(store);
     eprintln!("skiff: server stopped, store closed");
+    Ok(())
+}
+
+fn snapshotter(address: PathBuf, root: PathBuf) -> Result<()> {
+    let config = skiff_snapshotter::SnapshotterConfig { address, root };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(skiff_snapshotter::serve(&config, shutdown_signal()))?;
+    eprintln!("skiff: snapshotter stopped");
     Ok(())
 }
 

@@ -1,39 +1,33 @@
-//! `skiff run`, `skiff ps` and `skiff rm`.
-//!
-//! A container is a directory on local disk:
-//!
-//! ```text
-//! CONTAINERS/ID/state.json   image, command, the `skiff run` process, exit code
-//! CONTAINERS/ID/config.json  the OCI runtime config (the directory is the bundle)
-//! CONTAINERS/ID/rootfs       overlay: the image's lazy mount under upper/
-//! CONTAINERS/ID/upper, work  the container's writes
-//! CONTAINERS/ID/image        a private mount of the image, when recording a profile
-//! ```
+//! `skiff run`, `skiff ps` and `skiff rm`: their arguments, the container's
+//! supervision and what they print. Container state and the image's shared
+//! lazy mount (a lease on it) come from `skiff-agent`.
 //!
 //! The image's lazy mount is shared: a mount of the same image from the
-//! same place that `skiff mount` or another `skiff run` made is used as it
-//! is. A mount `skiff run` made itself is unmounted when the last running
-//! container on it ends.
+//! same place that `skiff mount`, another `skiff run` or the snapshotter
+//! made is used as it is. A mount the agent made is unmounted when its last
+//! holder lets go.
 
-use std::fs::File;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
-use skiff_format::{ChunkId, ImageManifest, StartupProfile};
+use skiff_agent::{
+    check_container_id, new_container_id, now_unix, open_image, take_profile, ContainerState,
+    Containers, ImageArg, MountRequest, OpenOptions, Origin, ProcessId, RunDir, SharedMounts,
+    DEFAULT_RUN_DIR,
+};
+use skiff_format::ImageManifest;
 use skiff_registry::Registry;
 use skiff_runtime::{write_bundle, ExecConfig, Overlay, RunOptions, Runtime};
 use skiff_store::Store;
 
-use crate::mount::{self, MountArgs};
-use crate::origin::{open_image, ImageArg, OpenOptions, Origin};
+use crate::mount::MountFlags;
 use crate::progress::bytes;
 use crate::Remote;
 
@@ -98,21 +92,8 @@ pub struct RunArgs {
     /// Stop recording after this long even if the command still runs (a server)
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     profile_secs: u64,
-    /// Ignore the image's startup profile
-    #[arg(long)]
-    no_profile: bool,
-    /// Do not fetch the rest of the image in the background
-    #[arg(long)]
-    no_prefetch: bool,
-    /// The host's chunk cache, shared by every mount
-    #[arg(long, env = "SKIFF_CACHE", default_value = mount::DEFAULT_CACHE_DIR, value_name = "DIR")]
-    cache: PathBuf,
-    /// Bound on the chunk cache
-    #[arg(long, default_value_t = 20.0, value_name = "GB")]
-    cache_max_gb: f64,
-    /// Seconds a read keeps retrying an unreachable server before it fails with EIO
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    retry_for: u64,
+    #[command(flatten)]
+    mount: MountFlags,
     #[command(flatten)]
     dirs: Dirs,
 }
@@ -123,8 +104,18 @@ pub struct Dirs {
     #[arg(long, env = "SKIFF_CONTAINERS", default_value = DEFAULT_CONTAINERS_DIR, value_name = "DIR")]
     containers: PathBuf,
     /// Where mounts keep their records and status sockets
-    #[arg(long, env = "SKIFF_RUN_DIR", default_value = mount::DEFAULT_RUN_DIR, value_name = "DIR")]
+    #[arg(long, env = "SKIFF_RUN_DIR", default_value = DEFAULT_RUN_DIR, value_name = "DIR")]
     run_dir: PathBuf,
+}
+
+impl Dirs {
+    fn run_dir(&self) -> RunDir {
+        RunDir::new(&self.run_dir)
+    }
+
+    fn shared_mounts(&self) -> SharedMounts {
+        SharedMounts::new(self.run_dir())
+    }
 }
 
 #[derive(clap::Args)]
@@ -139,169 +130,6 @@ pub struct RmArgs {
     dirs: Dirs,
 }
 
-/// `CONTAINERS/ID/state.json`.
-#[derive(Clone, Serialize, Deserialize)]
-struct ContainerState {
-    id: String,
-    image: String,
-    command: Vec<String>,
-    runtime: String,
-    created_unix: u64,
-    /// The `skiff run` process that supervises the container.
-    pid: u32,
-    pid_start: u64,
-    /// The image's lazy mount under the overlay.
-    lower: PathBuf,
-    /// Whether `skiff run` made that mount (and so unmounts it).
-    owns_mount: bool,
-    exit_code: Option<i32>,
-}
-
-impl ContainerState {
-    fn is_running(&self) -> bool {
-        self.exit_code.is_none() && mount::still_runs(self.pid, self.pid_start)
-    }
-
-    fn status(&self) -> String {
-        match self.exit_code {
-            Some(code) => format!("exited ({code})"),
-            None if self.is_running() => "running".to_owned(),
-            None => "dead (its `skiff run` is gone)".to_owned(),
-        }
-    }
-}
-
-/// The containers directory, locked while a container claims or lets go
-/// of a shared mount.
-struct Containers {
-    dir: PathBuf,
-}
-
-impl Containers {
-    fn open(dir: &Path) -> Result<Containers> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Containers {
-            dir: dir.canonicalize()?,
-        })
-    }
-
-    fn lock(&self) -> Result<File> {
-        let path = self.dir.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
-        Ok(file)
-    }
-
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
-    }
-
-    fn state(&self, id: &str) -> Result<ContainerState> {
-        let path = self.path(id).join("state.json");
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => anyhow::anyhow!("no container {id}"),
-            _ => anyhow::Error::new(e).context(format!("reading {}", path.display())),
-        })?;
-        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
-    }
-
-    fn save(&self, state: &ContainerState) -> Result<()> {
-        let path = self.path(&state.id).join("state.json");
-        mount::write_atomically(&path, &serde_json::to_vec_pretty(state)?)
-    }
-
-    fn all(&self) -> Vec<ContainerState> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut states: Vec<ContainerState> = entries
-            .flatten()
-            .filter_map(|e| self.state(&e.file_name().to_string_lossy()).ok())
-            .collect();
-        states.sort_by_key(|s| (s.created_unix, s.id.clone()));
-        states
-    }
-
-    /// Unmounts a mount `skiff run` made once no running container uses it.
-    /// Call with the lock held.
-    fn release_mount(&self, state: &ContainerState, run_dir: &Path) {
-        if !state.owns_mount {
-            return;
-        }
-        let in_use = self
-            .all()
-            .iter()
-            .any(|other| other.id != state.id && other.lower == state.lower && other.is_running());
-        if in_use {
-            return;
-        }
-        // The runtime's mount namespace may let go of the overlay (and so of
-        // the image) a moment after the container is gone.
-        for _ in 0..20 {
-            match nix::mount::umount2(&state.lower, nix::mount::MntFlags::empty()) {
-                // The daemon sees its mount gone and exits.
-                Ok(()) => return,
-                Err(nix::errno::Errno::EBUSY) => std::thread::sleep(Duration::from_millis(50)),
-                Err(_) => break,
-            }
-        }
-        let args = mount::MountPointArgs {
-            mountpoint: state.lower.clone(),
-            run_dir: run_dir.to_owned(),
-        };
-        if let Err(e) = mount::stop_mount(&args, false) {
-            // Already gone (someone ran `skiff umount`) is fine.
-            tracing::debug!("unmounting {}: {e:#}", state.lower.display());
-        }
-    }
-
-    /// Unmounts the container's overlay and removes its directory, and the
-    /// log of a mount that was the container's alone.
-    fn remove(&self, state: &ContainerState, run_dir: &Path) -> Result<()> {
-        let dir = self.path(&state.id);
-        Overlay::unmount(&dir.join("rootfs"))?;
-        if state.lower.starts_with(&dir) {
-            let _ = std::fs::remove_file(mount::log_path(run_dir, &state.lower));
-        }
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn check_id(id: &str) -> Result<()> {
-    let valid = !id.is_empty()
-        && id.len() <= 64
-        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !valid {
-        bail!("invalid container ID {id:?}: use up to 64 letters, digits, '_', '.' or '-', starting with a letter or digit");
-    }
-    Ok(())
-}
-
-fn new_id() -> String {
-    let seed = format!(
-        "{}-{:?}-{:?}",
-        std::process::id(),
-        SystemTime::now(),
-        Instant::now()
-    );
-    ChunkId::of(seed.as_bytes()).to_string()[..12].to_owned()
-}
-
 /// The exit code a shell would report for `status`.
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
@@ -313,8 +141,8 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     let runtime = Runtime::from_name(&args.runtime).context("unknown runtime")?;
-    let id = args.name.clone().unwrap_or_else(new_id);
-    check_id(&id)?;
+    let id = args.name.clone().unwrap_or_else(new_container_id);
+    check_container_id(&id)?;
     let containers = Containers::open(&args.dirs.containers)?;
     let dir = containers.path(&id);
     let origin = Origin::of(&args.image, args.server.as_deref(), store_dir)?;
@@ -326,29 +154,38 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         bail!("a container {id} exists already; `skiff rm {id}` removes it");
     }
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let claimed = claim_mount(store_dir, &args, &origin, &dir);
-    let (lower, owns_mount) = match claimed {
-        Ok(claimed) => claimed,
+    let request = MountRequest {
+        image: args.image.clone(),
+        origin: origin.clone(),
+        token_file: args.token_file.clone(),
+        settings: args.mount.settings(),
+        recording_at: args.record_profile.then(|| dir.join("image")),
+    };
+    let supervisor = ProcessId::current();
+    let leased =
+        args.dirs
+            .shared_mounts()
+            .acquire(&request, &ContainerState::holder(&id), Some(supervisor));
+    let lease = match leased {
+        Ok(lease) => lease,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
+            return Err(anyhow::Error::new(e).context(format!("mounting {}", args.image)));
         }
     };
+    let lower = lease.mountpoint.clone();
     let mut state = ContainerState {
         id: id.clone(),
         image: args.image.to_string(),
         command: args.command.clone(),
         runtime: runtime.name().to_owned(),
         created_unix: now_unix(),
-        pid: std::process::id(),
-        pid_start: mount::process_start(std::process::id()).unwrap_or(0),
+        supervisor,
         lower: lower.clone(),
-        owns_mount,
+        lease: Some(lease),
         exit_code: None,
     };
-    // Recorded as running before the lock goes: from here on no ending
-    // container unmounts the image under this one.
-    let saved = containers.save(&state);
+    let saved = containers.save(&state).map_err(anyhow::Error::from);
     drop(lock);
     // The bundle may read the image's /etc/passwd over the network: not
     // under the lock.
@@ -363,10 +200,10 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     state.command = bundle_args.clone();
     if let Err(e) = containers.save(&state) {
         finish(&containers, &args.dirs, &mut state, 125, true);
-        return Err(e);
+        return Err(e.into());
     }
 
-    let state_root = args.dirs.run_dir.join("runtime").join(runtime.name());
+    let state_root = args.dirs.run_dir().runtime_state(runtime.name());
     let code = match supervise(
         &args,
         runtime,
@@ -390,65 +227,6 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-/// The image's lazy mount for this container: a private one to record a
-/// profile, else one that already exists, else a new shared one.
-fn claim_mount(
-    store_dir: &Path,
-    args: &RunArgs,
-    origin: &Origin,
-    container_dir: &Path,
-) -> Result<(PathBuf, bool)> {
-    if !args.record_profile {
-        if let Some(existing) = mount::find_mount(&args.dirs.run_dir, &args.image, origin) {
-            tracing::info!(
-                "sharing the mount of {} at {}",
-                args.image,
-                existing.display()
-            );
-            // One `skiff run` made goes with the last container on it,
-            // whichever made it; one `skiff mount` made stays.
-            let made_by_run = args
-                .dirs
-                .run_dir
-                .join("images")
-                .canonicalize()
-                .is_ok_and(|images| existing.starts_with(images));
-            return Ok((existing, made_by_run));
-        }
-    }
-    let mountpoint = if args.record_profile {
-        container_dir.join("image")
-    } else {
-        let key = ChunkId::of(format!("{origin} {}", args.image).as_bytes()).to_string();
-        args.dirs.run_dir.join("images").join(&key[..16])
-    };
-    if let Some(parent) = mountpoint.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let mount_args = MountArgs {
-        image: args.image.clone(),
-        mountpoint: mountpoint.clone(),
-        server: args.server.clone(),
-        token_file: args.token_file.clone(),
-        cache: args.cache.clone(),
-        cache_max_gb: args.cache_max_gb,
-        no_prefetch: args.no_prefetch,
-        prefetch_rate_mb: 0,
-        window_kb: 1024,
-        memory_mb: 256,
-        retry_for: args.retry_for,
-        foreground: false,
-        run_dir: args.dirs.run_dir.clone(),
-        no_profile: args.no_profile,
-        record_profile: args.record_profile,
-        notify_ready: false,
-    };
-    mount::mount_in_background(store_dir, mount_args)
-        .with_context(|| format!("mounting {}", args.image))?;
-    Ok((mountpoint, true))
-}
-
 /// Mounts the overlay and writes the bundle; returns the manifest and the
 /// command line.
 fn prepare(
@@ -457,7 +235,7 @@ fn prepare(
     lower: &Path,
     id: &str,
 ) -> Result<(ImageManifest, Vec<String>)> {
-    let manifest_path = mount::manifest_path(&args.dirs.run_dir, lower);
+    let manifest_path = args.dirs.run_dir().manifest_path(lower);
     let manifest = std::fs::read(&manifest_path)
         .map_err(anyhow::Error::new)
         .and_then(|bytes| Ok(ImageManifest::from_json(&bytes)?))
@@ -547,9 +325,8 @@ fn store_profile(
     container_dir: &Path,
     store_dir: &Path,
 ) -> Result<()> {
-    let answer = mount::ask_daemon(&args.dirs.run_dir, &container_dir.join("image"), "profile")?;
-    let profile: Option<StartupProfile> =
-        serde_json::from_slice(&answer).context("reading the recorded profile")?;
+    let recording = skiff_agent::mountpoint_path(&container_dir.join("image"))?;
+    let profile = take_profile(&args.dirs.run_dir(), &recording)?;
     let mut profile = profile.context("the mount was not recording")?;
     profile.command = command.to_vec();
     let summary = profile.summary();
@@ -564,19 +341,10 @@ fn store_profile(
     let origin = Origin::of(&args.image, args.server.as_deref(), store_dir)?;
     let place = match (&origin, &args.image) {
         (Origin::Registry { .. }, ImageArg::Registry(reference)) => {
-            let registry =
-                Registry::new(reference)?.with_retry_window(Duration::from_secs(args.retry_for));
+            let settings = args.mount.settings();
+            let registry = Registry::new(reference)?.with_retry_window(settings.retry_window());
             // The profile's chunks, from the host's cache the recording filled.
-            let image = open_image(
-                &args.image,
-                &origin,
-                &OpenOptions {
-                    token_file: None,
-                    retry_for: Duration::from_secs(args.retry_for),
-                    cache: &args.cache,
-                    cache_max_bytes: (args.cache_max_gb * 1e9) as u64,
-                },
-            )?;
+            let image = open_image(&args.image, &origin, &settings, OpenOptions::default())?;
             let digest = skiff_client::put_profile(
                 &registry,
                 &recorded_on.index.digest,
@@ -589,7 +357,7 @@ fn store_profile(
             let remote = Remote {
                 server: Some(server.clone()),
                 token_file: args.token_file.clone(),
-                retry_for: args.retry_for,
+                retry_for: args.mount.settings().retry_for_secs,
             };
             let client = remote.client()?;
             let mut manifest = client
@@ -624,6 +392,15 @@ fn store_profile(
     Ok(())
 }
 
+/// Lets go of the container's hold on the image's mount.
+fn release_lease(state: &ContainerState, dirs: &Dirs) {
+    if let Some(lease) = &state.lease {
+        if let Err(e) = dirs.shared_mounts().release(lease) {
+            eprintln!("skiff: letting go of {}: {e}", lease.mountpoint.display());
+        }
+    }
+}
+
 /// Unmounts the overlay, records the exit code (or removes the container),
 /// and lets go of the image's mount if this was its last container.
 fn finish(
@@ -647,9 +424,9 @@ fn finish(
         eprintln!("skiff: {e:#}");
     }
     // Before the directory goes: a private mount lives inside it.
-    containers.release_mount(state, &dirs.run_dir);
+    release_lease(state, dirs);
     if remove {
-        if let Err(e) = containers.remove(state, &dirs.run_dir) {
+        if let Err(e) = containers.remove(state, &dirs.run_dir()) {
             eprintln!("skiff: {e:#}");
         }
     }
@@ -728,7 +505,7 @@ pub fn rm(args: RmArgs) -> Result<()> {
 }
 
 fn remove_one(containers: &Containers, args: &RmArgs, id: &str) -> Result<()> {
-    check_id(id)?;
+    check_container_id(id)?;
     let state = containers.state(id)?;
     if state.is_running() {
         if !args.force {
@@ -736,7 +513,7 @@ fn remove_one(containers: &Containers, args: &RmArgs, id: &str) -> Result<()> {
         }
         // Killed, as `docker rm --force` does; its `skiff run` cleans up.
         let runtime = Runtime::from_name(&state.runtime).context("unknown runtime")?;
-        let state_root = args.dirs.run_dir.join("runtime").join(runtime.name());
+        let state_root = args.dirs.run_dir().runtime_state(runtime.name());
         runtime.kill(&state_root, id, "KILL")?;
         let deadline = Instant::now() + STOP_WAIT;
         while state.is_running() {
@@ -755,17 +532,20 @@ fn remove_one(containers: &Containers, args: &RmArgs, id: &str) -> Result<()> {
         return Ok(());
     };
     // Another container may have taken the ID since.
-    if now.created_unix != state.created_unix || now.pid != state.pid || now.is_running() {
+    if now.created_unix != state.created_unix
+        || now.supervisor != state.supervisor
+        || now.is_running()
+    {
         bail!("container {id} was replaced by a new one while it was removed; it stays");
     }
     let state = now;
     if state.exit_code.is_none() {
         // Its `skiff run` died: what the runtime keeps of it goes too.
         if let Some(runtime) = Runtime::from_name(&state.runtime) {
-            runtime.delete(&args.dirs.run_dir.join("runtime").join(runtime.name()), id)?;
+            runtime.delete(&args.dirs.run_dir().runtime_state(runtime.name()), id)?;
         }
     }
-    containers.release_mount(&state, &args.dirs.run_dir);
-    containers.remove(&state, &args.dirs.run_dir)?;
+    release_lease(&state, &args.dirs);
+    containers.remove(&state, &args.dirs.run_dir())?;
     Ok(())
 }

@@ -10,18 +10,19 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use skiff_client::{CachedSource, ChunkCache};
+use skiff_client::{CachedSource, ChunkCache, Client};
 use skiff_format::{ImageIndex, ImageManifest, ImageRef};
 use skiff_registry::{RangePlan, Registry, RegistryRef, RegistrySource, RemoteImage};
 use skiff_source::ChunkSource;
 use skiff_store::Store;
 
-use crate::Remote;
+use crate::error::{AgentError, IoContext, Result};
+use crate::settings::MountSettings;
 
 /// An image as the user names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum ImageArg {
     /// `NAME[:TAG]` in a store or on a chunk server.
     Named(ImageRef),
@@ -30,13 +31,27 @@ pub enum ImageArg {
 }
 
 impl FromStr for ImageArg {
-    type Err = anyhow::Error;
+    type Err = AgentError;
 
     fn from_str(s: &str) -> Result<Self> {
         match RegistryRef::parse_url(s) {
             Some(reference) => Ok(ImageArg::Registry(reference?)),
             None => Ok(ImageArg::Named(s.parse()?)),
         }
+    }
+}
+
+impl TryFrom<String> for ImageArg {
+    type Error = AgentError;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<ImageArg> for String {
+    fn from(image: ImageArg) -> String {
+        image.to_string()
     }
 }
 
@@ -115,12 +130,25 @@ impl fmt::Display for Origin {
     }
 }
 
-/// What opening an image needs beyond its name.
+/// What opening an image needs beyond its name and the mount settings.
+#[derive(Clone, Copy, Default)]
 pub struct OpenOptions<'a> {
+    /// The chunk server's bearer token.
     pub token_file: Option<&'a Path>,
-    pub retry_for: Duration,
-    pub cache: &'a Path,
-    pub cache_max_bytes: u64,
+}
+
+/// A token file's contents without surrounding white space; never empty.
+pub fn read_token_file(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .io_context(|| format!("reading token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(AgentError::Settings(format!(
+            "token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token.to_owned())
 }
 
 /// An image ready to mount: its manifest and index, and where its chunks come from.
@@ -133,8 +161,24 @@ pub struct OpenedImage {
 }
 
 /// Reads `image`'s manifest and index from `origin` and makes its chunk source.
-pub fn open_image(image: &ImageArg, origin: &Origin, options: &OpenOptions) -> Result<OpenedImage> {
-    let cache = || ChunkCache::open(options.cache, options.cache_max_bytes);
+pub fn open_image(
+    image: &ImageArg,
+    origin: &Origin,
+    settings: &MountSettings,
+    options: OpenOptions,
+) -> Result<OpenedImage> {
+    let cache = || {
+        ChunkCache::open(&settings.cache, settings.cache_max_bytes()).map_err(|e| {
+            AgentError::Open {
+                image: image.to_string(),
+                source: Box::new(e),
+            }
+        })
+    };
+    let opening = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Open {
+        image: image.to_string(),
+        source,
+    };
     match (origin, image) {
         (Origin::Store { path }, ImageArg::Named(name)) => {
             let store = Store::open_read_only(path)?;
@@ -148,18 +192,14 @@ pub fn open_image(image: &ImageArg, origin: &Origin, options: &OpenOptions) -> R
             })
         }
         (Origin::Server { url }, ImageArg::Named(name)) => {
-            let remote = Remote {
-                server: Some(url.clone()),
-                token_file: options.token_file.map(Path::to_owned),
-                retry_for: options.retry_for.as_secs(),
-            };
-            let client = remote
-                .client()?
+            let token = options.token_file.map(read_token_file).transpose()?;
+            let client = Client::new(url, token)?
+                .with_retry_window(settings.retry_window())
                 // A stalled server costs a retry, never the whole window.
                 .with_batch_timeout(Duration::from_secs(10));
             let (manifest, _, index) = client
                 .image(name)
-                .with_context(|| format!("getting {name} from {url}"))?;
+                .map_err(|e| opening(format!("from {url}: {e}").into()))?;
             let cache = cache()?;
             Ok(OpenedImage {
                 manifest,
@@ -169,12 +209,12 @@ pub fn open_image(image: &ImageArg, origin: &Origin, options: &OpenOptions) -> R
             })
         }
         (Origin::Registry { .. }, ImageArg::Registry(reference)) => {
-            let registry = Arc::new(Registry::new(reference)?.with_retry_window(options.retry_for));
-            let remote =
-                RemoteImage::fetch(&registry).with_context(|| format!("getting {reference}"))?;
+            let registry =
+                Arc::new(Registry::new(reference)?.with_retry_window(settings.retry_window()));
+            let remote = RemoteImage::fetch(&registry).map_err(|e| opening(Box::new(e)))?;
             let cache = cache()?;
             let plan = RangePlan {
-                retry_window: options.retry_for,
+                retry_window: settings.retry_window(),
                 ..RangePlan::default()
             };
             let source = RegistrySource::new(registry, &remote, plan, cache.root().join("tmp"));
@@ -185,6 +225,9 @@ pub fn open_image(image: &ImageArg, origin: &Origin, options: &OpenOptions) -> R
                 cache: Some(cache),
             })
         }
-        (origin, image) => bail!("{image} cannot come from the {origin}"),
+        (origin, image) => Err(AgentError::OriginMismatch {
+            image: image.to_string(),
+            origin: origin.to_string(),
+        }),
     }
 }

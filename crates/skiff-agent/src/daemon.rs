@@ -1,0 +1,530 @@
+//! Mount daemons: one process per lazy mount, found through the run directory.
+//!
+//! ```text
+//! RUN_DIR/mounts/KEY.json            pid, image, origin, mount point, the spec it was started with
+//! RUN_DIR/mounts/KEY.sock            the status protocol (status.rs)
+//! RUN_DIR/mounts/KEY.log             the daemon's log
+//! RUN_DIR/mounts/KEY.manifest.json   the image's manifest (its OCI config, for a runtime bundle)
+//! ```
+//! where KEY is derived from the mount point's canonical path. A daemon is
+//! started from a typed [`MountSpec`] (sent as JSON on its stdin), never
+//! from an argv spelled out by hand.
+
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use skiff_format::ChunkId;
+use skiff_fuse::Mount;
+
+use crate::error::{AgentError, IoContext, Result};
+use crate::host::{
+    clear_dead_mount, is_dead_mount, mounted_here, now_unix, write_atomically, MountedHere,
+    ProcessId,
+};
+use crate::origin::{open_image, ImageArg, OpenOptions, OpenedImage, Origin};
+use crate::settings::MountSettings;
+use crate::status::spawn_status_server;
+
+/// How long unmounting waits for a daemon to let go.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(20);
+
+/// Everything a mount daemon is told: the whole of its configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub image: ImageArg,
+    pub origin: Origin,
+    /// Canonical (see [`crate::mountpoint_path`]).
+    pub mountpoint: PathBuf,
+    /// The chunk server's bearer token, for an image on a server.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub settings: MountSettings,
+    /// Record a startup profile of the reads: such a mount is never shared.
+    #[serde(default)]
+    pub record_profile: bool,
+}
+
+/// Where a run directory keeps what it knows about mounts.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: impl Into<PathBuf>) -> RunDir {
+        RunDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn base(&self, mountpoint: &Path) -> PathBuf {
+        let key = ChunkId::of(mountpoint.as_os_str().as_encoded_bytes()).to_string();
+        self.root.join("mounts").join(&key[..16])
+    }
+
+    pub fn record_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("json")
+    }
+
+    pub fn socket_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("sock")
+    }
+
+    /// The log of the daemon of the mount at `mountpoint`.
+    pub fn log_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("log")
+    }
+
+    /// Where the daemon of the mount at `mountpoint` keeps the image's manifest.
+    pub fn manifest_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("manifest.json")
+    }
+
+    /// Where shared mounts made for containers and snapshots live.
+    pub fn shared_mounts(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// The state root of an OCI runtime's containers.
+    pub fn runtime_state(&self, runtime: &str) -> PathBuf {
+        self.root.join("runtime").join(runtime)
+    }
+
+    pub fn record(&self, mountpoint: &Path) -> Option<MountRecord> {
+        read_record(&self.record_path(mountpoint))
+    }
+
+    /// Every mount record this run directory holds, live or not.
+    pub fn records(&self) -> Vec<MountRecord> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("mounts")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+            .filter_map(|entry| read_record(&entry.path()))
+            .collect()
+    }
+
+    fn remove_records(&self, mountpoint: &Path) {
+        for path in [
+            self.record_path(mountpoint),
+            self.socket_path(mountpoint),
+            self.manifest_path(mountpoint),
+        ] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What the run directory records about a live mount.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountRecord {
+    #[serde(flatten)]
+    pub daemon: ProcessId,
+    pub image: String,
+    pub source: String,
+    /// Where the image comes from.
+    #[serde(default = "unknown_origin", deserialize_with = "Origin::lenient")]
+    pub origin: Origin,
+    pub mountpoint: PathBuf,
+    pub started_unix: u64,
+    /// A recording mount is never shared.
+    #[serde(default)]
+    pub record_profile: bool,
+}
+
+fn unknown_origin() -> Origin {
+    Origin::Unknown
+}
+
+fn read_record(path: &Path) -> Option<MountRecord> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+impl MountRecord {
+    /// Whether another user of `image` from `origin` may read through this mount.
+    pub fn shareable_for(&self, image: &ImageArg, origin: &Origin) -> bool {
+        self.image == image.to_string()
+            && self.origin == *origin
+            && self.origin != Origin::Unknown
+            && !self.record_profile
+    }
+}
+
+/// A live, shareable skiff mount of `image` from `origin` that `run_dir` knows.
+pub fn find_shared_mount(run_dir: &RunDir, image: &ImageArg, origin: &Origin) -> Option<PathBuf> {
+    run_dir
+        .records()
+        .into_iter()
+        .find(|record| {
+            record.shareable_for(image, origin)
+                && record.daemon.is_running()
+                && mounted_here(&record.mountpoint) == MountedHere::Skiff
+        })
+        .map(|record| record.mountpoint)
+}
+
+/// Refuses a mount point that is in use or not a directory, clears a dead
+/// skiff mount there, and creates the mount point and the run directory.
+pub fn check_mount_point(run_dir: &RunDir, mountpoint: &Path) -> Result<()> {
+    let record_path = run_dir.record_path(mountpoint);
+    match (mounted_here(mountpoint), read_record(&record_path)) {
+        // Its mount was taken away from outside and the daemon is winding
+        // down: its files go with it, so wait rather than race it.
+        (MountedHere::Nothing, Some(record)) if record.daemon.is_running() => {
+            let deadline = Instant::now() + UNMOUNT_WAIT;
+            while record.daemon.is_running() {
+                if Instant::now() > deadline {
+                    return Err(AgentError::DaemonStuck {
+                        path: mountpoint.to_owned(),
+                        pid: record.daemon.pid,
+                        secs: UNMOUNT_WAIT.as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        (MountedHere::Nothing, _) => {}
+        (MountedHere::Skiff, Some(record)) if record.daemon.is_running() => {
+            return Err(AgentError::AlreadyMounted {
+                path: mountpoint.to_owned(),
+                image: record.image,
+                pid: record.daemon.pid,
+            })
+        }
+        (MountedHere::Skiff, _) if is_dead_mount(mountpoint) => clear_dead_mount(mountpoint)?,
+        (MountedHere::Skiff, _) => {
+            return Err(AgentError::UnknownDaemon {
+                path: mountpoint.to_owned(),
+                run_dir: run_dir.root().to_owned(),
+            })
+        }
+        (MountedHere::Other(fs_type), _) => {
+            return Err(AgentError::OtherMount {
+                path: mountpoint.to_owned(),
+                fs_type,
+            })
+        }
+    }
+    if std::fs::symlink_metadata(mountpoint).is_ok_and(|m| !m.is_dir()) {
+        return Err(AgentError::NotADirectory(mountpoint.to_owned()));
+    }
+    std::fs::create_dir_all(mountpoint)
+        .io_context(|| format!("creating {}", mountpoint.display()))?;
+    if let Some(dir) = record_path.parent() {
+        std::fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Checks the mount point and starts a daemon (this binary's hidden
+/// `mount-daemon` command) for `spec` in its own process group, with its log
+/// in the run directory; returns its pid once it reports the mount ready.
+pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
+    spec.settings.validate()?;
+    check_mount_point(run_dir, &spec.mountpoint)?;
+    let log_path = run_dir.log_path(&spec.mountpoint);
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .io_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let program = std::env::current_exe().io_context(|| "finding the skiff binary".into())?;
+    let mut command = Command::new(program);
+    command
+        .arg("mount-daemon")
+        .arg("--run-dir")
+        .arg(run_dir.root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Ctrl-C in the caller's terminal must not reach the daemon.
+        .process_group(0);
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "info");
+    }
+    let mut child = command
+        .spawn()
+        .io_context(|| "starting the mount daemon".into())?;
+    let spec_json = serde_json::to_vec(spec).map_err(|source| AgentError::Json {
+        context: "writing the mount spec".into(),
+        source,
+    })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A daemon that died at once shows in its log, read below.
+        let _ = stdin.write_all(&spec_json);
+    }
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(child.id());
+    }
+    let status = child
+        .wait()
+        .io_context(|| "waiting for the mount daemon".into())?;
+    let mut log_text = String::new();
+    if let Ok(mut log) = std::fs::File::open(&log_path) {
+        let _ = log.seek(std::io::SeekFrom::Start(log_start));
+        let _ = log.read_to_string(&mut log_text);
+    }
+    let reason = log_text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("skiff: error: "))
+        .unwrap_or("see the log");
+    Err(AgentError::DaemonFailed {
+        status: status.to_string(),
+        reason: reason.to_owned(),
+        log: log_path,
+    })
+}
+
+/// Reads a daemon's spec from its stdin (see [`start_daemon`]).
+pub fn read_spec(input: impl Read) -> Result<MountSpec> {
+    serde_json::from_reader(input).map_err(|source| AgentError::Json {
+        context: "reading the mount spec".into(),
+        source,
+    })
+}
+
+/// Serves the mount `spec` describes until `stop` says so or someone
+/// unmounts it from outside; `ready` is called once the file system answers.
+/// Install the signal handler that feeds `stop` before calling this.
+pub fn serve_mount(
+    run_dir: &RunDir,
+    spec: &MountSpec,
+    stop: mpsc::Receiver<()>,
+    ready: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let started = Instant::now();
+    spec.settings.validate()?;
+    check_mount_point(run_dir, &spec.mountpoint)?;
+    let OpenedImage {
+        manifest,
+        index,
+        source,
+        cache,
+    } = open_image(
+        &spec.image,
+        &spec.origin,
+        &spec.settings,
+        OpenOptions {
+            token_file: spec.token_file.as_deref(),
+        },
+    )?;
+    let describe = source.describe();
+    let image = spec.image.to_string();
+    let options = spec.settings.fuse_options(
+        &image,
+        &manifest,
+        &index,
+        spec.record_profile,
+        cache.is_some(),
+    );
+    let mount = Mount::start(index, source, &spec.mountpoint, &options)?;
+    let record = MountRecord {
+        daemon: ProcessId::current(),
+        image: image.clone(),
+        source: describe,
+        origin: spec.origin.clone(),
+        mountpoint: spec.mountpoint.clone(),
+        started_unix: now_unix(),
+        record_profile: spec.record_profile,
+    };
+    // Removes the mount's records when the daemon stops, however it stops.
+    let records = RecordsGuard(run_dir, &spec.mountpoint);
+    // The manifest first: whoever finds the record finds the manifest.
+    write_atomically(
+        &run_dir.manifest_path(&spec.mountpoint),
+        &manifest.to_json(),
+    )?;
+    let record_json = serde_json::to_vec_pretty(&record).map_err(|source| AgentError::Json {
+        context: "writing the mount record".into(),
+        source,
+    })?;
+    write_atomically(&run_dir.record_path(&spec.mountpoint), &record_json)?;
+    let socket_path = run_dir.socket_path(&spec.mountpoint);
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)
+        .io_context(|| format!("listening on {}", socket_path.display()))?;
+    let mount = Arc::new(mount);
+    spawn_status_server(listener, mount.clone(), record, cache, started);
+    tracing::info!(
+        "{image} mounted at {} in {:.0} ms",
+        spec.mountpoint.display(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    ready()?;
+
+    // Until a signal, or until someone unmounts it from outside.
+    while mount.is_mounted() {
+        if stop.recv_timeout(Duration::from_millis(20)).is_ok() {
+            break;
+        }
+    }
+    // The mount point is free for a new mount from here on, even while a
+    // busy mount is detached and still serves its open files.
+    drop(records);
+    let mut mount = mount;
+    let mount = loop {
+        // A status request holds the mount for a moment.
+        match Arc::try_unwrap(mount) {
+            Ok(mount) => break mount,
+            Err(shared) => mount = shared,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    mount.unmount()?;
+    tracing::info!("unmounted {}", spec.mountpoint.display());
+    Ok(())
+}
+
+struct RecordsGuard<'a>(&'a RunDir, &'a Path);
+
+impl Drop for RecordsGuard<'_> {
+    fn drop(&mut self) {
+        self.0.remove_records(self.1);
+    }
+}
+
+/// How a mount went away.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Unmounted, its daemon gone or going.
+    Done,
+    /// It was busy: detached, and the daemon (this pid) serves the files
+    /// still open until they are closed.
+    Detached { pid: u32 },
+}
+
+/// Unmounts what a skiff daemon serves at `mountpoint` (canonical).
+pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
+    let mut outcome = Unmounted::Done;
+    match run_dir.record(mountpoint) {
+        Some(record) if record.daemon.is_running() => {
+            let pid = record.daemon.pid;
+            kill(Pid::from_raw(pid as i32), Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+                .io_context(|| format!("signalling the mount daemon (pid {pid})"))?;
+            // Done when the daemon exits, or when it has detached a busy
+            // mount and serves the files still open.
+            let deadline = Instant::now() + UNMOUNT_WAIT;
+            while record.daemon.is_running() && mounted_here(mountpoint) == MountedHere::Skiff {
+                if Instant::now() > deadline {
+                    return Err(AgentError::DaemonStuck {
+                        path: mountpoint.to_owned(),
+                        pid,
+                        secs: UNMOUNT_WAIT.as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if record.daemon.is_running() {
+                outcome = Unmounted::Detached { pid };
+            }
+        }
+        _ => match mounted_here(mountpoint) {
+            MountedHere::Skiff if is_dead_mount(mountpoint) => clear_dead_mount(mountpoint)?,
+            MountedHere::Skiff => {
+                return Err(AgentError::UnknownDaemon {
+                    path: mountpoint.to_owned(),
+                    run_dir: run_dir.root().to_owned(),
+                })
+            }
+            MountedHere::Other(fs_type) => {
+                return Err(AgentError::NotSkiff {
+                    path: mountpoint.to_owned(),
+                    fs_type,
+                })
+            }
+            MountedHere::Nothing => return Err(AgentError::NotMounted(mountpoint.to_owned())),
+        },
+    }
+    run_dir.remove_records(mountpoint);
+    if mounted_here(mountpoint) == MountedHere::Skiff {
+        return Err(AgentError::StillMounted(mountpoint.to_owned()));
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(image: &str, origin: Origin, record_profile: bool) -> MountRecord {
+        MountRecord {
+            daemon: ProcessId::current(),
+            image: image.into(),
+            source: "test".into(),
+            origin,
+            mountpoint: "/m".into(),
+            started_unix: 0,
+            record_profile,
+        }
+    }
+
+    #[test]
+    fn a_mount_is_shared_only_for_the_same_image_from_the_same_place_and_never_while_recording() {
+        let image: ImageArg = "debian:12".parse().unwrap();
+        let store = Origin::Store { path: "/s".into() };
+        let server = Origin::Server {
+            url: "http://h".into(),
+        };
+        assert!(record("debian:12", store.clone(), false).shareable_for(&image, &store));
+        assert!(!record("debian:12", store.clone(), false).shareable_for(&image, &server));
+        assert!(!record("debian:11", store.clone(), false).shareable_for(&image, &store));
+        assert!(!record("debian:12", store.clone(), true).shareable_for(&image, &store));
+        assert!(
+            !record("debian:12", Origin::Unknown, false).shareable_for(&image, &Origin::Unknown)
+        );
+    }
+
+    #[test]
+    fn a_record_an_older_skiff_wrote_still_reads_with_an_unknown_origin() {
+        let old = r#"{"pid": 7, "pid_start": 9, "image": "a:b", "source": "s",
+                      "origin": {"kind": "s3", "bucket": "x"},
+                      "mountpoint": "/m", "started_unix": 1}"#;
+        let record: MountRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.daemon, ProcessId { pid: 7, start: 9 });
+        assert_eq!(record.origin, Origin::Unknown);
+        assert!(!record.record_profile);
+    }
+
+    #[test]
+    fn a_spec_survives_its_trip_to_the_daemon() {
+        let spec = MountSpec {
+            image: "docker://127.0.0.1:5000/a/b:c".parse().unwrap(),
+            origin: Origin::Registry {
+                reference: "127.0.0.1:5000/a/b:c".into(),
+            },
+            mountpoint: "/run/skiff/images/x".into(),
+            token_file: None,
+            settings: MountSettings {
+                prefetch: false,
+                ..MountSettings::default()
+            },
+            record_profile: true,
+        };
+        let back = read_spec(&serde_json::to_vec(&spec).unwrap()[..]).unwrap();
+        assert_eq!(back.image, spec.image);
+        assert_eq!(back.origin, spec.origin);
+        assert_eq!(back.settings, spec.settings);
+        assert!(back.record_profile);
+    }
+}

@@ -1,0 +1,51 @@
+use thiserror::Error;
+
+/// What a snapshots call can fail with; each kind maps to the gRPC code
+/// containerd turns back into its own error (errdefs).
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0} does not exist")]
+    NotFound(String),
+    #[error("snapshot {0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("the snapshotter's metadata is damaged: {0}")]
+    Corrupt(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Agent(#[from] skiff_agent::AgentError),
+}
+
+impl SnapshotError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> SnapshotError {
+        SnapshotError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<SnapshotError> for tonic::Status {
+    fn from(e: SnapshotError) -> tonic::Status {
+        let message = e.to_string();
+        match e {
+            SnapshotError::NotFound(_) => tonic::Status::not_found(message),
+            SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(message),
+            SnapshotError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            SnapshotError::Corrupt(_) | SnapshotError::Io { .. } | SnapshotError::Agent(_) => {
+                tonic::Status::internal(message)
+            }
+        }
+    }
+}
+
+pub type Result<T, E = SnapshotError> = std::result::Result<T, E>;

@@ -1,0 +1,340 @@
+//! The snapshots a snapshotter holds, with containerd's rules for them,
+//! kept in one JSON file written aside and renamed on every change.
+//!
+//! ```text
+//! ROOT/metadata.json         every snapshot: id, kind, parent, labels, times, usage
+//! ROOT/snapshots/ID/fs       its files (an upper dir; for a committed layer, the layer)
+//! ROOT/snapshots/ID/work     overlayfs' work dir
+//! ```
+//! Directories are made before the snapshot is recorded and removed after
+//! it is forgotten, so a crash leaves at most an orphan directory, which
+//! Cleanup removes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SnapshotError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+/// Bytes and inodes a snapshot's own directory holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: u64,
+    pub kind: Kind,
+    /// The committed snapshot under this one ("" for none).
+    pub parent: String,
+    pub labels: BTreeMap<String, String>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    /// Measured when committed.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Saved {
+    next_id: u64,
+    snapshots: BTreeMap<String, Snapshot>,
+}
+
+/// All snapshots, by key (active and view) or name (committed).
+pub struct Metadata {
+    root: PathBuf,
+    saved: Saved,
+}
+
+impl Metadata {
+    /// Opens (or starts) the metadata under `root`.
+    pub fn open(root: &Path) -> Result<Metadata> {
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
+        let path = root.join("metadata.json");
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
+            Err(e) => return Err(SnapshotError::io(format!("reading {}", path.display()), e)),
+        };
+        Ok(Metadata {
+            root: root.to_owned(),
+            saved,
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let path = self.root.join("metadata.json");
+        let json = serde_json::to_vec(&self.saved)
+            .map_err(|e| SnapshotError::Corrupt(format!("encoding the metadata: {e}")))?;
+        skiff_agent::write_atomically(&path, &json).map_err(SnapshotError::Agent)
+    }
+
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    pub fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    pub fn work_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    pub fn get(&self, key: &str) -> Result<&Snapshot> {
+        self.saved
+            .snapshots
+            .get(key)
+            .ok_or_else(|| SnapshotError::NotFound(key.to_owned()))
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = (&String, &Snapshot)> {
+        self.saved.snapshots.iter()
+    }
+
+    /// The committed snapshots under `key`, nearest first.
+    pub fn parents(&self, key: &str) -> Result<Vec<&Snapshot>> {
+        let mut chain = Vec::new();
+        let mut parent = self.get(key)?.parent.as_str();
+        while !parent.is_empty() {
+            let snapshot = self.get(parent)?;
+            chain.push(snapshot);
+            if chain.len() > self.saved.snapshots.len() {
+                return Err(SnapshotError::Corrupt(format!(
+                    "{key}'s parents form a loop"
+                )));
+            }
+            parent = snapshot.parent.as_str();
+        }
+        Ok(chain)
+    }
+
+    /// Records a new active or view snapshot on `parent` (committed, or "").
+    pub fn create(
+        &mut self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        if key.is_empty() {
+            return Err(SnapshotError::InvalidArgument("an empty key".into()));
+        }
+        if self.saved.snapshots.contains_key(key) {
+            return Err(SnapshotError::AlreadyExists(key.to_owned()));
+        }
+        if !parent.is_empty() && self.get(parent)?.kind != Kind::Committed {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "parent {parent} is not a committed snapshot"
+            )));
+        }
+        self.saved.next_id += 1;
+        let id = self.saved.next_id;
+        for dir in [self.fs_dir(id), self.work_dir(id)] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let now = SystemTime::now();
+        let snapshot = Snapshot {
+            id,
+            kind,
+            parent: parent.to_owned(),
+            labels,
+            created: now,
+            updated: now,
+            usage: None,
+        };
+        self.saved
+            .snapshots
+            .insert(key.to_owned(), snapshot.clone());
+        self.save()?;
+        Ok(snapshot)
+    }
+
+    /// Turns the active snapshot `key` into the committed `name`.
+    pub fn commit(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+    ) -> Result<()> {
+        if self.saved.snapshots.contains_key(name) {
+            return Err(SnapshotError::AlreadyExists(name.to_owned()));
+        }
+        let active = self.get(key)?;
+        if active.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "{key} is not an active snapshot"
+            )));
+        }
+        let mut snapshot = active.clone();
+        snapshot.kind = Kind::Committed;
+        snapshot.labels = labels;
+        snapshot.usage = Some(usage);
+        snapshot.updated = SystemTime::now();
+        self.saved.snapshots.remove(key);
+        self.saved.snapshots.insert(name.to_owned(), snapshot);
+        self.save()
+    }
+
+    /// Forgets `key` and returns it; its directory is the caller's to remove.
+    pub fn remove(&mut self, key: &str) -> Result<Snapshot> {
+        self.get(key)?;
+        if let Some((child, _)) = self.all().find(|(_, s)| s.parent == key) {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "{key} has a child snapshot ({child})"
+            )));
+        }
+        let snapshot = self.saved.snapshots.remove(key);
+        self.save()?;
+        snapshot.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))
+    }
+
+    /// Sets `key`'s labels as containerd's field paths say: none or
+    /// `labels` replace them all, `labels.NAME` sets or removes one.
+    pub fn update_labels(
+        &mut self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Snapshot> {
+        let snapshot = self
+            .saved
+            .snapshots
+            .get_mut(key)
+            .ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
+        let mut updated = snapshot.labels.clone();
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            updated = labels;
+        } else {
+            for path in paths {
+                let Some(name) = path.strip_prefix("labels.") else {
+                    return Err(SnapshotError::InvalidArgument(format!(
+                        "cannot update the field {path:?}"
+                    )));
+                };
+                match labels.get(name) {
+                    Some(value) => updated.insert(name.to_owned(), value.clone()),
+                    None => updated.remove(name),
+                };
+            }
+        }
+        snapshot.labels = updated;
+        snapshot.updated = SystemTime::now();
+        let snapshot = snapshot.clone();
+        self.save()?;
+        Ok(snapshot)
+    }
+
+    /// Snapshot directories no snapshot owns (left by a crash).
+    pub fn orphan_dirs(&self) -> Vec<PathBuf> {
+        let owned: std::collections::BTreeSet<u64> = self.all().map(|(_, s)| s.id).collect();
+        let Ok(entries) = std::fs::read_dir(self.root.join("snapshots")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_none_or(|id| !owned.contains(&id))
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn snapshots_follow_containerds_rules_and_survive_a_reopen() {
+        let root = tempfile::tempdir().unwrap();
+        let mut meta = Metadata::open(root.path()).unwrap();
+        meta.create(Kind::Active, "a", "", BTreeMap::new()).unwrap();
+        // Not on an active parent, not twice.
+        assert!(matches!(
+            meta.create(Kind::Active, "b", "a", BTreeMap::new()),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            meta.create(Kind::View, "a", "", BTreeMap::new()),
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        meta.commit("layer1", "a", labels(&[("x", "1")]), Usage::default())
+            .unwrap();
+        assert!(matches!(meta.get("a"), Err(SnapshotError::NotFound(_))));
+        meta.create(Kind::Active, "b", "layer1", BTreeMap::new())
+            .unwrap();
+        assert_eq!(meta.parents("b").unwrap()[0].labels, labels(&[("x", "1")]));
+        // A parent with a child stays.
+        assert!(matches!(
+            meta.remove("layer1"),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        drop(meta);
+
+        let mut meta = Metadata::open(root.path()).unwrap();
+        assert_eq!(meta.get("layer1").unwrap().kind, Kind::Committed);
+        assert_eq!(meta.get("b").unwrap().parent, "layer1");
+        let b = meta.remove("b").unwrap();
+        std::fs::remove_dir_all(meta.dir(b.id)).unwrap();
+        meta.remove("layer1").unwrap();
+        // layer1's directory is still there: an orphan.
+        assert_eq!(meta.orphan_dirs().len(), 1);
+    }
+
+    #[test]
+    fn labels_update_by_field_path() {
+        let root = tempfile::tempdir().unwrap();
+        let mut meta = Metadata::open(root.path()).unwrap();
+        meta.create(
+            Kind::Active,
+            "a",
+            "",
+            labels(&[("keep", "1"), ("drop", "2")]),
+        )
+        .unwrap();
+        let s = meta
+            .update_labels(
+                "a",
+                labels(&[("new", "3")]),
+                &["labels.new".into(), "labels.drop".into()],
+            )
+            .unwrap();
+        assert_eq!(s.labels, labels(&[("keep", "1"), ("new", "3")]));
+        let s = meta
+            .update_labels("a", labels(&[("only", "4")]), &[])
+            .unwrap();
+        assert_eq!(s.labels, labels(&[("only", "4")]));
+        assert!(matches!(
+            meta.update_labels("a", BTreeMap::new(), &["parent".into()]),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,272 @@
+//! The snapshots themselves, with overlayfs semantics: a committed snapshot
+//! is a directory holding one layer, an active one is an upper dir over its
+//! parents, and the mounts containerd gets stack them.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::api::types::Mount;
+use crate::error::{Result, SnapshotError};
+use crate::metadata::{Kind, Metadata, Snapshot, Usage};
+
+/// A snapshot as containerd sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Info {
+    pub name: String,
+    pub snapshot: Snapshot,
+}
+
+pub struct Snapshotter {
+    metadata: Mutex<Metadata>,
+}
+
+impl Snapshotter {
+    pub fn open(root: &Path) -> Result<Snapshotter> {
+        Ok(Snapshotter {
+            metadata: Mutex::new(Metadata::open(root)?),
+        })
+    }
+
+    fn metadata(&self) -> std::sync::MutexGuard<'_, Metadata> {
+        // A panic mid-call leaves the metadata as it was saved last.
+        self.metadata
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new active (`Kind::Active`) or read-only (`Kind::View`) snapshot on `parent`.
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let mut metadata = self.metadata();
+        metadata.create(kind, key, parent, labels)?;
+        mounts_of(&metadata, key)
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        mounts_of(&self.metadata(), key)
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let fs = {
+            let metadata = self.metadata();
+            metadata.fs_dir(metadata.get(key)?.id)
+        };
+        // Measured outside the lock: a big layer takes a while.
+        let usage = disk_usage(&fs)?;
+        self.metadata().commit(name, key, labels, usage)
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let (snapshot, dir) = {
+            let mut metadata = self.metadata();
+            let snapshot = metadata.remove(key)?;
+            let dir = metadata.dir(snapshot.id);
+            (snapshot, dir)
+        };
+        remove_dir(&dir);
+        tracing::debug!("removed snapshot {key} ({})", snapshot.id);
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(Info {
+            name: key.to_owned(),
+            snapshot: self.metadata().get(key)?.clone(),
+        })
+    }
+
+    pub fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Info> {
+        let snapshot = self.metadata().update_labels(key, labels, paths)?;
+        Ok(Info {
+            name: key.to_owned(),
+            snapshot,
+        })
+    }
+
+    pub fn list(&self) -> Vec<Info> {
+        self.metadata()
+            .all()
+            .map(|(name, snapshot)| Info {
+                name: name.clone(),
+                snapshot: snapshot.clone(),
+            })
+            .collect()
+    }
+
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let (usage, fs) = {
+            let metadata = self.metadata();
+            let snapshot = metadata.get(key)?;
+            (snapshot.usage, metadata.fs_dir(snapshot.id))
+        };
+        match usage {
+            Some(usage) => Ok(usage),
+            None => disk_usage(&fs),
+        }
+    }
+
+    /// Removes directories no snapshot owns.
+    pub fn cleanup(&self) -> Result<()> {
+        let orphans = self.metadata().orphan_dirs();
+        for dir in orphans {
+            tracing::info!("removing {}, which no snapshot owns", dir.display());
+            remove_dir(&dir);
+        }
+        Ok(())
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// The mounts that present snapshot `key`: a bind of its own directory when
+/// it has no parents, else an overlay of its parents (nearest on top) under
+/// its upper dir (active) or on their own (view).
+fn mounts_of(metadata: &Metadata, key: &str) -> Result<Vec<Mount>> {
+    let snapshot = metadata.get(key)?;
+    if snapshot.kind == Kind::Committed {
+        return Err(SnapshotError::FailedPrecondition(format!(
+            "{key} is committed: only active and view snapshots have mounts"
+        )));
+    }
+    let lowers: Vec<PathBuf> = metadata
+        .parents(key)?
+        .iter()
+        .map(|parent| metadata.fs_dir(parent.id))
+        .collect();
+    let access = if snapshot.kind == Kind::View {
+        "ro"
+    } else {
+        "rw"
+    };
+    let bind = |dir: &Path| Mount {
+        r#type: "bind".into(),
+        source: dir.display().to_string(),
+        target: String::new(),
+        options: vec![access.into(), "rbind".into()],
+    };
+    match (snapshot.kind, lowers.as_slice()) {
+        (_, []) => Ok(vec![bind(&metadata.fs_dir(snapshot.id))]),
+        // overlayfs needs two lower dirs without an upper one.
+        (Kind::View, [only]) => Ok(vec![bind(only)]),
+        (kind, lowers) => {
+            let mut options = Vec::new();
+            if kind == Kind::Active {
+                options.push(format!(
+                    "workdir={}",
+                    metadata.work_dir(snapshot.id).display()
+                ));
+                options.push(format!(
+                    "upperdir={}",
+                    metadata.fs_dir(snapshot.id).display()
+                ));
+            }
+            let lowerdir: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+            options.push(format!("lowerdir={}", lowerdir.join(":")));
+            Ok(vec![Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options,
+            }])
+        }
+    }
+}
+
+/// Bytes (allocated blocks) and inodes under `dir`, each hard-linked inode once.
+fn disk_usage(dir: &Path) -> Result<Usage> {
+    let mut usage = Usage::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| SnapshotError::io(format!("measuring {}", path.display()), e))?;
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        usage.inodes += 1;
+        usage.size += (meta.blocks() * 512) as i64;
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(&path)
+                .map_err(|e| SnapshotError::io(format!("measuring {}", path.display()), e))?;
+            pending.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    Ok(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_stack_parents_nearest_first_under_the_upper_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let s = Snapshotter::open(root.path()).unwrap();
+        let none = BTreeMap::new;
+        let base = s.create(Kind::Active, "k1", "", none()).unwrap();
+        assert_eq!(base[0].r#type, "bind");
+        assert!(base[0].options.contains(&"rw".to_string()));
+        std::fs::write(PathBuf::from(&base[0].source).join("f"), b"layer one").unwrap();
+        s.commit("l1", "k1", none()).unwrap();
+        assert!(s.usage("l1").unwrap().inodes >= 2);
+
+        s.create(Kind::Active, "k2", "l1", none()).unwrap();
+        s.commit("l2", "k2", none()).unwrap();
+        let top = s.create(Kind::Active, "c", "l2", none()).unwrap();
+        let options = &top[0].options;
+        assert_eq!(top[0].r#type, "overlay");
+        let lowerdir = options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .unwrap();
+        let l1 = s.stat("l1").unwrap().snapshot.id;
+        let l2 = s.stat("l2").unwrap().snapshot.id;
+        assert_eq!(
+            lowerdir,
+            format!(
+                "{}:{}",
+                root.path().join(format!("snapshots/{l2}/fs")).display(),
+                root.path().join(format!("snapshots/{l1}/fs")).display()
+            )
+        );
+        assert!(options.iter().any(|o| o.starts_with("upperdir=")));
+
+        // A view of one layer is a read-only bind of it.
+        let view = s.create(Kind::View, "v", "l1", none()).unwrap();
+        assert_eq!(view[0].r#type, "bind");
+        assert!(view[0].options.contains(&"ro".to_string()));
+        assert!(matches!(
+            s.mounts("l1"),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+
+        for key in ["v", "c", "l2", "l1"] {
+            s.remove(key).unwrap();
+        }
+        assert!(s.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(root.path().join("snapshots"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}
