@@ -202,8 +202,29 @@ state = "{state}"
     }
 }
 
+impl Containerd {
+    /// Where containerd keeps everything (root, state, logs).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A failed test leaves tasks: they go first, or they would outlive it.
+        let ctr = |args: &[&str]| {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["--namespace", "k8s.io"])
+                .args(args)
+                .output()
+        };
+        if let Ok(out) = ctr(&["tasks", "ls", "-q"]) {
+            for task in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = ctr(&["tasks", "kill", "-s", "SIGKILL", task]);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Shims outlive a killed containerd; they and their mounts go too.

@@ -52,13 +52,14 @@ fn push(registry: &Registry, image: &Image, repo_tag: &str) -> String {
     format!("127.0.0.1:{}/{repo_tag}", registry.port)
 }
 
+/// Mounts whose mount point or options (overlay's lowerdir, upperdir) name a
+/// path under `prefix`.
 fn mounts_under(prefix: &std::path::Path) -> Vec<String> {
     let prefix = prefix.display().to_string();
-    fs::read_to_string("/proc/self/mounts")
+    fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .filter(|p| p.starts_with(&prefix))
+        .filter(|l| l.contains(&prefix))
         .map(str::to_owned)
         .collect()
 }
@@ -76,7 +77,7 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
     let registry = Registry::start();
     let pause = push(
         &registry,
-        &busybox_image(vec![], &["/bin/sleep", "3600"]),
+        &busybox_image(vec![], &["/bin/sleep", "600"]),
         "pause:1",
     );
     let top = Layer::new()
@@ -184,6 +185,8 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
             .await
             .unwrap()
             .into_inner();
+        // The pod's sandbox still runs on an overlay of skiff's directories.
+        let mounted = mounts_under(&snapshotter.root).len();
         let mut during_run = 0;
         while let Some(batch) = listed.message().await.unwrap() {
             during_run += batch.info.len();
@@ -219,8 +222,10 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
                 .await
                 .unwrap();
         }
-        (output, during_run)
+        (output, (during_run, mounted))
     });
+    let (during_run, mounted_during_run) = during_run;
+    assert!(mounted_during_run > 0, "no mount used skiff's snapshots");
     assert_eq!(
         output,
         "layer 1 motd\nhello from containerd\ngone is gone\nwritten\n",
@@ -248,6 +253,6 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(mounts_under(&snapshotter.root), Vec::<String>::new());
-    assert_eq!(mounts_under(&containerd.state), Vec::<String>::new());
+    assert_eq!(mounts_under(containerd.dir()), Vec::<String>::new());
     assert!(snapshotter.terminate().success());
 }

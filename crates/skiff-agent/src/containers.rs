@@ -37,6 +37,9 @@ pub struct ContainerState {
     /// The container's hold on that mount.
     #[serde(default)]
     pub lease: Option<Lease>,
+    /// Written by skiff before leases: whether `skiff run` made the mount.
+    #[serde(default, skip_serializing)]
+    pub owns_mount: bool,
     pub exit_code: Option<i32>,
 }
 
@@ -51,6 +54,19 @@ impl ContainerState {
             None if self.is_running() => "running".to_owned(),
             None => "dead (its `skiff run` is gone)".to_owned(),
         }
+    }
+
+    /// Its hold on the image's mount; for a container an older skiff
+    /// started, the one its `owns_mount` stood for.
+    pub fn mount_lease(&self) -> Option<Lease> {
+        self.lease.clone().or_else(|| {
+            self.owns_mount.then(|| Lease {
+                holder: Self::holder(&self.id),
+                mountpoint: self.lower.clone(),
+                process: Some(self.supervisor),
+                owned: true,
+            })
+        })
     }
 
     /// The holder name of this container's lease.
@@ -193,6 +209,7 @@ mod tests {
             supervisor: me,
             lower: "/m".into(),
             lease: None,
+            owns_mount: false,
             exit_code: None,
         };
         std::fs::create_dir(containers.path("c1")).unwrap();

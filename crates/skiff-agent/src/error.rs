@@ -5,13 +5,13 @@ use thiserror::Error;
 /// What can go wrong on the host agent's side of a mount or a container.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Json {
         context: String,
         #[source]
@@ -56,7 +56,7 @@ pub enum AgentError {
     },
     #[error("{image} cannot come from the {origin}")]
     OriginMismatch { image: String, origin: String },
-    #[error("getting {image}: {source}")]
+    #[error("getting {image}")]
     Open {
         image: String,
         #[source]

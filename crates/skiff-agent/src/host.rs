@@ -135,9 +135,14 @@ impl ProcessId {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
-    std::fs::write(&partial, bytes)
-        .and_then(|()| std::fs::rename(&partial, path))
-        .io_context(|| format!("writing {}", path.display()))
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&partial)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        // On disk before it takes the name: a power cut leaves the old file or the new.
+        file.sync_all()?;
+        std::fs::rename(&partial, path)
+    };
+    write().io_context(|| format!("writing {}", path.display()))
 }
 
 pub fn now_unix() -> u64 {

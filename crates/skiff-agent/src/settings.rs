@@ -55,7 +55,7 @@ impl MountSettings {
     pub fn validate(&self) -> Result<()> {
         if self.cache_max_gb.is_nan() || self.cache_max_gb <= 0.0 {
             return Err(AgentError::Settings(format!(
-                "the cache bound must be above 0 GB, not {}",
+                "the cache bound (--cache-max-gb) must be above 0 GB, not {}",
                 self.cache_max_gb
             )));
         }

@@ -7,7 +7,8 @@
 //! RUN_DIR/leases/.lock               taken while a lease is added or let go
 //! ```
 //! A lease bound to a process (a container's `skiff run`) ends with that
-//! process; one without (a snapshot) lasts until it is released. A mount the
+//! process; one without (for a holder that outlives processes, such as the
+//! snapshotter's remote snapshots, to come) lasts until it is released. A mount the
 //! agent made goes when its last lease does; one `skiff mount` made stays.
 
 use std::fs::File;
@@ -192,7 +193,13 @@ impl SharedMounts {
                 }
             }
         };
-        self.write_lease(&lease)?;
+        if let Err(e) = self.write_lease(&lease) {
+            // Nobody would ever let go of a mount made for this holder.
+            if lease.owned && self.leases(&lease.mountpoint).is_empty() {
+                self.unmount(&lease.mountpoint);
+            }
+            return Err(e);
+        }
         Ok(lease)
     }
 

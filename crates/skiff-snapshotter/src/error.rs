@@ -14,7 +14,7 @@ pub enum SnapshotError {
     InvalidArgument(String),
     #[error("the snapshotter's metadata is damaged: {0}")]
     Corrupt(String),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -35,7 +35,14 @@ impl SnapshotError {
 
 impl From<SnapshotError> for tonic::Status {
     fn from(e: SnapshotError) -> tonic::Status {
-        let message = e.to_string();
+        // The whole chain: containerd shows only this message.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
         match e {
             SnapshotError::NotFound(_) => tonic::Status::not_found(message),
             SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(message),

@@ -103,6 +103,17 @@ pub async fn serve(
 
 /// A socket file whose server is gone is in the way; a live one is refused.
 fn remove_stale_socket(path: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "{} is not a socket; refusing to replace it",
+                path.display()
+            )))
+        }
+        _ => {}
+    }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(SnapshotError::FailedPrecondition(format!(
             "another snapshotter answers on {}",

@@ -11,6 +11,8 @@
 //! Cleanup removes.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -47,7 +49,7 @@ pub struct Snapshot {
     pub usage: Option<Usage>,
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Saved {
     next_id: u64,
     snapshots: BTreeMap<String, Snapshot>,
@@ -57,31 +59,89 @@ struct Saved {
 pub struct Metadata {
     root: PathBuf,
     saved: Saved,
+    /// Held while open: one snapshotter per root.
+    _lock: File,
 }
 
 impl Metadata {
     /// Opens (or starts) the metadata under `root`.
     pub fn open(root: &Path) -> Result<Metadata> {
-        std::fs::create_dir_all(root.join("snapshots"))
-            .map_err(|e| SnapshotError::io(format!("creating {}", root.display()), e))?;
+        // Layers hold setuid binaries and device nodes: no other user may
+        // reach them, as with containerd's own snapshotters.
+        for dir in [root.to_owned(), root.join("snapshots")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let lock_path = root.join(".lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| SnapshotError::io(format!("opening {}", lock_path.display()), e))?;
+        lock.try_lock().map_err(|_| {
+            SnapshotError::FailedPrecondition(format!(
+                "another snapshotter uses {}",
+                root.display()
+            ))
+        })?;
         let path = root.join("metadata.json");
-        let saved = match std::fs::read(&path) {
+        let mut saved = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| SnapshotError::Corrupt(format!("{}: {e}", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
             Err(e) => return Err(SnapshotError::io(format!("reading {}", path.display()), e)),
         };
-        Ok(Metadata {
+        let mut metadata = Metadata {
             root: root.to_owned(),
-            saved,
-        })
+            saved: Saved::default(),
+            _lock: lock,
+        };
+        // A crash between making a directory and saving its record leaves
+        // the directory: its id is never given out again.
+        let highest_dir = metadata
+            .snapshot_dirs()
+            .into_iter()
+            .filter_map(|(id, _)| id)
+            .max();
+        saved.next_id = saved.next_id.max(highest_dir.unwrap_or(0));
+        metadata.saved = saved;
+        Ok(metadata)
     }
 
-    fn save(&self) -> Result<()> {
+    /// Applies `change` to a copy and keeps it only once it is saved, so a
+    /// failed save (a full disk) changes nothing.
+    fn change<T>(&mut self, change: impl FnOnce(&mut Saved) -> Result<T>) -> Result<T> {
+        let mut next = self.saved.clone();
+        let value = change(&mut next)?;
         let path = self.root.join("metadata.json");
-        let json = serde_json::to_vec(&self.saved)
+        let json = serde_json::to_vec(&next)
             .map_err(|e| SnapshotError::Corrupt(format!("encoding the metadata: {e}")))?;
-        skiff_agent::write_atomically(&path, &json).map_err(SnapshotError::Agent)
+        skiff_agent::write_atomically(&path, &json)?;
+        self.saved = next;
+        Ok(value)
+    }
+
+    /// The entries of `ROOT/snapshots`, with the id each is named by (if any).
+    fn snapshot_dirs(&self) -> Vec<(Option<u64>, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("snapshots")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_str().and_then(|n| n.parse().ok()),
+                    e.path(),
+                )
+            })
+            .collect()
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {
@@ -143,10 +203,10 @@ impl Metadata {
                 "parent {parent} is not a committed snapshot"
             )));
         }
-        self.saved.next_id += 1;
-        let id = self.saved.next_id;
-        for dir in [self.fs_dir(id), self.work_dir(id)] {
-            std::fs::create_dir_all(&dir)
+        let id = self.saved.next_id + 1;
+        for dir in [self.dir(id), self.fs_dir(id), self.work_dir(id)] {
+            // Not create_dir_all: a directory already there is someone else's.
+            std::fs::create_dir(&dir)
                 .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;
         }
         let now = SystemTime::now();
@@ -159,10 +219,15 @@ impl Metadata {
             updated: now,
             usage: None,
         };
-        self.saved
-            .snapshots
-            .insert(key.to_owned(), snapshot.clone());
-        self.save()?;
+        let recorded = self.change(|saved| {
+            saved.next_id = id;
+            saved.snapshots.insert(key.to_owned(), snapshot.clone());
+            Ok(())
+        });
+        if let Err(e) = recorded {
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            return Err(e);
+        }
         Ok(snapshot)
     }
 
@@ -188,9 +253,11 @@ impl Metadata {
         snapshot.labels = labels;
         snapshot.usage = Some(usage);
         snapshot.updated = SystemTime::now();
-        self.saved.snapshots.remove(key);
-        self.saved.snapshots.insert(name.to_owned(), snapshot);
-        self.save()
+        self.change(|saved| {
+            saved.snapshots.remove(key);
+            saved.snapshots.insert(name.to_owned(), snapshot);
+            Ok(())
+        })
     }
 
     /// Forgets `key` and returns it; its directory is the caller's to remove.
@@ -201,9 +268,12 @@ impl Metadata {
                 "{key} has a child snapshot ({child})"
             )));
         }
-        let snapshot = self.saved.snapshots.remove(key);
-        self.save()?;
-        snapshot.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))
+        self.change(|saved| {
+            saved
+                .snapshots
+                .remove(key)
+                .ok_or_else(|| SnapshotError::NotFound(key.to_owned()))
+        })
     }
 
     /// Sets `key`'s labels as containerd's field paths say: none or
@@ -214,11 +284,7 @@ impl Metadata {
         labels: BTreeMap<String, String>,
         paths: &[String],
     ) -> Result<Snapshot> {
-        let snapshot = self
-            .saved
-            .snapshots
-            .get_mut(key)
-            .ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
+        let mut snapshot = self.get(key)?.clone();
         let mut updated = snapshot.labels.clone();
         if paths.is_empty() || paths.iter().any(|p| p == "labels") {
             updated = labels;
@@ -237,26 +303,19 @@ impl Metadata {
         }
         snapshot.labels = updated;
         snapshot.updated = SystemTime::now();
-        let snapshot = snapshot.clone();
-        self.save()?;
-        Ok(snapshot)
+        self.change(|saved| {
+            saved.snapshots.insert(key.to_owned(), snapshot.clone());
+            Ok(snapshot)
+        })
     }
 
     /// Snapshot directories no snapshot owns (left by a crash).
     pub fn orphan_dirs(&self) -> Vec<PathBuf> {
         let owned: std::collections::BTreeSet<u64> = self.all().map(|(_, s)| s.id).collect();
-        let Ok(entries) = std::fs::read_dir(self.root.join("snapshots")) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .is_none_or(|id| !owned.contains(&id))
-            })
-            .map(|e| e.path())
+        self.snapshot_dirs()
+            .into_iter()
+            .filter(|(id, _)| id.is_none_or(|id| !owned.contains(&id)))
+            .map(|(_, path)| path)
             .collect()
     }
 }
@@ -307,6 +366,27 @@ mod tests {
         meta.remove("layer1").unwrap();
         // layer1's directory is still there: an orphan.
         assert_eq!(meta.orphan_dirs().len(), 1);
+    }
+
+    #[test]
+    fn a_directory_left_by_a_crash_is_never_handed_out_again_and_one_root_has_one_owner() {
+        let root = tempfile::tempdir().unwrap();
+        let meta = Metadata::open(root.path()).unwrap();
+        assert!(matches!(
+            Metadata::open(root.path()),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        // As a crash after the directory and before the record leaves it.
+        std::fs::create_dir_all(meta.fs_dir(1)).unwrap();
+        drop(meta);
+        let mut meta = Metadata::open(root.path()).unwrap();
+        let snapshot = meta.create(Kind::Active, "a", "", BTreeMap::new()).unwrap();
+        assert_eq!(snapshot.id, 2);
+        assert_eq!(meta.orphan_dirs(), vec![meta.dir(1)]);
+        let mode = std::fs::metadata(root.path().join("snapshots"))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o777, 0o700);
     }
 
     #[test]

@@ -54,13 +54,19 @@ impl Snapshotter {
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
-        let fs = {
+        let (id, fs) = {
             let metadata = self.metadata();
-            metadata.fs_dir(metadata.get(key)?.id)
+            let id = metadata.get(key)?.id;
+            (id, metadata.fs_dir(id))
         };
         // Measured outside the lock: a big layer takes a while.
-        let usage = disk_usage(&fs)?;
-        self.metadata().commit(name, key, labels, usage)
+        let usage = disk_usage(&fs);
+        let mut metadata = self.metadata();
+        // Removed (or removed and made again) meanwhile: that call won.
+        if metadata.get(key)?.id != id {
+            return Err(SnapshotError::NotFound(key.to_owned()));
+        }
+        metadata.commit(name, key, labels, usage?)
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {

@@ -326,9 +326,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // These two never touch a store: a service unit needs no HOME for them.
+    let needs_store = !matches!(
+        cli.command,
+        Command::Snapshotter { .. } | Command::MountDaemon { .. }
+    );
     let store_dir = match &cli.store {
         Some(dir) => dir.clone(),
-        None => default_store()?,
+        None if needs_store => default_store()?,
+        None => PathBuf::new(),
     };
     match cli.command {
         Command::Convert {

@@ -183,6 +183,7 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         supervisor,
         lower: lower.clone(),
         lease: Some(lease),
+        owns_mount: false,
         exit_code: None,
     };
     let saved = containers.save(&state).map_err(anyhow::Error::from);
@@ -394,7 +395,7 @@ fn store_profile(
 
 /// Lets go of the container's hold on the image's mount.
 fn release_lease(state: &ContainerState, dirs: &Dirs) {
-    if let Some(lease) = &state.lease {
+    if let Some(lease) = &state.mount_lease() {
         if let Err(e) = dirs.shared_mounts().release(lease) {
             eprintln!("skiff: letting go of {}: {e}", lease.mountpoint.display());
         }
