@@ -18,7 +18,7 @@ use skiff_runtime::Overlay;
 
 use crate::daemon::RunDir;
 use crate::error::{AgentError, IoContext, Result};
-use crate::host::{write_atomically, ProcessId};
+use crate::host::{lock_file, write_atomically, ProcessId};
 use crate::shared::Lease;
 
 /// `CONTAINERS/ID/state.json`.
@@ -91,16 +91,7 @@ impl Containers {
     }
 
     pub fn lock(&self) -> Result<File> {
-        let path = self.dir.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .io_context(|| format!("opening {}", path.display()))?;
-        file.lock()
-            .io_context(|| format!("locking {}", path.display()))?;
-        Ok(file)
+        lock_file(&self.dir.join(".lock"))
     }
 
     pub fn path(&self, id: &str) -> PathBuf {

@@ -131,6 +131,19 @@ impl ProcessId {
     }
 }
 
+/// An exclusive flock on `path` (created if missing), held until the file is dropped.
+pub fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .io_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .io_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
 /// Written aside and renamed: a reader never sees half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut partial = path.as_os_str().to_owned();

@@ -20,7 +20,7 @@ use skiff_format::ChunkId;
 
 use crate::daemon::{find_shared_mount, start_daemon, stop_mount, MountSpec, RunDir};
 use crate::error::{IoContext, Result};
-use crate::host::{mounted_here, write_atomically, MountedHere, ProcessId};
+use crate::host::{lock_file, mounted_here, write_atomically, MountedHere, ProcessId};
 use crate::origin::{ImageArg, Origin};
 use crate::settings::MountSettings;
 
@@ -87,16 +87,7 @@ impl SharedMounts {
     fn lock(&self) -> Result<File> {
         let root = self.leases_root();
         std::fs::create_dir_all(&root).io_context(|| format!("creating {}", root.display()))?;
-        let path = root.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .io_context(|| format!("opening {}", path.display()))?;
-        file.lock()
-            .io_context(|| format!("locking {}", path.display()))?;
-        Ok(file)
+        lock_file(&root.join(".lock"))
     }
 
     /// The live leases on the mount at `mountpoint`; those whose process is
