@@ -185,24 +185,15 @@ state = "{state}"
     }
 
     /// `ctr` against this containerd, in CRI's namespace.
-    pub fn ctr(&self, args: &[&str]) -> String {
-        let out = Command::new("ctr")
+    fn ctr(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new("ctr")
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", "k8s.io"])
             .args(args)
             .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
     }
-}
 
-impl Containerd {
     /// Where containerd keeps everything (root, state, logs).
     pub fn dir(&self) -> &Path {
         self._dir.path()
@@ -212,17 +203,9 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         // A failed test leaves tasks: they go first, or they would outlive it.
-        let ctr = |args: &[&str]| {
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .args(["--namespace", "k8s.io"])
-                .args(args)
-                .output()
-        };
-        if let Ok(out) = ctr(&["tasks", "ls", "-q"]) {
+        if let Ok(out) = self.ctr(&["tasks", "ls", "-q"]) {
             for task in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = ctr(&["tasks", "kill", "-s", "SIGKILL", task]);
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", task]);
             }
         }
         let _ = self.child.kill();

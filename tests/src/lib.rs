@@ -330,6 +330,23 @@ fn write_entry(builder: &mut tar::Builder<Vec<u8>>, entry: &Entry, attrs: &Attrs
     }
 }
 
+/// A layer with the host's busybox-static at /bin/busybox, `applets` linked
+/// to it in /bin, and empty /etc, /tmp and /data.
+pub fn busybox_layer(applets: &[&str]) -> Layer {
+    let busybox =
+        fs::read("/bin/busybox").expect("busybox-static is installed (tools/install-deps)");
+    let mut layer = Layer::new()
+        .dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("tmp", 0o1777)
+        .dir("data", 0o755)
+        .file("bin/busybox", 0o755, busybox);
+    for applet in applets {
+        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    layer
+}
+
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }

@@ -22,22 +22,9 @@ use skiff_tests::*;
 
 /// busybox with its applets; `extra` layers go on top.
 fn busybox_image(extra: Vec<Layer>, cmd: &[&str]) -> Image {
-    let busybox =
-        fs::read("/bin/busybox").expect("busybox-static is installed (tools/install-deps)");
-    let mut base = Layer::new()
-        .dir("bin", 0o755)
-        .dir("etc", 0o755)
-        .dir("tmp", 0o1777)
-        .dir("data", 0o755)
-        .file("bin/busybox", 0o755, busybox);
-    for applet in ["sh", "cat", "echo", "sleep", "test", "ls"] {
-        base = base.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    let base = base.file("etc/motd", 0o644, "layer 0 motd\n").file(
-        "data/gone",
-        0o644,
-        "whited out above\n",
-    );
+    let base = busybox_layer(&["sh", "cat", "echo", "sleep", "test", "ls"])
+        .file("etc/motd", 0o644, "layer 0 motd\n")
+        .file("data/gone", 0o644, "whited out above\n");
     let mut layers = vec![(base, Compression::Gzip)];
     layers.extend(extra.into_iter().map(|l| (l, Compression::Gzip)));
     let mut image = Image::new(layers);

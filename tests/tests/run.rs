@@ -21,28 +21,17 @@ const NOISE: usize = 300 * 1024;
 /// busybox and its applets, users, and three layers that overwrite and
 /// white out each other's files.
 fn app_image() -> Image {
-    let busybox =
-        fs::read("/bin/busybox").expect("busybox-static is installed (tools/install-deps)");
-    let mut base = Layer::new()
-        .dir("bin", 0o755)
-        .dir("etc", 0o755)
-        .dir("tmp", 0o1777)
-        .dir("data", 0o755)
-        .file("bin/busybox", 0o755, busybox);
-    for applet in [
+    let base = busybox_layer(&[
         "sh", "cat", "echo", "ls", "id", "pwd", "hostname", "test", "sleep", "rm", "mkdir", "tty",
-    ] {
-        base = base.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    let base = base
-        .file(
-            "etc/passwd",
-            0o644,
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/data:/bin/sh\n",
-        )
-        .file("etc/group", 0o644, "root:x:0:\napp:x:1000:\n")
-        .file("etc/motd", 0o644, "layer 0 motd\n")
-        .file("data/gone", 0o644, "whited out by layer 1\n");
+    ])
+    .file(
+        "etc/passwd",
+        0o644,
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/data:/bin/sh\n",
+    )
+    .file("etc/group", 0o644, "root:x:0:\napp:x:1000:\n")
+    .file("etc/motd", 0o644, "layer 0 motd\n")
+    .file("data/gone", 0o644, "whited out by layer 1\n");
     let middle = Layer::new()
         .dir("app", 0o755)
         .file("etc/motd", 0o644, "layer 1 motd\n")

@@ -22,13 +22,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use skiff_format::ChunkId;
 use skiff_fuse::Mount;
 
 use crate::error::{AgentError, IoContext, Result};
 use crate::host::{
-    clear_dead_mount, is_dead_mount, mounted_here, now_unix, write_atomically, MountedHere,
-    ProcessId,
+    clear_dead_mount, file_key, is_dead_mount, mounted_here, now_unix, write_atomically,
+    MountedHere, ProcessId,
 };
 use crate::origin::{open_image, ImageArg, OpenOptions, OpenedImage, Origin};
 use crate::settings::MountSettings;
@@ -70,8 +69,7 @@ impl RunDir {
     }
 
     fn base(&self, mountpoint: &Path) -> PathBuf {
-        let key = ChunkId::of(mountpoint.as_os_str().as_encoded_bytes()).to_string();
-        self.root.join("mounts").join(&key[..16])
+        self.root.join("mounts").join(mount_key(mountpoint))
     }
 
     pub fn record_path(&self, mountpoint: &Path) -> PathBuf {
@@ -127,6 +125,11 @@ impl RunDir {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The name under which the run directory keeps what it knows of the mount at `mountpoint`.
+pub(crate) fn mount_key(mountpoint: &Path) -> String {
+    file_key(mountpoint.as_os_str().as_encoded_bytes())
 }
 
 /// What the run directory records about a live mount.

@@ -131,6 +131,13 @@ impl ProcessId {
     }
 }
 
+/// A short file name for `bytes` (a path, a holder): 16 hex digits of its BLAKE3.
+pub fn file_key(bytes: &[u8]) -> String {
+    let mut key = skiff_format::ChunkId::of(bytes).to_string();
+    key.truncate(16);
+    key
+}
+
 /// An exclusive flock on `path` (created if missing), held until the file is dropped.
 pub fn lock_file(path: &Path) -> Result<std::fs::File> {
     let file = std::fs::File::options()

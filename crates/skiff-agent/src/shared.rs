@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use skiff_format::ChunkId;
 
-use crate::daemon::{find_shared_mount, start_daemon, stop_mount, MountSpec, RunDir};
+use crate::daemon::{find_shared_mount, mount_key, start_daemon, stop_mount, MountSpec, RunDir};
 use crate::error::{IoContext, Result};
-use crate::host::{lock_file, mounted_here, write_atomically, MountedHere, ProcessId};
+use crate::host::{file_key, lock_file, mounted_here, write_atomically, MountedHere, ProcessId};
 use crate::origin::{ImageArg, Origin};
 use crate::settings::MountSettings;
 
@@ -73,14 +72,13 @@ impl SharedMounts {
     }
 
     fn lease_dir(&self, mountpoint: &Path) -> PathBuf {
-        let key = ChunkId::of(mountpoint.as_os_str().as_encoded_bytes()).to_string();
-        self.leases_root().join(&key[..16])
+        self.leases_root().join(mount_key(mountpoint))
     }
 
     fn lease_path(&self, lease: &Lease) -> PathBuf {
-        let name = ChunkId::of(lease.holder.as_bytes()).to_string();
+        let name = file_key(lease.holder.as_bytes());
         self.lease_dir(&lease.mountpoint)
-            .join(format!("{}.json", &name[..16]))
+            .join(format!("{name}.json"))
     }
 
     /// Held while leases change, so a mount is never let go under a new holder.
@@ -124,8 +122,9 @@ impl SharedMounts {
 
     /// Where the agent mounts `image` from `origin` when no mount of it exists.
     pub fn mountpoint_for(&self, image: &ImageArg, origin: &Origin) -> PathBuf {
-        let key = ChunkId::of(format!("{origin} {image}").as_bytes()).to_string();
-        self.run_dir.shared_mounts().join(&key[..16])
+        self.run_dir
+            .shared_mounts()
+            .join(file_key(format!("{origin} {image}").as_bytes()))
     }
 
     /// A lease for `holder` on a mount of what `request` names: a live
@@ -211,20 +210,6 @@ impl SharedMounts {
         }
         self.unmount(&lease.mountpoint);
         Ok(true)
-    }
-
-    /// Unmounts every mount the agent made that no live lease holds (their
-    /// holders died without letting go). Returns the mount points let go.
-    pub fn sweep(&self) -> Result<Vec<PathBuf>> {
-        let _lock = self.lock()?;
-        let mut gone = Vec::new();
-        for record in self.run_dir.records() {
-            if self.is_agents(&record.mountpoint) && self.leases(&record.mountpoint).is_empty() {
-                self.unmount(&record.mountpoint);
-                gone.push(record.mountpoint);
-            }
-        }
-        Ok(gone)
     }
 
     fn unmount(&self, mountpoint: &Path) {
