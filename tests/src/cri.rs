@@ -55,9 +55,13 @@ pub struct Snapshotter {
     pub root: PathBuf,
     pub log: PathBuf,
     child: Child,
+    leave_mounts: bool,
 }
 
 impl Snapshotter {
+    /// Starts it with its socket, root, run dir and chunk cache under `dir`
+    /// (the same ones again when started again on `dir`), prefetch off so
+    /// that what a pull fetches is what it needs.
     pub fn start(dir: &Path) -> Snapshotter {
         let socket = dir.join("skiff.sock");
         let root = dir.join("skiff-root");
@@ -68,9 +72,20 @@ impl Snapshotter {
             .arg(&socket)
             .arg("--root")
             .arg(&root)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--cache")
+            .arg(dir.join("cache"))
+            .arg("--no-prefetch")
             .env("RUST_LOG", "skiff_snapshotter=debug,info")
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
+            .stderr(
+                fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         wait_for_socket(&socket, &mut child, "skiff snapshotter", &log);
@@ -79,11 +94,23 @@ impl Snapshotter {
             root,
             log,
             child,
+            leave_mounts: false,
         }
     }
 
-    /// Stops it as an init system would (SIGTERM) and waits.
+    /// The run dir it shares with `skiff run` (its lazy mounts are under `images/`).
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.with_file_name("run")
+    }
+
+    /// Kills it (SIGKILL) and waits; its lazy mounts stay, as they would.
+    pub fn kill(mut self) {
+        self.leave_mounts = true;
+    }
+
+    /// Stops it as an init system would (SIGTERM) and waits; its lazy mounts stay.
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.leave_mounts = true;
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
@@ -95,6 +122,25 @@ impl Drop for Snapshotter {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.leave_mounts {
+            // A failed test leaves lazy mounts; their daemons exit with them.
+            unmount_under(&self.run_dir());
+        }
+    }
+}
+
+/// Lazily unmounts every mount at or under `dir`.
+fn unmount_under(dir: &Path) {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let dir = dir.display().to_string();
+    for point in mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|p| p.starts_with(&dir))
+    {
+        let _ = Command::new("umount").args(["-l", point]).status();
     }
 }
 
@@ -215,15 +261,6 @@ impl Drop for Containerd {
             .arg("-f")
             .arg(format!("containerd-shim.*{}", self.socket.display()))
             .status();
-        if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
-            let state = self.state.display().to_string();
-            for point in mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(1))
-                .filter(|p| p.starts_with(&state))
-            {
-                let _ = Command::new("umount").args(["-l", point]).status();
-            }
-        }
+        unmount_under(&self.state);
     }
 }

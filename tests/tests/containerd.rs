@@ -1,10 +1,17 @@
 //! skiff's snapshotter under a real containerd (Debian's 1.6), driven
 //! through CRI as the kubelet drives it: pull, pod sandbox, container,
-//! output, and nothing left behind once containerd collects its garbage.
+//! output, and nothing left behind once containerd collects its garbage;
+//! ordinary images unpacked, skiff images mounted lazily with nothing
+//! downloaded at the pull, across restarts of the snapshotter.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::fs;
+use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
 
 use skiff_snapshotter::api::snapshots::snapshots_client::SnapshotsClient;
 use skiff_snapshotter::api::snapshots::ListSnapshotsRequest;
@@ -12,12 +19,13 @@ use skiff_tests::cri::v1::image_service_client::ImageServiceClient;
 use skiff_tests::cri::v1::runtime_service_client::RuntimeServiceClient;
 use skiff_tests::cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
-    RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PullImageRequest, RemoveContainerRequest, RemoveImageRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use skiff_tests::cri::{channel, Containerd, Snapshotter};
+use skiff_tests::registry_proxy::RegistryProxy;
 use skiff_tests::*;
 
 /// busybox with its applets; `extra` layers go on top.
@@ -58,39 +66,17 @@ fn image_spec(image: &str) -> Option<ImageSpec> {
     })
 }
 
-#[test]
-fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_behind() {
-    let dir = tempdir();
-    let registry = Registry::start();
-    let pause = push(
-        &registry,
-        &busybox_image(vec![], &["/bin/sleep", "600"]),
-        "pause:1",
-    );
-    let top = Layer::new()
-        .file("etc/motd", 0o644, "layer 1 motd\n")
-        .whiteout("data", "gone")
-        .file("data/hello", 0o644, "hello from containerd\n");
-    let app = push(&registry, &busybox_image(vec![top], &["/bin/sh"]), "app:1");
+/// The kubelet's side of CRI, for one pod on the host's network.
+struct Kubelet {
+    images: ImageServiceClient<Channel>,
+    pods: RuntimeServiceClient<Channel>,
+    logs_dir: std::path::PathBuf,
+    pod: PodSandboxConfig,
+}
 
-    let snapshotter = Snapshotter::start(dir.path());
-    let containerd = Containerd::start(&snapshotter, registry.port, &pause);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (output, during_run) = runtime.block_on(async {
+impl Kubelet {
+    async fn connect(containerd: &Containerd) -> Kubelet {
         let cri = channel(&containerd.socket).await;
-        let mut images = ImageServiceClient::new(cri.clone());
-        let mut pods = RuntimeServiceClient::new(cri);
-        images
-            .pull_image(PullImageRequest {
-                image: image_spec(&app),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-
         let pod = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: "pod".into(),
@@ -111,46 +97,80 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
             }),
             ..Default::default()
         };
-        let sandbox = pods
+        Kubelet {
+            images: ImageServiceClient::new(cri.clone()),
+            pods: RuntimeServiceClient::new(cri),
+            logs_dir: containerd.logs_dir.clone(),
+            pod,
+        }
+    }
+
+    async fn pull(&mut self, image: &str) {
+        self.images
+            .pull_image(PullImageRequest {
+                image: image_spec(image),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn run_pod(&mut self) -> String {
+        self.pods
             .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod.clone()),
+                config: Some(self.pod.clone()),
                 runtime_handler: String::new(),
             })
             .await
             .unwrap()
             .into_inner()
-            .pod_sandbox_id;
-        let script = "cat /etc/motd /data/hello; test -e /data/gone || echo gone is gone; \
-                      echo written > /tmp/w; cat /tmp/w";
-        let container = pods
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: sandbox.clone(),
-                sandbox_config: Some(pod),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "app".into(),
-                        attempt: 0,
-                    }),
-                    image: image_spec(&app),
-                    command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                    log_path: "app.log".into(),
-                    ..Default::default()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts container `name` running `sh -c script`; retries
+    /// while containerd cannot reach the snapshotter (it redials a
+    /// restarted one after a backoff), as the kubelet would.
+    async fn start(&mut self, sandbox: &str, name: &str, image: &str, script: &str) -> String {
+        let request = CreateContainerRequest {
+            pod_sandbox_id: sandbox.to_owned(),
+            sandbox_config: Some(self.pod.clone()),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
                 }),
+                image: image_spec(image),
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                log_path: format!("{name}.log"),
+                ..Default::default()
+            }),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let container = loop {
+            match self.pods.create_container(request.clone()).await {
+                Ok(created) => break created.into_inner().container_id,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("creating {name}: {e}"),
+            }
+        };
+        self.pods
+            .start_container(StartContainerRequest {
+                container_id: container.clone(),
             })
             .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        pods.start_container(StartContainerRequest {
-            container_id: container.clone(),
-        })
-        .await
-        .unwrap();
+            .unwrap();
+        container
+    }
+
+    async fn wait_exit(&mut self, container: &str) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let exit_code = loop {
-            let status = pods
+        loop {
+            let status = self
+                .pods
                 .container_status(ContainerStatusRequest {
-                    container_id: container.clone(),
+                    container_id: container.to_owned(),
                     verbose: false,
                 })
                 .await
@@ -159,59 +179,162 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
                 .status
                 .unwrap();
             if status.state == ContainerState::ContainerExited as i32 {
-                break status.exit_code;
+                return status.exit_code;
             }
             assert!(Instant::now() < deadline, "the container never exited");
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert_eq!(exit_code, 0);
-        // Snapshots while it all exists: the layers and the rootfs came from skiff.
-        let mut skiff = SnapshotsClient::new(channel(&snapshotter.socket).await);
-        let mut listed = skiff
-            .list(ListSnapshotsRequest::default())
+        }
+    }
+
+    /// What container `name` wrote (CRI log lines: "TIME STREAM TAG TEXT").
+    fn output(&self, name: &str) -> String {
+        let log = fs::read_to_string(self.logs_dir.join(format!("{name}.log"))).unwrap();
+        log.lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3))
+            .map(|text| format!("{text}\n"))
+            .collect()
+    }
+
+    /// Runs `cmd` in a running container; its stdout and exit code.
+    async fn exec(&mut self, container: &str, cmd: &[&str]) -> (String, i32) {
+        let out = self
+            .pods
+            .exec_sync(ExecSyncRequest {
+                container_id: container.to_owned(),
+                cmd: cmd.iter().map(|c| c.to_string()).collect(),
+                timeout: 20,
+            })
             .await
             .unwrap()
             .into_inner();
-        // The pod's sandbox still runs on an overlay of skiff's directories.
-        let mounted = mounts_under(&snapshotter.root).len();
-        let mut during_run = 0;
-        while let Some(batch) = listed.message().await.unwrap() {
-            during_run += batch.info.len();
-        }
-        // CRI log lines: "TIME STREAM TAG TEXT".
-        let log = fs::read_to_string(containerd.logs_dir.join("app.log")).unwrap();
-        let output: String = log
-            .lines()
-            .filter_map(|l| l.splitn(4, ' ').nth(3))
-            .map(|text| format!("{text}\n"))
-            .collect();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.exit_code,
+        )
+    }
 
-        pods.remove_container(RemoveContainerRequest {
-            container_id: container,
-        })
-        .await
-        .unwrap();
-        pods.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await
-        .unwrap();
-        pods.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await
-        .unwrap();
-        for image in [&app, &pause] {
-            images
+    /// Removes the containers, the pod and the images, as the kubelet does.
+    async fn remove(&mut self, containers: &[String], sandbox: &str, images: &[&str]) {
+        for container in containers {
+            self.pods
+                .remove_container(RemoveContainerRequest {
+                    container_id: container.clone(),
+                })
+                .await
+                .unwrap();
+        }
+        self.pods
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sandbox.to_owned(),
+            })
+            .await
+            .unwrap();
+        self.pods
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sandbox.to_owned(),
+            })
+            .await
+            .unwrap();
+        for image in images {
+            self.images
                 .remove_image(RemoveImageRequest {
                     image: image_spec(image),
                 })
                 .await
                 .unwrap();
         }
-        (output, (during_run, mounted))
+    }
+}
+
+/// The snapshots skiff's snapshotter holds: (name, labels).
+async fn skiff_snapshots(
+    snapshotter: &Snapshotter,
+) -> Vec<(String, std::collections::HashMap<String, String>)> {
+    let mut skiff = SnapshotsClient::new(channel(&snapshotter.socket).await);
+    let mut listed = skiff
+        .list(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(batch) = listed.message().await.unwrap() {
+        all.extend(batch.info.into_iter().map(|i| (i.name, i.labels)));
+    }
+    all
+}
+
+/// Waits for containerd's garbage collector to remove every snapshot
+/// through skiff, then checks that no mount is left under any of `dirs`.
+fn assert_all_collected(snapshotter: &Snapshotter, dirs: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = fs::read_dir(snapshotter.root.join("snapshots"))
+            .unwrap()
+            .count();
+        let metadata =
+            fs::read_to_string(snapshotter.root.join("metadata.json")).unwrap_or_default();
+        let remote_left = metadata.contains("\"remote\"");
+        if left == 0 && !remote_left {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} snapshot directories left after containerd's GC: {metadata}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for dir in dirs {
+        assert_eq!(
+            mounts_under(dir),
+            Vec::<String>::new(),
+            "under {}",
+            dir.display()
+        );
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_behind() {
+    let dir = tempdir();
+    let registry = Registry::start();
+    let pause = push(
+        &registry,
+        &busybox_image(vec![], &["/bin/sleep", "600"]),
+        "pause:1",
+    );
+    let top = Layer::new()
+        .file("etc/motd", 0o644, "layer 1 motd\n")
+        .whiteout("data", "gone")
+        .file("data/hello", 0o644, "hello from containerd\n");
+    let app = push(&registry, &busybox_image(vec![top], &["/bin/sh"]), "app:1");
+
+    let snapshotter = Snapshotter::start(dir.path());
+    let containerd = Containerd::start(&snapshotter, registry.port, &pause);
+    let (output, during_run, mounted_during_run) = runtime().block_on(async {
+        let mut kubelet = Kubelet::connect(&containerd).await;
+        kubelet.pull(&app).await;
+        let sandbox = kubelet.run_pod().await;
+        let script = "cat /etc/motd /data/hello; test -e /data/gone || echo gone is gone; \
+                      echo written > /tmp/w; cat /tmp/w";
+        let container = kubelet.start(&sandbox, "app", &app, script).await;
+        assert_eq!(kubelet.wait_exit(&container).await, 0);
+        // Snapshots while it all exists: the layers and the rootfs came from skiff.
+        let during_run = skiff_snapshots(&snapshotter).await.len();
+        // The pod's sandbox still runs on an overlay of skiff's directories.
+        let mounted = mounts_under(&snapshotter.root).len();
+        let output = kubelet.output("app");
+        kubelet
+            .remove(&[container], &sandbox, &[&app, &pause])
+            .await;
+        (output, during_run, mounted)
     });
-    let (during_run, mounted_during_run) = during_run;
     assert!(mounted_during_run > 0, "no mount used skiff's snapshots");
     assert_eq!(
         output,
@@ -222,24 +345,192 @@ fn containerd_runs_ordinary_images_through_the_snapshotter_and_leaves_nothing_be
     );
     // app: 2 layers, pause: its 1 layer is app's first; a rootfs each.
     assert!(during_run >= 4, "{during_run} snapshots while running");
+    assert_all_collected(&snapshotter, &[&snapshotter.root, containerd.dir()]);
+    assert!(snapshotter.terminate().success());
+}
 
-    // containerd's garbage collector removes every snapshot through skiff.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = fs::read_dir(snapshotter.root.join("snapshots"))
-            .unwrap()
-            .count();
-        if left == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{left} snapshot directories left after containerd's GC: {}",
-            fs::read_to_string(snapshotter.root.join("metadata.json")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(mounts_under(&snapshotter.root), Vec::<String>::new());
-    assert_eq!(mounts_under(containerd.dir()), Vec::<String>::new());
+/// Blob digests fetched through `proxy` since `from` log lines.
+fn blobs_fetched(proxy: &RegistryProxy, from: usize) -> BTreeSet<String> {
+    proxy.stats.log.lock().unwrap()[from..]
+        .iter()
+        .filter(|line| line.starts_with("GET "))
+        .filter_map(|line| {
+            let path = line.split(' ').nth(1)?.split('?').next()?;
+            let (_, digest) = path.rsplit_once("/blobs/")?;
+            digest.starts_with("sha256:").then(|| digest.to_owned())
+        })
+        .collect()
+}
+
+/// The OCI manifest `reference` names in `repo`, straight from the registry.
+fn manifest(proxy: &RegistryProxy, repo: &str, reference: &str) -> serde_json::Value {
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{}/v2/{repo}/manifests/{reference}", proxy.url))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
+        )
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    serde_json::from_slice(&response.bytes().unwrap()).unwrap()
+}
+
+#[test]
+fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it() {
+    let dir = tempdir();
+    let registry = Registry::start();
+    let proxy = RegistryProxy::start(&format!("http://127.0.0.1:{}", registry.port));
+    let registry_host = format!("127.0.0.1:{}", proxy.port);
+    // The sandbox image is an ordinary one, through the same snapshotter.
+    let pause = push(
+        &registry,
+        &busybox_image(vec![], &["/bin/sleep", "600"]),
+        "pause:1",
+    )
+    .replace(
+        &format!(":{}/", registry.port),
+        &format!(":{}/", proxy.port),
+    );
+    let top = Layer::new()
+        .file("etc/motd", 0o644, "lazy motd\n")
+        .whiteout("data", "gone")
+        .file("data/big", 0o644, noise(3_000_000, 7));
+    let layout = dir.path().join("layout");
+    busybox_image(vec![top], &["/bin/sh"]).write_layout(&layout, "v1");
+    let store = dir.path().join("store");
+    skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}:v1", layout.display()), "lazy:1"],
+    );
+    let app = format!("{registry_host}/team/lazy:1");
+    skiff_ok(&store, &["push", "lazy:1", &format!("docker://{app}")]);
+
+    // What the tag holds: the launcher containerd pulls, and skiff's artifact.
+    let index = manifest(&proxy, "team/lazy", "1");
+    let launcher = manifest(
+        &proxy,
+        "team/lazy",
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    );
+    let artifact = manifest(
+        &proxy,
+        "team/lazy",
+        index["manifests"][1]["digest"].as_str().unwrap(),
+    );
+    let launcher_layer = launcher["layers"][0]["digest"].as_str().unwrap().to_owned();
+    // The skiff manifest, index and chunk table: what a mount reads first.
+    let metadata_blobs: BTreeSet<String> = artifact["layers"].as_array().unwrap()[..3]
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    let packs: BTreeSet<String> = artifact["layers"].as_array().unwrap()[3..]
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!packs.is_empty());
+
+    let snapshotter = Snapshotter::start(dir.path());
+    let containerd = Containerd::start(&snapshotter, proxy.port, &pause);
+    let rt = runtime();
+    let mut kubelet = rt.block_on(Kubelet::connect(&containerd));
+    let before_pull = proxy.stats.log.lock().unwrap().len();
+    rt.block_on(kubelet.pull(&app));
+    let pulled = blobs_fetched(&proxy, before_pull);
+    assert!(
+        !pulled.contains(&launcher_layer),
+        "containerd downloaded the launcher's layer: {pulled:?}\nskiff's log: {}",
+        fs::read_to_string(&snapshotter.log).unwrap_or_default()
+    );
+    let fetched_packs: Vec<&String> = pulled.intersection(&packs).collect();
+    assert!(
+        fetched_packs.is_empty(),
+        "the pull fetched pack blobs {fetched_packs:?}"
+    );
+    // Only the launcher's config (containerd) and the image's metadata (skiff).
+    let mut expected = metadata_blobs.clone();
+    expected.insert(launcher["config"]["digest"].as_str().unwrap().to_owned());
+    assert_eq!(pulled, expected);
+    let remote: Vec<_> = rt
+        .block_on(skiff_snapshots(&snapshotter))
+        .into_iter()
+        .filter(|(_, labels)| labels.contains_key("containerd.io/snapshot/remote"))
+        .collect();
+    assert_eq!(remote.len(), 1, "{remote:?}");
+    let images = snapshotter.run_dir().join("images");
+    assert_eq!(
+        mounts_under(&images).len(),
+        1,
+        "one lazy mount for the image"
+    );
+
+    // The container runs on an overlay of the lazy mount; reading fetches ranges.
+    let ranges_before = proxy.stats.range_gets.load(SeqCst);
+    let sandbox = rt.block_on(kubelet.run_pod());
+    let script = "cat /etc/motd; test -e /data/gone || echo gone is gone; \
+                  wc -c < /data/big; echo written > /tmp/w; cat /tmp/w";
+    let first = rt.block_on(kubelet.start(&sandbox, "first", &app, script));
+    assert_eq!(
+        rt.block_on(kubelet.wait_exit(&first)),
+        0,
+        "{}",
+        kubelet.output("first")
+    );
+    assert_eq!(
+        kubelet.output("first"),
+        "lazy motd\ngone is gone\n3000000\nwritten\n"
+    );
+    assert!(
+        proxy.stats.range_gets.load(SeqCst) > ranges_before,
+        "nothing was read lazily"
+    );
+
+    // A container that stays up, across a kill -9 and a SIGTERM of the snapshotter.
+    let long = rt.block_on(kubelet.start(&sandbox, "long", &app, "sleep 600"));
+    let overlays = mounts_under(&images)
+        .into_iter()
+        .filter(|m| m.contains(" - overlay "))
+        .count();
+    assert_eq!(
+        overlays,
+        1,
+        "the rootfs is not an overlay on the lazy mount: {:?}",
+        mounts_under(&images)
+    );
+    let killed = snapshotter;
+    killed.kill();
+    assert_eq!(
+        rt.block_on(kubelet.exec(&long, &["cat", "/etc/motd"])),
+        ("lazy motd\n".to_owned(), 0),
+        "the rootfs went with the snapshotter"
+    );
+    let snapshotter = Snapshotter::start(dir.path());
+    let third = rt.block_on(kubelet.start(&sandbox, "after-kill", &app, "cat /etc/motd"));
+    assert_eq!(rt.block_on(kubelet.wait_exit(&third)), 0);
+    assert_eq!(kubelet.output("after-kill"), "lazy motd\n");
+    assert!(snapshotter.terminate().success());
+    let snapshotter = Snapshotter::start(dir.path());
+    assert_eq!(
+        rt.block_on(kubelet.exec(&long, &["/bin/sh", "-c", "wc -c < /data/big"]))
+            .0,
+        "3000000\n"
+    );
+    assert_eq!(
+        mounts_under(&images)
+            .iter()
+            .filter(|m| m.contains("fuse"))
+            .count(),
+        1
+    );
+    let fourth = rt.block_on(kubelet.start(&sandbox, "after-term", &app, "cat /etc/motd"));
+    assert_eq!(rt.block_on(kubelet.wait_exit(&fourth)), 0);
+    assert_eq!(kubelet.output("after-term"), "lazy motd\n");
+
+    // Gone with the containers and the image: no snapshot, no mount.
+    rt.block_on(kubelet.remove(&[first, long, third, fourth], &sandbox, &[&app, &pause]));
+    assert_all_collected(
+        &snapshotter,
+        &[&snapshotter.root, containerd.dir(), &images],
+    );
     assert!(snapshotter.terminate().success());
 }

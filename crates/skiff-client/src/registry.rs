@@ -24,9 +24,10 @@ use skiff_format::artifact::{
 };
 use skiff_format::ChunkRef;
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, StartupProfile};
+use skiff_registry::launcher::{tag_content, LAUNCHER_LAYER_TYPE, OCI_INDEX_TYPE};
 use skiff_registry::{
-    Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry, RegistrySource,
-    RemoteImage, Sha256Digest,
+    sha256_digest, Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry,
+    RegistrySource, RemoteImage, Sha256Digest,
 };
 use skiff_source::ChunkSource;
 use skiff_store::Store;
@@ -411,7 +412,10 @@ pub fn push_to_registry(
         table_layer,
         packs,
     );
-    let digest = registry.put_manifest(tag, OCI_MANIFEST_TYPE, &oci.to_json())?;
+    let digest = publish_tag(registry, tag, &oci, &manifest, &mut |media_type, bytes| {
+        publish(registry, &mut log, &mut report, media_type, bytes)
+    })?;
+    log.save(&log_path);
     report.digest = digest.to_string();
     report.elapsed = started.elapsed();
     Ok(report)
@@ -572,5 +576,36 @@ pub fn put_profile(
         &zstd_compress(&table.encode(&image_index.distinct_chunks())?),
     )?;
     oci.layers[0] = upload(MANIFEST_LAYER_TYPE, &manifest.to_json())?;
-    Ok(registry.put_manifest(&tag, OCI_MANIFEST_TYPE, &oci.to_json())?)
+    publish_tag(registry, &tag, &oci, &manifest, &mut |media_type, bytes| {
+        upload(media_type, bytes)
+    })
+}
+
+/// Uploads a blob (if the repository lacks it) and describes it.
+type Upload<'a> = dyn FnMut(&str, &[u8]) -> Result<Descriptor, ClientError> + 'a;
+
+/// Puts the skiff image `artifact` (whose skiff manifest is `manifest`) at
+/// `tag` as skiff_registry::launcher says: the launcher's blobs through
+/// `upload`, the artifact and the launcher by digest, then the index at
+/// the tag, so a reader never finds a tag whose parts are missing.
+/// Returns the index's digest.
+fn publish_tag(
+    registry: &Registry,
+    tag: &str,
+    artifact: &OciManifest,
+    manifest: &ImageManifest,
+    upload: &mut Upload,
+) -> Result<Sha256Digest, ClientError> {
+    let content = tag_content(
+        artifact,
+        manifest.config.get().as_bytes(),
+        &manifest.index.digest,
+    )?;
+    upload(LAUNCHER_LAYER_TYPE, &content.launcher_layer)?;
+    upload(OCI_CONFIG_TYPE, &content.launcher_config)?;
+    for oci in [artifact, &content.launcher] {
+        let json = oci.to_json();
+        registry.put_manifest(&sha256_digest(&json).to_string(), OCI_MANIFEST_TYPE, &json)?;
+    }
+    Ok(registry.put_manifest(tag, OCI_INDEX_TYPE, &content.index.to_json())?)
 }

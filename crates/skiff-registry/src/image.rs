@@ -14,6 +14,7 @@ use skiff_format::{ImageIndex, ImageManifest, IndexDigest};
 
 use crate::client::Registry;
 use crate::digest::Sha256Digest;
+use crate::launcher::{OciIndex, OCI_INDEX_TYPE};
 use crate::RegistryError;
 
 /// The skiff manifest holds the config and a profile of at most 100k ranges.
@@ -182,24 +183,44 @@ fn unzstd(bytes: &[u8], limit: u64, what: &str) -> Result<Vec<u8>, RegistryError
 }
 
 impl RemoteImage {
-    /// The OCI manifest at `reference` (a tag or digest) of `registry`'s repository.
+    /// The skiff artifact at `reference` (a tag or digest) of `registry`'s
+    /// repository: the manifest there, or the one its image index lists as
+    /// skiff's (what a push puts at a tag, crate::launcher), with its digest.
     pub fn manifest_at(
         registry: &Registry,
         reference: &str,
     ) -> Result<(OciManifest, Sha256Digest), RegistryError> {
-        let (bytes, _, digest) = registry
-            .manifest(reference, &[OCI_MANIFEST_TYPE])?
-            .ok_or_else(|| RegistryError::Status {
-                url: registry.reference().with_reference(reference).to_string(),
-                status: 404,
-                hint: " (no such repository or tag)",
-                message: String::new(),
+        let (bytes, media_type, digest) = Self::get_manifest(registry, reference)?;
+        let (bytes, digest) = if media_type == OCI_INDEX_TYPE {
+            let index: OciIndex = serde_json::from_slice(&bytes)
+                .map_err(|e| not_skiff(registry, format!("its image index does not parse: {e}")))?;
+            let entry = index.artifact().ok_or_else(|| {
+                not_skiff(registry, "it is an image index that lists no skiff image")
             })?;
+            let (bytes, _, digest) = Self::get_manifest(registry, &entry.digest.to_string())?;
+            (bytes, digest)
+        } else {
+            (bytes, digest)
+        };
         let oci: OciManifest = serde_json::from_slice(&bytes)
             .map_err(|e| not_skiff(registry, format!("its manifest does not parse: {e}")))?;
         oci.check_skiff()
             .map_err(|reason| not_skiff(registry, reason))?;
         Ok((oci, digest))
+    }
+
+    fn get_manifest(
+        registry: &Registry,
+        reference: &str,
+    ) -> Result<(Vec<u8>, String, Sha256Digest), RegistryError> {
+        registry
+            .manifest(reference, &[OCI_MANIFEST_TYPE, OCI_INDEX_TYPE])?
+            .ok_or_else(|| RegistryError::Status {
+                url: registry.reference().with_reference(reference).to_string(),
+                status: 404,
+                hint: " (no such repository or tag)",
+                message: String::new(),
+            })
     }
 
     /// Reads and checks the image at `registry`'s reference: the manifest,

@@ -7,6 +7,8 @@
 //!   that never carry credentials elsewhere, and bounded retries.
 //! - [`OciManifest`] / [`RemoteImage`]: a skiff image as an OCI artifact
 //!   (docs/FORMAT.md, "In an OCI registry"), read and checked whole.
+//! - [`launcher`]: what a tag holds, so containerd pulls a skiff image
+//!   like any other and skiff's snapshotter mounts it lazily.
 //! - [`RegistrySource`]: the image's chunks by ranged reads of its pack
 //!   blobs, as a [`skiff_source::ChunkSource`].
 
@@ -15,6 +17,7 @@ mod client;
 mod digest;
 mod error;
 mod image;
+pub mod launcher;
 mod reference;
 mod source;
 

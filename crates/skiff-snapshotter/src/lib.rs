@@ -1,9 +1,11 @@
 //! skiff as a containerd snapshotter: containerd's snapshots gRPC API on a
 //! unix socket (a `proxy_plugins` entry of type "snapshot"), with
-//! overlayfs semantics for ordinary layers.
+//! overlayfs semantics for ordinary layers, and skiff images' layers as
+//! remote snapshots: lazy mounts of the image, nothing downloaded.
 
 mod error;
 pub mod metadata;
+pub mod remote;
 mod service;
 mod snapshotter;
 
@@ -12,7 +14,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use skiff_agent::{MountSettings, RunDir, SharedMounts};
+
 pub use error::SnapshotError;
+pub use remote::LazyMounts;
 pub use service::SnapshotService;
 pub use snapshotter::{Info, Snapshotter};
 
@@ -43,11 +48,14 @@ pub const DEFAULT_ROOT: &str = "/var/lib/skiff/snapshotter";
 /// How long calls in flight may take to finish once asked to stop.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Where a snapshotter listens and keeps its snapshots.
+/// Where a snapshotter listens and keeps its snapshots, and how it mounts skiff images.
 #[derive(Clone, Debug)]
 pub struct SnapshotterConfig {
     pub address: PathBuf,
     pub root: PathBuf,
+    /// The host agent's run directory, shared with `skiff run` and `skiff mount`.
+    pub run_dir: PathBuf,
+    pub settings: MountSettings,
 }
 
 /// Serves the snapshots API until `shutdown` completes.
@@ -55,7 +63,11 @@ pub async fn serve(
     config: &SnapshotterConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SnapshotError> {
-    let snapshotter = Arc::new(Snapshotter::open(&config.root)?);
+    let lazy = LazyMounts {
+        shared: SharedMounts::new(RunDir::new(&config.run_dir)),
+        settings: config.settings.clone(),
+    };
+    let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(lazy))?);
     if let Some(dir) = config.address.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use skiff_agent::{ImageArg, Lease};
 
 use crate::error::{Result, SnapshotError};
 
@@ -47,6 +48,18 @@ pub struct Snapshot {
     /// Measured when committed.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// A layer of a skiff image: its files are this lazy mount, not a directory here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteLayer>,
+}
+
+/// A committed snapshot that is a lazy mount of a skiff image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemoteLayer {
+    /// The image, `docker://HOST/REPO@sha256:…` (its artifact).
+    pub image: ImageArg,
+    /// The snapshot's hold on the mount.
+    pub lease: Lease,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -218,6 +231,7 @@ impl Metadata {
             created: now,
             updated: now,
             usage: None,
+            remote: None,
         };
         let recorded = self.change(|saved| {
             saved.next_id = id;
@@ -229,6 +243,57 @@ impl Metadata {
             return Err(e);
         }
         Ok(snapshot)
+    }
+
+    /// Records the committed snapshot `name` on `parent` whose files are `remote`'s mount.
+    pub fn create_remote(
+        &mut self,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        remote: RemoteLayer,
+    ) -> Result<Snapshot> {
+        if self.saved.snapshots.contains_key(name) {
+            return Err(SnapshotError::AlreadyExists(name.to_owned()));
+        }
+        if !parent.is_empty() && self.get(parent)?.kind != Kind::Committed {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "parent {parent} is not a committed snapshot"
+            )));
+        }
+        let id = self.saved.next_id + 1;
+        let now = SystemTime::now();
+        let snapshot = Snapshot {
+            id,
+            kind: Kind::Committed,
+            parent: parent.to_owned(),
+            labels,
+            created: now,
+            updated: now,
+            // Nothing of it is on this disk.
+            usage: Some(Usage::default()),
+            remote: Some(remote),
+        };
+        self.change(|saved| {
+            saved.next_id = id;
+            saved.snapshots.insert(name.to_owned(), snapshot.clone());
+            Ok(snapshot)
+        })
+    }
+
+    /// Replaces the lease of the remote snapshot `name` (its mount was made again).
+    pub fn set_lease(&mut self, name: &str, lease: Lease) -> Result<()> {
+        let mut snapshot = self.get(name)?.clone();
+        let Some(remote) = snapshot.remote.as_mut() else {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "{name} is not a remote snapshot"
+            )));
+        };
+        remote.lease = lease;
+        self.change(|saved| {
+            saved.snapshots.insert(name.to_owned(), snapshot);
+            Ok(())
+        })
     }
 
     /// Turns the active snapshot `key` into the committed `name`.

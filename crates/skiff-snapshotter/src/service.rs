@@ -76,7 +76,7 @@ impl Snapshots for SnapshotService {
         let r = request.into_inner();
         tracing::debug!("prepare {} on {:?}", r.key, r.parent);
         let mounts = self
-            .blocking(move |s| s.create(Kind::Active, &r.key, &r.parent, labels(r.labels)))
+            .blocking(move |s| s.prepare(&r.key, &r.parent, labels(r.labels)))
             .await?;
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }

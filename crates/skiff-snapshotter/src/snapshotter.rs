@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use crate::api::types::Mount;
 use crate::error::{Result, SnapshotError};
-use crate::metadata::{Kind, Metadata, Snapshot, Usage};
+use crate::metadata::{Kind, Metadata, RemoteLayer, Snapshot, Usage};
+use crate::remote::{is_live, LazyMounts, SkiffLayer, REMOTE_LABEL};
 
 /// A snapshot as containerd sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,12 +21,18 @@ pub struct Info {
 
 pub struct Snapshotter {
     metadata: Mutex<Metadata>,
+    /// Without it, skiff images' layers are unpacked as any others.
+    lazy: Option<LazyMounts>,
+    /// Held while a remote snapshot is made: two pulls of one image make one.
+    remote_lock: Mutex<()>,
 }
 
 impl Snapshotter {
-    pub fn open(root: &Path) -> Result<Snapshotter> {
+    pub fn open(root: &Path, lazy: Option<LazyMounts>) -> Result<Snapshotter> {
         Ok(Snapshotter {
             metadata: Mutex::new(Metadata::open(root)?),
+            lazy,
+            remote_lock: Mutex::new(()),
         })
     }
 
@@ -45,12 +52,113 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         let mut metadata = self.metadata();
+        self.ensure_remote_mount(&mut metadata, parent)?;
         metadata.create(kind, key, parent, labels)?;
         mounts_of(&metadata, key)
     }
 
+    /// An active snapshot for `key`, or, for the layer of a skiff image
+    /// being unpacked, its committed remote snapshot, answered
+    /// `AlreadyExists` so containerd fetches nothing.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if let Some(layer) = SkiffLayer::from_labels(&labels)? {
+            if let Some(lazy) = &self.lazy {
+                self.commit_remote(lazy, &layer, parent, labels)?;
+                return Err(SnapshotError::AlreadyExists(layer.target));
+            }
+            tracing::warn!(
+                "{} is a skiff image: unpacking its launcher, as lazy mounts are off",
+                layer.image
+            );
+        }
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    fn commit_remote(
+        &self,
+        lazy: &LazyMounts,
+        layer: &SkiffLayer,
+        parent: &str,
+        mut labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        let _one_at_a_time = self
+            .remote_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.metadata().get(&layer.target).is_ok() {
+            return Ok(());
+        }
+        tracing::info!("mounting {} lazily for {}", layer.image, layer.target);
+        let lease = lazy.mount(&layer.image, &layer.target)?;
+        labels.insert(REMOTE_LABEL.to_owned(), "remote snapshot".to_owned());
+        let remote = RemoteLayer {
+            image: layer.image.clone(),
+            lease: lease.clone(),
+        };
+        if let Err(e) = self
+            .metadata()
+            .create_remote(&layer.target, parent, labels, remote)
+        {
+            lazy.release(&lease);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        mounts_of(&self.metadata(), key)
+        let mut metadata = self.metadata();
+        let parent = metadata.get(key)?.parent.clone();
+        self.ensure_remote_mount(&mut metadata, &parent)?;
+        mounts_of(&metadata, key)
+    }
+
+    /// Mounts again the lazy mount that the snapshot `name` or the nearest
+    /// of its parents stands on, if it is gone (the host restarted,
+    /// someone ran `skiff umount`), so a new container never lands on an
+    /// empty directory; refuses if it cannot be.
+    fn ensure_remote_mount(&self, metadata: &mut Metadata, name: &str) -> Result<()> {
+        let chain_len = metadata.all().count();
+        let mut name = name.to_owned();
+        for _ in 0..=chain_len {
+            if name.is_empty() {
+                return Ok(());
+            }
+            let snapshot = metadata.get(&name)?;
+            let Some(remote) = snapshot.remote.clone() else {
+                name = snapshot.parent.clone();
+                continue;
+            };
+            if is_live(&remote.lease) {
+                return Ok(());
+            }
+            let refused = |why: String| {
+                SnapshotError::FailedPrecondition(format!(
+                    "snapshot {name} is a lazy mount of {}, which is gone and {why}",
+                    remote.image
+                ))
+            };
+            let lazy = self
+                .lazy
+                .as_ref()
+                .ok_or_else(|| refused("lazy mounts are off".into()))?;
+            tracing::warn!(
+                "the lazy mount of {} for {name} is gone; mounting it again",
+                remote.image
+            );
+            lazy.release(&remote.lease);
+            let lease = lazy
+                .mount(&remote.image, &name)
+                .map_err(|e| refused(format!("cannot be made again: {e}")))?;
+            return metadata.set_lease(&name, lease);
+        }
+        Err(SnapshotError::Corrupt(format!(
+            "{name}'s parents form a loop"
+        )))
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
@@ -76,7 +184,14 @@ impl Snapshotter {
             let dir = metadata.dir(snapshot.id);
             (snapshot, dir)
         };
-        remove_dir(&dir);
+        match (&snapshot.remote, &self.lazy) {
+            (Some(remote), Some(lazy)) => lazy.release(&remote.lease),
+            (Some(remote), None) => tracing::warn!(
+                "{key} held a lazy mount at {}; with lazy mounts off, it stays",
+                remote.lease.mountpoint.display()
+            ),
+            (None, _) => remove_dir(&dir),
+        }
         tracing::debug!("removed snapshot {key} ({})", snapshot.id);
         Ok(())
     }
@@ -152,11 +267,16 @@ fn mounts_of(metadata: &Metadata, key: &str) -> Result<Vec<Mount>> {
             "{key} is committed: only active and view snapshots have mounts"
         )));
     }
-    let lowers: Vec<PathBuf> = metadata
-        .parents(key)?
-        .iter()
-        .map(|parent| metadata.fs_dir(parent.id))
-        .collect();
+    // A remote snapshot is the image's whole tree: what is under it is not
+    // part of this one.
+    let mut lowers: Vec<PathBuf> = Vec::new();
+    for parent in metadata.parents(key)? {
+        if let Some(remote) = &parent.remote {
+            lowers.push(remote.lease.mountpoint.clone());
+            break;
+        }
+        lowers.push(metadata.fs_dir(parent.id));
+    }
     let access = if snapshot.kind == Kind::View {
         "ro"
     } else {
@@ -225,7 +345,7 @@ mod tests {
     #[test]
     fn mounts_stack_parents_nearest_first_under_the_upper_dir() {
         let root = tempfile::tempdir().unwrap();
-        let s = Snapshotter::open(root.path()).unwrap();
+        let s = Snapshotter::open(root.path(), None).unwrap();
         let none = BTreeMap::new;
         let base = s.create(Kind::Active, "k1", "", none()).unwrap();
         assert_eq!(base[0].r#type, "bind");

@@ -184,7 +184,9 @@ enum Command {
     /// Serve containerd's snapshots API on a unix socket (a remote snapshotter)
     #[command(
         after_help = "Ordinary layers get overlayfs semantics, as with containerd's own \
-        overlayfs snapshotter. In containerd's config.toml:\n\n  \
+        overlayfs snapshotter. A skiff image pushed to a registry (`skiff push`) is not \
+        downloaded: its layer becomes a lazy mount of the image through the host's chunk \
+        cache, shared with `skiff run` and `skiff mount`. In containerd's config.toml:\n\n  \
         [proxy_plugins.skiff]\n    type = \"snapshot\"\n    address = \"/run/skiff/snapshotter.sock\"\n\n\
         and for CRI: snapshotter = \"skiff\", disable_snapshot_annotations = false. \
         SIGINT or SIGTERM stops it; snapshots stay on disk for the next start."
@@ -196,6 +198,12 @@ enum Command {
         /// Where snapshots and their metadata live (local disk)
         #[arg(long, default_value = skiff_snapshotter::DEFAULT_ROOT, value_name = "DIR")]
         root: PathBuf,
+        /// Mount daemons' records and the shared mounts (as for `skiff run`)
+        #[arg(long, env = "SKIFF_RUN_DIR", default_value = skiff_agent::DEFAULT_RUN_DIR, value_name = "DIR")]
+        run_dir: PathBuf,
+        /// How skiff images are mounted
+        #[command(flatten)]
+        mount: mount::MountFlags,
     },
     /// Serve one lazy mount; `skiff mount` and `skiff run` start it with the mount's spec on stdin
     #[command(hide = true)]
@@ -489,7 +497,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rm(args) => run::rm(args)?,
         Command::Umount(args) => mount::umount(args)?,
         Command::MountDaemon { run_dir } => mount::daemon(&run_dir)?,
-        Command::Snapshotter { address, root } => snapshotter(address, root)?,
+        Command::Snapshotter {
+            address,
+            root,
+            run_dir,
+            mount,
+        } => snapshotter(skiff_snapshotter::SnapshotterConfig {
+            address,
+            root,
+            run_dir,
+            settings: mount.settings(),
+        })?,
         Command::Status { at, json } => mount::status(at, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
@@ -775,8 +793,7 @@ fn serve(store_dir: &Path, listen: &str, tokens: Tokens, cache_mb: u64) -> Resul
     Ok(())
 }
 
-fn snapshotter(address: PathBuf, root: PathBuf) -> Result<()> {
-    let config = skiff_snapshotter::SnapshotterConfig { address, root };
+fn snapshotter(config: skiff_snapshotter::SnapshotterConfig) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
