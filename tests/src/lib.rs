@@ -1333,3 +1333,48 @@ pub fn is_mount_point(path: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(path))
 }
+
+/// The manifest `reference` names in `repo` of the registry at `base_url`
+/// (`http://HOST`), image index or image manifest, as the registry has it.
+pub fn oci_manifest(
+    base_url: &str,
+    repo: &str,
+    reference: &str,
+    basic_auth: Option<(&str, &str)>,
+) -> Value {
+    let mut request = reqwest::blocking::Client::new()
+        .get(format!("{base_url}/v2/{repo}/manifests/{reference}"))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
+        );
+    if let Some((user, password)) = basic_auth {
+        request = request.basic_auth(user, Some(password));
+    }
+    let response = request.send().unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    serde_json::from_slice(&response.bytes().unwrap()).unwrap()
+}
+
+/// The skiff artifact's OCI manifest at `repo:tag`, whose index lists it
+/// beside its launcher (docs/FORMAT.md, "What the tag holds").
+pub fn skiff_artifact_manifest(
+    base_url: &str,
+    repo: &str,
+    tag: &str,
+    basic_auth: Option<(&str, &str)>,
+) -> Value {
+    let index = oci_manifest(base_url, repo, tag, basic_auth);
+    let artifact = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["artifactType"] == "application/vnd.skiff.image.v1")
+        .unwrap_or_else(|| panic!("{repo}:{tag} lists no skiff artifact: {index}"));
+    oci_manifest(
+        base_url,
+        repo,
+        artifact["digest"].as_str().unwrap(),
+        basic_auth,
+    )
+}

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 use skiff_snapshotter::api::snapshots::snapshots_client::SnapshotsClient;
-use skiff_snapshotter::api::snapshots::ListSnapshotsRequest;
+use skiff_snapshotter::api::snapshots::{ListSnapshotsRequest, PrepareSnapshotRequest};
 use skiff_tests::cri::v1::image_service_client::ImageServiceClient;
 use skiff_tests::cri::v1::runtime_service_client::RuntimeServiceClient;
 use skiff_tests::cri::v1::{
@@ -362,20 +363,6 @@ fn blobs_fetched(proxy: &RegistryProxy, from: usize) -> BTreeSet<String> {
         .collect()
 }
 
-/// The OCI manifest `reference` names in `repo`, straight from the registry.
-fn manifest(proxy: &RegistryProxy, repo: &str, reference: &str) -> serde_json::Value {
-    let response = reqwest::blocking::Client::new()
-        .get(format!("{}/v2/{repo}/manifests/{reference}", proxy.url))
-        .header(
-            "Accept",
-            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
-        )
-        .send()
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
-    serde_json::from_slice(&response.bytes().unwrap()).unwrap()
-}
-
 #[test]
 fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it() {
     let dir = tempdir();
@@ -407,17 +394,14 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
     skiff_ok(&store, &["push", "lazy:1", &format!("docker://{app}")]);
 
     // What the tag holds: the launcher containerd pulls, and skiff's artifact.
-    let index = manifest(&proxy, "team/lazy", "1");
-    let launcher = manifest(
-        &proxy,
+    let index = oci_manifest(&proxy.url, "team/lazy", "1", None);
+    let launcher = oci_manifest(
+        &proxy.url,
         "team/lazy",
         index["manifests"][0]["digest"].as_str().unwrap(),
+        None,
     );
-    let artifact = manifest(
-        &proxy,
-        "team/lazy",
-        index["manifests"][1]["digest"].as_str().unwrap(),
-    );
+    let artifact = skiff_artifact_manifest(&proxy.url, "team/lazy", "1", None);
     let launcher_layer = launcher["layers"][0]["digest"].as_str().unwrap().to_owned();
     // The skiff manifest, index and chunk table: what a mount reads first.
     let metadata_blobs: BTreeSet<String> = artifact["layers"].as_array().unwrap()[..3]
@@ -463,6 +447,36 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
         1,
         "one lazy mount for the image"
     );
+    // Its setuid binaries and device nodes are out of other users' reach.
+    let mode = fs::metadata(&images).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // A launcher naming this artifact under another chain id, or on a
+    // parent, would stand for another image on the host: refused.
+    let (chain, labels) = remote[0].clone();
+    let forged = |target: &str, parent: &str| {
+        let mut labels = labels.clone();
+        labels.insert("containerd.io/snapshot.ref".into(), target.into());
+        PrepareSnapshotRequest {
+            snapshotter: String::new(),
+            key: format!("extract-forged {target}"),
+            parent: parent.into(),
+            labels,
+        }
+    };
+    let other_chain = format!("sha256:{}", "ab".repeat(32));
+    for (request, code) in [
+        (forged(&other_chain, ""), tonic::Code::InvalidArgument),
+        (forged(&other_chain, &chain), tonic::Code::InvalidArgument),
+        // The real chain id is there: nothing to do.
+        (forged(&chain, ""), tonic::Code::AlreadyExists),
+    ] {
+        let refused = rt.block_on(async {
+            let mut skiff = SnapshotsClient::new(channel(&snapshotter.socket).await);
+            skiff.prepare(request).await.unwrap_err()
+        });
+        assert_eq!(refused.code(), code, "{refused}");
+    }
+    assert_eq!(rt.block_on(skiff_snapshots(&snapshotter)).len(), 1);
 
     // The container runs on an overlay of the lazy mount; reading fetches ranges.
     let ranges_before = proxy.stats.range_gets.load(SeqCst);

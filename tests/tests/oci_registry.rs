@@ -585,30 +585,8 @@ fn convert_publishes_straight_to_a_registry() {
     assert!(!out.status.success());
 }
 
-/// The skiff artifact's OCI manifest at REPO:TAG (which holds an index
-/// of it and its launcher), read from the registry with the test's credentials.
 fn registry_manifest(setup: &Setup, repo: &str, tag: &str) -> Value {
-    let get = |reference: &str| -> Value {
-        let response = reqwest::blocking::Client::new()
-            .get(format!("{}/v2/{repo}/manifests/{reference}", setup.proxy.url))
-            .header(
-                "Accept",
-                "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
-            )
-            .basic_auth(USER, Some(PASSWORD))
-            .send()
-            .unwrap();
-        assert!(response.status().is_success(), "{}", response.status());
-        serde_json::from_slice(&response.bytes().unwrap()).unwrap()
-    };
-    let index = get(tag);
-    let artifact = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["artifactType"] == "application/vnd.skiff.image.v1")
-        .unwrap();
-    get(artifact["digest"].as_str().unwrap())
+    skiff_artifact_manifest(&setup.proxy.url, repo, tag, Some((USER, PASSWORD)))
 }
 
 fn count_files(dir: &Path) -> usize {

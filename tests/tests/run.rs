@@ -715,13 +715,12 @@ fn a_container_runs_from_a_registry_and_its_profile_is_stored_there() {
     let out = skiff(&["push", "app:1", &image]);
     assert!(out.status.success(), "{}", text(&out).1);
     let layers = || {
-        let response = reqwest::blocking::Client::new()
-            .get(format!("http://{host}/v2/apps/app/manifests/1"))
-            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-            .basic_auth("runner", Some("pw"))
-            .send()
-            .unwrap();
-        let manifest: Value = serde_json::from_slice(&response.bytes().unwrap()).unwrap();
+        let manifest = skiff_artifact_manifest(
+            &format!("http://{host}"),
+            "apps/app",
+            "1",
+            Some(("runner", "pw")),
+        );
         manifest["layers"].as_array().unwrap().len()
     };
     let before = layers();

@@ -7,6 +7,18 @@ use skiff_client::process_is_running;
 
 use crate::error::{AgentError, IoContext, Result};
 
+/// Makes `dir` (and missing parents) and leaves it root's alone (0700):
+/// image trees below it hold setuid binaries and device nodes that no
+/// other user may reach, as containerd and docker keep theirs.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// The mount point as an absolute path with its parent's symlinks resolved,
 /// without touching the mount point itself (a dead mount fails every stat).
 pub fn mountpoint_path(path: &Path) -> Result<PathBuf> {

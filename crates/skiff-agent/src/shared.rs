@@ -8,8 +8,10 @@
 //! ```
 //! A lease bound to a process (a container's `skiff run`) ends with that
 //! process; one without (for a holder that outlives processes, such as the
-//! snapshotter's remote snapshots, to come) lasts until it is released. A mount the
+//! snapshotter's remote snapshots) lasts until it is released. A mount the
 //! agent made goes when its last lease does; one `skiff mount` made stays.
+//! `RUN_DIR/images` is root's alone (0700): the mounts honour setuid bits
+//! and device nodes, as a root file system must.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -163,8 +165,12 @@ impl SharedMounts {
                     None => self.mountpoint_for(&request.image, &request.origin),
                 };
                 if let Some(parent) = mountpoint.parent() {
-                    std::fs::create_dir_all(parent)
-                        .io_context(|| format!("creating {}", parent.display()))?;
+                    let made = if request.recording_at.is_some() {
+                        std::fs::create_dir_all(parent)
+                    } else {
+                        crate::host::create_private_dir(parent)
+                    };
+                    made.io_context(|| format!("creating {}", parent.display()))?;
                 }
                 let spec = MountSpec {
                     image: request.image.clone(),

@@ -88,6 +88,17 @@ pub(crate) fn resolve_registry(
     if is_index(&MediaType::from(media_type.as_str())) {
         let index: OciIndex =
             serde_json::from_slice(&bytes).map_err(|e| malformed("image index", e))?;
+        // Its platform entry is a launcher of one stub layer, not the image.
+        if index.manifests().iter().any(|m| {
+            m.artifact_type().as_ref().map(|t| t.to_string()).as_deref()
+                == Some(skiff_format::artifact::ARTIFACT_TYPE)
+        }) {
+            return Err(OciError::Registry {
+                url: client.reference().to_string(),
+                reason: "this is a skiff image already: mount, run or pull it (`skiff pull`)"
+                    .into(),
+            });
+        }
         let chosen = pick_platform(&index, platform)?;
         (bytes, media_type, digest) = fetch(chosen.digest().as_ref(), "image manifest")?;
         if is_index(&MediaType::from(media_type.as_str())) {

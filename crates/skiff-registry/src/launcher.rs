@@ -12,17 +12,21 @@
 //!   readers take.
 //!
 //! The launcher's layer holds the index digest, so its diff_id (and so
-//! containerd's chain id, the snapshot's name) is the image's content:
-//! images with the same files share a snapshot, different ones never do.
+//! containerd's chain id, the snapshot's name) follows from the image's
+//! content: images with the same files share a snapshot. A launcher could
+//! name any artifact, so the snapshotter checks that the chain id is the
+//! one the artifact's index gives ([`launcher_diff_id`]) before it mounts
+//! the artifact under that name.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use skiff_format::artifact::{ARTIFACT_TYPE, OCI_CONFIG_TYPE, OCI_MANIFEST_TYPE};
-use skiff_format::IndexDigest;
+use skiff_format::{ImageManifest, IndexDigest};
 
+use crate::client::Registry;
 use crate::digest::Sha256Digest;
-use crate::image::{Descriptor, OciManifest};
+use crate::image::{Descriptor, OciManifest, RemoteImage, MAX_SKIFF_MANIFEST_BYTES};
 use crate::RegistryError;
 
 /// The media type of an OCI image index.
@@ -190,6 +194,20 @@ fn host_architecture() -> &'static str {
         "x86" => "386",
         other => other,
     }
+}
+
+/// The diff_id of the launcher layer of the image whose index is
+/// `index_digest`, and so containerd's chain id for its one snapshot.
+pub fn launcher_diff_id(index_digest: &IndexDigest) -> Result<Sha256Digest, RegistryError> {
+    Ok(crate::sha256_digest(&launcher_layer(index_digest)?))
+}
+
+/// The index digest of the skiff image at `registry`'s reference, as its
+/// skiff manifest says (what a mount of it checks the index against).
+pub fn index_digest_at(registry: &Registry) -> Result<IndexDigest, RegistryError> {
+    let (oci, _) = RemoteImage::manifest_at(registry, &registry.reference().reference)?;
+    let bytes = registry.blob(&oci.layers[0].digest, MAX_SKIFF_MANIFEST_BYTES)?;
+    Ok(ImageManifest::from_json(&bytes)?.index.digest)
 }
 
 /// A tar of one file that names the image: the same bytes for the same index.

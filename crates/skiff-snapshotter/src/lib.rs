@@ -63,10 +63,11 @@ pub async fn serve(
     config: &SnapshotterConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SnapshotError> {
-    let lazy = LazyMounts {
-        shared: SharedMounts::new(RunDir::new(&config.run_dir)),
-        settings: config.settings.clone(),
-    };
+    let lazy = LazyMounts::new(
+        SharedMounts::new(RunDir::new(&config.run_dir)),
+        config.settings.clone(),
+        &config.root,
+    );
     let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(lazy))?);
     if let Some(dir) = config.address.parent() {
         std::fs::create_dir_all(dir)

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -82,13 +81,7 @@ impl Metadata {
         // Layers hold setuid binaries and device nodes: no other user may
         // reach them, as with containerd's own snapshotters.
         for dir in [root.to_owned(), root.join("snapshots")] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .and_then(|()| {
-                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                })
+            skiff_agent::host::create_private_dir(&dir)
                 .map_err(|e| SnapshotError::io(format!("creating {}", dir.display()), e))?;
         }
         let lock_path = root.join(".lock");
@@ -387,6 +380,8 @@ impl Metadata {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -8,25 +8,73 @@ use std::path::Path;
 
 use skiff_agent::host::{is_dead_mount, mounted_here, MountedHere};
 use skiff_agent::{ImageArg, Lease, MountRequest, MountSettings, Origin, SharedMounts};
-use skiff_registry::launcher::ARTIFACT_LABEL;
-use skiff_registry::{RegistryRef, Sha256Digest, DOCKER_HUB};
+use skiff_registry::launcher::{index_digest_at, launcher_diff_id, ARTIFACT_LABEL};
+use skiff_registry::{Registry, RegistryRef, Sha256Digest, DOCKER_HUB};
 
 use crate::error::{Result, SnapshotError};
 
 /// The committed snapshot an unpack's Prepare is for (its chain id).
 pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
-/// The image being pulled, as CRI (and nerdctl) name it: `HOST/REPO:TAG`.
+/// The image being pulled, as CRI names it: `HOST/REPO:TAG`.
 pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 /// Marks a snapshot whose files were not unpacked here, as stargz does.
 pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
 /// The host's lazy mounts, as the snapshotter takes them.
 pub struct LazyMounts {
-    pub shared: SharedMounts,
-    pub settings: MountSettings,
+    shared: SharedMounts,
+    settings: MountSettings,
+    /// Tells this snapshotter's leases from another's on the same run dir.
+    owner: String,
 }
 
 impl LazyMounts {
+    /// The lazy mounts of the snapshotter whose root is `root`.
+    pub fn new(shared: SharedMounts, settings: MountSettings, root: &Path) -> LazyMounts {
+        LazyMounts {
+            shared,
+            settings,
+            owner: skiff_agent::host::file_key(
+                std::path::absolute(root)
+                    .unwrap_or_else(|_| root.to_owned())
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            ),
+        }
+    }
+
+    /// Who the lease of this snapshotter's snapshot `name` says holds its mount.
+    fn holder(&self, name: &str) -> String {
+        format!("snapshot:{}:{name}", self.owner)
+    }
+
+    /// Refuses a layer whose chain id is not the one its artifact's index
+    /// gives: a launcher may name any artifact, and the snapshot would
+    /// stand for every image of that chain id on the host.
+    pub fn check(&self, layer: &SkiffLayer) -> Result<()> {
+        let ImageArg::Registry(reference) = &layer.image else {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "{} is not in a registry",
+                layer.image
+            )));
+        };
+        let registry = Registry::new(reference)
+            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?
+            .with_retry_window(self.settings.retry_window());
+        let reading = |e: skiff_registry::RegistryError| {
+            SnapshotError::FailedPrecondition(format!("reading {}: {e}", layer.image))
+        };
+        let index = index_digest_at(&registry).map_err(reading)?;
+        let expected = launcher_diff_id(&index).map_err(reading)?;
+        if expected.to_string() != layer.target {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "the layer names {}, whose chain id is {expected}, not {}: refused",
+                layer.image, layer.target
+            )));
+        }
+        Ok(())
+    }
+
     /// A lease on a mount of `image` for the snapshot `name`.
     pub fn mount(&self, image: &ImageArg, name: &str) -> Result<Lease> {
         let request = MountRequest {
@@ -36,7 +84,7 @@ impl LazyMounts {
             settings: self.settings.clone(),
             recording_at: None,
         };
-        Ok(self.shared.acquire(&request, &holder(name), None)?)
+        Ok(self.shared.acquire(&request, &self.holder(name), None)?)
     }
 
     pub fn release(&self, lease: &Lease) {
@@ -44,11 +92,6 @@ impl LazyMounts {
             tracing::warn!("letting go of {}: {e}", lease.mountpoint.display());
         }
     }
-}
-
-/// Who a remote snapshot's lease says holds the mount.
-pub fn holder(name: &str) -> String {
-    format!("snapshot:{name}")
 }
 
 /// Whether `lease`'s mount is there and its daemon answers.
@@ -82,7 +125,7 @@ impl SkiffLayer {
         let image_ref = labels.get(IMAGE_REF_LABEL).ok_or_else(|| {
             SnapshotError::FailedPrecondition(format!(
                 "this is a skiff image's layer, but the pull did not say which image \
-                 ({IMAGE_REF_LABEL}): pull it through CRI (the kubelet, crictl) or nerdctl, \
+                 ({IMAGE_REF_LABEL}): pull it through CRI (the kubelet, crictl), \
                  with CRI's disable_snapshot_annotations = false"
             ))
         })?;

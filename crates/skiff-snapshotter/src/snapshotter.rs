@@ -51,8 +51,8 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.ensure_remote_mount(parent)?;
         let mut metadata = self.metadata();
-        self.ensure_remote_mount(&mut metadata, parent)?;
         metadata.create(kind, key, parent, labels)?;
         mounts_of(&metadata, key)
     }
@@ -86,13 +86,17 @@ impl Snapshotter {
         parent: &str,
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
-        let _one_at_a_time = self
-            .remote_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one_at_a_time = self.remote_lock();
         if self.metadata().get(&layer.target).is_ok() {
             return Ok(());
         }
+        if !parent.is_empty() {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "{} is a whole image: its layer has no parent, and {parent} was given",
+                layer.image
+            )));
+        }
+        lazy.check(layer)?;
         tracing::info!("mounting {} lazily for {}", layer.image, layer.target);
         let lease = lazy.mount(&layer.image, &layer.target)?;
         labels.insert(REMOTE_LABEL.to_owned(), "remote snapshot".to_owned());
@@ -111,54 +115,56 @@ impl Snapshotter {
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let mut metadata = self.metadata();
-        let parent = metadata.get(key)?.parent.clone();
-        self.ensure_remote_mount(&mut metadata, &parent)?;
-        mounts_of(&metadata, key)
+        let parent = self.metadata().get(key)?.parent.clone();
+        self.ensure_remote_mount(&parent)?;
+        mounts_of(&self.metadata(), key)
+    }
+
+    fn remote_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.remote_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Mounts again the lazy mount that the snapshot `name` or the nearest
     /// of its parents stands on, if it is gone (the host restarted,
     /// someone ran `skiff umount`), so a new container never lands on an
-    /// empty directory; refuses if it cannot be.
-    fn ensure_remote_mount(&self, metadata: &mut Metadata, name: &str) -> Result<()> {
-        let chain_len = metadata.all().count();
-        let mut name = name.to_owned();
-        for _ in 0..=chain_len {
-            if name.is_empty() {
-                return Ok(());
-            }
-            let snapshot = metadata.get(&name)?;
-            let Some(remote) = snapshot.remote.clone() else {
-                name = snapshot.parent.clone();
-                continue;
-            };
-            if is_live(&remote.lease) {
-                return Ok(());
-            }
-            let refused = |why: String| {
-                SnapshotError::FailedPrecondition(format!(
-                    "snapshot {name} is a lazy mount of {}, which is gone and {why}",
-                    remote.image
-                ))
-            };
-            let lazy = self
-                .lazy
-                .as_ref()
-                .ok_or_else(|| refused("lazy mounts are off".into()))?;
-            tracing::warn!(
-                "the lazy mount of {} for {name} is gone; mounting it again",
-                remote.image
-            );
-            lazy.release(&remote.lease);
-            let lease = lazy
-                .mount(&remote.image, &name)
-                .map_err(|e| refused(format!("cannot be made again: {e}")))?;
-            return metadata.set_lease(&name, lease);
+    /// empty directory; refuses if it cannot be. The metadata stays free
+    /// meanwhile: a probe of a wedged mount or a slow registry must not
+    /// hold up containerd's other calls.
+    fn ensure_remote_mount(&self, name: &str) -> Result<()> {
+        let Some((name, remote)) = remote_under(&self.metadata(), name)? else {
+            return Ok(());
+        };
+        if is_live(&remote.lease) {
+            return Ok(());
         }
-        Err(SnapshotError::Corrupt(format!(
-            "{name}'s parents form a loop"
-        )))
+        let _one_at_a_time = self.remote_lock();
+        let refused = |why: String| {
+            SnapshotError::FailedPrecondition(format!(
+                "snapshot {name} is a lazy mount of {}, which is gone and {why}",
+                remote.image
+            ))
+        };
+        let lazy = self
+            .lazy
+            .as_ref()
+            .ok_or_else(|| refused("lazy mounts are off".into()))?;
+        // Another call may have made it again meanwhile.
+        match self.metadata().get(&name)?.remote.as_ref() {
+            Some(now) if is_live(&now.lease) => return Ok(()),
+            Some(_) => {}
+            None => return Err(SnapshotError::NotFound(name.clone())),
+        }
+        tracing::warn!(
+            "the lazy mount of {} for {name} is gone; mounting it again",
+            remote.image
+        );
+        lazy.release(&remote.lease);
+        let lease = lazy
+            .mount(&remote.image, &name)
+            .map_err(|e| refused(format!("cannot be made again: {e}")))?;
+        self.metadata().set_lease(&name, lease)
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
@@ -178,6 +184,9 @@ impl Snapshotter {
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
+        // A remote snapshot's lease goes before another Prepare can make
+        // the snapshot (and its lease) again.
+        let _one_at_a_time = self.remote_lock();
         let (snapshot, dir) = {
             let mut metadata = self.metadata();
             let snapshot = metadata.remove(key)?;
@@ -247,6 +256,24 @@ impl Snapshotter {
         }
         Ok(())
     }
+}
+
+/// The nearest remote snapshot at or under `name`, with its name.
+fn remote_under(metadata: &Metadata, name: &str) -> Result<Option<(String, RemoteLayer)>> {
+    let mut name = name.to_owned();
+    for _ in 0..=metadata.all().count() {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let snapshot = metadata.get(&name)?;
+        if let Some(remote) = &snapshot.remote {
+            return Ok(Some((name, remote.clone())));
+        }
+        name = snapshot.parent.clone();
+    }
+    Err(SnapshotError::Corrupt(format!(
+        "{name}'s parents form a loop"
+    )))
 }
 
 fn remove_dir(dir: &Path) {
