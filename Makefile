@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello bench-registry images roundtrip clean
+.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: bench-dedup bench-serve bench-mount bench-hello bench-registry
+bench: bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd
 
 # Store size and convert speed against casync and file-level zstd.
 bench-dedup: build images
@@ -55,6 +55,13 @@ bench-hello: build images
 bench-registry: build images
 	cargo build --release --locked -p skiff-bench
 	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/registry.sh
+
+# CRI PullImage to ready: original images through containerd's overlayfs
+# snapshotter against skiff images through skiff's, over the emulated link.
+bench-containerd: build images
+	cargo build --release --locked -p skiff-bench
+	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy \
+	  CRI_START=$(CARGO_TARGET_DIR)/release/cri-start bench/containerd.sh
 
 # Every dataset image: convert, export, umoci unpack, compare with the source.
 roundtrip: build images

@@ -72,3 +72,23 @@ layer_paths() { # image: blob paths of its layers (relative to $images_dir), in 
   manifest=$(jq -r '.manifests[0].digest' "$dir/index.json" | sed 's/sha256://')
   jq -r '.layers[].digest' "$dir/blobs/sha256/$manifest" | sed "s|sha256:|$1/blobs/sha256/|"
 }
+
+# Debian's docker-registry on the far side of the link (after wan_up):
+# pushed to straight over the veth at 10.78.0.2:5000 (no delay proxy),
+# read through one at $registry (127.0.0.1:PORT). Appends to $pids.
+registry_up() {
+  cat > "$work/registry.yml" <<YAML
+version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $work/registry }, delete: { enabled: true } }
+http: { addr: 10.78.0.2:5000 }
+YAML
+  ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+  pids+=($!)
+  wait_http http://10.78.0.2:5000/v2/
+  registry_proxy=$(free_port)
+  "$DELAY_PROXY" "127.0.0.1:$registry_proxy" 10.78.0.2:5000 "$one_way_ms" 2>/dev/null &
+  pids+=($!)
+  registry=127.0.0.1:$registry_proxy
+  wait_http "http://$registry/v2/"
+}

@@ -58,22 +58,7 @@ done
 wan_up "$work/store"
 plain_bundles
 
-# The registry on the far side, beside skiff serve and nginx; the images are
-# pushed to it straight over the veth (no delay proxy), reads go through one.
-cat > "$work/registry.yml" <<YAML
-version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage: { filesystem: { rootdirectory: $work/registry }, delete: { enabled: true } }
-http: { addr: 10.78.0.2:5000 }
-YAML
-ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
-wait_http http://10.78.0.2:5000/v2/
-registry_proxy=$(free_port)
-"$DELAY_PROXY" "127.0.0.1:$registry_proxy" 10.78.0.2:5000 "$one_way_ms" 2>/dev/null &
-pids+=($!)
-registry=127.0.0.1:$registry_proxy
-wait_http "http://$registry/v2/"
+registry_up
 echo "pushing ${images[*]} to the registry..."
 for image in "${images[@]}"; do
   SKIFF_INSECURE_REGISTRIES=10.78.0.2:5000 "$SKIFF" --store "$work/store" push "$image:1" "docker://10.78.0.2:5000/bench/$image:1"

@@ -6,6 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tonic::transport::Channel;
+use v1::image_service_client::ImageServiceClient;
+use v1::runtime_service_client::RuntimeServiceClient;
+use v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PullImageRequest, RemoveContainerRequest, RemoveImageRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+};
+
 use crate::{skiff_bin, tempdir};
 
 /// The kubelet's API (`runtime.v1`), client side.
@@ -63,6 +74,12 @@ impl Snapshotter {
     /// (the same ones again when started again on `dir`), prefetch off so
     /// that what a pull fetches is what it needs.
     pub fn start(dir: &Path) -> Snapshotter {
+        Self::start_with(dir, &["--no-prefetch"], &[])
+    }
+
+    /// Starts it as [`Snapshotter::start`] does, with `args` for the mount
+    /// options and `env` added.
+    pub fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Snapshotter {
         let socket = dir.join("skiff.sock");
         let root = dir.join("skiff-root");
         let log = dir.join("snapshotter.log");
@@ -76,7 +93,8 @@ impl Snapshotter {
             .arg(dir.join("run"))
             .arg("--cache")
             .arg(dir.join("cache"))
-            .arg("--no-prefetch")
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "skiff_snapshotter=debug,info")
             .stdout(Stdio::null())
             .stderr(
@@ -157,6 +175,19 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(snapshotter: &Snapshotter, registry_port: u16, sandbox_image: &str) -> Containerd {
+        let registry = format!("127.0.0.1:{registry_port}");
+        Self::start_with(snapshotter, "skiff", &[&registry], sandbox_image)
+    }
+
+    /// containerd with `cri_snapshotter` (`skiff`, or containerd's own
+    /// `overlayfs`) as CRI's, pulling from each of `registries`
+    /// (`HOST:PORT`) over plain HTTP.
+    pub fn start_with(
+        snapshotter: &Snapshotter,
+        cri_snapshotter: &str,
+        registries: &[&str],
+        sandbox_image: &str,
+    ) -> Containerd {
         let dir = tempdir();
         let d = dir.path();
         let socket = d.join("containerd.sock");
@@ -164,7 +195,14 @@ impl Containerd {
         let log = d.join("containerd.log");
         let logs_dir = d.join("pod-logs");
         fs::create_dir_all(&logs_dir).unwrap();
-        let registry = format!("127.0.0.1:{registry_port}");
+        let mirrors: String = registries
+            .iter()
+            .map(|r| {
+                format!(
+                    "      [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{r}\"]\n        endpoint = [\"http://{r}\"]\n"
+                )
+            })
+            .collect();
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -188,7 +226,7 @@ state = "{state}"
     # sandbox its oom_score_adj of -998; containers keep containerd's instead.
     restrict_oom_score_adj = true
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "skiff"
+      snapshotter = "{cri_snapshotter}"
       disable_snapshot_annotations = false
       default_runtime_name = "runc"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -197,9 +235,7 @@ state = "{state}"
       bin_dir = "/usr/lib/cni"
       conf_dir = "{cni}"
     [plugins."io.containerd.grpc.v1.cri".registry]
-      [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
-        endpoint = ["http://{registry}"]
-"#,
+{mirrors}"#,
             root = d.join("root").display(),
             state = state.display(),
             socket = socket.display(),
@@ -262,5 +298,192 @@ impl Drop for Containerd {
             .arg(format!("containerd-shim.*{}", self.socket.display()))
             .status();
         unmount_under(&self.state);
+    }
+}
+
+pub fn image_spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// The kubelet's side of CRI, for one pod on the host's network.
+pub struct Kubelet {
+    pub images: ImageServiceClient<Channel>,
+    pub pods: RuntimeServiceClient<Channel>,
+    pub logs_dir: std::path::PathBuf,
+    pod: PodSandboxConfig,
+}
+
+impl Kubelet {
+    pub async fn connect(containerd: &Containerd) -> Kubelet {
+        let cri = channel(&containerd.socket).await;
+        let pod = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "pod".into(),
+                uid: "pod-uid".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            log_directory: containerd.logs_dir.display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Kubelet {
+            images: ImageServiceClient::new(cri.clone()),
+            pods: RuntimeServiceClient::new(cri),
+            logs_dir: containerd.logs_dir.clone(),
+            pod,
+        }
+    }
+
+    pub async fn pull(&mut self, image: &str) {
+        self.images
+            .pull_image(PullImageRequest {
+                image: image_spec(image),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn run_pod(&mut self) -> String {
+        self.pods
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(self.pod.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts container `name` running `sh -c script`; retries
+    /// while containerd cannot reach the snapshotter (it redials a
+    /// restarted one after a backoff), as the kubelet would.
+    pub async fn start(&mut self, sandbox: &str, name: &str, image: &str, script: &str) -> String {
+        let request = CreateContainerRequest {
+            pod_sandbox_id: sandbox.to_owned(),
+            sandbox_config: Some(self.pod.clone()),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: image_spec(image),
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                log_path: format!("{name}.log"),
+                ..Default::default()
+            }),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let container = loop {
+            match self.pods.create_container(request.clone()).await {
+                Ok(created) => break created.into_inner().container_id,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("creating {name}: {e}"),
+            }
+        };
+        self.pods
+            .start_container(StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .unwrap();
+        container
+    }
+
+    pub async fn wait_exit(&mut self, container: &str) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self
+                .pods
+                .container_status(ContainerStatusRequest {
+                    container_id: container.to_owned(),
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            if status.state == ContainerState::ContainerExited as i32 {
+                return status.exit_code;
+            }
+            assert!(Instant::now() < deadline, "the container never exited");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What container `name` wrote (CRI log lines: "TIME STREAM TAG TEXT").
+    pub fn output(&self, name: &str) -> String {
+        let log = fs::read_to_string(self.logs_dir.join(format!("{name}.log"))).unwrap();
+        log.lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3))
+            .map(|text| format!("{text}\n"))
+            .collect()
+    }
+
+    /// Runs `cmd` in a running container; its stdout and exit code.
+    pub async fn exec(&mut self, container: &str, cmd: &[&str]) -> (String, i32) {
+        let out = self
+            .pods
+            .exec_sync(ExecSyncRequest {
+                container_id: container.to_owned(),
+                cmd: cmd.iter().map(|c| c.to_string()).collect(),
+                timeout: 20,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.exit_code,
+        )
+    }
+
+    /// Removes the containers, the pod and the images, as the kubelet does.
+    pub async fn remove(&mut self, containers: &[String], sandbox: &str, images: &[&str]) {
+        for container in containers {
+            self.pods
+                .remove_container(RemoveContainerRequest {
+                    container_id: container.clone(),
+                })
+                .await
+                .unwrap();
+        }
+        self.pods
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sandbox.to_owned(),
+            })
+            .await
+            .unwrap();
+        self.pods
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sandbox.to_owned(),
+            })
+            .await
+            .unwrap();
+        for image in images {
+            self.images
+                .remove_image(RemoveImageRequest {
+                    image: image_spec(image),
+                })
+                .await
+                .unwrap();
+        }
     }
 }
