@@ -190,14 +190,9 @@ impl Metadata {
         Ok(chain)
     }
 
-    /// Records a new active or view snapshot on `parent` (committed, or "").
-    pub fn create(
-        &mut self,
-        kind: Kind,
-        key: &str,
-        parent: &str,
-        labels: BTreeMap<String, String>,
-    ) -> Result<Snapshot> {
+    /// containerd's rules for a new snapshot `key` on `parent`: a key not
+    /// taken, on a committed parent or none.
+    fn check_new(&self, key: &str, parent: &str) -> Result<()> {
         if key.is_empty() {
             return Err(SnapshotError::InvalidArgument("an empty key".into()));
         }
@@ -209,6 +204,18 @@ impl Metadata {
                 "parent {parent} is not a committed snapshot"
             )));
         }
+        Ok(())
+    }
+
+    /// Records a new active or view snapshot on `parent` (committed, or "").
+    pub fn create(
+        &mut self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        self.check_new(key, parent)?;
         let id = self.saved.next_id + 1;
         for dir in [self.dir(id), self.fs_dir(id), self.work_dir(id)] {
             // Not create_dir_all: a directory already there is someone else's.
@@ -246,14 +253,7 @@ impl Metadata {
         labels: BTreeMap<String, String>,
         remote: RemoteLayer,
     ) -> Result<Snapshot> {
-        if self.saved.snapshots.contains_key(name) {
-            return Err(SnapshotError::AlreadyExists(name.to_owned()));
-        }
-        if !parent.is_empty() && self.get(parent)?.kind != Kind::Committed {
-            return Err(SnapshotError::InvalidArgument(format!(
-                "parent {parent} is not a committed snapshot"
-            )));
-        }
+        self.check_new(name, parent)?;
         let id = self.saved.next_id + 1;
         let now = SystemTime::now();
         let snapshot = Snapshot {
@@ -447,6 +447,47 @@ mod tests {
             .unwrap()
             .permissions();
         assert_eq!(mode.mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_remote_snapshot_is_committed_with_its_lease_and_no_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let mut meta = Metadata::open(root.path()).unwrap();
+        let digest = format!("sha256:{}", "0".repeat(64));
+        let remote = |mountpoint: &str| RemoteLayer {
+            image: format!("docker://h.io/app@{digest}").parse().unwrap(),
+            lease: Lease {
+                holder: "snapshot:o:chain".into(),
+                mountpoint: mountpoint.into(),
+                process: None,
+                owned: true,
+            },
+        };
+        meta.create(Kind::Active, "a", "", BTreeMap::new()).unwrap();
+        // Only on a committed parent, never over another snapshot.
+        assert!(matches!(
+            meta.create_remote("chain", "a", BTreeMap::new(), remote("/m")),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        meta.create_remote("chain", "", labels(&[("l", "1")]), remote("/m"))
+            .unwrap();
+        assert!(matches!(
+            meta.create_remote("chain", "", BTreeMap::new(), remote("/m")),
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        let snapshot = meta.get("chain").unwrap();
+        assert_eq!(snapshot.kind, Kind::Committed);
+        assert!(!meta.dir(snapshot.id).exists());
+        // A snapshot on it, then its lease moves (made again) and survives a reopen.
+        meta.create(Kind::Active, "c", "chain", BTreeMap::new())
+            .unwrap();
+        meta.set_lease("chain", remote("/m2").lease).unwrap();
+        assert!(meta.set_lease("c", remote("/x").lease).is_err());
+        drop(meta);
+        let mut meta = Metadata::open(root.path()).unwrap();
+        assert_eq!(meta.get("chain").unwrap().remote, Some(remote("/m2")));
+        meta.remove("c").unwrap();
+        assert_eq!(meta.remove("chain").unwrap().remote, Some(remote("/m2")));
     }
 
     #[test]

@@ -422,4 +422,44 @@ mod tests {
             0
         );
     }
+
+    #[test]
+    fn an_overlay_on_a_remote_snapshot_stops_at_its_mount() {
+        let root = tempfile::tempdir().unwrap();
+        let s = Snapshotter::open(root.path(), None).unwrap();
+        s.create(Kind::Active, "k1", "", BTreeMap::new()).unwrap();
+        s.commit("l1", "k1", BTreeMap::new()).unwrap();
+        let remote = RemoteLayer {
+            image: format!("docker://h.io/app@sha256:{}", "0".repeat(64))
+                .parse()
+                .unwrap(),
+            lease: skiff_agent::Lease {
+                holder: "snapshot:o:chain".into(),
+                mountpoint: "/run/skiff/images/abc".into(),
+                process: None,
+                owned: true,
+            },
+        };
+        let mut metadata = s.metadata();
+        metadata
+            .create_remote("chain", "l1", BTreeMap::new(), remote)
+            .unwrap();
+        metadata
+            .create(Kind::Active, "c", "chain", BTreeMap::new())
+            .unwrap();
+        let mounts = mounts_of(&metadata, "c").unwrap();
+        let lowerdir = mounts[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .unwrap();
+        // The mount is the image's whole tree: l1 under it is not part of c.
+        assert_eq!(lowerdir, "/run/skiff/images/abc");
+        drop(metadata);
+        // Its mount is not there, and without lazy mounts it cannot be made again.
+        assert!(matches!(
+            s.create(Kind::Active, "d", "chain", BTreeMap::new()),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+    }
 }
