@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-$HOME/.cache/skiff-target}/release
-SKIFF=${SKIFF:-$target/skiff}
+export SKIFF=${SKIFF:-$target/skiff} # cri-start starts the snapshotter with it
 DELAY_PROXY=${DELAY_PROXY:-$target/delay-proxy}
 CRI_START=${CRI_START:-$target/cri-start}
 images_dir=${SKIFF_IMAGES:-/var/cache/skiff/images}

@@ -493,8 +493,11 @@ pub fn text(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// The `skiff` binary built beside this test.
+/// The `skiff` binary built beside this test, or `$SKIFF` (the benchmarks' binaries).
 pub fn skiff_bin() -> PathBuf {
+    if let Some(skiff) = std::env::var_os("SKIFF") {
+        return PathBuf::from(skiff);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> -> target/<profile>/skiff
     let bin = exe.parent().unwrap().parent().unwrap().join("skiff");
