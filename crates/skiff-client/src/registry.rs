@@ -397,7 +397,6 @@ pub fn push_to_registry(
             &bytes,
         )?);
     }
-    log.save(&log_path);
     let [config, skiff_manifest, mut index_layer, table_layer] =
         <[Descriptor; 4]>::try_from(descriptors).expect("four small blobs");
     index_layer.annotations.insert(
@@ -603,9 +602,8 @@ fn publish_tag(
     )?;
     upload(LAUNCHER_LAYER_TYPE, &content.launcher_layer)?;
     upload(OCI_CONFIG_TYPE, &content.launcher_config)?;
-    for oci in [artifact, &content.launcher] {
-        let json = oci.to_json();
-        registry.put_manifest(&sha256_digest(&json).to_string(), OCI_MANIFEST_TYPE, &json)?;
+    for json in [&content.artifact_json, &content.launcher_json] {
+        registry.put_manifest(&sha256_digest(json).to_string(), OCI_MANIFEST_TYPE, json)?;
     }
     Ok(registry.put_manifest(tag, OCI_INDEX_TYPE, &content.index.to_json())?)
 }

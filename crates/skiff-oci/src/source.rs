@@ -31,16 +31,9 @@ pub struct Platform {
 impl Platform {
     /// The platform of the machine skiff runs on.
     pub fn host() -> Platform {
-        let arch = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "x86" => "386",
-            "powerpc64" => "ppc64le",
-            other => other,
-        };
         Platform {
             os: "linux".into(),
-            arch: arch.into(),
+            arch: skiff_registry::launcher::host_architecture().into(),
             variant: None,
         }
     }

@@ -102,12 +102,15 @@ impl OciIndex {
     }
 }
 
-/// What a tag is published with: blobs first, then the manifests, the index last.
+/// What a tag is published with: blobs first, then the manifests (by
+/// digest), the index last; each as the bytes its digest is of.
 pub struct TagContent {
     /// The launcher's layer (a tar) and config, to upload as blobs.
     pub launcher_layer: Vec<u8>,
     pub launcher_config: Vec<u8>,
+    pub artifact_json: Vec<u8>,
     pub launcher: OciManifest,
+    pub launcher_json: Vec<u8>,
     pub index: OciIndex,
 }
 
@@ -149,7 +152,8 @@ pub fn tag_content(
         layers: vec![layer],
         annotations: artifact.annotations.clone(),
     };
-    let launcher_descriptor = Descriptor::of(OCI_MANIFEST_TYPE, &launcher.to_json());
+    let launcher_json = launcher.to_json();
+    let launcher_descriptor = Descriptor::of(OCI_MANIFEST_TYPE, &launcher_json);
     let entry = |d: Descriptor, artifact_type: Option<&str>, platform: Platform| IndexEntry {
         media_type: d.media_type,
         digest: d.digest,
@@ -173,7 +177,9 @@ pub fn tag_content(
     Ok(TagContent {
         launcher_layer,
         launcher_config,
+        artifact_json,
         launcher,
+        launcher_json,
         index,
     })
 }
@@ -186,12 +192,13 @@ fn string_field(object: &serde_json::Map<String, serde_json::Value>, key: &str) 
         .map(str::to_owned)
 }
 
-/// GOARCH of this machine, for a config that names none.
-fn host_architecture() -> &'static str {
+/// This machine's architecture as OCI platforms name it (GOARCH).
+pub fn host_architecture() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         "x86" => "386",
+        "powerpc64" => "ppc64le",
         other => other,
     }
 }

@@ -175,17 +175,24 @@ impl Metadata {
 
     /// The committed snapshots under `key`, nearest first.
     pub fn parents(&self, key: &str) -> Result<Vec<&Snapshot>> {
+        let chain = self.chain(&self.get(key)?.parent)?;
+        Ok(chain.into_iter().map(|(_, snapshot)| snapshot).collect())
+    }
+
+    /// The snapshot `name` and the committed ones under it, nearest first,
+    /// with their names ("" is none).
+    pub fn chain<'a>(&'a self, name: &'a str) -> Result<Vec<(&'a str, &'a Snapshot)>> {
         let mut chain = Vec::new();
-        let mut parent = self.get(key)?.parent.as_str();
-        while !parent.is_empty() {
-            let snapshot = self.get(parent)?;
-            chain.push(snapshot);
+        let mut name = name;
+        while !name.is_empty() {
+            let snapshot = self.get(name)?;
+            chain.push((name, snapshot));
             if chain.len() > self.saved.snapshots.len() {
                 return Err(SnapshotError::Corrupt(format!(
-                    "{key}'s parents form a loop"
+                    "{name}'s parents form a loop"
                 )));
             }
-            parent = snapshot.parent.as_str();
+            name = snapshot.parent.as_str();
         }
         Ok(chain)
     }
@@ -379,12 +386,12 @@ impl Metadata {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pub(crate) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -155,15 +155,9 @@ fn artifact_reference(image_ref: &str, digest: &Sha256Digest) -> Result<Registry
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metadata::tests::labels;
 
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn a_skiff_layer_names_its_artifact_in_the_pulled_repository() {

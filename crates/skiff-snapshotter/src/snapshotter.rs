@@ -260,20 +260,10 @@ impl Snapshotter {
 
 /// The nearest remote snapshot at or under `name`, with its name.
 fn remote_under(metadata: &Metadata, name: &str) -> Result<Option<(String, RemoteLayer)>> {
-    let mut name = name.to_owned();
-    for _ in 0..=metadata.all().count() {
-        if name.is_empty() {
-            return Ok(None);
-        }
-        let snapshot = metadata.get(&name)?;
-        if let Some(remote) = &snapshot.remote {
-            return Ok(Some((name, remote.clone())));
-        }
-        name = snapshot.parent.clone();
-    }
-    Err(SnapshotError::Corrupt(format!(
-        "{name}'s parents form a loop"
-    )))
+    Ok(metadata
+        .chain(name)?
+        .into_iter()
+        .find_map(|(name, snapshot)| Some((name.to_owned(), snapshot.remote.clone()?))))
 }
 
 fn remove_dir(dir: &Path) {
