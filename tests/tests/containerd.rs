@@ -350,3 +350,183 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
     );
     assert!(snapshotter.terminate().success());
 }
+
+/// The raw manifest at `repo:reference` and its digest.
+fn manifest_bytes(base_url: &str, repo: &str, reference: &str) -> (Vec<u8>, String) {
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{base_url}/v2/{repo}/manifests/{reference}"))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let bytes = response.bytes().unwrap().to_vec();
+    let digest = sha256(&bytes);
+    (bytes, digest)
+}
+
+#[test]
+fn containerd_mounts_an_ordinary_image_lazily_through_the_artifacts_attached_to_it() {
+    let dir = tempdir();
+    let registry = Registry::start();
+    let registry_url = format!("http://127.0.0.1:{}", registry.port);
+    let proxy = RegistryProxy::start(&registry_url);
+    let through_proxy = |image: String| {
+        image.replace(
+            &format!(":{}/", registry.port),
+            &format!(":{}/", proxy.port),
+        )
+    };
+    // The sandbox image shares its one layer with both images below.
+    let pause = through_proxy(push(
+        &registry,
+        &busybox_image(vec![], &["/bin/sleep", "600"]),
+        "pause:1",
+    ));
+    let top = Layer::new()
+        .file("etc/motd", 0o644, "attached motd\n")
+        .whiteout("data", "gone")
+        .file("data/big", 0o644, noise(2_000_000, 11));
+    let app = push(
+        &registry,
+        &busybox_image(vec![top], &["/bin/sh"]),
+        "team/plain:1",
+    );
+    let (original, subject) = manifest_bytes(&registry_url, "team/plain", "1");
+    let layer_blobs: BTreeSet<String> = serde_json::from_slice::<serde_json::Value>(&original)
+        .unwrap()["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(layer_blobs.len(), 2);
+    let out = skiff_ok(
+        &dir.path().join("store"),
+        &["attach", &format!("docker://{app}")],
+    );
+    assert!(out.contains("attached 2 skiff artifacts"), "{out}");
+    // The tag still names the original image; distribution 2.8 has no
+    // referrers API, so the artifacts are listed at the fallback tag.
+    assert_eq!(manifest_bytes(&registry_url, "team/plain", "1").0, original);
+    let fallback = oci_manifest(
+        &registry_url,
+        "team/plain",
+        &subject.replace(':', "-"),
+        None,
+    );
+    let chains: Vec<&str> = fallback["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            assert_eq!(m["artifactType"], "application/vnd.skiff.image.v1");
+            m["annotations"]["dev.skiff.chain-id"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(chains.len(), 2, "{fallback}");
+    // Attaching again replaces skiff's entries instead of adding to them.
+    skiff_ok(
+        &dir.path().join("store"),
+        &["attach", &format!("docker://{app}")],
+    );
+    let again = oci_manifest(
+        &registry_url,
+        "team/plain",
+        &subject.replace(':', "-"),
+        None,
+    );
+    assert_eq!(again["manifests"].as_array().unwrap().len(), 2, "{again}");
+
+    // An image with the same base and no artifact of its own.
+    let other_top = Layer::new().file("etc/motd", 0o644, "other motd\n");
+    let other = through_proxy(push(
+        &registry,
+        &busybox_image(vec![other_top], &["/bin/sh"]),
+        "team/other:1",
+    ));
+    let app = through_proxy(app);
+
+    let snapshotter = Snapshotter::start(dir.path());
+    let containerd = Containerd::start(&snapshotter, proxy.port, &pause);
+    let rt = runtime();
+    let mut kubelet = rt.block_on(Kubelet::connect(&containerd));
+    let before_pull = proxy.stats.log.lock().unwrap().len();
+    rt.block_on(kubelet.pull(&app));
+    let pulled = blobs_fetched(&proxy, before_pull);
+    let fetched_layers: Vec<&String> = pulled.intersection(&layer_blobs).collect();
+    assert!(
+        fetched_layers.is_empty(),
+        "the pull downloaded layers {fetched_layers:?}\nskiff's log: {}",
+        fs::read_to_string(&snapshotter.log).unwrap_or_default()
+    );
+    let remote: Vec<String> = rt
+        .block_on(skiff_snapshots(&snapshotter))
+        .into_iter()
+        .filter(|(_, labels)| labels.contains_key("containerd.io/snapshot/remote"))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(
+        remote.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        chains.iter().copied().collect::<BTreeSet<_>>(),
+        "one remote snapshot for each layer prefix, named by its chain id"
+    );
+    let images = snapshotter.run_dir().join("images");
+    let lazy_mounts = || {
+        mounts_under(&images)
+            .iter()
+            .filter(|m| m.contains("fuse"))
+            .count()
+    };
+    assert_eq!(lazy_mounts(), 0, "mounted before anything needed it");
+
+    let ranges_before = proxy.stats.range_gets.load(SeqCst);
+    let sandbox = rt.block_on(kubelet.run_pod());
+    let script = "cat /etc/motd; test -e /data/gone || echo gone is gone; wc -c < /data/big";
+    let first = rt.block_on(kubelet.start(&sandbox, "first", &app, script));
+    assert_eq!(
+        rt.block_on(kubelet.wait_exit(&first)),
+        0,
+        "{}\nskiff's log: {}",
+        kubelet.output("first"),
+        fs::read_to_string(&snapshotter.log).unwrap_or_default()
+    );
+    assert_eq!(
+        kubelet.output("first"),
+        "attached motd\ngone is gone\n2000000\n"
+    );
+    assert!(
+        proxy.stats.range_gets.load(SeqCst) > ranges_before,
+        "nothing was read lazily"
+    );
+    // The sandbox stands on the first layer's prefix, the container on both layers'.
+    assert_eq!(lazy_mounts(), 2, "{:?}", mounts_under(&images));
+
+    // The other image's own layer unpacks onto the shared base's lazy mount.
+    let before_other = proxy.stats.log.lock().unwrap().len();
+    rt.block_on(kubelet.pull(&other));
+    let other_pulled = blobs_fetched(&proxy, before_other);
+    let base_blob = layer_blobs
+        .iter()
+        .find(|b| other_pulled.contains(*b))
+        .cloned();
+    assert_eq!(base_blob, None, "the shared base was downloaded");
+    let second = rt.block_on(kubelet.start(&sandbox, "second", &other, "cat /etc/motd /data/gone"));
+    assert_eq!(
+        rt.block_on(kubelet.wait_exit(&second)),
+        0,
+        "{}",
+        kubelet.output("second")
+    );
+    assert_eq!(kubelet.output("second"), "other motd\nwhited out above\n");
+    assert_eq!(lazy_mounts(), 2, "{:?}", mounts_under(&images));
+
+    rt.block_on(kubelet.remove(&[first, second], &sandbox, &[&app, &other, &pause]));
+    assert_all_collected(
+        &snapshotter,
+        &[&snapshotter.root, containerd.dir(), &images],
+    );
+    assert!(snapshotter.terminate().success());
+}

@@ -14,7 +14,8 @@ pub use cache::{process_is_running, CacheError, ChunkCache, EvictReport};
 pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
 pub use registry::{
-    pull_from_registry, push_to_registry, put_profile, RegistryPullReport, RegistryPushReport,
+    attach_to_registry, pull_from_registry, push_to_registry, put_profile, RegistryAttachReport,
+    RegistryPullReport, RegistryPushReport,
 };
 pub use source::CachedSource;
 pub use transfer::{pull, push, NoProgress, TransferProgress, TransferReport};

@@ -19,12 +19,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use skiff_chunk::{Frame, FrameBuilder};
 use skiff_format::artifact::{
-    ChunkTable, TableChunk, TableFrame, CHUNK_TABLE_LAYER_TYPE, INDEX_DIGEST_ANNOTATION,
-    INDEX_LAYER_TYPE, MANIFEST_LAYER_TYPE, OCI_CONFIG_TYPE, OCI_MANIFEST_TYPE, PACK_LAYER_TYPE,
+    ChunkTable, TableChunk, TableFrame, ARTIFACT_TYPE, CHUNK_TABLE_LAYER_TYPE,
+    INDEX_DIGEST_ANNOTATION, INDEX_LAYER_TYPE, MANIFEST_LAYER_TYPE, OCI_CONFIG_TYPE,
+    OCI_MANIFEST_TYPE, PACK_LAYER_TYPE,
 };
 use skiff_format::ChunkRef;
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, StartupProfile};
-use skiff_registry::launcher::{tag_content, LAUNCHER_LAYER_TYPE, OCI_INDEX_TYPE};
+use skiff_registry::launcher::{
+    tag_content, IndexEntry, OciIndex, LAUNCHER_LAYER_TYPE, OCI_INDEX_TYPE,
+};
+use skiff_registry::referrers::{chain_ids, referrers_tag, CHAIN_ID_ANNOTATION};
 use skiff_registry::{
     sha256_digest, Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry,
     RegistrySource, RemoteImage, Sha256Digest,
@@ -56,6 +60,22 @@ pub struct RegistryPushReport {
     pub bytes_uploaded: u64,
     #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
+}
+
+impl RegistryPushReport {
+    fn new(image: &ImageRef, registry: &Registry) -> RegistryPushReport {
+        RegistryPushReport {
+            image: image.to_string(),
+            destination: registry.reference().to_string(),
+            digest: String::new(),
+            blobs: 0,
+            blobs_uploaded: 0,
+            blobs_mounted: 0,
+            blobs_present: 0,
+            bytes_uploaded: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -332,7 +352,6 @@ pub fn push_to_registry(
     progress: &dyn TransferProgress,
 ) -> Result<RegistryPushReport, ClientError> {
     let started = Instant::now();
-    let manifest = store.image(image)?;
     let tag = &registry.reference().reference;
     if registry.reference().is_digest() {
         return Err(ClientError::Protocol {
@@ -340,30 +359,153 @@ pub fn push_to_registry(
             message: "push to a tag, not a digest".into(),
         });
     }
+    let log_path = BlobLog::path(store);
+    let mut log = BlobLog::load(&log_path);
+    let mut report = RegistryPushReport::new(image, registry);
+    let (oci, manifest) = push_artifact(store, image, registry, &mut log, &mut report, progress)?;
+    let digest = publish_tag(registry, tag, &oci, &manifest, &mut |media_type, bytes| {
+        publish(registry, &mut log, &mut report, media_type, bytes)
+    })?;
+    log.save(&log_path);
+    report.digest = digest.to_string();
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// What `attach_to_registry` did: a push of each layer prefix.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegistryAttachReport {
+    /// The image the artifacts are attached to.
+    pub subject: String,
+    pub artifacts: Vec<RegistryPushReport>,
+    /// Whether the registry lists them through its referrers API; if not,
+    /// the index at the fallback tag `sha256-HEX` does.
+    pub referrers_api: bool,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+/// Publishes the images `prefixes` from `store` (the merged trees of the
+/// first 1, 2, … layers of the image `subject` in `registry`'s
+/// repository, bottom first) as skiff artifacts attached to it, each
+/// annotated with its chain id (skiff_registry::referrers). Nothing is
+/// tagged but, on a registry without the referrers API, the fallback tag,
+/// where entries of skiff artifacts for the same chain ids are replaced
+/// and all others kept.
+pub fn attach_to_registry(
+    store: &Store,
+    prefixes: &[ImageRef],
+    registry: &Registry,
+    subject: &Descriptor,
+    progress: &dyn TransferProgress,
+) -> Result<RegistryAttachReport, ClientError> {
+    let started = Instant::now();
+    let log_path = BlobLog::path(store);
+    let mut log = BlobLog::load(&log_path);
+    let mut reports = Vec::new();
+    let mut entries = Vec::new();
+    let mut referrers_api = true;
+    for image in prefixes {
+        let mut report = RegistryPushReport::new(image, registry);
+        let (mut oci, manifest) =
+            push_artifact(store, image, registry, &mut log, &mut report, progress)?;
+        let chain =
+            chain_ids(&manifest.source.diff_ids)
+                .pop()
+                .ok_or_else(|| ClientError::Protocol {
+                    url: registry.reference().to_string(),
+                    message: format!("{image} has no layers to attach"),
+                })?;
+        oci.subject = Some(subject.clone());
+        oci.annotations
+            .insert(CHAIN_ID_ANNOTATION.to_owned(), chain.clone());
+        let json = oci.to_json();
+        referrers_api &= registry.put_referrer(OCI_MANIFEST_TYPE, &json)?;
+        let descriptor = Descriptor::of(OCI_MANIFEST_TYPE, &json);
+        report.digest = descriptor.digest.to_string();
+        report.elapsed = started.elapsed();
+        entries.push(IndexEntry {
+            media_type: descriptor.media_type,
+            digest: descriptor.digest,
+            size: descriptor.size,
+            artifact_type: oci.artifact_type.clone(),
+            platform: None,
+            annotations: oci.annotations.clone(),
+        });
+        reports.push(report);
+    }
+    log.save(&log_path);
+    if !referrers_api {
+        update_referrers_tag(registry, &subject.digest, entries)?;
+    }
+    Ok(RegistryAttachReport {
+        subject: registry
+            .reference()
+            .with_reference(&subject.digest.to_string())
+            .to_string(),
+        artifacts: reports,
+        referrers_api,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Adds `entries` to the index at `subject`'s fallback tag, in place of
+/// skiff entries for the same chain ids (an attach made again).
+fn update_referrers_tag(
+    registry: &Registry,
+    subject: &Sha256Digest,
+    entries: Vec<IndexEntry>,
+) -> Result<(), ClientError> {
+    let tag = referrers_tag(subject);
+    let mut index = match registry.manifest(&tag, &[OCI_INDEX_TYPE])? {
+        Some((bytes, _, _)) => {
+            serde_json::from_slice::<OciIndex>(&bytes).map_err(|e| ClientError::Protocol {
+                url: registry.reference().with_reference(&tag).to_string(),
+                message: format!("the referrers index there does not parse: {e}"),
+            })?
+        }
+        None => OciIndex {
+            schema_version: 2,
+            media_type: OCI_INDEX_TYPE.to_owned(),
+            manifests: Vec::new(),
+        },
+    };
+    let chain_of = |e: &IndexEntry| {
+        (e.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+            .then(|| e.annotations.get(CHAIN_ID_ANNOTATION).cloned())
+            .flatten()
+    };
+    let replaced: HashSet<String> = entries.iter().filter_map(chain_of).collect();
+    index
+        .manifests
+        .retain(|e| chain_of(e).is_none_or(|chain| !replaced.contains(&chain)));
+    index.manifests.extend(entries);
+    registry.put_manifest(&tag, OCI_INDEX_TYPE, &index.to_json())?;
+    Ok(())
+}
+
+/// Uploads the blobs of `image`'s skiff artifact (pack blobs, config,
+/// skiff manifest, index, chunk table); returns the artifact's manifest,
+/// not yet put, and the image's skiff manifest.
+fn push_artifact(
+    store: &Store,
+    image: &ImageRef,
+    registry: &Registry,
+    log: &mut BlobLog,
+    report: &mut RegistryPushReport,
+    progress: &dyn TransferProgress,
+) -> Result<(OciManifest, ImageManifest), ClientError> {
+    let manifest = store.image(image)?;
     let encoded = store.index_bytes(&manifest.index.digest)?;
     let index = ImageIndex::decode(&encoded)?;
     let distinct = index.distinct_chunks();
     let order = push_order(store, &manifest, &distinct)?;
     let total: u64 = order.iter().map(|c| u64::from(c.len)).sum();
     progress.start(order.len() as u64, total);
-
-    let log_path = BlobLog::path(store);
-    let mut log = BlobLog::load(&log_path);
-    let mut report = RegistryPushReport {
-        image: image.to_string(),
-        destination: registry.reference().to_string(),
-        digest: String::new(),
-        blobs: 0,
-        blobs_uploaded: 0,
-        blobs_mounted: 0,
-        blobs_present: 0,
-        bytes_uploaded: 0,
-        elapsed: Duration::ZERO,
-    };
     let mut writer = BlobWriter {
         registry,
-        log: &mut log,
-        report: &mut report,
+        log: &mut *log,
+        report: &mut *report,
         // Not the store's level: the same image must make the same blobs in every store.
         builder: FrameBuilder::new(MAX_FRAME_RAW, skiff_chunk::DEFAULT_ZSTD_LEVEL)?,
         frame_raw: 0,
@@ -389,13 +531,7 @@ pub fn push_to_registry(
     ];
     let mut descriptors = Vec::new();
     for (media_type, bytes) in small {
-        descriptors.push(publish(
-            registry,
-            &mut log,
-            &mut report,
-            media_type,
-            &bytes,
-        )?);
+        descriptors.push(publish(registry, log, report, media_type, &bytes)?);
     }
     let [config, skiff_manifest, mut index_layer, table_layer] =
         <[Descriptor; 4]>::try_from(descriptors).expect("four small blobs");
@@ -411,13 +547,7 @@ pub fn push_to_registry(
         table_layer,
         packs,
     );
-    let digest = publish_tag(registry, tag, &oci, &manifest, &mut |media_type, bytes| {
-        publish(registry, &mut log, &mut report, media_type, bytes)
-    })?;
-    log.save(&log_path);
-    report.digest = digest.to_string();
-    report.elapsed = started.elapsed();
-    Ok(report)
+    Ok((oci, manifest))
 }
 
 /// Fetches the image at `registry`'s reference into `store` as `target`.

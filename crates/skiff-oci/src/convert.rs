@@ -44,6 +44,10 @@ pub struct ConvertOptions {
     /// Set (by a signal handler, say) to stop; the conversion then fails with
     /// [`OciError::Interrupted`] and leaves the store as it was.
     pub cancel: Arc<AtomicBool>,
+    /// Converts only the first this many layers (the prefix an artifact
+    /// attached beside the image holds); the manifest's `source` names
+    /// those layers, its config stays the image's.
+    pub layers: Option<usize>,
 }
 
 impl Default for ConvertOptions {
@@ -52,6 +56,7 @@ impl Default for ConvertOptions {
             platform: Platform::host(),
             threads: 0,
             cancel: Arc::default(),
+            layers: None,
         }
     }
 }
@@ -122,7 +127,19 @@ pub fn convert(
     progress: &dyn ConvertProgress,
 ) -> Result<ConvertReport, OciError> {
     let started = Instant::now();
-    let resolved = source.resolve(&options.platform)?;
+    let mut resolved = source.resolve(&options.platform)?;
+    if let Some(count) = options.layers {
+        if count == 0 || count > resolved.layers.len() {
+            return Err(OciError::Malformed {
+                what: "layer prefix".into(),
+                reason: format!(
+                    "asked for the first {count} of {} layers",
+                    resolved.layers.len()
+                ),
+            });
+        }
+        resolved.layers.truncate(count);
+    }
     let config = store.config().clone();
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),

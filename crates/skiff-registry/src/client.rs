@@ -24,7 +24,9 @@ use crate::auth::{
     IDENTITY_TOKEN_USER,
 };
 use crate::digest::{sha256_digest, Sha256Digest};
+use crate::launcher::{IndexEntry, OciIndex, OCI_INDEX_TYPE};
 use crate::reference::{is_plain_http_allowed, RegistryRef};
+use crate::referrers::referrers_tag;
 use crate::RegistryError;
 
 /// Manifests are small; distribution refuses those over 4 MiB.
@@ -522,11 +524,65 @@ impl Registry {
         media_type: &str,
         bytes: &[u8],
     ) -> Result<Sha256Digest, RegistryError> {
+        self.put_manifest_response(reference, media_type, bytes)?;
+        Ok(sha256_digest(bytes))
+    }
+
+    /// Puts a manifest that has a `subject` by its digest; whether the
+    /// registry indexed it for the referrers API (it says so with an
+    /// `OCI-Subject` header), else the pusher keeps the fallback tag.
+    pub fn put_referrer(&self, media_type: &str, bytes: &[u8]) -> Result<bool, RegistryError> {
+        let digest = sha256_digest(bytes);
+        let response = self.put_manifest_response(&digest.to_string(), media_type, bytes)?;
+        Ok(response.headers().contains_key("oci-subject"))
+    }
+
+    fn put_manifest_response(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Response, RegistryError> {
         let url = self.url(&format!("manifests/{reference}"));
         self.send_retrying(Method::PUT, &url, &Access::Push, &|r| {
             r.header(CONTENT_TYPE, media_type).body(bytes.to_vec())
-        })?;
-        Ok(sha256_digest(bytes))
+        })
+    }
+
+    /// The referrers of the manifest `subject` whose artifactType is
+    /// `artifact_type`: from the referrers API, or from the index at its
+    /// tag fallback (`sha256-HEX`) on a registry without it (distribution
+    /// 2.x). Only the first page; none if there are none.
+    pub fn referrers(
+        &self,
+        subject: &Sha256Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<IndexEntry>, RegistryError> {
+        let url = format!(
+            "{}?artifactType={}",
+            self.url(&format!("referrers/{subject}")),
+            url_escape(artifact_type)
+        );
+        let listed = match self.send_retrying(Method::GET, &url, &Access::Pull, &|r| {
+            r.header(ACCEPT, OCI_INDEX_TYPE)
+        }) {
+            // The API is not there: the pusher kept the list at the fallback tag.
+            Err(e) if matches!(e.status(), Some(404 | 405)) => {
+                match self.manifest(&referrers_tag(subject), &[OCI_INDEX_TYPE])? {
+                    Some((bytes, _, _)) => bytes,
+                    None => return Ok(Vec::new()),
+                }
+            }
+            other => read_bounded(other?, MAX_MANIFEST_BYTES, &url)?,
+        };
+        let index: OciIndex = serde_json::from_slice(&listed)
+            .map_err(|e| protocol(&url, format!("the referrers of {subject}: {e}")))?;
+        // A registry may not filter.
+        Ok(index
+            .manifests
+            .into_iter()
+            .filter(|m| m.artifact_type.as_deref() == Some(artifact_type))
+            .collect())
     }
 
     /// The blob's size if the repository has it.

@@ -64,6 +64,10 @@ pub struct OciManifest {
     pub artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
+    /// The image this one is about (OCI 1.1 referrers): set on artifacts
+    /// attached beside an unconverted image (crate::referrers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -91,6 +95,7 @@ impl OciManifest {
             artifact_type: Some(ARTIFACT_TYPE.to_owned()),
             config,
             layers,
+            subject: None,
             annotations,
         }
     }

@@ -150,6 +150,7 @@ pub fn tag_content(
         artifact_type: None,
         config: Descriptor::of(OCI_CONFIG_TYPE, &launcher_config),
         layers: vec![layer],
+        subject: None,
         annotations: artifact.annotations.clone(),
     };
     let launcher_json = launcher.to_json();

@@ -9,6 +9,8 @@
 //!   (docs/FORMAT.md, "In an OCI registry"), read and checked whole.
 //! - [`launcher`]: what a tag holds, so containerd pulls a skiff image
 //!   like any other and skiff's snapshotter mounts it lazily.
+//! - [`referrers`]: skiff's artifacts attached beside an unconverted
+//!   image (OCI 1.1 `subject`), one per layer prefix.
 //! - [`RegistrySource`]: the image's chunks by ranged reads of its pack
 //!   blobs, as a [`skiff_source::ChunkSource`].
 
@@ -19,6 +21,7 @@ mod error;
 mod image;
 pub mod launcher;
 mod reference;
+pub mod referrers;
 mod source;
 
 pub use auth::{BareCredentials, Credentials};

@@ -57,8 +57,10 @@ pub struct Snapshot {
 pub struct RemoteLayer {
     /// The image, `docker://HOST/REPO@sha256:…` (its artifact).
     pub image: ImageArg,
-    /// The snapshot's hold on the mount.
-    pub lease: Lease,
+    /// The snapshot's hold on the mount; none until a snapshot on it
+    /// first needs it (an attached artifact's layer prefix).
+    #[serde(default)]
+    pub lease: Option<Lease>,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -289,7 +291,7 @@ impl Metadata {
                 "{name} is not a remote snapshot"
             )));
         };
-        remote.lease = lease;
+        remote.lease = Some(lease);
         self.change(|saved| {
             saved.snapshots.insert(name.to_owned(), snapshot);
             Ok(())
@@ -463,12 +465,12 @@ pub(crate) mod tests {
         let digest = format!("sha256:{}", "0".repeat(64));
         let remote = |mountpoint: &str| RemoteLayer {
             image: format!("docker://h.io/app@{digest}").parse().unwrap(),
-            lease: Lease {
+            lease: Some(Lease {
                 holder: "snapshot:o:chain".into(),
                 mountpoint: mountpoint.into(),
                 process: None,
                 owned: true,
-            },
+            }),
         };
         meta.create(Kind::Active, "a", "", BTreeMap::new()).unwrap();
         // Only on a committed parent, never over another snapshot.
@@ -488,8 +490,9 @@ pub(crate) mod tests {
         // A snapshot on it, then its lease moves (made again) and survives a reopen.
         meta.create(Kind::Active, "c", "chain", BTreeMap::new())
             .unwrap();
-        meta.set_lease("chain", remote("/m2").lease).unwrap();
-        assert!(meta.set_lease("c", remote("/x").lease).is_err());
+        let lease = |mountpoint| remote(mountpoint).lease.unwrap();
+        meta.set_lease("chain", lease("/m2")).unwrap();
+        assert!(meta.set_lease("c", lease("/x")).is_err());
         drop(meta);
         let mut meta = Metadata::open(root.path()).unwrap();
         assert_eq!(meta.get("chain").unwrap().remote, Some(remote("/m2")));

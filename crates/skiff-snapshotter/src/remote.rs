@@ -1,14 +1,19 @@
 //! Remote snapshots: the layer of a skiff image (its launcher's, see
-//! `skiff_registry::launcher`) is committed without being downloaded, and
-//! its files are a lazy mount of the image, shared with `skiff mount` and
-//! `skiff run` on the host and held by the snapshot's lease.
+//! `skiff_registry::launcher`), or a layer of an unconverted image with a
+//! skiff artifact attached for it (`skiff_registry::referrers`), is
+//! committed without being downloaded, and its files are a lazy mount of
+//! the artifact, shared with `skiff mount` and `skiff run` on the host and
+//! held by the snapshot's lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use skiff_agent::host::{is_dead_mount, mounted_here, MountedHere};
 use skiff_agent::{ImageArg, Lease, MountRequest, MountSettings, Origin, SharedMounts};
 use skiff_registry::launcher::{index_digest_at, launcher_diff_id, ARTIFACT_LABEL};
+use skiff_registry::referrers::{attached, check_attached};
 use skiff_registry::{Registry, RegistryRef, Sha256Digest, DOCKER_HUB};
 
 use crate::error::{Result, SnapshotError};
@@ -17,8 +22,20 @@ use crate::error::{Result, SnapshotError};
 pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
 /// The image being pulled, as CRI names it: `HOST/REPO:TAG`.
 pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
+/// The digest of the (platform's) image manifest being pulled.
+pub const MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
 /// Marks a snapshot whose files were not unpacked here, as stargz does.
 pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
+
+/// How long a pull's answer to "which artifacts are attached to this
+/// image" is reused: long enough for the Prepares of one unpack, short
+/// enough that an image attached later is found on the next pull.
+const ATTACHED_TTL: Duration = Duration::from_secs(60);
+/// Images whose answer is kept at most (a pull asks for one).
+const ATTACHED_CACHED: usize = 256;
+
+/// Chain id → attached artifact, for one image.
+type AttachedList = BTreeMap<String, Sha256Digest>;
 
 /// The host's lazy mounts, as the snapshotter takes them.
 pub struct LazyMounts {
@@ -26,6 +43,8 @@ pub struct LazyMounts {
     settings: MountSettings,
     /// Tells this snapshotter's leases from another's on the same run dir.
     owner: String,
+    /// The artifacts attached to images pulled lately, by image.
+    attached: Mutex<HashMap<RegistryRef, (Instant, AttachedList)>>,
 }
 
 impl LazyMounts {
@@ -40,6 +59,7 @@ impl LazyMounts {
                     .as_os_str()
                     .as_encoded_bytes(),
             ),
+            attached: Mutex::new(HashMap::new()),
         }
     }
 
@@ -58,9 +78,7 @@ impl LazyMounts {
                 layer.image
             )));
         };
-        let registry = Registry::new(reference)
-            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?
-            .with_retry_window(self.settings.retry_window());
+        let registry = self.registry(reference)?;
         let reading = |e: skiff_registry::RegistryError| {
             SnapshotError::FailedPrecondition(format!("reading {}: {e}", layer.image))
         };
@@ -73,6 +91,89 @@ impl LazyMounts {
             )));
         }
         Ok(())
+    }
+
+    fn registry(&self, reference: &RegistryRef) -> Result<Registry> {
+        Ok(Registry::new(reference)
+            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?
+            .with_retry_window(self.settings.retry_window()))
+    }
+
+    /// The artifact attached to the pulled image for `layer`'s chain id,
+    /// checked (it is attached to that image, holds the layers of that
+    /// chain id, and `parent` is the chain id of the ones under it); `None`
+    /// if there is none or it cannot be read, and the layer is unpacked.
+    pub fn find_attached(&self, layer: &AttachedLayer, parent: &str) -> Option<ImageArg> {
+        let looked_up = self.attached_to(&layer.subject).and_then(|list| {
+            let Some(artifact) = list.get(&layer.target) else {
+                return Ok(None);
+            };
+            let registry = self.registry(&layer.subject)?;
+            let chain = check_attached(&registry, artifact, &layer.digest, &layer.target)
+                .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
+            let below = chain
+                .len()
+                .checked_sub(2)
+                .map_or("", |at| chain[at].as_str());
+            if below != parent {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "its layers are on {below:?}, and the pull gave {parent:?}"
+                )));
+            }
+            Ok(Some(ImageArg::Registry(
+                layer.subject.with_reference(&artifact.to_string()),
+            )))
+        });
+        match looked_up {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(
+                    "unpacking {} of {}: its attached skiff artifact is refused: {e}",
+                    layer.target,
+                    layer.subject
+                );
+                None
+            }
+        }
+    }
+
+    /// The artifacts attached to `subject`, asked of the registry at most
+    /// once a minute.
+    fn attached_to(&self, subject: &RegistryRef) -> Result<AttachedList> {
+        let cached = |cache: &HashMap<RegistryRef, (Instant, AttachedList)>| {
+            cache
+                .get(subject)
+                .filter(|(at, _)| at.elapsed() < ATTACHED_TTL)
+                .map(|(_, list)| list.clone())
+        };
+        if let Some(list) = cached(&self.attached_cache()) {
+            return Ok(list);
+        }
+        let registry = self.registry(subject)?;
+        let digest: Sha256Digest = subject.reference.parse().map_err(|_| {
+            SnapshotError::InvalidArgument(format!("{subject} does not name a digest"))
+        })?;
+        let list = attached(&registry, &digest).map_err(|e| {
+            SnapshotError::FailedPrecondition(format!("listing what is attached to {subject}: {e}"))
+        })?;
+        if !list.is_empty() {
+            tracing::info!("{subject} has {} skiff artifacts attached", list.len());
+        }
+        let mut cache = self.attached_cache();
+        cache.retain(|_, (at, _)| at.elapsed() < ATTACHED_TTL);
+        if cache.len() >= ATTACHED_CACHED {
+            cache.clear();
+        }
+        cache.insert(subject.clone(), (Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    fn attached_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<RegistryRef, (Instant, AttachedList)>> {
+        self.attached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A lease on a mount of `image` for the snapshot `name`.
@@ -136,7 +237,32 @@ impl SkiffLayer {
     }
 }
 
-/// The artifact `digest` in the repository `image_ref` (`HOST/REPO[:TAG][@DIGEST]`) names.
+/// What a Prepare's labels say of a layer of an ordinary image pulled
+/// through CRI: where to look for artifacts attached to it.
+#[derive(Debug, PartialEq)]
+pub struct AttachedLayer {
+    /// The committed snapshot to make (the chain id).
+    pub target: String,
+    /// The image manifest, `HOST/REPO@sha256:…`.
+    pub subject: RegistryRef,
+    pub digest: Sha256Digest,
+}
+
+impl AttachedLayer {
+    /// `None` unless this is an unpack's Prepare with CRI's labels.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<AttachedLayer> {
+        let target = labels.get(TARGET_LABEL)?;
+        let digest: Sha256Digest = labels.get(MANIFEST_DIGEST_LABEL)?.parse().ok()?;
+        let subject = artifact_reference(labels.get(IMAGE_REF_LABEL)?, &digest).ok()?;
+        Some(AttachedLayer {
+            target: target.clone(),
+            subject,
+            digest,
+        })
+    }
+}
+
+/// The manifest `digest` in the repository `image_ref` (`HOST/REPO[:TAG][@DIGEST]`) names.
 fn artifact_reference(image_ref: &str, digest: &Sha256Digest) -> Result<RegistryRef> {
     // Pinned references name the launcher: only the repository matters.
     let named = image_ref
@@ -184,6 +310,32 @@ mod tests {
             .image
             .to_string()
             .starts_with(&format!("docker://{DOCKER_HUB}/library/app@")));
+    }
+
+    #[test]
+    fn a_layer_pulled_through_cri_names_the_image_to_look_for_attached_artifacts() {
+        let layer = AttachedLayer::from_labels(&labels(&[
+            (TARGET_LABEL, "sha256:chain"),
+            (IMAGE_REF_LABEL, "docker.io/team/app:v1"),
+            (MANIFEST_DIGEST_LABEL, DIGEST),
+        ]))
+        .unwrap();
+        assert_eq!(layer.target, "sha256:chain");
+        assert_eq!(
+            layer.subject.to_string(),
+            format!("docker://{DOCKER_HUB}/team/app@{DIGEST}")
+        );
+        assert_eq!(layer.digest.to_string(), DIGEST);
+        // Without CRI's labels (ctr, an unpack by hand) there is nothing to look for.
+        for missing in [TARGET_LABEL, IMAGE_REF_LABEL, MANIFEST_DIGEST_LABEL] {
+            let mut partial = labels(&[
+                (TARGET_LABEL, "sha256:chain"),
+                (IMAGE_REF_LABEL, "h.io/app:v1"),
+                (MANIFEST_DIGEST_LABEL, DIGEST),
+            ]);
+            partial.remove(missing);
+            assert_eq!(AttachedLayer::from_labels(&partial), None, "{missing}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use crate::api::types::Mount;
 use crate::error::{Result, SnapshotError};
 use crate::metadata::{Kind, Metadata, RemoteLayer, Snapshot, Usage};
-use crate::remote::{is_live, LazyMounts, SkiffLayer, REMOTE_LABEL};
+use crate::remote::{is_live, AttachedLayer, LazyMounts, SkiffLayer, REMOTE_LABEL};
 
 /// A snapshot as containerd sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,8 +75,38 @@ impl Snapshotter {
                 "{} is a skiff image: unpacking its launcher, as lazy mounts are off",
                 layer.image
             );
+        } else if let (Some(lazy), Some(layer)) = (&self.lazy, AttachedLayer::from_labels(&labels))
+        {
+            // An image without an artifact for this layer unpacks as any other.
+            if let Some(image) = lazy.find_attached(&layer, parent) {
+                self.commit_attached(&layer.target, image, parent, labels)?;
+                return Err(SnapshotError::AlreadyExists(layer.target));
+            }
         }
         self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Commits a layer prefix of an unconverted image as a remote
+    /// snapshot of the artifact attached for it; it is mounted when a
+    /// snapshot on it first needs it, so the layers under the image's top
+    /// cost no mount unless another image builds on them.
+    fn commit_attached(
+        &self,
+        target: &str,
+        image: skiff_agent::ImageArg,
+        parent: &str,
+        mut labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        let _one_at_a_time = self.remote_lock();
+        if self.metadata().get(target).is_ok() {
+            return Ok(());
+        }
+        tracing::info!("{target} is the attached artifact {image}");
+        labels.insert(REMOTE_LABEL.to_owned(), "remote snapshot".to_owned());
+        let remote = RemoteLayer { image, lease: None };
+        self.metadata()
+            .create_remote(target, parent, labels, remote)?;
+        Ok(())
     }
 
     fn commit_remote(
@@ -102,7 +132,7 @@ impl Snapshotter {
         labels.insert(REMOTE_LABEL.to_owned(), "remote snapshot".to_owned());
         let remote = RemoteLayer {
             image: layer.image.clone(),
-            lease: lease.clone(),
+            lease: Some(lease.clone()),
         };
         if let Err(e) = self
             .metadata()
@@ -136,7 +166,7 @@ impl Snapshotter {
         let Some((name, remote)) = remote_under(&self.metadata(), name)? else {
             return Ok(());
         };
-        if is_live(&remote.lease) {
+        if remote.lease.as_ref().is_some_and(is_live) {
             return Ok(());
         }
         let _one_at_a_time = self.remote_lock();
@@ -152,15 +182,20 @@ impl Snapshotter {
             .ok_or_else(|| refused("lazy mounts are off".into()))?;
         // Another call may have made it again meanwhile.
         match self.metadata().get(&name)?.remote.as_ref() {
-            Some(now) if is_live(&now.lease) => return Ok(()),
+            Some(now) if now.lease.as_ref().is_some_and(is_live) => return Ok(()),
             Some(_) => {}
             None => return Err(SnapshotError::NotFound(name.clone())),
         }
-        tracing::warn!(
-            "the lazy mount of {} for {name} is gone; mounting it again",
-            remote.image
-        );
-        lazy.release(&remote.lease);
+        match &remote.lease {
+            Some(gone) => {
+                tracing::warn!(
+                    "the lazy mount of {} for {name} is gone; mounting it again",
+                    remote.image
+                );
+                lazy.release(gone);
+            }
+            None => tracing::info!("mounting {} lazily for {name}", remote.image),
+        }
         let lease = lazy
             .mount(&remote.image, &name)
             .map_err(|e| refused(format!("cannot be made again: {e}")))?;
@@ -194,11 +229,19 @@ impl Snapshotter {
             (snapshot, dir)
         };
         match (&snapshot.remote, &self.lazy) {
-            (Some(remote), Some(lazy)) => lazy.release(&remote.lease),
-            (Some(remote), None) => tracing::warn!(
-                "{key} held a lazy mount at {}; with lazy mounts off, it stays",
-                remote.lease.mountpoint.display()
-            ),
+            (Some(remote), Some(lazy)) => {
+                if let Some(lease) = &remote.lease {
+                    lazy.release(lease);
+                }
+            }
+            (Some(remote), None) => {
+                if let Some(lease) = &remote.lease {
+                    tracing::warn!(
+                        "{key} held a lazy mount at {}; with lazy mounts off, it stays",
+                        lease.mountpoint.display()
+                    );
+                }
+            }
             (None, _) => remove_dir(&dir),
         }
         tracing::debug!("removed snapshot {key} ({})", snapshot.id);
@@ -289,7 +332,10 @@ fn mounts_of(metadata: &Metadata, key: &str) -> Result<Vec<Mount>> {
     let mut lowers: Vec<PathBuf> = Vec::new();
     for parent in metadata.parents(key)? {
         if let Some(remote) = &parent.remote {
-            lowers.push(remote.lease.mountpoint.clone());
+            let lease = remote.lease.as_ref().ok_or_else(|| {
+                SnapshotError::FailedPrecondition(format!("{} is not mounted yet", remote.image))
+            })?;
+            lowers.push(lease.mountpoint.clone());
             break;
         }
         lowers.push(metadata.fs_dir(parent.id));
@@ -423,12 +469,12 @@ mod tests {
             image: format!("docker://h.io/app@sha256:{}", "0".repeat(64))
                 .parse()
                 .unwrap(),
-            lease: skiff_agent::Lease {
+            lease: Some(skiff_agent::Lease {
                 holder: "snapshot:o:chain".into(),
                 mountpoint: "/run/skiff/images/abc".into(),
                 process: None,
                 owned: true,
-            },
+            }),
         };
         let mut metadata = s.metadata();
         metadata

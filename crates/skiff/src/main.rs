@@ -1,5 +1,6 @@
 //! The `skiff` command.
 
+mod attach;
 mod mount;
 mod progress;
 mod run;
@@ -61,6 +62,31 @@ enum Command {
         source: String,
         /// NAME[:TAG] to store it under (tag defaults to latest), or docker://HOST/REPO:TAG to publish to
         target: ImageArg,
+        /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
+        #[arg(long)]
+        platform: Option<String>,
+        /// Chunking and compression threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish skiff's artifacts beside an image in a registry, leaving its tag as it is
+    #[command(
+        long_about = "Converts the image at docker://HOST/REPO:TAG and attaches skiff's artifacts \
+        to it in the same repository (OCI 1.1 `subject`): one skiff image for each prefix of \
+        its layers, listed by the registry's referrers API or, on registries without one \
+        (distribution 2.x), at the tag sha256-HEX. The tag still names the original image, \
+        which every other client pulls as before; skiff's containerd snapshotter, asked for it, \
+        finds the artifacts and mounts the image lazily. Attaching again replaces skiff's \
+        entries and keeps any others (signatures, SOCI indexes).",
+        after_help = "Converted into --store if given (so later pushes share its blobs), else a \
+        temporary store.\n\nExample:\n  skiff attach docker://registry.example/team/app:1.4"
+    )]
+    Attach {
+        /// docker://HOST[:PORT]/REPO:TAG or @sha256:DIGEST of the image
+        image: String,
         /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
         #[arg(long)]
         platform: Option<String>,
@@ -337,7 +363,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // These two never touch a store: a service unit needs no HOME for them.
     let needs_store = !matches!(
         cli.command,
-        Command::Snapshotter { .. } | Command::MountDaemon { .. }
+        Command::Snapshotter { .. } | Command::MountDaemon { .. } | Command::Attach { .. }
     );
     let store_dir = match &cli.store {
         Some(dir) => dir.clone(),
@@ -381,6 +407,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             result?
         }
+        Command::Attach {
+            image,
+            platform,
+            threads,
+            json,
+        } => attach::attach(
+            cli.store.as_deref(),
+            &registry_arg(&image)?,
+            platform.as_deref(),
+            threads,
+            json,
+        )?,
         Command::Images {
             repository: Some(repository),
             json,
@@ -557,33 +595,14 @@ fn convert(
     threads: usize,
     json: bool,
 ) -> Result<()> {
-    let platform = match platform {
-        Some(p) => Platform::parse(p)?,
-        None => Platform::host(),
-    };
     let store = Store::open_or_create(store_dir, &StoreConfig::default())
         .with_context(|| format!("opening store {}", store_dir.display()))?;
     let options = ConvertOptions {
-        platform,
+        platform: parse_platform(platform)?,
         threads,
-        cancel: Arc::default(),
+        ..ConvertOptions::default()
     };
-    // The first Ctrl-C or SIGTERM asks the conversion to stop and undo its
-    // writes; a second one exits at once (the store stays consistent anyway).
-    let cancel = options.cancel.clone();
-    ctrlc::set_handler(move || {
-        if cancel.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nskiff: stopping; removing what this conversion wrote (Ctrl-C again to quit at once)"
-        );
-    })
-    .context("installing the Ctrl-C handler")?;
-    let bar = progress::ConvertBar::new(format!("{target}"));
-    let report = skiff_oci::convert(source, &store, target, &options, &bar)
-        .with_context(|| format!("converting {} into {target}", source.name()))?;
-    bar.finish();
+    let report = convert_interruptibly(&store, source, target, &options)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -603,6 +622,39 @@ fn convert(
     );
     println!("index {}", report.manifest.index.digest);
     Ok(())
+}
+
+fn parse_platform(platform: Option<&str>) -> Result<Platform> {
+    Ok(match platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    })
+}
+
+/// Converts with a progress bar; the first Ctrl-C or SIGTERM asks the
+/// conversion to stop and undo its writes, a second one exits at once (the
+/// store stays consistent anyway).
+fn convert_interruptibly(
+    store: &Store,
+    source: &ImageSource,
+    target: &ImageRef,
+    options: &ConvertOptions,
+) -> Result<skiff_oci::ConvertReport> {
+    let cancel = options.cancel.clone();
+    ctrlc::set_handler(move || {
+        if cancel.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nskiff: stopping; removing what this conversion wrote (Ctrl-C again to quit at once)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
+    let bar = progress::ConvertBar::new(format!("{target}"));
+    let report = skiff_oci::convert(source, store, target, options, &bar)
+        .with_context(|| format!("converting {} into {target}", source.name()))?;
+    bar.finish();
+    Ok(report)
 }
 
 /// A `docker://` argument.

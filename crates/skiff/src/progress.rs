@@ -67,6 +67,8 @@ impl TransferBar {
 
 impl TransferProgress for TransferBar {
     fn start(&self, chunks: u64, bytes: u64) {
+        // Once for each image of an attach.
+        self.bar.set_position(0);
         self.bar.set_length(bytes);
         self.bar.set_message(format!("{chunks} chunks"));
     }
