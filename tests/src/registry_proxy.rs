@@ -79,6 +79,11 @@ pub struct ProxyMode {
     /// Hold each completing blob upload this long before forwarding it, so
     /// a test can kill a push between two uploads.
     pub upload_delay_ms: AtomicU64,
+    /// Be a registry with OCI 1.1's referrers API (distribution 2.8 has
+    /// none): manifests put with a `subject` are listed at
+    /// `/v2/REPO/referrers/DIGEST`, and their PUT is answered with
+    /// `OCI-Subject`.
+    pub referrers_api: AtomicBool,
 }
 
 impl RegistryProxy {
@@ -110,6 +115,7 @@ impl RegistryProxy {
             tokens: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
+            referrers: Mutex::new(HashMap::new()),
         });
         accept_loop(listener, shared.clone(), serve_proxy);
         accept_loop(target, shared, serve_redirect_target);
@@ -134,6 +140,8 @@ struct Shared {
     /// Redirect token -> the blob it lets the redirect target serve.
     grants: Mutex<HashMap<String, Grant>>,
     seq: AtomicU64,
+    /// "REPO SUBJECT" -> descriptors of the manifests put with that subject.
+    referrers: Mutex<HashMap<String, Vec<serde_json::Value>>>,
 }
 
 impl Shared {
@@ -284,6 +292,13 @@ fn serve_proxy(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
     }
 
+    if mode.referrers_api.load(SeqCst) {
+        if let Some(answer) = referrers_api(shared, &req, &path) {
+            write_answer(&mut stream, &answer, head, usize::MAX)?;
+            return Ok(());
+        }
+    }
+
     let is_upload = path.contains("/blobs/uploads");
     let digest = if req.method == "GET" {
         blob_digest(&path).map(str::to_owned)
@@ -370,6 +385,84 @@ fn serve_proxy(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         stats.blob_bytes.fetch_add(sent as u64, SeqCst);
     }
     Ok(())
+}
+
+/// The referrers API: a GET of `/v2/REPO/referrers/DIGEST` is answered
+/// here; a manifest PUT with a `subject` is forwarded, recorded and
+/// answered with `OCI-Subject`. `None` for every other request.
+fn referrers_api(shared: &Shared, req: &Request, path: &str) -> Option<Answer> {
+    let under = path.strip_prefix("/v2/")?;
+    let (repo, rest) = match under.rsplit_once("/referrers/") {
+        Some((repo, digest)) => (repo, format!("referrers/{digest}")),
+        None => {
+            let (repo, reference) = under.rsplit_once("/manifests/")?;
+            (repo, format!("manifests/{reference}"))
+        }
+    };
+    if let (Some(subject), "GET") = (rest.strip_prefix("referrers/"), req.method.as_str()) {
+        let wanted = req
+            .query()
+            .split('&')
+            .find_map(|p| p.strip_prefix("artifactType="))
+            .map(|t| t.replace("%2F", "/").replace("%2f", "/"));
+        let listed: Vec<serde_json::Value> = shared
+            .referrers
+            .lock()
+            .unwrap()
+            .get(&format!("{repo} {subject}"))
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| wanted.as_deref().is_none_or(|t| d["artifactType"] == t))
+            .collect();
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": listed,
+        });
+        return Some(Answer::new(
+            200,
+            vec![(
+                "Content-Type".to_owned(),
+                "application/vnd.oci.image.index.v1+json".to_owned(),
+            )],
+            serde_json::to_vec(&body).unwrap(),
+        ));
+    }
+    if req.method != "PUT" || !rest.starts_with("manifests/") {
+        return None;
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&req.body).ok()?;
+    let subject = manifest["subject"]["digest"].as_str()?.to_owned();
+    let digest = format!("sha256:{:x}", Sha256::digest(&req.body));
+    let headers = upstream_headers(req, &[]);
+    let mut answer = forward(
+        shared,
+        "PUT",
+        &req.target,
+        &headers,
+        req.body.clone(),
+        false,
+    );
+    if (200..300).contains(&answer.status) {
+        let mut descriptor = serde_json::json!({
+            "mediaType": manifest["mediaType"],
+            "digest": digest,
+            "size": req.body.len(),
+        });
+        for field in ["artifactType", "annotations"] {
+            if !manifest[field].is_null() {
+                descriptor[field] = manifest[field].clone();
+            }
+        }
+        let mut referrers = shared.referrers.lock().unwrap();
+        let listed = referrers.entry(format!("{repo} {subject}")).or_default();
+        if !listed.iter().any(|d| d["digest"] == descriptor["digest"]) {
+            listed.push(descriptor);
+        }
+        answer.headers.push(("OCI-Subject".to_owned(), subject));
+    }
+    Some(answer)
 }
 
 /// The "object storage" a redirected blob GET lands on.

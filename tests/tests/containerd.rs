@@ -13,7 +13,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use skiff_snapshotter::api::snapshots::snapshots_client::SnapshotsClient;
-use skiff_snapshotter::api::snapshots::{ListSnapshotsRequest, PrepareSnapshotRequest};
+use skiff_snapshotter::api::snapshots::{
+    ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
 use skiff_tests::cri::{channel, Containerd, Kubelet, Snapshotter};
 use skiff_tests::registry_proxy::RegistryProxy;
 use skiff_tests::*;
@@ -369,6 +371,18 @@ fn manifest_bytes(base_url: &str, repo: &str, reference: &str) -> (Vec<u8>, Stri
 
 #[test]
 fn containerd_mounts_an_ordinary_image_lazily_through_the_artifacts_attached_to_it() {
+    attached_image_runs_lazily(false);
+}
+
+#[test]
+fn attached_artifacts_are_found_through_the_referrers_api_where_there_is_one() {
+    attached_image_runs_lazily(true);
+}
+
+/// An ordinary image with skiff's artifacts attached (through the
+/// registry's referrers API, or distribution 2.8's lack of one), pulled
+/// and run through CRI beside an image that shares its base.
+fn attached_image_runs_lazily(referrers_api: bool) {
     let dir = tempdir();
     let registry = Registry::start();
     let registry_url = format!("http://127.0.0.1:{}", registry.port);
@@ -403,42 +417,58 @@ fn containerd_mounts_an_ordinary_image_lazily_through_the_artifacts_attached_to_
         .map(|l| l["digest"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(layer_blobs.len(), 2);
-    let out = skiff_ok(
-        &dir.path().join("store"),
-        &["attach", &format!("docker://{app}")],
-    );
-    assert!(out.contains("attached 2 skiff artifacts"), "{out}");
-    // The tag still names the original image; distribution 2.8 has no
-    // referrers API, so the artifacts are listed at the fallback tag.
+    proxy.mode.referrers_api.store(referrers_api, SeqCst);
+    let app = through_proxy(app);
+    let attach = || {
+        skiff_json(
+            &dir.path().join("store"),
+            &["attach", &format!("docker://{app}"), "--json"],
+        )
+    };
+    let report = attach();
+    assert_eq!(report["artifacts"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(report["referrers_api"], referrers_api, "{report}");
+    // The tag still names the original image.
     assert_eq!(manifest_bytes(&registry_url, "team/plain", "1").0, original);
-    let fallback = oci_manifest(
-        &registry_url,
-        "team/plain",
-        &subject.replace(':', "-"),
-        None,
+    let fallback_tag = format!(
+        "{registry_url}/v2/team/plain/manifests/{}",
+        subject.replace(':', "-")
     );
-    let chains: Vec<&str> = fallback["manifests"]
+    let listed = || -> serde_json::Value {
+        let url = match referrers_api {
+            true => format!("{}/v2/team/plain/referrers/{subject}", proxy.url),
+            false => fallback_tag.clone(),
+        };
+        let response = reqwest::blocking::Client::new()
+            .get(url)
+            .header("Accept", "application/vnd.oci.image.index.v1+json")
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        serde_json::from_slice(&response.bytes().unwrap()).unwrap()
+    };
+    if referrers_api {
+        // The registry lists them: no fallback tag.
+        let status = reqwest::blocking::get(&fallback_tag).unwrap().status();
+        assert_eq!(status, 404);
+    }
+    let index = listed();
+    let chains: Vec<String> = index["manifests"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| {
             assert_eq!(m["artifactType"], "application/vnd.skiff.image.v1");
-            m["annotations"]["dev.skiff.chain-id"].as_str().unwrap()
+            m["annotations"]["dev.skiff.chain-id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         })
         .collect();
-    assert_eq!(chains.len(), 2, "{fallback}");
+    assert_eq!(chains.len(), 2, "{index}");
     // Attaching again replaces skiff's entries instead of adding to them.
-    skiff_ok(
-        &dir.path().join("store"),
-        &["attach", &format!("docker://{app}")],
-    );
-    let again = oci_manifest(
-        &registry_url,
-        "team/plain",
-        &subject.replace(':', "-"),
-        None,
-    );
-    assert_eq!(again["manifests"].as_array().unwrap().len(), 2, "{again}");
+    attach();
+    assert_eq!(listed()["manifests"].as_array().unwrap().len(), 2);
 
     // An image with the same base and no artifact of its own.
     let other_top = Layer::new().file("etc/motd", 0o644, "other motd\n");
@@ -447,11 +477,43 @@ fn containerd_mounts_an_ordinary_image_lazily_through_the_artifacts_attached_to_
         &busybox_image(vec![other_top], &["/bin/sh"]),
         "team/other:1",
     ));
-    let app = through_proxy(app);
 
     let snapshotter = Snapshotter::start(dir.path());
     let containerd = Containerd::start(&snapshotter, proxy.port, &pause);
     let rt = runtime();
+    // The second layer's artifact holds it on the first: asked for on no
+    // parent, it is unpacked as any other layer would be.
+    let forged = PrepareSnapshotRequest {
+        snapshotter: String::new(),
+        key: "extract-forged".into(),
+        parent: String::new(),
+        labels: [
+            ("containerd.io/snapshot.ref", chains[1].as_str()),
+            ("containerd.io/snapshot/cri.image-ref", app.as_str()),
+            (
+                "containerd.io/snapshot/cri.manifest-digest",
+                subject.as_str(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    };
+    rt.block_on(async {
+        let mut skiff = SnapshotsClient::new(channel(&snapshotter.socket).await);
+        skiff.prepare(forged).await.unwrap();
+        let made = skiff_snapshots(&snapshotter).await;
+        assert_eq!(made.len(), 1, "{made:?}");
+        assert_eq!(made[0].0, "extract-forged");
+        assert!(!made[0].1.contains_key("containerd.io/snapshot/remote"));
+        skiff
+            .remove(RemoveSnapshotRequest {
+                snapshotter: String::new(),
+                key: "extract-forged".into(),
+            })
+            .await
+            .unwrap();
+    });
     let mut kubelet = rt.block_on(Kubelet::connect(&containerd));
     let before_pull = proxy.stats.log.lock().unwrap().len();
     rt.block_on(kubelet.pull(&app));
@@ -470,7 +532,7 @@ fn containerd_mounts_an_ordinary_image_lazily_through_the_artifacts_attached_to_
         .collect();
     assert_eq!(
         remote.iter().map(String::as_str).collect::<BTreeSet<_>>(),
-        chains.iter().copied().collect::<BTreeSet<_>>(),
+        chains.iter().map(String::as_str).collect::<BTreeSet<_>>(),
         "one remote snapshot for each layer prefix, named by its chain id"
     );
     let images = snapshotter.run_dir().join("images");
