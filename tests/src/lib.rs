@@ -1068,18 +1068,7 @@ impl SkiffServer {
     /// One counter or gauge from `/metrics`, summed over its label sets that
     /// contain every string in `labels`.
     pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = reqwest::blocking::get(format!("{}/metrics", self.url))
-            .unwrap()
-            .text()
-            .unwrap();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
-            })
-            .filter(|l| labels.iter().all(|label| l.contains(label)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_at(&self.url, name, labels)
     }
 }
 
@@ -1380,4 +1369,21 @@ pub fn skiff_artifact_manifest(
         artifact["digest"].as_str().unwrap(),
         basic_auth,
     )
+}
+
+/// The sum of the Prometheus samples `name` whose labels include all of
+/// `labels` (`key="value"`), scraped from `BASE_URL/metrics`.
+pub fn metric_at(base_url: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::blocking::get(format!("{base_url}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -218,7 +218,14 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
         .collect();
     assert!(!packs.is_empty());
 
-    let snapshotter = Snapshotter::start(dir.path());
+    let metrics_port = free_port();
+    let metrics_address = format!("127.0.0.1:{metrics_port}");
+    let snapshotter = Snapshotter::start_with(
+        dir.path(),
+        &["--no-prefetch", "--metrics-address", &metrics_address],
+        &[],
+    );
+    let metrics = format!("http://{metrics_address}");
     let containerd = Containerd::start(&snapshotter, proxy.port, &pause);
     let rt = runtime();
     let mut kubelet = rt.block_on(Kubelet::connect(&containerd));
@@ -245,6 +252,30 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
         .filter(|(_, labels)| labels.contains_key("containerd.io/snapshot/remote"))
         .collect();
     assert_eq!(remote.len(), 1, "{remote:?}");
+    // What an operator's Prometheus sees of that pull.
+    let metric = |name: &str, labels: &[&str]| metric_at(&metrics, name, labels);
+    assert_eq!(
+        metric(
+            "skiff_snapshotter_calls_total",
+            &[r#"call="prepare""#, r#"code="already_exists""#]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            "skiff_snapshotter_remote_snapshots_total",
+            &[r#"source="launcher""#]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric("skiff_snapshotter_lazy_mounts_total", &[r#"reason="pull""#]),
+        1.0
+    );
+    assert_eq!(
+        metric("skiff_snapshotter_snapshots", &[r#"kind="remote""#]),
+        1.0
+    );
     let images = snapshotter.run_dir().join("images");
     assert_eq!(
         mounts_under(&images).len(),
@@ -478,7 +509,14 @@ fn attached_image_runs_lazily(referrers_api: bool) {
         "team/other:1",
     ));
 
-    let snapshotter = Snapshotter::start(dir.path());
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let snapshotter = Snapshotter::start_with(
+        dir.path(),
+        &["--no-prefetch", "--metrics-address", &metrics_address],
+        &[],
+    );
+    let metric =
+        |name: &str, label: &str| metric_at(&format!("http://{metrics_address}"), name, &[label]);
     let containerd = Containerd::start(&snapshotter, proxy.port, &pause);
     let rt = runtime();
     // The second layer's artifact holds it on the first: asked for on no
@@ -565,6 +603,30 @@ fn attached_image_runs_lazily(referrers_api: bool) {
     );
     // The sandbox stands on the first layer's prefix, the container on both layers'.
     assert_eq!(lazy_mounts(), 2, "{:?}", mounts_under(&images));
+    for (name, label, value) in [
+        (
+            "skiff_snapshotter_remote_snapshots_total",
+            r#"source="attached""#,
+            2.0,
+        ),
+        (
+            "skiff_snapshotter_attached_lookups_total",
+            r#"outcome="found""#,
+            2.0,
+        ),
+        (
+            "skiff_snapshotter_attached_lookups_total",
+            r#"outcome="refused""#,
+            1.0,
+        ),
+        (
+            "skiff_snapshotter_lazy_mounts_total",
+            r#"reason="first_use""#,
+            2.0,
+        ),
+    ] {
+        assert_eq!(metric(name, label), value, "{name}{{{label}}}");
+    }
 
     // The other image's own layer unpacks onto the shared base's lazy mount.
     let before_other = proxy.stats.log.lock().unwrap().len();

@@ -5,6 +5,7 @@
 
 mod error;
 pub mod metadata;
+mod metrics;
 pub mod remote;
 mod service;
 mod snapshotter;
@@ -56,6 +57,8 @@ pub struct SnapshotterConfig {
     /// The host agent's run directory, shared with `skiff run` and `skiff mount`.
     pub run_dir: PathBuf,
     pub settings: MountSettings,
+    /// Where to serve Prometheus metrics at `/metrics` (off if `None`).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// Serves the snapshots API until `shutdown` completes.
@@ -84,6 +87,9 @@ pub async fn serve(
         config.address.display(),
         config.root.display()
     );
+    if let Some(address) = config.metrics_address {
+        serve_metrics(address, snapshotter.clone()).await?;
+    }
     let service =
         api::snapshots::snapshots_server::SnapshotsServer::new(SnapshotService::new(snapshotter));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -112,6 +118,43 @@ pub async fn serve(
             std::io::Error::other(e),
         )
     })
+}
+
+/// Serves `snapshotter`'s metrics at `http://ADDRESS/metrics` for as long
+/// as the runtime runs.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    snapshotter: Arc<Snapshotter>,
+) -> Result<(), SnapshotError> {
+    use axum::http::header::CONTENT_TYPE;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| SnapshotError::io(format!("serving metrics on {address}"), e))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let snapshotter = snapshotter.clone();
+            async move {
+                let text = tokio::task::spawn_blocking(move || snapshotter.render_metrics())
+                    .await
+                    .unwrap_or_default();
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    tracing::info!("serving metrics on http://{address}/metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("the metrics server stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 /// A socket file whose server is gone is in the way; a live one is refused.

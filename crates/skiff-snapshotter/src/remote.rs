@@ -102,39 +102,28 @@ impl LazyMounts {
     /// The artifact attached to the pulled image for `layer`'s chain id,
     /// checked (it is attached to that image, holds the layers of that
     /// chain id, and `parent` is the chain id of the ones under it); `None`
-    /// if there is none or it cannot be read, and the layer is unpacked.
-    pub fn find_attached(&self, layer: &AttachedLayer, parent: &str) -> Option<ImageArg> {
-        let looked_up = self.attached_to(&layer.subject).and_then(|list| {
-            let Some(artifact) = list.get(&layer.target) else {
-                return Ok(None);
-            };
-            let registry = self.registry(&layer.subject)?;
-            let chain = check_attached(&registry, artifact, &layer.digest, &layer.target)
-                .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
-            let below = chain
-                .len()
-                .checked_sub(2)
-                .map_or("", |at| chain[at].as_str());
-            if below != parent {
-                return Err(SnapshotError::InvalidArgument(format!(
-                    "its layers are on {below:?}, and the pull gave {parent:?}"
-                )));
-            }
-            Ok(Some(ImageArg::Registry(
-                layer.subject.with_reference(&artifact.to_string()),
-            )))
-        });
-        match looked_up {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(
-                    "unpacking {} of {}: its attached skiff artifact is refused: {e}",
-                    layer.target,
-                    layer.subject
-                );
-                None
-            }
+    /// if there is none. An error (unreadable, or a check failed) means the
+    /// layer is unpacked as any other.
+    pub fn find_attached(&self, layer: &AttachedLayer, parent: &str) -> Result<Option<ImageArg>> {
+        let list = self.attached_to(&layer.subject)?;
+        let Some(artifact) = list.get(&layer.target) else {
+            return Ok(None);
+        };
+        let registry = self.registry(&layer.subject)?;
+        let chain = check_attached(&registry, artifact, &layer.digest, &layer.target)
+            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
+        let below = chain
+            .len()
+            .checked_sub(2)
+            .map_or("", |at| chain[at].as_str());
+        if below != parent {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "its layers are on {below:?}, and the pull gave {parent:?}"
+            )));
         }
+        Ok(Some(ImageArg::Registry(
+            layer.subject.with_reference(&artifact.to_string()),
+        )))
     }
 
     /// The artifacts attached to `subject`, asked of the registry at most

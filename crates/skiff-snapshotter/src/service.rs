@@ -32,15 +32,25 @@ impl SnapshotService {
         SnapshotService { snapshotter }
     }
 
+    /// Runs the call `name` on the blocking pool and counts it.
     async fn blocking<T: Send + 'static>(
         &self,
+        name: &'static str,
         call: impl FnOnce(&Snapshotter) -> Result<T, SnapshotError> + Send + 'static,
     ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
         let snapshotter = self.snapshotter.clone();
-        tokio::task::spawn_blocking(move || call(&snapshotter))
+        let result = tokio::task::spawn_blocking(move || call(&snapshotter))
             .await
-            .map_err(|e| Status::internal(format!("a snapshot call failed: {e}")))?
-            .map_err(Status::from)
+            .map_err(|e| Status::internal(format!("a snapshot call failed: {e}")))
+            .and_then(|r| r.map_err(Status::from));
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.snapshotter
+            .metrics()
+            .call(name, code, started.elapsed());
+        result
     }
 }
 
@@ -76,7 +86,9 @@ impl Snapshots for SnapshotService {
         let r = request.into_inner();
         tracing::debug!("prepare {} on {:?}", r.key, r.parent);
         let mounts = self
-            .blocking(move |s| s.prepare(&r.key, &r.parent, labels(r.labels)))
+            .blocking("prepare", move |s| {
+                s.prepare(&r.key, &r.parent, labels(r.labels))
+            })
             .await?;
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
@@ -87,7 +99,9 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<ViewSnapshotResponse>, Status> {
         let r = request.into_inner();
         let mounts = self
-            .blocking(move |s| s.create(Kind::View, &r.key, &r.parent, labels(r.labels)))
+            .blocking("view", move |s| {
+                s.create(Kind::View, &r.key, &r.parent, labels(r.labels))
+            })
             .await?;
         Ok(Response::new(ViewSnapshotResponse { mounts }))
     }
@@ -97,7 +111,7 @@ impl Snapshots for SnapshotService {
         request: Request<MountsRequest>,
     ) -> Result<Response<MountsResponse>, Status> {
         let key = request.into_inner().key;
-        let mounts = self.blocking(move |s| s.mounts(&key)).await?;
+        let mounts = self.blocking("mounts", move |s| s.mounts(&key)).await?;
         Ok(Response::new(MountsResponse { mounts }))
     }
 
@@ -107,8 +121,10 @@ impl Snapshots for SnapshotService {
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
         tracing::debug!("commit {} as {}", r.key, r.name);
-        self.blocking(move |s| s.commit(&r.name, &r.key, labels(r.labels)))
-            .await?;
+        self.blocking("commit", move |s| {
+            s.commit(&r.name, &r.key, labels(r.labels))
+        })
+        .await?;
         Ok(Response::new(()))
     }
 
@@ -117,7 +133,7 @@ impl Snapshots for SnapshotService {
         request: Request<RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let key = request.into_inner().key;
-        self.blocking(move |s| s.remove(&key)).await?;
+        self.blocking("remove", move |s| s.remove(&key)).await?;
         Ok(Response::new(()))
     }
 
@@ -126,7 +142,7 @@ impl Snapshots for SnapshotService {
         request: Request<StatSnapshotRequest>,
     ) -> Result<Response<StatSnapshotResponse>, Status> {
         let key = request.into_inner().key;
-        let info = self.blocking(move |s| s.stat(&key)).await?;
+        let info = self.blocking("stat", move |s| s.stat(&key)).await?;
         Ok(Response::new(StatSnapshotResponse {
             info: Some(api_info(info)),
         }))
@@ -142,7 +158,9 @@ impl Snapshots for SnapshotService {
             .ok_or_else(|| Status::invalid_argument("an update names no snapshot"))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let info = self
-            .blocking(move |s| s.update(&info.name, labels(info.labels), &paths))
+            .blocking("update", move |s| {
+                s.update(&info.name, labels(info.labels), &paths)
+            })
             .await?;
         Ok(Response::new(UpdateSnapshotResponse {
             info: Some(api_info(info)),
@@ -156,7 +174,7 @@ impl Snapshots for SnapshotService {
         _request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
         // Filters are left to containerd, which checks every answer itself.
-        let infos = self.blocking(|s| Ok(s.list())).await?;
+        let infos = self.blocking("list", |s| Ok(s.list())).await?;
         let batches: Vec<Result<ListSnapshotsResponse, Status>> = infos
             .chunks(LIST_BATCH)
             .map(|batch| {
@@ -173,7 +191,7 @@ impl Snapshots for SnapshotService {
         request: Request<UsageRequest>,
     ) -> Result<Response<UsageResponse>, Status> {
         let key = request.into_inner().key;
-        let usage = self.blocking(move |s| s.usage(&key)).await?;
+        let usage = self.blocking("usage", move |s| s.usage(&key)).await?;
         Ok(Response::new(UsageResponse {
             size: usage.size,
             inodes: usage.inodes,
@@ -181,7 +199,7 @@ impl Snapshots for SnapshotService {
     }
 
     async fn cleanup(&self, _request: Request<CleanupRequest>) -> Result<Response<()>, Status> {
-        self.blocking(|s| s.cleanup()).await?;
+        self.blocking("cleanup", |s| s.cleanup()).await?;
         Ok(Response::new(()))
     }
 }

@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::api::types::Mount;
 use crate::error::{Result, SnapshotError};
 use crate::metadata::{Kind, Metadata, RemoteLayer, Snapshot, Usage};
+use crate::metrics::Metrics;
 use crate::remote::{is_live, AttachedLayer, LazyMounts, SkiffLayer, REMOTE_LABEL};
 
 /// A snapshot as containerd sees it.
@@ -25,6 +26,7 @@ pub struct Snapshotter {
     lazy: Option<LazyMounts>,
     /// Held while a remote snapshot is made: two pulls of one image make one.
     remote_lock: Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Snapshotter {
@@ -33,7 +35,27 @@ impl Snapshotter {
             metadata: Mutex::new(Metadata::open(root)?),
             lazy,
             remote_lock: Mutex::new(()),
+            metrics: Metrics::new(),
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The metrics in Prometheus' text format, with the snapshots held now.
+    pub fn render_metrics(&self) -> String {
+        let mut held = [("active", 0), ("view", 0), ("committed", 0), ("remote", 0)];
+        for (_, snapshot) in self.metadata().all() {
+            let at = match (snapshot.kind, &snapshot.remote) {
+                (_, Some(_)) => 3,
+                (Kind::Active, None) => 0,
+                (Kind::View, None) => 1,
+                (Kind::Committed, None) => 2,
+            };
+            held[at].1 += 1;
+        }
+        self.metrics.render(&held)
     }
 
     fn metadata(&self) -> std::sync::MutexGuard<'_, Metadata> {
@@ -78,9 +100,21 @@ impl Snapshotter {
         } else if let (Some(lazy), Some(layer)) = (&self.lazy, AttachedLayer::from_labels(&labels))
         {
             // An image without an artifact for this layer unpacks as any other.
-            if let Some(image) = lazy.find_attached(&layer, parent) {
-                self.commit_attached(&layer.target, image, parent, labels)?;
-                return Err(SnapshotError::AlreadyExists(layer.target));
+            match lazy.find_attached(&layer, parent) {
+                Ok(Some(image)) => {
+                    self.metrics.attached_lookup("found");
+                    self.commit_attached(&layer.target, image, parent, labels)?;
+                    return Err(SnapshotError::AlreadyExists(layer.target));
+                }
+                Ok(None) => self.metrics.attached_lookup("none"),
+                Err(e) => {
+                    self.metrics.attached_lookup("refused");
+                    tracing::warn!(
+                        "unpacking {} of {}: its attached skiff artifact is refused: {e}",
+                        layer.target,
+                        layer.subject
+                    );
+                }
             }
         }
         self.create(Kind::Active, key, parent, labels)
@@ -106,6 +140,7 @@ impl Snapshotter {
         let remote = RemoteLayer { image, lease: None };
         self.metadata()
             .create_remote(target, parent, labels, remote)?;
+        self.metrics.remote_snapshot("attached");
         Ok(())
     }
 
@@ -128,7 +163,9 @@ impl Snapshotter {
         }
         lazy.check(layer)?;
         tracing::info!("mounting {} lazily for {}", layer.image, layer.target);
-        let lease = lazy.mount(&layer.image, &layer.target)?;
+        let lease = lazy.mount(&layer.image, &layer.target);
+        self.metrics.lazy_mount(lease.is_ok().then_some("pull"));
+        let lease = lease?;
         labels.insert(REMOTE_LABEL.to_owned(), "remote snapshot".to_owned());
         let remote = RemoteLayer {
             image: layer.image.clone(),
@@ -141,6 +178,7 @@ impl Snapshotter {
             lazy.release(&lease);
             return Err(e);
         }
+        self.metrics.remote_snapshot("launcher");
         Ok(())
     }
 
@@ -186,19 +224,23 @@ impl Snapshotter {
             Some(_) => {}
             None => return Err(SnapshotError::NotFound(name.clone())),
         }
-        match &remote.lease {
+        let reason = match &remote.lease {
             Some(gone) => {
                 tracing::warn!(
                     "the lazy mount of {} for {name} is gone; mounting it again",
                     remote.image
                 );
                 lazy.release(gone);
+                "gone"
             }
-            None => tracing::info!("mounting {} lazily for {name}", remote.image),
-        }
-        let lease = lazy
-            .mount(&remote.image, &name)
-            .map_err(|e| refused(format!("cannot be made again: {e}")))?;
+            None => {
+                tracing::info!("mounting {} lazily for {name}", remote.image);
+                "first_use"
+            }
+        };
+        let lease = lazy.mount(&remote.image, &name);
+        self.metrics.lazy_mount(lease.is_ok().then_some(reason));
+        let lease = lease.map_err(|e| refused(format!("cannot be made: {e}")))?;
         self.metadata().set_lease(&name, lease)
     }
 

@@ -227,6 +227,9 @@ enum Command {
         /// Mount daemons' records and the shared mounts (as for `skiff run`)
         #[arg(long, env = "SKIFF_RUN_DIR", default_value = skiff_agent::DEFAULT_RUN_DIR, value_name = "DIR")]
         run_dir: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (calls, remote snapshots, lazy mounts) [default: off]
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
         /// How skiff images are mounted
         #[command(flatten)]
         mount: mount::MountFlags,
@@ -539,12 +542,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             address,
             root,
             run_dir,
+            metrics_address,
             mount,
         } => snapshotter(skiff_snapshotter::SnapshotterConfig {
             address,
             root,
             run_dir,
             settings: mount.settings(),
+            metrics_address,
         })?,
         Command::Status { at, json } => mount::status(at, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
