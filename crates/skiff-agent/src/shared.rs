@@ -112,6 +112,25 @@ impl SharedMounts {
         live
     }
 
+    /// Every live lease, on any mount, whose holder starts with `prefix`.
+    pub fn leases_held_by(&self, prefix: &str) -> Vec<Lease> {
+        let Ok(mounts) = std::fs::read_dir(self.leases_root()) else {
+            return Vec::new();
+        };
+        let mut held: Vec<Lease> = mounts
+            .flatten()
+            .filter_map(|mount| std::fs::read_dir(mount.path()).ok())
+            .flat_map(|leases| leases.flatten())
+            .filter_map(|entry| {
+                let bytes = std::fs::read(entry.path()).ok()?;
+                serde_json::from_slice::<Lease>(&bytes).ok()
+            })
+            .filter(|lease| lease.holder.starts_with(prefix) && lease.is_live())
+            .collect();
+        held.sort_by(|a, b| a.holder.cmp(&b.holder));
+        held
+    }
+
     fn write_lease(&self, lease: &Lease) -> Result<()> {
         let dir = self.lease_dir(&lease.mountpoint);
         std::fs::create_dir_all(&dir).io_context(|| format!("creating {}", dir.display()))?;
@@ -282,6 +301,28 @@ mod tests {
         // The last one lets the mount go (here nothing is mounted).
         assert!(shared.release(&snapshot).unwrap());
         assert!(shared.leases(&mountpoint).is_empty());
+    }
+
+    #[test]
+    fn a_holders_leases_are_found_on_every_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = SharedMounts::new(RunDir::new(dir.path()));
+        let (a, b) = (dir.path().join("images/a"), dir.path().join("images/b"));
+        let mine = [
+            lease("snapshot:me:x", &a, None),
+            lease("snapshot:me:y", &b, None),
+        ];
+        for l in &mine {
+            shared.write_lease(l).unwrap();
+        }
+        shared
+            .write_lease(&lease("snapshot:other:x", &a, None))
+            .unwrap();
+        shared
+            .write_lease(&lease("snapshot:me:dead", &b, Some(dead_process())))
+            .unwrap();
+        assert_eq!(shared.leases_held_by("snapshot:me:"), mine.to_vec());
+        assert!(shared.leases_held_by("container:").is_empty());
     }
 
     #[test]

@@ -177,6 +177,23 @@ impl LazyMounts {
         Ok(self.shared.acquire(&request, &self.holder(name), None)?)
     }
 
+    /// Lets go of this snapshotter's leases that `wanted` (given the
+    /// snapshot's name and the lease) does not want: those a crash left
+    /// between a lease and its snapshot's record.
+    pub fn sweep(&self, wanted: impl Fn(&str, &Lease) -> bool) {
+        let prefix = self.holder("");
+        for lease in self.shared.leases_held_by(&prefix) {
+            let name = lease.holder.strip_prefix(&prefix).unwrap_or_default();
+            if !wanted(name, &lease) {
+                tracing::info!(
+                    "letting go of the lease on {} for {name}, which no snapshot holds",
+                    lease.mountpoint.display()
+                );
+                self.release(&lease);
+            }
+        }
+    }
+
     pub fn release(&self, lease: &Lease) {
         if let Err(e) = self.shared.release(lease) {
             tracing::warn!("letting go of {}: {e}", lease.mountpoint.display());

@@ -3,9 +3,10 @@
 //! parents, and the mounts containerd gets stack them.
 
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::api::types::Mount;
 use crate::error::{Result, SnapshotError};
@@ -24,17 +25,23 @@ pub struct Snapshotter {
     metadata: Mutex<Metadata>,
     /// Without it, skiff images' layers are unpacked as any others.
     lazy: Option<LazyMounts>,
-    /// Held while a remote snapshot is made: two pulls of one image make one.
-    remote_lock: Mutex<()>,
+    /// Held for a snapshot's name while its remote snapshot or lazy mount
+    /// is made or let go: two pulls of one image make one, and a slow
+    /// registry for one image holds up no other.
+    remote_locks: NameLocks,
     metrics: Arc<Metrics>,
 }
 
 impl Snapshotter {
     pub fn open(root: &Path, lazy: Option<LazyMounts>) -> Result<Snapshotter> {
+        let metadata = Metadata::open(root)?;
+        if let Some(lazy) = &lazy {
+            lazy.sweep(|name, lease| holds_lease(&metadata, name, lease));
+        }
         Ok(Snapshotter {
-            metadata: Mutex::new(Metadata::open(root)?),
+            metadata: Mutex::new(metadata),
             lazy,
-            remote_lock: Mutex::new(()),
+            remote_locks: NameLocks::default(),
             metrics: Metrics::new(),
         })
     }
@@ -131,7 +138,7 @@ impl Snapshotter {
         parent: &str,
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
-        let _one_at_a_time = self.remote_lock();
+        let _one_at_a_time = self.remote_locks.lock(target);
         if self.metadata().get(target).is_ok() {
             return Ok(());
         }
@@ -151,7 +158,7 @@ impl Snapshotter {
         parent: &str,
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
-        let _one_at_a_time = self.remote_lock();
+        let _one_at_a_time = self.remote_locks.lock(&layer.target);
         if self.metadata().get(&layer.target).is_ok() {
             return Ok(());
         }
@@ -188,12 +195,6 @@ impl Snapshotter {
         mounts_of(&self.metadata(), key)
     }
 
-    fn remote_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.remote_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Mounts again the lazy mount that the snapshot `name` or the nearest
     /// of its parents stands on, if it is gone (the host restarted,
     /// someone ran `skiff umount`), so a new container never lands on an
@@ -207,24 +208,24 @@ impl Snapshotter {
         if remote.lease.as_ref().is_some_and(is_live) {
             return Ok(());
         }
-        let _one_at_a_time = self.remote_lock();
+        let _one_at_a_time = self.remote_locks.lock(&name);
         let refused = |why: String| {
             SnapshotError::FailedPrecondition(format!(
-                "snapshot {name} is a lazy mount of {}, which is gone and {why}",
+                "snapshot {name} is a lazy mount of {}, which {why}",
                 remote.image
             ))
         };
         let lazy = self
             .lazy
             .as_ref()
-            .ok_or_else(|| refused("lazy mounts are off".into()))?;
+            .ok_or_else(|| refused("is not mounted, and lazy mounts are off".into()))?;
         // Another call may have made it again meanwhile.
-        match self.metadata().get(&name)?.remote.as_ref() {
+        let lease = match self.metadata().get(&name)?.remote.clone() {
             Some(now) if now.lease.as_ref().is_some_and(is_live) => return Ok(()),
-            Some(_) => {}
+            Some(now) => now.lease,
             None => return Err(SnapshotError::NotFound(name.clone())),
-        }
-        let reason = match &remote.lease {
+        };
+        let reason = match &lease {
             Some(gone) => {
                 tracing::warn!(
                     "the lazy mount of {} for {name} is gone; mounting it again",
@@ -240,7 +241,7 @@ impl Snapshotter {
         };
         let lease = lazy.mount(&remote.image, &name);
         self.metrics.lazy_mount(lease.is_ok().then_some(reason));
-        let lease = lease.map_err(|e| refused(format!("cannot be made: {e}")))?;
+        let lease = lease.map_err(|e| refused(format!("cannot be mounted: {e}")))?;
         self.metadata().set_lease(&name, lease)
     }
 
@@ -263,7 +264,7 @@ impl Snapshotter {
     pub fn remove(&self, key: &str) -> Result<()> {
         // A remote snapshot's lease goes before another Prepare can make
         // the snapshot (and its lease) again.
-        let _one_at_a_time = self.remote_lock();
+        let _one_at_a_time = self.remote_locks.lock(key);
         let (snapshot, dir) = {
             let mut metadata = self.metadata();
             let snapshot = metadata.remove(key)?;
@@ -341,6 +342,59 @@ impl Snapshotter {
         }
         Ok(())
     }
+}
+
+/// Locks by name: one holder of each name at a time.
+#[derive(Default)]
+struct NameLocks {
+    held: Mutex<HashSet<String>>,
+    freed: Condvar,
+}
+
+impl NameLocks {
+    fn lock(&self, name: &str) -> NameGuard<'_> {
+        let mut held = self.held();
+        while held.contains(name) {
+            held = self
+                .freed
+                .wait(held)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        held.insert(name.to_owned());
+        NameGuard {
+            locks: self,
+            name: name.to_owned(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // The set is changed in one step: a panic cannot leave it half-done.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct NameGuard<'a> {
+    locks: &'a NameLocks,
+    name: String,
+}
+
+impl Drop for NameGuard<'_> {
+    fn drop(&mut self) {
+        self.locks.held().remove(&self.name);
+        self.locks.freed.notify_all();
+    }
+}
+
+/// Whether the snapshot `name` holds `lease` (a crash between a lease and
+/// its record leaves leases that no snapshot holds).
+fn holds_lease(metadata: &Metadata, name: &str, lease: &skiff_agent::Lease) -> bool {
+    metadata
+        .get(name)
+        .ok()
+        .and_then(|s| s.remote.as_ref()?.lease.as_ref())
+        == Some(lease)
 }
 
 /// The nearest remote snapshot at or under `name`, with its name.
@@ -499,6 +553,56 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn a_name_is_locked_by_one_holder_at_a_time_and_other_names_are_free() {
+        let locks = NameLocks::default();
+        let held = locks.lock("a");
+        // Another name does not wait.
+        drop(locks.lock("b"));
+        let order = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _a = locks.lock("a");
+                order.lock().unwrap().push("second");
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            order.lock().unwrap().push("first");
+            drop(held);
+        });
+        assert_eq!(*order.lock().unwrap(), ["first", "second"]);
+        assert!(locks.held().is_empty());
+    }
+
+    #[test]
+    fn only_the_lease_a_snapshot_records_is_held() {
+        let root = tempfile::tempdir().unwrap();
+        let mut metadata = Metadata::open(root.path()).unwrap();
+        let lease = |mountpoint: &str| skiff_agent::Lease {
+            holder: "snapshot:o:chain".into(),
+            mountpoint: mountpoint.into(),
+            process: None,
+            owned: true,
+        };
+        let image: skiff_agent::ImageArg = format!("docker://h.io/app@sha256:{}", "0".repeat(64))
+            .parse()
+            .unwrap();
+        let remote = |lease| RemoteLayer {
+            image: image.clone(),
+            lease,
+        };
+        metadata
+            .create_remote("chain", "", BTreeMap::new(), remote(Some(lease("/m"))))
+            .unwrap();
+        metadata
+            .create_remote("unmounted", "", BTreeMap::new(), remote(None))
+            .unwrap();
+        assert!(holds_lease(&metadata, "chain", &lease("/m")));
+        // Made again elsewhere, or for a snapshot that is gone or never mounted: swept.
+        assert!(!holds_lease(&metadata, "chain", &lease("/old")));
+        assert!(!holds_lease(&metadata, "removed", &lease("/m")));
+        assert!(!holds_lease(&metadata, "unmounted", &lease("/m")));
     }
 
     #[test]
