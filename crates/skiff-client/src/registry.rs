@@ -25,9 +25,7 @@ use skiff_format::artifact::{
 };
 use skiff_format::ChunkRef;
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, StartupProfile};
-use skiff_registry::launcher::{
-    tag_content, IndexEntry, OciIndex, LAUNCHER_LAYER_TYPE, OCI_INDEX_TYPE,
-};
+use skiff_registry::launcher::{tag_content, IndexEntry, LAUNCHER_LAYER_TYPE, OCI_INDEX_TYPE};
 use skiff_registry::referrers::{chain_ids, referrers_tag, CHAIN_ID_ANNOTATION};
 use skiff_registry::{
     sha256_digest, Access, Descriptor, MountOutcome, OciManifest, RangePlan, Registry,
@@ -449,39 +447,78 @@ pub fn attach_to_registry(
     })
 }
 
+/// Times an attach puts the fallback tag again when another writer's index
+/// replaced its own meanwhile.
+const REFERRERS_TAG_ATTEMPTS: usize = 3;
+
 /// Adds `entries` to the index at `subject`'s fallback tag, in place of
-/// skiff entries for the same chain ids (an attach made again).
+/// skiff entries for the same chain ids (an attach made again). Everything
+/// else in it (other tools' entries, fields skiff does not know) is kept
+/// as it is; the index is read back, and put again if a concurrent writer's
+/// replaced it.
 fn update_referrers_tag(
     registry: &Registry,
     subject: &Sha256Digest,
     entries: Vec<IndexEntry>,
 ) -> Result<(), ClientError> {
     let tag = referrers_tag(subject);
-    let mut index = match registry.manifest(&tag, &[OCI_INDEX_TYPE])? {
-        Some((bytes, _, _)) => {
-            serde_json::from_slice::<OciIndex>(&bytes).map_err(|e| ClientError::Protocol {
-                url: registry.reference().with_reference(&tag).to_string(),
-                message: format!("the referrers index there does not parse: {e}"),
-            })?
+    let url = registry.reference().with_reference(&tag).to_string();
+    let malformed = |message: String| ClientError::Protocol {
+        url: url.clone(),
+        message,
+    };
+    let chains: HashSet<&str> = entries
+        .iter()
+        .filter_map(|e| e.annotations.get(CHAIN_ID_ANNOTATION).map(String::as_str))
+        .collect();
+    let ours: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| serde_json::to_value(e).expect("an index entry serialises"))
+        .collect();
+    let listed = |index: &serde_json::Value| -> bool {
+        let manifests = index["manifests"].as_array();
+        entries.iter().all(|e| {
+            manifests.is_some_and(|m| m.iter().any(|d| d["digest"] == e.digest.to_string()))
+        })
+    };
+    for _ in 0..REFERRERS_TAG_ATTEMPTS {
+        let mut index = match registry.manifest(&tag, &[OCI_INDEX_TYPE])? {
+            Some((bytes, _, _)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| malformed(format!("the referrers index there does not parse: {e}")))?,
+            None => serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX_TYPE,
+                "manifests": [],
+            }),
+        };
+        let manifests = index
+            .get_mut("manifests")
+            .and_then(serde_json::Value::as_array_mut)
+            .ok_or_else(|| malformed("the referrers index there lists no manifests".into()))?;
+        // Skiff's entries for the chain ids put again go; all else stays.
+        manifests.retain(|d| {
+            let replaced = d["artifactType"] == ARTIFACT_TYPE
+                && d["annotations"][CHAIN_ID_ANNOTATION]
+                    .as_str()
+                    .is_some_and(|chain| chains.contains(chain));
+            !replaced
+        });
+        manifests.extend(ours.iter().cloned());
+        let json = serde_json::to_vec(&index).expect("JSON serialises");
+        registry.put_manifest(&tag, OCI_INDEX_TYPE, &json)?;
+        match registry.manifest(&tag, &[OCI_INDEX_TYPE])? {
+            Some((bytes, _, _))
+                if serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .is_ok_and(|now| listed(&now)) =>
+            {
+                return Ok(());
+            }
+            _ => tracing::warn!("{url} changed under this attach; putting it again"),
         }
-        None => OciIndex {
-            schema_version: 2,
-            media_type: OCI_INDEX_TYPE.to_owned(),
-            manifests: Vec::new(),
-        },
-    };
-    let chain_of = |e: &IndexEntry| {
-        (e.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
-            .then(|| e.annotations.get(CHAIN_ID_ANNOTATION).cloned())
-            .flatten()
-    };
-    let replaced: HashSet<String> = entries.iter().filter_map(chain_of).collect();
-    index
-        .manifests
-        .retain(|e| chain_of(e).is_none_or(|chain| !replaced.contains(&chain)));
-    index.manifests.extend(entries);
-    registry.put_manifest(&tag, OCI_INDEX_TYPE, &index.to_json())?;
-    Ok(())
+    }
+    Err(malformed(format!(
+        "another writer kept replacing it ({REFERRERS_TAG_ATTEMPTS} attempts)"
+    )))
 }
 
 /// Uploads the blobs of `image`'s skiff artifact (pack blobs, config,

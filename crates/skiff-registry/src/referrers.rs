@@ -14,11 +14,10 @@
 use std::collections::BTreeMap;
 
 use skiff_format::artifact::ARTIFACT_TYPE;
-use skiff_format::ImageManifest;
 
 use crate::client::Registry;
 use crate::digest::{sha256_digest, Sha256Digest};
-use crate::image::{OciManifest, RemoteImage, MAX_SKIFF_MANIFEST_BYTES};
+use crate::image::{OciManifest, RemoteImage};
 use crate::RegistryError;
 
 /// On an attached artifact: the chain id of the layer prefix it holds.
@@ -45,48 +44,54 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 }
 
 /// The skiff artifacts attached to the image manifest `subject`: chain id →
-/// the artifact's digest, as the referrers list says (a reader checks the
-/// artifact itself with [`check_attached`] before it trusts the claim).
+/// the artifacts that say they hold it, in the order the registry lists them
+/// (a reader checks each with [`check_attached`] before it trusts the claim).
 pub fn attached(
     registry: &Registry,
     subject: &Sha256Digest,
-) -> Result<BTreeMap<String, Sha256Digest>, RegistryError> {
-    Ok(registry
-        .referrers(subject, ARTIFACT_TYPE)?
-        .into_iter()
-        .filter_map(|entry| {
-            let chain = entry.annotations.get(CHAIN_ID_ANNOTATION)?.clone();
-            Some((chain, entry.digest))
-        })
-        .collect())
+) -> Result<BTreeMap<String, Vec<Sha256Digest>>, RegistryError> {
+    let mut by_chain: BTreeMap<String, Vec<Sha256Digest>> = BTreeMap::new();
+    for entry in registry.referrers(subject, ARTIFACT_TYPE)? {
+        if let Some(chain) = entry.annotations.get(CHAIN_ID_ANNOTATION) {
+            let candidates = by_chain.entry(chain.clone()).or_default();
+            if !candidates.contains(&entry.digest) {
+                candidates.push(entry.digest);
+            }
+        }
+    }
+    Ok(by_chain)
 }
 
-/// Reads the artifact `artifact` and checks that it is a skiff image
-/// attached to `subject` whose layers have the chain id `chain_id`; returns
-/// its layers' chain ids, bottom first.
+/// Reads the artifact at `registry`'s reference (a digest) as a mount
+/// would, all its metadata (so a snapshot committed for it can be mounted
+/// later), and checks that it is a skiff image attached to `subject` whose
+/// layers have the chain id `chain_id`; returns its layers' chain ids,
+/// bottom first.
 pub fn check_attached(
     registry: &Registry,
-    artifact: &Sha256Digest,
     subject: &Sha256Digest,
     chain_id: &str,
 ) -> Result<Vec<String>, RegistryError> {
-    let reference = registry.reference().with_reference(&artifact.to_string());
     let refused = |reason: String| RegistryError::NotSkiff {
-        reference: reference.to_string(),
+        reference: registry.reference().to_string(),
         reason,
     };
-    let (oci, _) = RemoteImage::manifest_at(registry, &artifact.to_string())?;
-    check_subject(&oci, subject).map_err(refused)?;
-    let bytes = registry.blob(&oci.layers[0].digest, MAX_SKIFF_MANIFEST_BYTES)?;
-    let manifest = ImageManifest::from_json(&bytes)?;
-    let chain = chain_ids(&manifest.source.diff_ids);
+    let image = RemoteImage::fetch(registry)?;
+    check_subject(&image.oci, subject).map_err(refused)?;
+    let chain = chain_ids(&image.stored_manifest.source.diff_ids);
     if chain.last().map(String::as_str) != Some(chain_id) {
         return Err(refused(format!(
             "its layers' chain id is {}, not {chain_id}",
             chain.last().map_or("(no layers)", String::as_str)
         )));
     }
-    if oci.annotations.get(CHAIN_ID_ANNOTATION).map(String::as_str) != Some(chain_id) {
+    if image
+        .oci
+        .annotations
+        .get(CHAIN_ID_ANNOTATION)
+        .map(String::as_str)
+        != Some(chain_id)
+    {
         return Err(refused(format!(
             "its {CHAIN_ID_ANNOTATION} annotation is not {chain_id}"
         )));

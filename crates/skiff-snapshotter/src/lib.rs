@@ -59,6 +59,8 @@ pub struct SnapshotterConfig {
     pub settings: MountSettings,
     /// Where to serve Prometheus metrics at `/metrics` (off if `None`).
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// `HOST[/REPO]` prefixes whose images' attached artifacts are trusted.
+    pub attached_from: Vec<String>,
 }
 
 /// Serves the snapshots API until `shutdown` completes.
@@ -70,7 +72,8 @@ pub async fn serve(
         SharedMounts::new(RunDir::new(&config.run_dir)),
         config.settings.clone(),
         &config.root,
-    );
+    )
+    .with_attached_from(config.attached_from.clone());
     let snapshotter = Arc::new(Snapshotter::open(&config.root, Some(lazy))?);
     if let Some(dir) = config.address.parent() {
         std::fs::create_dir_all(dir)

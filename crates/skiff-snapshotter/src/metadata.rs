@@ -58,8 +58,9 @@ pub struct RemoteLayer {
     /// The image, `docker://HOST/REPO@sha256:…` (its artifact).
     pub image: ImageArg,
     /// The snapshot's hold on the mount; none until a snapshot on it
-    /// first needs it (an attached artifact's layer prefix).
-    #[serde(default)]
+    /// first needs it (an attached artifact's layer prefix). Left out
+    /// when none, so a snapshotter from before it reads the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
 }
 

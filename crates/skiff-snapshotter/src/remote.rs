@@ -34,8 +34,11 @@ const ATTACHED_TTL: Duration = Duration::from_secs(60);
 /// Images whose answer is kept at most (a pull asks for one).
 const ATTACHED_CACHED: usize = 256;
 
-/// Chain id → attached artifact, for one image.
-type AttachedList = BTreeMap<String, Sha256Digest>;
+/// Chain id → the artifacts attached for it, for one image.
+type AttachedList = BTreeMap<String, Vec<Sha256Digest>>;
+/// How long a lookup of attached artifacts may retry: an image without any
+/// (most of them) must not wait long for an answer it does not need.
+const LOOKUP_RETRY_WINDOW: Duration = Duration::from_secs(2);
 
 /// The host's lazy mounts, as the snapshotter takes them.
 pub struct LazyMounts {
@@ -45,6 +48,9 @@ pub struct LazyMounts {
     owner: String,
     /// The artifacts attached to images pulled lately, by image.
     attached: Mutex<HashMap<RegistryRef, (Instant, AttachedList)>>,
+    /// Where attached artifacts are trusted from (`HOST` or `HOST/REPO`
+    /// prefixes); none: they are not looked for.
+    attached_from: Vec<String>,
 }
 
 impl LazyMounts {
@@ -60,7 +66,23 @@ impl LazyMounts {
                     .as_encoded_bytes(),
             ),
             attached: Mutex::new(HashMap::new()),
+            attached_from: Vec::new(),
         }
+    }
+
+    /// Trusts artifacts attached to images under these `HOST[/REPO]`
+    /// prefixes (docs/CONTAINERD.md: whoever can attach to them decides
+    /// what every image with the same layers shows on this node).
+    pub fn with_attached_from(mut self, prefixes: Vec<String>) -> LazyMounts {
+        self.attached_from = prefixes;
+        self
+    }
+
+    /// Whether artifacts attached to images of `subject`'s repository are trusted.
+    pub fn trusts_attached(&self, subject: &RegistryRef) -> bool {
+        self.attached_from
+            .iter()
+            .any(|prefix| prefix_matches(prefix, subject))
     }
 
     /// Who the lease of this snapshotter's snapshot `name` says holds its mount.
@@ -94,41 +116,65 @@ impl LazyMounts {
     }
 
     fn registry(&self, reference: &RegistryRef) -> Result<Registry> {
+        self.registry_retrying_for(reference, self.settings.retry_window())
+    }
+
+    fn registry_retrying_for(&self, reference: &RegistryRef, window: Duration) -> Result<Registry> {
         Ok(Registry::new(reference)
             .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?
-            .with_retry_window(self.settings.retry_window()))
+            .with_retry_window(window))
     }
 
     /// The artifact attached to the pulled image for `layer`'s chain id,
     /// checked (it is attached to that image, holds the layers of that
-    /// chain id, and `parent` is the chain id of the ones under it); `None`
-    /// if there is none. An error (unreadable, or a check failed) means the
-    /// layer is unpacked as any other.
-    pub fn find_attached(&self, layer: &AttachedLayer, parent: &str) -> Result<Option<ImageArg>> {
-        let list = self.attached_to(&layer.subject)?;
-        let Some(artifact) = list.get(&layer.target) else {
+    /// chain id, all its metadata reads, and `parent_chain` is the chain id
+    /// of the layers under it); `None` if there is none or the image's
+    /// repository is not trusted. An error (unreadable, or every candidate
+    /// failed a check) means the layer is unpacked as any other.
+    pub fn find_attached(
+        &self,
+        layer: &AttachedLayer,
+        parent_chain: &str,
+    ) -> Result<Option<ImageArg>> {
+        if !self.trusts_attached(&layer.subject) {
+            return Ok(None);
+        }
+        let list = self.attached_to(&layer.subject);
+        let Some(candidates) = list.get(&layer.target) else {
             return Ok(None);
         };
-        let registry = self.registry(&layer.subject)?;
-        let chain = check_attached(&registry, artifact, &layer.digest, &layer.target)
-            .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))?;
-        let below = chain
-            .len()
-            .checked_sub(2)
-            .map_or("", |at| chain[at].as_str());
-        if below != parent {
-            return Err(SnapshotError::InvalidArgument(format!(
-                "its layers are on {below:?}, and the pull gave {parent:?}"
-            )));
+        let mut refused = Vec::new();
+        for artifact in candidates {
+            let image = layer.subject.with_reference(&artifact.to_string());
+            let checked = self
+                .registry_retrying_for(&image, LOOKUP_RETRY_WINDOW)
+                .and_then(|registry| {
+                    check_attached(&registry, &layer.digest, &layer.target)
+                        .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))
+                });
+            match checked {
+                Ok(chain) => {
+                    let below = chain
+                        .len()
+                        .checked_sub(2)
+                        .map_or("", |at| chain[at].as_str());
+                    if below == parent_chain {
+                        return Ok(Some(ImageArg::Registry(image)));
+                    }
+                    refused.push(format!(
+                        "{artifact}: its layers are on {below:?}, the pull's on {parent_chain:?}"
+                    ));
+                }
+                Err(e) => refused.push(format!("{artifact}: {e}")),
+            }
         }
-        Ok(Some(ImageArg::Registry(
-            layer.subject.with_reference(&artifact.to_string()),
-        )))
+        Err(SnapshotError::FailedPrecondition(refused.join("; ")))
     }
 
     /// The artifacts attached to `subject`, asked of the registry at most
-    /// once a minute.
-    fn attached_to(&self, subject: &RegistryRef) -> Result<AttachedList> {
+    /// once a minute; a registry that cannot say counts as "none" for that
+    /// minute too, so the Prepares of one pull wait for it once.
+    fn attached_to(&self, subject: &RegistryRef) -> AttachedList {
         let cached = |cache: &HashMap<RegistryRef, (Instant, AttachedList)>| {
             cache
                 .get(subject)
@@ -136,25 +182,41 @@ impl LazyMounts {
                 .map(|(_, list)| list.clone())
         };
         if let Some(list) = cached(&self.attached_cache()) {
-            return Ok(list);
+            return list;
         }
-        let registry = self.registry(subject)?;
-        let digest: Sha256Digest = subject.reference.parse().map_err(|_| {
-            SnapshotError::InvalidArgument(format!("{subject} does not name a digest"))
-        })?;
-        let list = attached(&registry, &digest).map_err(|e| {
-            SnapshotError::FailedPrecondition(format!("listing what is attached to {subject}: {e}"))
-        })?;
-        if !list.is_empty() {
-            tracing::info!("{subject} has {} skiff artifacts attached", list.len());
-        }
+        let listed = self
+            .registry_retrying_for(subject, LOOKUP_RETRY_WINDOW)
+            .and_then(|registry| {
+                let digest: Sha256Digest = subject.reference.parse().map_err(|_| {
+                    SnapshotError::InvalidArgument(format!("{subject} does not name a digest"))
+                })?;
+                attached(&registry, &digest)
+                    .map_err(|e| SnapshotError::FailedPrecondition(e.to_string()))
+            });
+        let list = match listed {
+            Ok(list) => {
+                if !list.is_empty() {
+                    tracing::info!(
+                        "{subject} has skiff artifacts attached for {} layers",
+                        list.len()
+                    );
+                }
+                list
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot list what is attached to {subject} ({e}); its layers are unpacked"
+                );
+                AttachedList::new()
+            }
+        };
         let mut cache = self.attached_cache();
         cache.retain(|_, (at, _)| at.elapsed() < ATTACHED_TTL);
         if cache.len() >= ATTACHED_CACHED {
             cache.clear();
         }
         cache.insert(subject.clone(), (Instant::now(), list.clone()));
-        Ok(list)
+        list
     }
 
     fn attached_cache(
@@ -268,6 +330,27 @@ impl AttachedLayer {
     }
 }
 
+/// Whether `prefix` (`HOST`, or `HOST/REPO` matching that repository and
+/// those under it) covers the repository of `reference`.
+fn prefix_matches(prefix: &str, reference: &RegistryRef) -> bool {
+    let (host, repository) = prefix
+        .trim_end_matches('/')
+        .split_once('/')
+        .unwrap_or((prefix.trim_end_matches('/'), ""));
+    let host = if host == "docker.io" {
+        DOCKER_HUB
+    } else {
+        host
+    };
+    host == reference.host
+        && (repository.is_empty()
+            || reference.repository == repository
+            || reference
+                .repository
+                .strip_prefix(repository)
+                .is_some_and(|rest| rest.starts_with('/')))
+}
+
 /// The manifest `digest` in the repository `image_ref` (`HOST/REPO[:TAG][@DIGEST]`) names.
 fn artifact_reference(image_ref: &str, digest: &Sha256Digest) -> Result<RegistryRef> {
     // Pinned references name the launcher: only the repository matters.
@@ -342,6 +425,32 @@ mod tests {
             partial.remove(missing);
             assert_eq!(AttachedLayer::from_labels(&partial), None, "{missing}");
         }
+    }
+
+    #[test]
+    fn attached_artifacts_are_trusted_only_under_the_prefixes_given() {
+        let at = |r: &str| RegistryRef::parse(r).unwrap();
+        let app = at("h.io:5000/team/app:1");
+        assert!(prefix_matches("h.io:5000", &app));
+        assert!(prefix_matches("h.io:5000/team", &app));
+        assert!(prefix_matches("h.io:5000/team/", &app));
+        assert!(prefix_matches("h.io:5000/team/app", &app));
+        assert!(!prefix_matches("h.io:5000/tea", &app));
+        assert!(!prefix_matches("h.io:5000/team/app2", &app));
+        assert!(!prefix_matches("h.io", &app));
+        assert!(!prefix_matches("other.io/team", &app));
+        let hub = at(&format!("{DOCKER_HUB}/library/debian:12"));
+        assert!(prefix_matches("docker.io/library", &hub));
+        let root = tempfile::tempdir().unwrap();
+        let lazy = LazyMounts::new(
+            SharedMounts::new(skiff_agent::RunDir::new(root.path())),
+            MountSettings::default(),
+            root.path(),
+        );
+        assert!(!lazy.trusts_attached(&app), "trusted with no prefix given");
+        let lazy = lazy.with_attached_from(vec!["h.io:5000/team".into()]);
+        assert!(lazy.trusts_attached(&app));
+        assert!(!lazy.trusts_attached(&at("h.io:5000/other/app:1")));
     }
 
     #[test]

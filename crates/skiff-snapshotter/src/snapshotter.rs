@@ -12,7 +12,7 @@ use crate::api::types::Mount;
 use crate::error::{Result, SnapshotError};
 use crate::metadata::{Kind, Metadata, RemoteLayer, Snapshot, Usage};
 use crate::metrics::Metrics;
-use crate::remote::{is_live, AttachedLayer, LazyMounts, SkiffLayer, REMOTE_LABEL};
+use crate::remote::{is_live, AttachedLayer, LazyMounts, SkiffLayer, REMOTE_LABEL, TARGET_LABEL};
 
 /// A snapshot as containerd sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,8 +106,11 @@ impl Snapshotter {
             );
         } else if let (Some(lazy), Some(layer)) = (&self.lazy, AttachedLayer::from_labels(&labels))
         {
+            if self.metadata().get(&layer.target).is_ok() {
+                return Err(SnapshotError::AlreadyExists(layer.target));
+            }
             // An image without an artifact for this layer unpacks as any other.
-            match lazy.find_attached(&layer, parent) {
+            match lazy.find_attached(&layer, &self.chain_id_of(parent)) {
                 Ok(Some(image)) => {
                     self.metrics.attached_lookup("found");
                     self.commit_attached(&layer.target, image, parent, labels)?;
@@ -125,6 +128,21 @@ impl Snapshotter {
             }
         }
         self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// The chain id of the committed snapshot `name` ("" for none):
+    /// containerd names snapshots it unpacked itself NAMESPACE/N/CHAIN and
+    /// keeps the chain id in their `containerd.io/snapshot.ref` label.
+    fn chain_id_of(&self, name: &str) -> String {
+        if name.is_empty() {
+            return String::new();
+        }
+        let metadata = self.metadata();
+        metadata
+            .get(name)
+            .ok()
+            .and_then(|s| s.labels.get(TARGET_LABEL))
+            .map_or_else(|| name.to_owned(), String::clone)
     }
 
     /// Commits a layer prefix of an unconverted image as a remote

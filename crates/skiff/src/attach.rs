@@ -58,6 +58,10 @@ pub fn attach(
     // prefixes are then made from those records without reading a layer again.
     let whole = name_of("whole")?;
     let manifest = crate::convert_interruptibly(&store, &source, &whole, &options)?.manifest;
+    // The prefixes of that very image, should the tag move meanwhile.
+    let subject_digest = &manifest.source.manifest_digest;
+    let pinned = reference.with_reference(subject_digest);
+    let source = ImageSource::parse(&pinned.to_string())?;
     let mut prefixes = Vec::new();
     for layers in 1..=manifest.source.layers as usize {
         let name = name_of(&format!("layers-{layers}"))?;
@@ -67,14 +71,19 @@ pub fn attach(
             cancel: options.cancel.clone(),
             layers: Some(layers),
         };
-        skiff_oci::convert(&source, &store, &name, &options, &())
-            .with_context(|| format!("converting the first {layers} layers of {source_arg}"))?;
+        let converted = skiff_oci::convert(&source, &store, &name, &options, &())
+            .with_context(|| format!("converting the first {layers} layers of {pinned}"))?;
+        if converted.manifest.source.manifest_digest != *subject_digest {
+            bail!(
+                "{pinned} resolved to another manifest, {}",
+                converted.manifest.source.manifest_digest
+            );
+        }
         prefixes.push(name);
     }
     store.remove_image(&whole)?;
 
     let registry = Registry::new(reference)?;
-    let subject_digest = &manifest.source.manifest_digest;
     let (bytes, media_type, digest) = registry
         .manifest(subject_digest, &IMAGE_MANIFEST_TYPES)?
         .with_context(|| format!("{source_arg}'s manifest {subject_digest} is gone"))?;

@@ -230,6 +230,17 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR:PORT/metrics (calls, remote snapshots, lazy mounts) [default: off]
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_address: Option<std::net::SocketAddr>,
+        /// Mount ordinary images under HOST or HOST/REPO (repeatable, or comma-separated)
+        /// lazily through the artifacts `skiff attach` put beside them. Whoever can attach
+        /// there decides what every image with the same layers shows on this node: name
+        /// only repositories your build pipeline alone pushes to [default: none]
+        #[arg(
+            long,
+            value_name = "HOST[/REPO]",
+            value_delimiter = ',',
+            env = "SKIFF_ATTACHED_FROM"
+        )]
+        attached_from: Vec<String>,
         /// How skiff images are mounted
         #[command(flatten)]
         mount: mount::MountFlags,
@@ -543,6 +554,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             root,
             run_dir,
             metrics_address,
+            attached_from,
             mount,
         } => snapshotter(skiff_snapshotter::SnapshotterConfig {
             address,
@@ -550,6 +562,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_dir,
             settings: mount.settings(),
             metrics_address,
+            attached_from,
         })?,
         Command::Status { at, json } => mount::status(at, json)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
