@@ -29,7 +29,8 @@ fn main() -> Result<()> {
     let insecure = [("SKIFF_INSECURE_REGISTRIES", registry.as_str())];
     // The snapshotter runs for both, so containerd's config is the same;
     // only CRI's snapshotter differs.
-    let snapshotter = Snapshotter::start_with(&work, &[], &insecure);
+    // Images with skiff's artifacts attached come from the same registry.
+    let snapshotter = Snapshotter::start_with(&work, &["--attached-from", registry], &insecure);
     let cri_snapshotter = match variant.as_str() {
         "skiff" => "skiff",
         "overlayfs" => "overlayfs",
