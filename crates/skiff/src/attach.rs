@@ -23,21 +23,10 @@ const IMAGE_MANIFEST_TYPES: [&str; 2] = [
 pub fn attach(
     store: Option<&Path>,
     reference: &RegistryRef,
-    platform: Option<&str>,
-    threads: usize,
+    conversion: &crate::ConvertFlags,
     json: bool,
 ) -> Result<()> {
-    let temporary;
-    let store_dir = match store {
-        Some(dir) => dir,
-        None => {
-            temporary = tempfile::Builder::new()
-                .prefix("skiff-attach-")
-                .tempdir()
-                .context("making a temporary store")?;
-            temporary.path()
-        }
-    };
+    let (store_dir, _temporary) = crate::given_or_temporary_store(store, "skiff-attach-")?;
     let source_arg = reference.to_string();
     let source = ImageSource::parse(&source_arg)?;
     let tag = match reference.is_digest() {
@@ -47,13 +36,9 @@ pub fn attach(
     let name_of = |what: &str| -> Result<ImageRef> {
         Ok(format!("{}:{tag}.{what}", reference.repository).parse()?)
     };
-    let store = Store::open_or_create(store_dir, &StoreConfig::default())
+    let store = Store::open_or_create(&store_dir, &StoreConfig::default())
         .with_context(|| format!("opening store {}", store_dir.display()))?;
-    let options = ConvertOptions {
-        platform: crate::parse_platform(platform)?,
-        threads,
-        ..ConvertOptions::default()
-    };
+    let options = conversion.options()?;
     // The whole image first, so every layer leaves its record; the
     // prefixes are then made from those records without reading a layer again.
     let whole = name_of("whole")?;
@@ -67,7 +52,7 @@ pub fn attach(
         let name = name_of(&format!("layers-{layers}"))?;
         let options = ConvertOptions {
             platform: options.platform.clone(),
-            threads,
+            threads: options.threads,
             cancel: options.cancel.clone(),
             layers: Some(layers),
         };

@@ -42,6 +42,30 @@ struct Cli {
     command: Command,
 }
 
+/// How `convert` and `attach` convert.
+#[derive(clap::Args)]
+struct ConvertFlags {
+    /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
+    #[arg(long)]
+    platform: Option<String>,
+    /// Chunking and compression threads [default: one per core]
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl ConvertFlags {
+    fn options(&self) -> Result<ConvertOptions> {
+        Ok(ConvertOptions {
+            platform: match &self.platform {
+                Some(p) => Platform::parse(p)?,
+                None => Platform::host(),
+            },
+            threads: self.threads,
+            ..ConvertOptions::default()
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Convert an OCI image into the store (creating the store if needed)
@@ -62,12 +86,8 @@ enum Command {
         source: String,
         /// NAME[:TAG] to store it under (tag defaults to latest), or docker://HOST/REPO:TAG to publish to
         target: ImageArg,
-        /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
-        #[arg(long)]
-        platform: Option<String>,
-        /// Chunking and compression threads [default: one per core]
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        #[command(flatten)]
+        conversion: ConvertFlags,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -87,12 +107,8 @@ enum Command {
     Attach {
         /// docker://HOST[:PORT]/REPO:TAG or @sha256:DIGEST of the image
         image: String,
-        /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
-        #[arg(long)]
-        platform: Option<String>,
-        /// Chunking and compression threads [default: one per core]
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        #[command(flatten)]
+        conversion: ConvertFlags,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -388,22 +404,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Convert {
             source,
             target: ImageArg::Registry(destination),
-            platform,
-            threads,
+            conversion,
             json,
         } => convert_and_push(
             cli.store.as_deref(),
             &source,
             &destination,
-            platform.as_deref(),
-            threads,
+            &conversion,
             json,
         )?,
         Command::Convert {
             source,
             target: ImageArg::Named(target),
-            platform,
-            threads,
+            conversion,
             json,
         } => {
             let existed = store_dir.exists();
@@ -411,8 +424,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &store_dir,
                 &ImageSource::parse(&source)?,
                 &target,
-                platform.as_deref(),
-                threads,
+                &conversion,
                 json,
             );
             if result.is_err() && !existed {
@@ -423,14 +435,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Attach {
             image,
-            platform,
-            threads,
+            conversion,
             json,
         } => attach::attach(
             cli.store.as_deref(),
             &registry_arg(&image)?,
-            platform.as_deref(),
-            threads,
+            &conversion,
             json,
         )?,
         Command::Images {
@@ -609,18 +619,12 @@ fn convert(
     store_dir: &Path,
     source: &ImageSource,
     target: &ImageRef,
-    platform: Option<&str>,
-    threads: usize,
+    conversion: &ConvertFlags,
     json: bool,
 ) -> Result<()> {
     let store = Store::open_or_create(store_dir, &StoreConfig::default())
         .with_context(|| format!("opening store {}", store_dir.display()))?;
-    let options = ConvertOptions {
-        platform: parse_platform(platform)?,
-        threads,
-        ..ConvertOptions::default()
-    };
-    let report = convert_interruptibly(&store, source, target, &options)?;
+    let report = convert_interruptibly(&store, source, target, &conversion.options()?)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -640,13 +644,6 @@ fn convert(
     );
     println!("index {}", report.manifest.index.digest);
     Ok(())
-}
-
-fn parse_platform(platform: Option<&str>) -> Result<Platform> {
-    Ok(match platform {
-        Some(p) => Platform::parse(p)?,
-        None => Platform::host(),
-    })
 }
 
 /// Converts with a progress bar; the first Ctrl-C or SIGTERM asks the
@@ -719,8 +716,7 @@ fn convert_and_push(
     store: Option<&Path>,
     source: &str,
     destination: &RegistryRef,
-    platform: Option<&str>,
-    threads: usize,
+    conversion: &ConvertFlags,
     json: bool,
 ) -> Result<()> {
     if destination.is_digest() {
@@ -729,22 +725,29 @@ fn convert_and_push(
     let registry = Registry::new(destination)?;
     let target: ImageRef =
         format!("{}:{}", destination.repository, destination.reference).parse()?;
-    let temporary;
-    let store_dir = match store {
-        Some(dir) => dir,
-        None => {
-            temporary = tempfile::Builder::new()
-                .prefix("skiff-convert-")
-                .tempdir()
-                .context("making a temporary store")?;
-            temporary.path()
-        }
-    };
+    let (store_dir, _temporary) = given_or_temporary_store(store, "skiff-convert-")?;
     // A bare SKIFF_REGISTRY_AUTH is for the registry published to, not the source's.
     let source = ImageSource::parse_with(source, BareCredentials::Ignore)?;
-    convert(store_dir, &source, &target, platform, threads, json)?;
-    let store = Store::open_read_only(store_dir)?;
+    convert(&store_dir, &source, &target, conversion, json)?;
+    let store = Store::open_read_only(&store_dir)?;
     push_to_registry(&store, &target, &registry, json)
+}
+
+/// `store` if given, else a temporary store, which goes with the guard.
+fn given_or_temporary_store(
+    store: Option<&Path>,
+    prefix: &str,
+) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match store {
+        Some(dir) => Ok((dir.to_owned(), None)),
+        None => {
+            let temporary = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .context("making a temporary store")?;
+            Ok((temporary.path().to_owned(), Some(temporary)))
+        }
+    }
 }
 
 /// Tags `skiff images docker://…` looks at, at most.
