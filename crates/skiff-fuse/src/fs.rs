@@ -1,6 +1,6 @@
 //! The read-only file system the kernel talks to.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -16,6 +16,7 @@ use fuser::{
 use skiff_format::{ChunkId, ChunkRef, InodeKind};
 
 use crate::fetcher::{ChunkBytes, Fetcher};
+use crate::journal::{OpenJournal, OpenRecord};
 use crate::profile::Recorder;
 use crate::stats::MountStats;
 use crate::tree::{ImageTree, BLOCK_SIZE};
@@ -34,6 +35,38 @@ const PASSTHROUGH_MIN: u64 = 256 * 1024;
 struct OpenFile {
     ino: INodeNo,
     pins: Vec<ChunkId>,
+    /// The backing id the kernel reads it through, if passthrough.
+    backing: Option<u32>,
+}
+
+/// The open handles, and the journal a successor replays (journal.rs).
+#[derive(Default)]
+struct OpenTable {
+    files: HashMap<u64, OpenFile>,
+    journal: Option<OpenJournal>,
+}
+
+impl OpenTable {
+    fn records(&self) -> BTreeMap<u64, OpenRecord> {
+        self.files
+            .iter()
+            .map(|(&fh, file)| {
+                let record = OpenRecord {
+                    ino: file.ino.0,
+                    backing: file.backing,
+                };
+                (fh, record)
+            })
+            .collect()
+    }
+}
+
+/// A backing file the kernel reads an inode's passthrough handles from.
+enum Backing {
+    Owned(Arc<BackingId>),
+    /// Opened by the daemon this one took over from: still open in the
+    /// kernel, wrapped at the next open of its inode (the reply that can).
+    Inherited(u32),
 }
 
 /// How the open handles of one inode are served. The kernel refuses to mix
@@ -42,7 +75,7 @@ struct OpenFile {
 /// served the same way, through the same backing file.
 struct InodeOpens {
     handles: usize,
-    backing: Option<Arc<BackingId>>,
+    backing: Option<Backing>,
 }
 
 pub struct SkiffFs {
@@ -52,10 +85,11 @@ pub struct SkiffFs {
     /// kernel's requests never queue behind a slow server.
     network: rayon::ThreadPool,
     next_handle: AtomicU64,
-    open: Mutex<HashMap<u64, OpenFile>>,
+    open: Mutex<OpenTable>,
     inodes: Mutex<HashMap<INodeNo, InodeOpens>>,
-    /// Whether the kernel agreed to FUSE passthrough.
-    passthrough: AtomicBool,
+    /// Whether the kernel agreed to FUSE passthrough; shared with the
+    /// [`crate::Mount`], which hands it to a successor.
+    passthrough: Arc<AtomicBool>,
     /// Notes what is read while a startup profile is recorded.
     recorder: Arc<Recorder>,
 }
@@ -66,6 +100,7 @@ impl SkiffFs {
         fetcher: Arc<Fetcher>,
         network_threads: usize,
         recorder: Arc<Recorder>,
+        passthrough: Arc<AtomicBool>,
     ) -> io::Result<SkiffFs> {
         let network = rayon::ThreadPoolBuilder::new()
             .num_threads(network_threads.max(1))
@@ -77,11 +112,52 @@ impl SkiffFs {
             fetcher,
             network,
             next_handle: AtomicU64::new(1),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenTable::default()),
             inodes: Mutex::new(HashMap::new()),
-            passthrough: AtomicBool::new(false),
+            passthrough,
             recorder,
         })
+    }
+
+    /// Journals every open and release from now on, for a successor.
+    pub fn with_journal(self, journal: OpenJournal) -> SkiffFs {
+        self.open.lock().expect("open table poisoned").journal = Some(journal);
+        self
+    }
+
+    /// Takes over the handles a predecessor's journal left open: their pins,
+    /// and the way the kernel serves each inode.
+    pub fn with_inherited_opens(self, opens: &BTreeMap<u64, OpenRecord>) -> SkiffFs {
+        {
+            let mut table = self.open.lock().expect("open table poisoned");
+            let mut inodes = self.inodes.lock().expect("inode table poisoned");
+            for (&fh, record) in opens {
+                let ino = INodeNo(record.ino);
+                let Some(InodeKind::File { chunks, .. }) = self.tree.inode(ino).map(|i| &i.kind)
+                else {
+                    tracing::warn!("the journal names inode {ino:?}, not a file of this image");
+                    continue;
+                };
+                let pins: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+                self.fetcher.source().pin(&pins);
+                let opens = inodes.entry(ino).or_insert(InodeOpens {
+                    handles: 0,
+                    backing: record.backing.map(Backing::Inherited),
+                });
+                opens.handles += 1;
+                table.files.insert(
+                    fh,
+                    OpenFile {
+                        ino,
+                        pins,
+                        backing: record.backing,
+                    },
+                );
+            }
+            let next = opens.keys().max().map_or(1, |fh| fh + 1);
+            self.next_handle.fetch_max(next, Ordering::Relaxed);
+        }
+        self
     }
 
     /// A backing file for passthrough, when the kernel supports it and the
@@ -116,6 +192,18 @@ impl SkiffFs {
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
         self.tree.attr(ino).ok_or(Errno::ENOENT)
     }
+}
+
+/// The predecessor's backing file `raw`, owned from now on (closed with
+/// the inode's last handle).
+#[allow(unsafe_code)]
+fn adopt_backing(reply: &ReplyOpen, raw: u32) -> BackingId {
+    // SAFETY: `raw` comes from the open-file journal of this connection: the
+    // daemon before this one opened it on the same FUSE connection (the
+    // supervisor hands over that very descriptor) and journalled its last
+    // release, which closes it, before closing it. Only this inode's entry
+    // holds it, and it is wrapped once.
+    unsafe { reply.wrap_backing(raw) }
 }
 
 /// The bytes `offset..offset + len` of a file, cut from the chunks that hold them.
@@ -210,7 +298,13 @@ impl Filesystem for SkiffFs {
             match inodes.get_mut(&ino) {
                 Some(opens) => {
                     opens.handles += 1;
-                    opens.backing.clone()
+                    if let Some(Backing::Inherited(raw)) = opens.backing {
+                        opens.backing = Some(Backing::Owned(Arc::new(adopt_backing(&reply, raw))));
+                    }
+                    match &opens.backing {
+                        Some(Backing::Owned(id)) => Some(id.clone()),
+                        _ => None,
+                    }
                 }
                 None => {
                     let backing = self.backing(&reply, ino, chunks).map(Arc::new);
@@ -218,18 +312,33 @@ impl Filesystem for SkiffFs {
                         ino,
                         InodeOpens {
                             handles: 1,
-                            backing: backing.clone(),
+                            backing: backing.clone().map(Backing::Owned),
                         },
                     );
                     backing
                 }
             }
         };
-        // In the table before the kernel hears of the handle: its release may come at once.
-        self.open
-            .lock()
-            .expect("open table poisoned")
-            .insert(handle, OpenFile { ino, pins: ids });
+        // In the table and the journal before the kernel hears of the
+        // handle: its release may come at once, or this daemon may die.
+        {
+            let mut table = self.open.lock().expect("open table poisoned");
+            let file = OpenFile {
+                ino,
+                pins: ids,
+                backing: backing.as_ref().map(|id| id.raw()),
+            };
+            if let Some(journal) = &mut table.journal {
+                let record = OpenRecord {
+                    ino: ino.0,
+                    backing: file.backing,
+                };
+                if let Err(e) = journal.opened(handle, record) {
+                    tracing::warn!("the open-file journal: {e}; a successor may fail opens");
+                }
+            }
+            table.files.insert(handle, file);
+        }
         match backing {
             Some(id) => {
                 MountStats::add(&self.fetcher.stats.passthrough_opens, 1);
@@ -261,7 +370,33 @@ impl Filesystem for SkiffFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(file) = self.open.lock().expect("open table poisoned").remove(&fh.0) {
+        let released = {
+            let mut table = self.open.lock().expect("open table poisoned");
+            let file = table.files.remove(&fh.0);
+            // Journalled before its backing file is closed: a successor never
+            // reuses a closed backing id.
+            if file.is_some() {
+                let live = table.files.len();
+                let records = table
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.wants_compaction(live))
+                    .then(|| table.records());
+                if let Some(journal) = &mut table.journal {
+                    let written = match records {
+                        Some(records) => journal
+                            .released(fh.0)
+                            .and_then(|()| journal.rewrite(&records)),
+                        None => journal.released(fh.0),
+                    };
+                    if let Err(e) = written {
+                        tracing::warn!("the open-file journal: {e}");
+                    }
+                }
+            }
+            file
+        };
+        if let Some(file) = released {
             self.fetcher.source().unpin(&file.pins);
             let mut inodes = self.inodes.lock().expect("inode table poisoned");
             if let Some(opens) = inodes.get_mut(&file.ino) {

@@ -8,16 +8,20 @@
 
 mod fetcher;
 mod fs;
+mod handover;
+mod journal;
 mod prefetch;
 mod profile;
 mod stats;
 mod tree;
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
 use skiff_format::{ImageIndex, StartupProfile};
@@ -25,10 +29,12 @@ use skiff_source::ChunkSource;
 use thiserror::Error;
 
 pub use fetcher::Fetcher;
+pub use handover::{resend_pending, Connection, SessionState};
 pub use prefetch::{prefetch_order, PrefetchConfig, PrefetchPlan};
 pub use stats::StatsReport;
 pub use tree::ImageTree;
 
+use crate::journal::OpenJournal;
 use crate::prefetch::Prefetcher;
 use crate::profile::Recorder;
 
@@ -66,6 +72,9 @@ pub struct MountOptions {
     /// Record a startup profile from the first read on ([`Mount::finish_profile`]).
     /// Such a mount sends every read through itself (no passthrough).
     pub record_profile: bool,
+    /// Journal open files here, so that a successor can take the mount
+    /// over ([`Mount::take_over`]); none: no successor can.
+    pub open_journal: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -78,6 +87,7 @@ impl Default for MountOptions {
             prefetch: Some(PrefetchConfig::default()),
             fsname: "skiff".into(),
             record_profile: false,
+            open_journal: None,
         }
     }
 }
@@ -85,11 +95,16 @@ impl Default for MountOptions {
 /// A mounted image. Dropping it unmounts.
 pub struct Mount {
     session: Option<BackgroundSession>,
+    /// Another descriptor of the FUSE connection, for [`Mount::connection`].
+    device: OwnedFd,
+    passthrough: Arc<AtomicBool>,
     prefetcher: Option<Prefetcher>,
     fetcher: Arc<Fetcher>,
     tree: Arc<ImageTree>,
     recorder: Arc<Recorder>,
     mountpoint: PathBuf,
+    /// Whether the mount is still where it was mounted (see [`Mount::forget_mountpoint`]).
+    at_mountpoint: bool,
 }
 
 impl Mount {
@@ -110,25 +125,14 @@ impl Mount {
                 path: mountpoint.to_owned(),
             });
         }
-        let tree = Arc::new(ImageTree::new(index));
-        let fetcher = Arc::new(Fetcher::new(
-            source,
-            options.memory_bytes,
-            options.window_bytes,
-        ));
-        let recorder = Arc::new(if options.record_profile {
-            Recorder::recording()
-        } else {
-            Recorder::default()
-        });
-        let fs = fs::SkiffFs::new(
-            tree.clone(),
-            fetcher.clone(),
-            options.network_threads,
-            recorder.clone(),
-        )
-        .map_err(mount_error)?;
-        let mut config = Config::default();
+        let parts = Parts::new(index, source, options, false).map_err(mount_error)?;
+        let fs = match &options.open_journal {
+            Some(path) => parts
+                .fs
+                .with_journal(OpenJournal::create(path).map_err(mount_error)?),
+            None => parts.fs,
+        };
+        let mut config = session_config(options);
         config.mount_options = vec![
             MountOption::FSName(options.fsname.clone()),
             MountOption::Subtype("skiff".into()),
@@ -139,24 +143,114 @@ impl Mount {
             MountOption::Suid,
             MountOption::Dev,
         ];
-        // Containers run as other users than the mounting one.
-        config.acl = SessionACL::All;
-        config.n_threads = Some(options.fuse_threads.max(1));
-        config.clone_fd = true;
-        let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_error)?;
-        // The first stat waits for the kernel's INIT to be answered.
+        // Returns once the kernel's INIT is answered.
+        let session = Session::new(fs, mountpoint, &config).map_err(mount_error)?;
+        let device = session.as_fd().try_clone_to_owned().map_err(mount_error)?;
+        let session = session.spawn().map_err(mount_error)?;
         std::fs::metadata(mountpoint).map_err(mount_error)?;
+        Ok(Mount::running(
+            parts.shared,
+            session,
+            device,
+            mountpoint,
+            options,
+        ))
+    }
+
+    /// Serves a mount that another daemon served until now, through its
+    /// FUSE connection, without unmounting: files open stay open. `index`
+    /// must be the one the connection was serving (inode numbers are
+    /// positions in it), and the open-file journal the one it kept.
+    pub fn take_over(
+        index: ImageIndex,
+        source: Arc<dyn ChunkSource>,
+        mountpoint: &Path,
+        options: &MountOptions,
+        connection: Connection,
+    ) -> Result<Mount, MountError> {
+        let mount_error = |source| MountError::Mount {
+            path: mountpoint.to_owned(),
+            source,
+        };
+        let parts = Parts::new(index, source, options, connection.state.passthrough)
+            .map_err(mount_error)?;
+        let fs = match &options.open_journal {
+            Some(path) => {
+                let (journal, open) = OpenJournal::resume(path).map_err(mount_error)?;
+                tracing::info!("taking over with {} files open", open.len());
+                parts.fs.with_inherited_opens(&open).with_journal(journal)
+            }
+            None => parts.fs,
+        };
+        let device = connection
+            .fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(mount_error)?;
+        let session = Session::from_fd_initialized(
+            fs,
+            connection.fd,
+            SessionACL::All,
+            session_config(options),
+        )
+        .spawn()
+        .map_err(mount_error)?;
+        // What the one before had read and not answered.
+        resend_pending(device.as_fd()).map_err(mount_error)?;
+        Ok(Mount::running(
+            parts.shared,
+            session,
+            device,
+            mountpoint,
+            options,
+        ))
+    }
+
+    fn running(
+        shared: Shared,
+        session: BackgroundSession,
+        device: OwnedFd,
+        mountpoint: &Path,
+        options: &MountOptions,
+    ) -> Mount {
+        let Shared {
+            tree,
+            fetcher,
+            recorder,
+            passthrough,
+        } = shared;
         let prefetcher = options.prefetch.clone().map(|config| {
             let plan = prefetch_order(&tree, &config.first);
             Prefetcher::start(fetcher.clone(), plan, config)
         });
-        Ok(Mount {
+        Mount {
             session: Some(session),
+            device,
+            passthrough,
             prefetcher,
             fetcher,
             tree,
             recorder,
             mountpoint: mountpoint.to_owned(),
+            at_mountpoint: true,
+        }
+    }
+
+    /// For a mount taken over after it was detached: it is no longer at
+    /// its mount point, where another mount may be now, so unmounting it
+    /// only waits for its last open file to close.
+    pub fn forget_mountpoint(&mut self) {
+        self.at_mountpoint = false;
+    }
+
+    /// Another descriptor of this mount's FUSE connection, and its state:
+    /// what a successor needs to take the mount over.
+    pub fn connection(&self) -> io::Result<Connection> {
+        Ok(Connection {
+            fd: self.device.as_fd().try_clone_to_owned()?,
+            state: SessionState {
+                passthrough: self.passthrough.load(Ordering::Relaxed),
+            },
         })
     }
 
@@ -227,7 +321,7 @@ impl Mount {
             path: self.mountpoint.clone(),
             source,
         };
-        if !session.guard.is_finished() {
+        if self.at_mountpoint && !session.guard.is_finished() {
             match umount2(&self.mountpoint, MntFlags::empty()) {
                 // Someone unmounted it already.
                 Ok(()) | Err(Errno::EINVAL) => {}
@@ -255,6 +349,70 @@ impl Drop for Mount {
             tracing::error!("{e}");
         }
     }
+}
+
+/// What a mount shares with its file system.
+struct Shared {
+    tree: Arc<ImageTree>,
+    fetcher: Arc<Fetcher>,
+    recorder: Arc<Recorder>,
+    passthrough: Arc<AtomicBool>,
+}
+
+struct Parts {
+    fs: fs::SkiffFs,
+    shared: Shared,
+}
+
+impl Parts {
+    fn new(
+        index: ImageIndex,
+        source: Arc<dyn ChunkSource>,
+        options: &MountOptions,
+        passthrough: bool,
+    ) -> io::Result<Parts> {
+        let tree = Arc::new(ImageTree::new(index));
+        let fetcher = Arc::new(Fetcher::new(
+            source,
+            options.memory_bytes,
+            options.window_bytes,
+        ));
+        let recorder = Arc::new(if options.record_profile {
+            Recorder::recording()
+        } else {
+            Recorder::default()
+        });
+        let passthrough = Arc::new(AtomicBool::new(passthrough));
+        let fs = fs::SkiffFs::new(
+            tree.clone(),
+            fetcher.clone(),
+            options.network_threads,
+            recorder.clone(),
+            passthrough.clone(),
+        )?;
+        Ok(Parts {
+            fs,
+            shared: Shared {
+                tree,
+                fetcher,
+                recorder,
+                passthrough,
+            },
+        })
+    }
+}
+
+fn session_config(options: &MountOptions) -> Config {
+    let mut config = Config::default();
+    // Containers run as other users than the mounting one.
+    config.acl = SessionACL::All;
+    config.n_threads = Some(options.fuse_threads.max(1));
+    // One descriptor for every thread: the requests a thread had read when
+    // its daemon died stay queued on the descriptor the supervisor keeps,
+    // and are sent again to the successor (a cloned descriptor would take
+    // them with it, failed).
+    config.clone_fd = false;
+    config
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

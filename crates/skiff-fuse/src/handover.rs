@@ -1,0 +1,61 @@
+//! Handing a live FUSE connection to a new daemon.
+//!
+//! The kernel sends `FUSE_INIT` once per connection: a daemon that takes a
+//! mount over is given the connection's descriptor and what the first INIT
+//! negotiated ([`SessionState`]), and never sees an INIT. The requests its
+//! predecessor had read but not answered are still the kernel's; it sends
+//! them again when asked ([`resend_pending`], Linux 6.9's
+//! `FUSE_NOTIFY_RESEND`), as long as the descriptor they were read from
+//! stayed open: the supervisor's copy keeps it so.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+/// `FUSE_NOTIFY_RESEND` in `include/uapi/linux/fuse.h` (protocol 7.40).
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
+/// What the first daemon of a connection agreed with the kernel, which a
+/// successor must keep to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// Files may be handed to the kernel to read (FUSE passthrough).
+    pub passthrough: bool,
+}
+
+/// A live FUSE connection: its `/dev/fuse` descriptor and its state.
+#[derive(Debug)]
+pub struct Connection {
+    pub fd: OwnedFd,
+    pub state: SessionState,
+}
+
+/// Asks the kernel to queue again every request of this connection that a
+/// daemon read and did not answer (a notification: `unique` 0, the code in
+/// `error`, no payload).
+pub fn resend_pending(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    let mut device = File::from(fd.try_clone_to_owned()?);
+    let written = device.write(&header)?;
+    if written != header.len() {
+        return Err(io::Error::other(format!(
+            "the kernel took {written} of the {} bytes of FUSE_NOTIFY_RESEND",
+            header.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Connection {
+    /// Another descriptor of the same open connection.
+    pub fn try_clone(&self) -> io::Result<Connection> {
+        Ok(Connection {
+            fd: self.fd.as_fd().try_clone_to_owned()?,
+            state: self.state,
+        })
+    }
+}
