@@ -156,7 +156,23 @@ pub struct RemoteImage {
     /// The encoded index, as checked against its digest.
     pub index_bytes: Vec<u8>,
     pub index: ImageIndex,
+    /// The encoded chunk table, as read.
+    pub table_bytes: Vec<u8>,
     pub table: ChunkTable,
+}
+
+/// What a [`RemoteImage`] is made of as read from its registry, checked
+/// again when made into one: kept on local disk, it lets a mount daemon
+/// that takes a mount over open the image without the network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoteImageParts {
+    pub digest: Sha256Digest,
+    pub oci: OciManifest,
+    pub stored_manifest: ImageManifest,
+    #[serde(skip)]
+    pub index_bytes: Vec<u8>,
+    #[serde(skip)]
+    pub table_bytes: Vec<u8>,
 }
 
 fn not_skiff(registry: &Registry, reason: impl Into<String>) -> RegistryError {
@@ -251,9 +267,31 @@ impl RemoteImage {
             };
             (join(m), join(i), t)
         });
-        let mut manifest = ImageManifest::from_json(&manifest_bytes?)?;
-        let stored_manifest = manifest.clone();
-        let index_bytes = unzstd(&index_zstd?, MAX_INDEX_BYTES as u64, "the index")?;
+        let parts = RemoteImageParts {
+            digest,
+            oci,
+            stored_manifest: ImageManifest::from_json(&manifest_bytes?)?,
+            index_bytes: unzstd(&index_zstd?, MAX_INDEX_BYTES as u64, "the index")?,
+            table_bytes: unzstd(&table_zstd?, MAX_CHUNK_TABLE_BYTES, "the chunk table")?,
+        };
+        RemoteImage::from_parts(registry, parts)
+    }
+
+    /// Checks `parts` and makes the image of them, named after `registry`'s reference.
+    pub fn from_parts(
+        registry: &Registry,
+        parts: RemoteImageParts,
+    ) -> Result<RemoteImage, RegistryError> {
+        let RemoteImageParts {
+            digest,
+            oci,
+            stored_manifest,
+            index_bytes,
+            table_bytes,
+        } = parts;
+        oci.check_skiff()
+            .map_err(|reason| not_skiff(registry, reason))?;
+        let mut manifest = stored_manifest.clone();
         let actual = IndexDigest::of(&index_bytes);
         if actual != manifest.index.digest {
             return Err(RegistryError::DigestMismatch {
@@ -263,7 +301,6 @@ impl RemoteImage {
             });
         }
         let index = ImageIndex::decode(&index_bytes)?;
-        let table_bytes = unzstd(&table_zstd?, MAX_CHUNK_TABLE_BYTES, "the chunk table")?;
         let table = ChunkTable::decode(&table_bytes, oci.packs().len(), &index.distinct_chunks())?;
         for pack in oci.packs() {
             limited(registry, "pack blob", pack, MAX_PACK_BLOB_BYTES)?;
@@ -296,7 +333,19 @@ impl RemoteImage {
             stored_manifest,
             index_bytes,
             index,
+            table_bytes,
             table,
         })
+    }
+
+    /// What [`RemoteImage::from_parts`] makes this image again from.
+    pub fn parts(&self) -> RemoteImageParts {
+        RemoteImageParts {
+            digest: self.digest,
+            oci: self.oci.clone(),
+            stored_manifest: self.stored_manifest.clone(),
+            index_bytes: self.index_bytes.clone(),
+            table_bytes: self.table_bytes.clone(),
+        }
     }
 }

@@ -31,8 +31,8 @@ pub use client::{
 pub use digest::{sha256_digest, Sha256Digest, Sha256Writer};
 pub use error::RegistryError;
 pub use image::{
-    Descriptor, OciManifest, RemoteImage, FIRST_PACK_LAYER, MAX_CHUNK_TABLE_BYTES,
-    MAX_SKIFF_MANIFEST_BYTES,
+    Descriptor, OciManifest, RemoteImage, RemoteImageParts, FIRST_PACK_LAYER,
+    MAX_CHUNK_TABLE_BYTES, MAX_SKIFF_MANIFEST_BYTES,
 };
 pub use reference::{is_plain_http_allowed, RegistryRef, DOCKER_HUB};
 pub use source::{RangePlan, RegistrySource};
