@@ -1283,6 +1283,14 @@ impl SkiffMount {
         self.status()["pid"].as_u64().unwrap() as u32
     }
 
+    /// The pid of the supervisor that keeps the mount across its daemons.
+    pub fn supervisor_pid(&self) -> u32 {
+        let status = self.status();
+        status["supervisor_pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no supervisor in {status}")) as u32
+    }
+
     /// `skiff umount`, which must succeed.
     pub fn umount(self) {
         let out = self.run_umount();

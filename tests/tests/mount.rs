@@ -561,12 +561,16 @@ fn daemon_running(pid: u32) -> bool {
     })
 }
 
-/// SIGKILLs a mount's daemon and waits until its mount answers ENOTCONN.
+/// SIGKILLs a mount's supervisor and then its daemon (which the supervisor
+/// would replace) and waits until its mount answers ENOTCONN.
 fn kill_9_and_wait_for_dead_mount(mount: &SkiffMount) {
-    Command::new("kill")
-        .args(["-9", &mount.pid().to_string()])
-        .status()
-        .unwrap();
+    let (supervisor, daemon) = (mount.supervisor_pid(), mount.pid());
+    for pid in [supervisor, daemon] {
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while fs::read_dir(&mount.mountpoint)
         .map(drop)
@@ -634,7 +638,7 @@ fn umount_status_and_a_killed_daemon() {
     let printed = skiff_here(&["status", &mnt_s, "--run-dir", &run]);
     assert!(String::from_utf8_lossy(&printed.stdout).contains("of the image"));
 
-    // kill -9 leaves a dead mount; mounting again clears it.
+    // kill -9 of the supervisor and the daemon leaves a dead mount; mounting again clears it.
     kill_9_and_wait_for_dead_mount(&mount);
     let dead = fs::read_dir(&mnt).map(|_| ()).unwrap_err();
     assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN));

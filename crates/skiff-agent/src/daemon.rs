@@ -8,7 +8,8 @@
 //! ```
 //! where KEY is derived from the mount point's canonical path. A daemon is
 //! started from a typed [`MountSpec`] (sent as JSON on its stdin), never
-//! from an argv spelled out by hand.
+//! from an argv spelled out by hand, by the mount's supervisor
+//! (supervisor.rs), which starts another on the same connection if it dies.
 
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::net::UnixListener;
@@ -32,6 +33,7 @@ use crate::host::{
 use crate::origin::{open_image, ImageArg, OpenOptions, OpenedImage, Origin};
 use crate::settings::MountSettings;
 use crate::status::spawn_status_server;
+use crate::supervisor::{self, Handover, Supervision};
 
 /// How long unmounting waits for a daemon to let go.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(20);
@@ -90,6 +92,21 @@ impl RunDir {
         self.base(mountpoint).with_extension("manifest.json")
     }
 
+    /// Where the mount's supervisor waits for its daemons.
+    pub fn supervisor_socket_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("supervisor.sock")
+    }
+
+    /// The open-file journal of the mount's daemon, for its successor.
+    pub fn journal_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("opens")
+    }
+
+    /// Where the mount's daemon keeps its image's metadata for the next one.
+    pub fn kept_image_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("image")
+    }
+
     /// Where shared mounts made for containers and snapshots live.
     pub fn shared_mounts(&self) -> PathBuf {
         self.root.join("images")
@@ -135,8 +152,12 @@ pub(crate) fn mount_key(mountpoint: &Path) -> String {
 /// What the run directory records about a live mount.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MountRecord {
+    /// The daemon that serves the mount now.
     #[serde(flatten)]
     pub daemon: ProcessId,
+    /// The process that keeps the mount's connection and starts its daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<ProcessId>,
     pub image: String,
     pub source: String,
     /// Where the image comes from.
@@ -158,6 +179,20 @@ fn read_record(path: &Path) -> Option<MountRecord> {
 }
 
 impl MountRecord {
+    /// Whether something still serves the mount: its supervisor (which
+    /// starts a new daemon if the one serving it dies), or its daemon.
+    pub fn is_alive(&self) -> bool {
+        self.holder().is_some()
+    }
+
+    /// The process to signal to unmount: the supervisor, else the daemon.
+    pub fn holder(&self) -> Option<ProcessId> {
+        self.supervisor
+            .into_iter()
+            .chain([self.daemon])
+            .find(ProcessId::is_running)
+    }
+
     /// Whether another user of `image` from `origin` may read through this mount.
     pub fn shareable_for(&self, image: &ImageArg, origin: &Origin) -> bool {
         self.image == image.to_string()
@@ -174,7 +209,7 @@ pub fn find_shared_mount(run_dir: &RunDir, image: &ImageArg, origin: &Origin) ->
         .into_iter()
         .find(|record| {
             record.shareable_for(image, origin)
-                && record.daemon.is_running()
+                && record.is_alive()
                 && mounted_here(&record.mountpoint) == MountedHere::Skiff
         })
         .map(|record| record.mountpoint)
@@ -187,13 +222,13 @@ pub fn check_mount_point(run_dir: &RunDir, mountpoint: &Path) -> Result<()> {
     match (mounted_here(mountpoint), read_record(&record_path)) {
         // Its mount was taken away from outside and the daemon is winding
         // down: its files go with it, so wait rather than race it.
-        (MountedHere::Nothing, Some(record)) if record.daemon.is_running() => {
+        (MountedHere::Nothing, Some(record)) if record.is_alive() => {
             let deadline = Instant::now() + UNMOUNT_WAIT;
-            while record.daemon.is_running() {
+            while let Some(holder) = record.holder() {
                 if Instant::now() > deadline {
                     return Err(AgentError::DaemonStuck {
                         path: mountpoint.to_owned(),
-                        pid: record.daemon.pid,
+                        pid: holder.pid,
                         secs: UNMOUNT_WAIT.as_secs(),
                     });
                 }
@@ -201,7 +236,7 @@ pub fn check_mount_point(run_dir: &RunDir, mountpoint: &Path) -> Result<()> {
             }
         }
         (MountedHere::Nothing, _) => {}
-        (MountedHere::Skiff, Some(record)) if record.daemon.is_running() => {
+        (MountedHere::Skiff, Some(record)) if record.is_alive() => {
             return Err(AgentError::AlreadyMounted {
                 path: mountpoint.to_owned(),
                 image: record.image,
@@ -233,9 +268,10 @@ pub fn check_mount_point(run_dir: &RunDir, mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks the mount point and starts a daemon (this binary's hidden
-/// `mount-daemon` command) for `spec` in its own process group, with its log
-/// in the run directory; returns its pid once it reports the mount ready.
+/// Checks the mount point and starts a supervisor (this binary's hidden
+/// `mount-supervisor` command) for `spec` in its own process group, with its
+/// daemon's log in the run directory; returns its pid once the daemon
+/// reports the mount ready.
 pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
     spec.settings.validate()?;
     check_mount_point(run_dir, &spec.mountpoint)?;
@@ -249,7 +285,7 @@ pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
     let program = std::env::current_exe().io_context(|| "finding the skiff binary".into())?;
     let mut command = Command::new(program);
     command
-        .arg("mount-daemon")
+        .arg("mount-supervisor")
         .arg("--run-dir")
         .arg(run_dir.root())
         .stdin(Stdio::piped())
@@ -262,7 +298,7 @@ pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
     }
     let mut child = command
         .spawn()
-        .io_context(|| "starting the mount daemon".into())?;
+        .io_context(|| "starting the mount supervisor".into())?;
     let spec_json = serde_json::to_vec(spec).map_err(|source| AgentError::Json {
         context: "writing the mount spec".into(),
         source,
@@ -286,9 +322,9 @@ pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
         let _ = log.seek(std::io::SeekFrom::Start(log_start));
         let _ = log.read_to_string(&mut log_text);
     }
+    // The daemon's own error comes before its supervisor's.
     let reason = log_text
         .lines()
-        .rev()
         .find_map(|l| l.strip_prefix("skiff: error: "))
         .unwrap_or("see the log");
     Err(AgentError::DaemonFailed {
@@ -312,14 +348,29 @@ pub fn read_spec(input: impl Read) -> Result<MountSpec> {
 pub fn serve_mount(
     run_dir: &RunDir,
     spec: &MountSpec,
+    supervision: &Supervision,
     stop: mpsc::Receiver<()>,
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let started = Instant::now();
     spec.settings.validate()?;
-    check_mount_point(run_dir, &spec.mountpoint)?;
+    // A successor first takes what the supervisor holds: the connection, and the image it serves.
+    let inherited = match supervision {
+        Supervision::Takeover { socket } => {
+            let mut link = supervisor::connect(socket)?;
+            let (handover, fd) = supervisor::receive_handover(&mut link)?;
+            Some((link, handover, fd))
+        }
+        _ => {
+            check_mount_point(run_dir, &spec.mountpoint)?;
+            None
+        }
+    };
+    let supervised = !matches!(supervision, Supervision::None);
+    let kept = run_dir.kept_image_path(&spec.mountpoint);
     let OpenedImage {
         manifest,
+        pinned,
         index,
         source,
         cache,
@@ -329,47 +380,99 @@ pub fn serve_mount(
         &spec.settings,
         OpenOptions {
             token_file: spec.token_file.as_deref(),
+            pinned: inherited.as_ref().map(|(_, handover, _)| &handover.image),
+            keep: supervised.then_some(kept.as_path()),
         },
     )?;
     let describe = source.describe();
     let image = spec.image.to_string();
-    let options = spec.settings.fuse_options(
+    let mut options = spec.settings.fuse_options(
         &image,
         &manifest,
         &index,
         spec.record_profile,
         cache.is_some(),
     );
-    let mount = Mount::start(index, source, &spec.mountpoint, &options)?;
+    if supervised {
+        options.open_journal = Some(run_dir.journal_path(&spec.mountpoint));
+    }
+    let supervisor_process = ProcessId::of(std::os::unix::process::parent_id());
+    let (mount, link, started_unix, publish, takeovers) = match (supervision, inherited) {
+        (_, Some((link, handover, fd))) => {
+            let connection = supervisor::into_connection(&handover, fd);
+            let mut mount =
+                Mount::take_over(index, source, &spec.mountpoint, &options, connection)?;
+            // A mount detached at an unmount is no longer at its mount point
+            // (another may be there now): it only serves its open files.
+            let publish = run_dir
+                .record(&spec.mountpoint)
+                .is_some_and(|r| r.supervisor == Some(supervisor_process));
+            if !publish {
+                mount.forget_mountpoint();
+            }
+            (
+                mount,
+                Some(link),
+                handover.started_unix,
+                publish,
+                handover.takeovers,
+            )
+        }
+        (Supervision::First { socket }, None) => {
+            let mount = Mount::start(index, source, &spec.mountpoint, &options)?;
+            let mut link = supervisor::connect(socket)?;
+            let connection = mount
+                .connection()
+                .io_context(|| "copying the FUSE connection".into())?;
+            let handover = Handover {
+                session: connection.state,
+                image: pinned,
+                started_unix: now_unix(),
+                takeovers: 0,
+            };
+            supervisor::send_handover(&mut link, &handover, &connection.fd)?;
+            (mount, Some(link), handover.started_unix, true, 0)
+        }
+        (_, None) => {
+            let mount = Mount::start(index, source, &spec.mountpoint, &options)?;
+            (mount, None, now_unix(), true, 0)
+        }
+    };
     let record = MountRecord {
         daemon: ProcessId::current(),
+        supervisor: link.as_ref().map(|_| supervisor_process),
         image: image.clone(),
         source: describe,
         origin: spec.origin.clone(),
         mountpoint: spec.mountpoint.clone(),
-        started_unix: now_unix(),
+        started_unix,
         record_profile: spec.record_profile,
     };
-    // Removes the mount's records when the daemon stops, however it stops.
-    let records = RecordsGuard(run_dir, &spec.mountpoint);
-    // The manifest first: whoever finds the record finds the manifest.
-    write_atomically(
-        &run_dir.manifest_path(&spec.mountpoint),
-        &manifest.to_json(),
-    )?;
-    let record_json = serde_json::to_vec_pretty(&record).map_err(|source| AgentError::Json {
-        context: "writing the mount record".into(),
-        source,
-    })?;
-    write_atomically(&run_dir.record_path(&spec.mountpoint), &record_json)?;
-    let socket_path = run_dir.socket_path(&spec.mountpoint);
-    let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path)
-        .io_context(|| format!("listening on {}", socket_path.display()))?;
     let mount = Arc::new(mount);
-    spawn_status_server(listener, mount.clone(), record, cache, started);
+    // Removes the mount's records when the daemon stops, however it stops.
+    let records = publish.then(|| RecordsGuard(run_dir, &spec.mountpoint));
+    if publish {
+        // Uptime counts from the first daemon's mount.
+        let mounted = match takeovers {
+            0 => started,
+            _ => Instant::now()
+                .checked_sub(Duration::from_secs(now_unix().saturating_sub(started_unix)))
+                .unwrap_or(started),
+        };
+        let status = StatusContext {
+            cache,
+            started: mounted,
+            takeovers,
+        };
+        publish_records(run_dir, spec, &manifest, &record, &mount, status)?;
+    }
     tracing::info!(
-        "{image} mounted at {} in {:.0} ms",
+        "{image} {} at {} in {:.0} ms",
+        if matches!(supervision, Supervision::Takeover { .. }) {
+            "taken over"
+        } else {
+            "mounted"
+        },
         spec.mountpoint.display(),
         started.elapsed().as_secs_f64() * 1000.0
     );
@@ -398,6 +501,47 @@ pub fn serve_mount(
     Ok(())
 }
 
+/// Writes what the run directory knows of a live mount, and answers status requests.
+fn publish_records(
+    run_dir: &RunDir,
+    spec: &MountSpec,
+    manifest: &skiff_format::ImageManifest,
+    record: &MountRecord,
+    mount: &Arc<Mount>,
+    status: StatusContext,
+) -> Result<()> {
+    // The manifest first: whoever finds the record finds the manifest.
+    write_atomically(
+        &run_dir.manifest_path(&spec.mountpoint),
+        &manifest.to_json(),
+    )?;
+    let record_json = serde_json::to_vec_pretty(record).map_err(|source| AgentError::Json {
+        context: "writing the mount record".into(),
+        source,
+    })?;
+    write_atomically(&run_dir.record_path(&spec.mountpoint), &record_json)?;
+    let socket_path = run_dir.socket_path(&spec.mountpoint);
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)
+        .io_context(|| format!("listening on {}", socket_path.display()))?;
+    spawn_status_server(
+        listener,
+        mount.clone(),
+        record.clone(),
+        status.cache,
+        status.started,
+        status.takeovers,
+    );
+    Ok(())
+}
+
+/// What a mount's status answers say beyond its record.
+struct StatusContext {
+    cache: Option<Arc<skiff_client::ChunkCache>>,
+    started: Instant,
+    takeovers: u32,
+}
+
 struct RecordsGuard<'a>(&'a RunDir, &'a Path);
 
 impl Drop for RecordsGuard<'_> {
@@ -420,15 +564,18 @@ pub enum Unmounted {
 pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
     let mut outcome = Unmounted::Done;
     match run_dir.record(mountpoint) {
-        Some(record) if record.daemon.is_running() => {
-            let pid = record.daemon.pid;
+        Some(record) if record.is_alive() => {
+            let Some(holder) = record.holder() else {
+                return Err(AgentError::NotMounted(mountpoint.to_owned()));
+            };
+            let pid = holder.pid;
             kill(Pid::from_raw(pid as i32), Signal::SIGTERM)
                 .map_err(std::io::Error::from)
                 .io_context(|| format!("signalling the mount daemon (pid {pid})"))?;
             // Done when the daemon exits, or when it has detached a busy
             // mount and serves the files still open.
             let deadline = Instant::now() + UNMOUNT_WAIT;
-            while record.daemon.is_running() && mounted_here(mountpoint) == MountedHere::Skiff {
+            while holder.is_running() && mounted_here(mountpoint) == MountedHere::Skiff {
                 if Instant::now() > deadline {
                     return Err(AgentError::DaemonStuck {
                         path: mountpoint.to_owned(),
@@ -438,7 +585,7 @@ pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if record.daemon.is_running() {
+            if holder.is_running() {
                 outcome = Unmounted::Detached { pid };
             }
         }
@@ -473,6 +620,7 @@ mod tests {
     fn record(image: &str, origin: Origin, record_profile: bool) -> MountRecord {
         MountRecord {
             daemon: ProcessId::current(),
+            supervisor: None,
             image: image.into(),
             source: "test".into(),
             origin,

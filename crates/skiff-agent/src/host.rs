@@ -130,7 +130,11 @@ pub struct ProcessId {
 
 impl ProcessId {
     pub fn current() -> ProcessId {
-        let pid = std::process::id();
+        ProcessId::of(std::process::id())
+    }
+
+    /// The process `pid` is now.
+    pub fn of(pid: u32) -> ProcessId {
         ProcessId {
             pid,
             start: process_start(pid).unwrap_or(0),

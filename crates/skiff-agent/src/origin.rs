@@ -135,6 +135,22 @@ impl fmt::Display for Origin {
 pub struct OpenOptions<'a> {
     /// The chunk server's bearer token.
     pub token_file: Option<&'a Path>,
+    /// Open this image, not the one the name means now (a takeover).
+    pub pinned: Option<&'a PinnedImage>,
+    /// Keep the image's metadata here (a supervised mount), and open a
+    /// pinned image from what is kept here, without the network.
+    pub keep: Option<&'a Path>,
+}
+
+/// The very image a mount serves, for a daemon that takes the mount over:
+/// its inode numbers are positions in this image's index, whatever image
+/// its tag names by then.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PinnedImage {
+    pub manifest: ImageManifest,
+    /// The registry manifest's digest, for an image from a registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_digest: Option<String>,
 }
 
 /// A token file's contents without surrounding white space; never empty.
@@ -154,6 +170,8 @@ pub fn read_token_file(path: &Path) -> Result<String> {
 /// An image ready to mount: its manifest and index, and where its chunks come from.
 pub struct OpenedImage {
     pub manifest: ImageManifest,
+    /// What opens this very image again.
+    pub pinned: PinnedImage,
     pub index: ImageIndex,
     pub source: Arc<dyn ChunkSource>,
     /// The host's chunk cache, for a network source.
@@ -182,9 +200,16 @@ pub fn open_image(
     match (origin, image) {
         (Origin::Store { path }, ImageArg::Named(name)) => {
             let store = Store::open_read_only(path)?;
-            let manifest = store.image(name)?;
+            let manifest = match options.pinned {
+                Some(pinned) => pinned.manifest.clone(),
+                None => store.image(name)?,
+            };
             let index = store.index(&manifest.index.digest)?;
             Ok(OpenedImage {
+                pinned: PinnedImage {
+                    manifest: manifest.clone(),
+                    registry_digest: None,
+                },
                 manifest,
                 index,
                 source: Arc::new(store),
@@ -197,11 +222,32 @@ pub fn open_image(
                 .with_retry_window(settings.retry_window())
                 // A stalled server costs a retry, never the whole window.
                 .with_batch_timeout(Duration::from_secs(10));
-            let (manifest, _, index) = client
-                .image(name)
-                .map_err(|e| opening(format!("from {url}: {e}").into()))?;
+            let from_server = |e| opening(format!("from {url}: {e}").into());
+            let (manifest, index) = match options.pinned {
+                Some(pinned) => {
+                    let digest = &pinned.manifest.index.digest;
+                    let encoded = match options.keep.and_then(|dir| kept::index(dir, digest)) {
+                        Some(encoded) => encoded,
+                        None => client.index_bytes(digest).map_err(from_server)?,
+                    };
+                    let index = ImageIndex::decode(&encoded).map_err(|e| opening(Box::new(e)))?;
+                    index.validate().map_err(|e| opening(Box::new(e)))?;
+                    (pinned.manifest.clone(), index)
+                }
+                None => {
+                    let (manifest, encoded, index) = client.image(name).map_err(from_server)?;
+                    if let Some(dir) = options.keep {
+                        kept::save(dir, &[(kept::INDEX, encoded.as_slice())], None::<&()>);
+                    }
+                    (manifest, index)
+                }
+            };
             let cache = cache()?;
             Ok(OpenedImage {
+                pinned: PinnedImage {
+                    manifest: manifest.clone(),
+                    registry_digest: None,
+                },
                 manifest,
                 index,
                 source: Arc::new(CachedSource::new(cache.clone(), client)),
@@ -209,9 +255,32 @@ pub fn open_image(
             })
         }
         (Origin::Registry { .. }, ImageArg::Registry(reference)) => {
+            let reference = match options.pinned.and_then(|p| p.registry_digest.as_deref()) {
+                Some(digest) => reference.with_reference(digest),
+                None => reference.clone(),
+            };
             let registry =
-                Arc::new(Registry::new(reference)?.with_retry_window(settings.retry_window()));
-            let remote = RemoteImage::fetch(&registry).map_err(|e| opening(Box::new(e)))?;
+                Arc::new(Registry::new(&reference)?.with_retry_window(settings.retry_window()));
+            let kept_parts = options
+                .pinned
+                .and(options.keep)
+                .and_then(kept::remote_image_parts);
+            let remote = match kept_parts {
+                Some(parts) => RemoteImage::from_parts(&registry, parts),
+                None => RemoteImage::fetch(&registry),
+            }
+            .map_err(|e| opening(Box::new(e)))?;
+            if let (Some(dir), None) = (options.keep, options.pinned) {
+                let parts = remote.parts();
+                kept::save(
+                    dir,
+                    &[
+                        (kept::INDEX, parts.index_bytes.as_slice()),
+                        (kept::TABLE, parts.table_bytes.as_slice()),
+                    ],
+                    Some(&parts),
+                );
+            }
             let cache = cache()?;
             let plan = RangePlan {
                 retry_window: settings.retry_window(),
@@ -219,6 +288,10 @@ pub fn open_image(
             };
             let source = RegistrySource::new(registry, &remote, plan, cache.root().join("tmp"));
             Ok(OpenedImage {
+                pinned: PinnedImage {
+                    manifest: remote.manifest.clone(),
+                    registry_digest: Some(remote.digest.to_string()),
+                },
                 manifest: remote.manifest,
                 index: remote.index,
                 source: Arc::new(CachedSource::new(cache.clone(), source)),
@@ -229,5 +302,52 @@ pub fn open_image(
             image: image.to_string(),
             origin: origin.to_string(),
         }),
+    }
+}
+
+/// An image's metadata kept on local disk for a mount's next daemon.
+mod kept {
+    use std::path::Path;
+
+    use serde::Serialize;
+    use skiff_format::IndexDigest;
+    use skiff_registry::RemoteImageParts;
+
+    pub const INDEX: &str = "index";
+    pub const TABLE: &str = "table";
+    const PARTS: &str = "parts.json";
+
+    /// Writes `files` and `parts` into `dir`; a failure costs a takeover
+    /// the network, so it is only logged.
+    pub fn save(dir: &Path, files: &[(&str, &[u8])], parts: Option<&impl Serialize>) {
+        let written = std::fs::create_dir_all(dir).and_then(|()| {
+            for (name, bytes) in files {
+                crate::host::write_atomically(&dir.join(name), bytes)
+                    .map_err(std::io::Error::other)?;
+            }
+            if let Some(parts) = parts {
+                let json = serde_json::to_vec(parts).map_err(std::io::Error::other)?;
+                crate::host::write_atomically(&dir.join(PARTS), &json)
+                    .map_err(std::io::Error::other)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            tracing::warn!("keeping the image's metadata in {}: {e}", dir.display());
+        }
+    }
+
+    /// The kept index, if it is the one `digest` names.
+    pub fn index(dir: &Path, digest: &IndexDigest) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(dir.join(INDEX)).ok()?;
+        (IndexDigest::of(&bytes) == *digest).then_some(bytes)
+    }
+
+    pub fn remote_image_parts(dir: &Path) -> Option<RemoteImageParts> {
+        let mut parts: RemoteImageParts =
+            serde_json::from_slice(&std::fs::read(dir.join(PARTS)).ok()?).ok()?;
+        parts.index_bytes = std::fs::read(dir.join(INDEX)).ok()?;
+        parts.table_bytes = std::fs::read(dir.join(TABLE)).ok()?;
+        Some(parts)
     }
 }

@@ -33,7 +33,15 @@ pub struct MountStatus {
     pub image: String,
     pub source: String,
     pub mountpoint: PathBuf,
+    /// The daemon serving it now.
     pub pid: u32,
+    /// The supervisor that keeps its connection across daemons, if it has one.
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    /// Daemons that took the mount over from one that died.
+    #[serde(default)]
+    pub takeovers: u32,
+    /// Since the first daemon mounted it.
     pub uptime_secs: f64,
     /// Chunks of this image on this host (memory or cache).
     pub local: LocalShare,
@@ -60,6 +68,7 @@ pub(crate) fn spawn_status_server(
     record: MountRecord,
     cache: Option<Arc<ChunkCache>>,
     started: Instant,
+    takeovers: u32,
 ) {
     let weak = Arc::downgrade(&mount);
     drop(mount);
@@ -77,6 +86,8 @@ pub(crate) fn spawn_status_server(
                     source: record.source.clone(),
                     mountpoint: record.mountpoint.clone(),
                     pid: record.daemon.pid,
+                    supervisor_pid: record.supervisor.map(|p| p.pid),
+                    takeovers,
                     uptime_secs: started.elapsed().as_secs_f64(),
                     local: mount.local_share(),
                     stats: mount.stats(),

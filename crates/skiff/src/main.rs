@@ -261,9 +261,22 @@ enum Command {
         #[command(flatten)]
         mount: mount::MountFlags,
     },
-    /// Serve one lazy mount; `skiff mount` and `skiff run` start it with the mount's spec on stdin
+    /// Serve one lazy mount; its supervisor starts it with the mount's spec on stdin
     #[command(hide = true)]
     MountDaemon {
+        #[arg(long, value_name = "DIR")]
+        run_dir: PathBuf,
+        /// The supervisor's socket: hand it the mount's connection, or take the one it holds
+        #[arg(long, value_name = "SOCKET")]
+        supervisor: Option<PathBuf>,
+        /// Take over the connection the supervisor holds instead of mounting
+        #[arg(long, requires = "supervisor")]
+        takeover: bool,
+    },
+    /// Keep one lazy mount's connection and start its daemons; `skiff mount`
+    /// and `skiff run` start it with the mount's spec on stdin
+    #[command(hide = true)]
+    MountSupervisor {
         #[arg(long, value_name = "DIR")]
         run_dir: PathBuf,
     },
@@ -558,7 +571,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ps { dirs, json } => run::ps(&dirs, json)?,
         Command::Rm(args) => run::rm(args)?,
         Command::Umount(args) => mount::umount(args)?,
-        Command::MountDaemon { run_dir } => mount::daemon(&run_dir)?,
+        Command::MountDaemon {
+            run_dir,
+            supervisor,
+            takeover,
+        } => mount::daemon(&run_dir, supervisor, takeover)?,
+        Command::MountSupervisor { run_dir } => mount::supervisor(&run_dir)?,
         Command::Snapshotter {
             address,
             root,

@@ -2,17 +2,20 @@
 //! what they print. The daemons themselves live in `skiff-agent`.
 //!
 //! A mount is served by a daemon: `skiff mount` starts this binary's hidden
-//! `mount-daemon` command in its own process group with the mount's typed
-//! spec on its stdin, waits until it says the file system is ready (a line
-//! on a pipe, not a sleep), and returns.
+//! `mount-supervisor` command in its own process group with the mount's
+//! typed spec on its stdin, waits until it says the file system is ready (a
+//! line on a pipe, not a sleep), and returns. The supervisor starts the
+//! `mount-daemon` that serves it, and another on the same connection if that
+//! one dies.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
 use skiff_agent::{
-    mount_status, mountpoint_path, read_spec, serve_mount, start_daemon, stop_mount, ImageArg,
-    MountSettings, MountSpec, Origin, RunDir, Unmounted, DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR,
+    mount_status, mountpoint_path, read_spec, serve_mount, start_daemon, stop_mount, supervise,
+    ImageArg, MountSettings, MountSpec, Origin, RunDir, Supervision, Unmounted, DEFAULT_CACHE_DIR,
+    DEFAULT_RUN_DIR,
 };
 
 use crate::progress::bytes;
@@ -116,7 +119,7 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         );
         return Ok(());
     }
-    serve(&run_dir, &spec, || {
+    serve(&run_dir, &spec, &Supervision::None, || {
         eprintln!(
             "{} mounted at {}; Ctrl-C unmounts",
             spec.image,
@@ -125,25 +128,64 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
     })
 }
 
-/// `skiff mount-daemon`: serves the mount whose spec arrives on stdin and
-/// says "ready" on stdout once it answers.
-pub fn daemon(run_dir: &Path) -> Result<()> {
+/// `skiff mount-supervisor`: keeps the mount whose spec arrives on stdin
+/// served by daemons, and says "ready" on stdout once the first answers.
+pub fn supervisor(run_dir: &Path) -> Result<()> {
     let spec = read_spec(std::io::stdin().lock())?;
-    serve(&RunDir::new(run_dir), &spec, || {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
-    })
+    let stop = stop_on_signal()?;
+    supervise(&RunDir::new(run_dir), &spec, stop, || {
+        say_ready();
+        Ok(())
+    })?;
+    Ok(())
 }
 
-fn serve(run_dir: &RunDir, spec: &MountSpec, ready: impl FnOnce()) -> Result<()> {
-    // Before anything is mounted: a signal from now on unmounts cleanly.
+/// `skiff mount-daemon`: serves the mount whose spec arrives on stdin and
+/// says "ready" on stdout once it answers.
+pub fn daemon(run_dir: &Path, supervisor: Option<PathBuf>, takeover: bool) -> Result<()> {
+    let supervision = match supervisor {
+        Some(socket) if takeover => Supervision::Takeover { socket },
+        Some(socket) => Supervision::First { socket },
+        None => Supervision::None,
+    };
+    if !matches!(supervision, Supervision::None) {
+        // A panicking thread would leave a half-working mount that then
+        // unmounts itself; dying at once lets the supervisor start another.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            std::process::abort();
+        }));
+    }
+    let spec = read_spec(std::io::stdin().lock())?;
+    serve(&RunDir::new(run_dir), &spec, &supervision, say_ready)
+}
+
+fn say_ready() {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
+}
+
+/// The first SIGINT or SIGTERM, as a message.
+fn stop_on_signal() -> Result<mpsc::Receiver<()>> {
     let (stop_tx, stop_rx) = mpsc::channel();
     ctrlc::set_handler(move || {
         let _ = stop_tx.send(());
     })
     .context("installing the signal handler")?;
-    serve_mount(run_dir, spec, stop_rx, || {
+    Ok(stop_rx)
+}
+
+fn serve(
+    run_dir: &RunDir,
+    spec: &MountSpec,
+    supervision: &Supervision,
+    ready: impl FnOnce(),
+) -> Result<()> {
+    // Before anything is mounted: a signal from now on unmounts cleanly.
+    let stop = stop_on_signal()?;
+    serve_mount(run_dir, spec, supervision, stop, || {
         ready();
         Ok(())
     })?;
