@@ -340,3 +340,61 @@ fn a_killed_supervisor_leaves_a_mount_that_serves_and_that_umount_cleans_up() {
         processes(&setup.run, "mount-daemon").is_empty()
     });
 }
+
+#[test]
+fn skiff_upgrade_hands_every_mount_to_a_new_supervisor_while_a_reader_reads() {
+    let image = Image::new(vec![(
+        Layer::new().file("data/big.bin", 0o644, noise(32 * MIB, 41)),
+        Compression::Gzip,
+    )]);
+    let setup = Setup::new(&image, "up:1");
+    let mount = setup.mount("up:1");
+    let (old_supervisor, old_daemon) = (mount.supervisor_pid(), mount.pid());
+    let path = mount.path("data/big.bin");
+    let reader = std::thread::spawn(move || slow_read(&path, Duration::from_millis(4)));
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new(skiff_bin())
+        .arg("upgrade")
+        .arg("--run-dir")
+        .arg(&setup.run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("upgraded"), "{stderr}");
+    wait_until("the reader hangs after the upgrade", || {
+        reader.is_finished()
+    });
+    let read = reader.join().unwrap().expect("the read failed");
+    assert!(read == fs::read(setup.expected.join("data/big.bin")).unwrap());
+    let status = mount.status();
+    assert_ne!(status["supervisor_pid"], old_supervisor, "{status}");
+    assert_ne!(status["pid"], old_daemon, "{status}");
+    assert_eq!(status["takeovers"], 1, "{status}");
+    assert_eq!(processes(&setup.run, "mount-supervisor").len(), 1);
+    assert_eq!(processes(&setup.run, "mount-daemon").len(), 1);
+    // A mount point that is not a mount is an error, and changes nothing.
+    let out = Command::new(skiff_bin())
+        .arg("upgrade")
+        .arg(setup.tmp.path())
+        .arg("--run-dir")
+        .arg(&setup.run)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let mountpoint = mount.mountpoint.clone();
+    mount.umount();
+    assert!(!is_mount_point(&mountpoint));
+    wait_until("a daemon outlived the unmount", || {
+        processes(&setup.run, "mount-daemon").is_empty()
+            && processes(&setup.run, "mount-supervisor").is_empty()
+    });
+    // What the supervisors kept for their daemons goes with the last one.
+    let left: Vec<_> = fs::read_dir(setup.run.join("mounts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".log"))
+        .collect();
+    assert!(left.is_empty(), "left in the run dir: {left:?}");
+}

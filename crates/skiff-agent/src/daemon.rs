@@ -275,7 +275,44 @@ pub fn check_mount_point(run_dir: &RunDir, mountpoint: &Path) -> Result<()> {
 pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
     spec.settings.validate()?;
     check_mount_point(run_dir, &spec.mountpoint)?;
-    let log_path = run_dir.log_path(&spec.mountpoint);
+    let spec_json = serde_json::to_vec(spec).map_err(|source| AgentError::Json {
+        context: "writing the mount spec".into(),
+        source,
+    })?;
+    launch_supervisor(run_dir, &spec.mountpoint, &[], &spec_json)
+}
+
+/// Hands the mount at `mountpoint` (canonical) to a new supervisor and
+/// daemon started from this binary, without unmounting: open files and
+/// running containers go on. Returns the new supervisor's pid once its
+/// daemon serves the mount.
+pub fn upgrade_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<u32> {
+    let record = run_dir
+        .record(mountpoint)
+        .filter(MountRecord::is_alive)
+        .ok_or_else(|| AgentError::NotMounted(mountpoint.to_owned()))?;
+    if !record.supervisor.is_some_and(|s| s.is_running()) {
+        return Err(AgentError::Supervisor(format!(
+            "{} has no supervisor (mounted by an older skiff, or its supervisor was killed): \
+             unmount it and mount it again",
+            mountpoint.display()
+        )));
+    }
+    let mut upgrade = std::ffi::OsString::from("--upgrade=");
+    upgrade.push(mountpoint);
+    launch_supervisor(run_dir, mountpoint, &[upgrade], &[])
+}
+
+/// Starts this binary's hidden `mount-supervisor` command with `args` and
+/// `input` on its stdin, in its own process group, its log in the run
+/// directory; returns its pid once it says the mount is ready.
+fn launch_supervisor(
+    run_dir: &RunDir,
+    mountpoint: &Path,
+    args: &[std::ffi::OsString],
+    input: &[u8],
+) -> Result<u32> {
+    let log_path = run_dir.log_path(mountpoint);
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -288,6 +325,7 @@ pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
         .arg("mount-supervisor")
         .arg("--run-dir")
         .arg(run_dir.root())
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -299,13 +337,9 @@ pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
     let mut child = command
         .spawn()
         .io_context(|| "starting the mount supervisor".into())?;
-    let spec_json = serde_json::to_vec(spec).map_err(|source| AgentError::Json {
-        context: "writing the mount spec".into(),
-        source,
-    })?;
     if let Some(mut stdin) = child.stdin.take() {
-        // A daemon that died at once shows in its log, read below.
-        let _ = stdin.write_all(&spec_json);
+        // A supervisor that died at once shows in its log, read below.
+        let _ = stdin.write_all(input);
     }
     let mut line = String::new();
     if let Some(stdout) = child.stdout.take() {
@@ -316,7 +350,7 @@ pub fn start_daemon(run_dir: &RunDir, spec: &MountSpec) -> Result<u32> {
     }
     let status = child
         .wait()
-        .io_context(|| "waiting for the mount daemon".into())?;
+        .io_context(|| "waiting for the mount supervisor".into())?;
     let mut log_text = String::new();
     if let Ok(mut log) = std::fs::File::open(&log_path) {
         let _ = log.seek(std::io::SeekFrom::Start(log_start));
@@ -358,7 +392,8 @@ pub fn serve_mount(
     let inherited = match supervision {
         Supervision::Takeover { socket } => {
             let mut link = supervisor::connect(socket)?;
-            let (handover, fd) = supervisor::receive_handover(&mut link)?;
+            let (handover, fd): (Handover, _) =
+                supervisor::receive_with_fd(&mut link, "the handover")?;
             Some((link, handover, fd))
         }
         _ => {
@@ -430,7 +465,7 @@ pub fn serve_mount(
                 started_unix: now_unix(),
                 takeovers: 0,
             };
-            supervisor::send_handover(&mut link, &handover, &connection.fd)?;
+            supervisor::send_with_fd(&mut link, &handover, &connection.fd)?;
             (mount, Some(link), handover.started_unix, true, 0)
         }
         (_, None) => {

@@ -19,6 +19,8 @@ pub enum AgentError {
     },
     #[error("invalid mount settings: {0}")]
     Settings(String),
+    #[error("{0}")]
+    Supervisor(String),
     #[error("cannot mount on {0}")]
     BadMountPoint(PathBuf),
     #[error("{} is not a directory", .0.display())]

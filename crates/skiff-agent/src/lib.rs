@@ -22,8 +22,8 @@ pub mod supervisor;
 
 pub use containers::{check_container_id, new_container_id, ContainerState, Containers};
 pub use daemon::{
-    find_shared_mount, read_spec, serve_mount, start_daemon, stop_mount, MountRecord, MountSpec,
-    RunDir, Unmounted,
+    find_shared_mount, read_spec, serve_mount, start_daemon, stop_mount, upgrade_mount,
+    MountRecord, MountSpec, RunDir, Unmounted,
 };
 pub use error::{AgentError, Result};
 pub use host::{mountpoint_path, now_unix, write_atomically, ProcessId};
@@ -33,4 +33,4 @@ pub use origin::{
 pub use settings::{MountSettings, DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR};
 pub use shared::{Lease, MountRequest, SharedMounts};
 pub use status::{mount_status, take_profile, CacheStatus, MountStatus, Request};
-pub use supervisor::{supervise, Supervision};
+pub use supervisor::{supervise, supervise_upgrade, Supervision};

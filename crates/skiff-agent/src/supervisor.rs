@@ -28,15 +28,18 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rustix::event::{poll, PollFd, PollFlags};
+use rustix::net::sockopt::socket_peercred;
 use rustix::net::{
     recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use skiff_fuse::{Connection, SessionState};
 
 use crate::daemon::{MountSpec, RunDir};
 use crate::error::{AgentError, IoContext, Result};
+use crate::host::{write_atomically, ProcessId};
 use crate::origin::PinnedImage;
 
 /// Daemons in a row that die before they are ready, after which the
@@ -69,122 +72,326 @@ pub enum Supervision {
     Takeover { socket: PathBuf },
 }
 
+/// What an upgrade asks of a running supervisor, and what it answers:
+/// everything its daemons are told, and the connection (beside it).
+#[derive(Serialize, Deserialize)]
+struct Upgrade {
+    spec: MountSpec,
+    handover: Handover,
+}
+
+/// A line a client (not a daemon) sends on the supervisor's socket.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "lowercase")]
+enum SupervisorRequest {
+    /// Hand the mount to the asking supervisor: a new binary's (`skiff upgrade`).
+    Upgrade,
+}
+
+/// The last line of an upgrade: the old daemon is dead, the mount is the asker's.
+const RELEASED: &str = "released";
+
 /// Serves the mount `spec` describes through daemons (this binary's hidden
 /// `mount-daemon`), starting a new one on the same connection whenever one
 /// dies while the file system is still mounted. Returns when a daemon exits
-/// cleanly (unmounted), or when the mount is given up. `ready` is called
-/// once the first daemon reports the mount ready.
+/// cleanly (unmounted), when the mount is given up, or when it is handed to
+/// a new supervisor (an upgrade). `ready` is called once the first daemon
+/// reports the mount ready.
 pub fn supervise(
     run_dir: &RunDir,
-    spec: &MountSpec,
+    spec: MountSpec,
     stop: mpsc::Receiver<()>,
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    let socket_path = run_dir.supervisor_socket_path(&spec.mountpoint);
-    let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path)
-        .io_context(|| format!("listening on {}", socket_path.display()))?;
-    let _files = SupervisorFiles(run_dir, &spec.mountpoint);
-    listener
-        .set_nonblocking(true)
-        .io_context(|| "setting the supervisor socket non-blocking".into())?;
-
-    let (mut daemon, mut stdout) = spawn_daemon(run_dir, spec, &socket_path, false)?;
-    let (connection, mut handover) = match accept(&listener, &mut daemon)? {
+    let (socket_path, listener) = listen(run_dir, &spec.mountpoint)?;
+    let mut files = SupervisorFiles::new(run_dir, &spec.mountpoint);
+    let (mut daemon, mut stdout) = spawn_daemon(run_dir, &spec, &socket_path, false)?;
+    let (connection, handover) = match accept_daemon(&listener, &mut daemon)? {
         Some(mut link) => {
-            let (handover, fd) = receive_handover(&mut link)?;
+            let (handover, fd) = receive_with_fd(&mut link, "the handover")?;
             (fd, handover)
         }
-        None => return Err(exited_early(&mut daemon, run_dir, spec)),
+        None => return Err(exited_early(&mut daemon, run_dir, &spec)),
     };
     if !read_ready(&mut stdout) {
-        return Err(exited_early(&mut daemon, run_dir, spec));
+        return Err(exited_early(&mut daemon, run_dir, &spec));
     }
     ready()?;
+    let supervisor = Supervisor {
+        run_dir,
+        spec,
+        socket_path,
+        listener,
+        connection,
+        handover,
+        daemon,
+    };
+    supervisor.run(stop, &mut files)
+}
 
-    let mut failed_starts = 0;
-    let mut stopping = false;
-    loop {
-        if !stopping && stop.recv_timeout(Duration::from_millis(20)).is_ok() {
-            stopping = true;
-            signal(&daemon, Signal::SIGTERM);
-        }
-        let Some(status) = daemon
-            .try_wait()
-            .io_context(|| "waiting for the mount daemon".into())?
-        else {
+/// Takes the mount at `mountpoint` (canonical) over from the supervisor
+/// that serves it, with this binary: that supervisor's daemon is killed and
+/// a new one, started from this binary, serves the same connection; open
+/// files and running containers go on. `ready` is called once it serves.
+pub fn supervise_upgrade(
+    run_dir: &RunDir,
+    mountpoint: &Path,
+    stop: mpsc::Receiver<()>,
+    ready: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let old_socket = run_dir.supervisor_socket_path(mountpoint);
+    let mut link = UnixStream::connect(&old_socket).io_context(|| {
+        format!(
+            "connecting to the supervisor of {} at {} (a mount from an older skiff, or \
+             `skiff mount --foreground`, cannot be upgraded: unmount and mount it again)",
+            mountpoint.display(),
+            old_socket.display()
+        )
+    })?;
+    write_line(&mut link, &SupervisorRequest::Upgrade)?;
+    let (Upgrade { spec, mut handover }, connection) =
+        receive_with_fd(&mut link, "the mount to upgrade")?;
+    // Until the old supervisor says its daemon is dead, nothing is ours.
+    let mut released = String::new();
+    BufReader::new(&link)
+        .take(64)
+        .read_line(&mut released)
+        .io_context(|| "waiting for the old supervisor to let go".into())?;
+    if released.trim() != RELEASED {
+        return Err(AgentError::Supervisor(format!(
+            "the supervisor of {} did not let the mount go",
+            mountpoint.display()
+        )));
+    }
+    let (socket_path, listener) = listen(run_dir, &spec.mountpoint)?;
+    let mut files = SupervisorFiles::new(run_dir, &spec.mountpoint);
+    if let Some(mut record) = run_dir.record(&spec.mountpoint) {
+        // The new daemon publishes the mount only if its record names its supervisor.
+        record.supervisor = Some(ProcessId::current());
+        let json = serde_json::to_vec_pretty(&record).map_err(|source| AgentError::Json {
+            context: "writing the mount record".into(),
+            source,
+        })?;
+        write_atomically(&run_dir.record_path(&spec.mountpoint), &json)?;
+    }
+    handover.takeovers += 1;
+    let (mut daemon, mut stdout) = spawn_daemon(run_dir, &spec, &socket_path, true)?;
+    match accept_daemon(&listener, &mut daemon)? {
+        Some(mut link) => send_with_fd(&mut link, &handover, &connection)?,
+        None => return Err(exited_early(&mut daemon, run_dir, &spec)),
+    }
+    if !read_ready(&mut stdout) {
+        return Err(exited_early(&mut daemon, run_dir, &spec));
+    }
+    ready()?;
+    let supervisor = Supervisor {
+        run_dir,
+        spec,
+        socket_path,
+        listener,
+        connection,
+        handover,
+        daemon,
+    };
+    supervisor.run(stop, &mut files)
+}
+
+struct Supervisor<'a> {
+    run_dir: &'a RunDir,
+    spec: MountSpec,
+    socket_path: PathBuf,
+    listener: UnixListener,
+    /// The supervisor's descriptor of the mount's FUSE connection.
+    connection: OwnedFd,
+    handover: Handover,
+    daemon: Child,
+}
+
+impl Supervisor<'_> {
+    fn run(mut self, stop: mpsc::Receiver<()>, files: &mut SupervisorFiles) -> Result<()> {
+        let mut failed_starts = 0;
+        let mut stopping = false;
+        loop {
+            if !stopping && stop.recv_timeout(Duration::from_millis(20)).is_ok() {
+                stopping = true;
+                signal(&self.daemon, Signal::SIGTERM);
+            }
             if stopping {
                 std::thread::sleep(Duration::from_millis(20));
+            } else if let Some(link) = self.request() {
+                if self.hand_to_new_supervisor(link)? {
+                    // The mount, its journal and its metadata are the new supervisor's.
+                    files.disarm();
+                    return Ok(());
+                }
             }
-            continue;
-        };
-        if status.success() {
-            return Ok(());
+            let Some(status) = self
+                .daemon
+                .try_wait()
+                .io_context(|| "waiting for the mount daemon".into())?
+            else {
+                continue;
+            };
+            if status.success() {
+                return Ok(());
+            }
+            if !is_connected(&self.connection) {
+                tracing::info!("the mount daemon exited ({status}) and the mount is gone");
+                return Ok(());
+            }
+            if failed_starts >= MAX_FAILED_STARTS {
+                give_up(&self.spec, &status);
+                return Err(AgentError::Supervisor(format!(
+                    "{MAX_FAILED_STARTS} mount daemons in a row died before they could take {} over; the mount is given up",
+                    self.spec.mountpoint.display(),
+                )));
+            }
+            tracing::warn!(
+                "the mount daemon (pid {}) died ({status}); a new one takes the mount over",
+                self.daemon.id()
+            );
+            // Counted as failed until it says it is ready; the next waits longer.
+            std::thread::sleep(Duration::from_millis(100) * failed_starts);
+            failed_starts += 1;
+            if self.take_over() {
+                failed_starts = 0;
+            }
+            if stopping {
+                signal(&self.daemon, Signal::SIGTERM);
+            }
         }
-        if !is_connected(&connection) {
-            tracing::info!("the mount daemon exited ({status}) and the mount is gone");
-            return Ok(());
-        }
-        if failed_starts >= MAX_FAILED_STARTS {
-            give_up(spec, &status);
-            return Err(AgentError::Settings(format!(
-                "{MAX_FAILED_STARTS} mount daemons in a row died before they could take {} over; the mount is given up",
-                spec.mountpoint.display(),
-            )));
-        }
-        tracing::warn!(
-            "the mount daemon (pid {}) died ({status}); a new one takes the mount over",
-            daemon.id()
-        );
-        // Counted as failed until it says it is ready; the next waits longer.
-        std::thread::sleep(Duration::from_millis(100) * failed_starts);
-        failed_starts += 1;
+    }
+
+    /// Starts a daemon that takes the connection over; whether it is ready.
+    /// One that could not start leaves the old, exited one in its place,
+    /// which the loop finds exited again.
+    fn take_over(&mut self) -> bool {
         let started = Instant::now();
-        handover.takeovers += 1;
-        match spawn_daemon(run_dir, spec, &socket_path, true) {
-            Ok(spawned) => (daemon, stdout) = spawned,
-            // The loop finds the old one exited again, and tries again.
+        self.handover.takeovers += 1;
+        let mut stdout = match spawn_daemon(self.run_dir, &self.spec, &self.socket_path, true) {
+            Ok((daemon, stdout)) => {
+                self.daemon = daemon;
+                stdout
+            }
             Err(e) => {
                 tracing::error!("{e}");
-                continue;
+                return false;
             }
-        }
-        let handed = accept(&listener, &mut daemon).and_then(|link| match link {
-            Some(mut link) => send_handover(&mut link, &handover, &connection).map(|()| true),
+        };
+        let handed = accept_daemon(&self.listener, &mut self.daemon).and_then(|link| match link {
+            Some(mut link) => {
+                send_with_fd(&mut link, &self.handover, &self.connection).map(|()| true)
+            }
             None => Ok(false),
         });
         match handed {
             Ok(true) => {}
             // It exited: the loop sees it.
-            Ok(false) => continue,
+            Ok(false) => return false,
             Err(e) => {
                 tracing::error!("handing the mount over: {e}");
-                signal(&daemon, Signal::SIGKILL);
-                continue;
+                signal(&self.daemon, Signal::SIGKILL);
+                return false;
             }
         }
-        if read_ready(&mut stdout) {
-            failed_starts = 0;
+        let ready = read_ready(&mut stdout);
+        if ready {
             tracing::info!(
                 "the new mount daemon (pid {}) took over in {:.0} ms",
-                daemon.id(),
+                self.daemon.id(),
                 started.elapsed().as_secs_f64() * 1000.0
             );
         }
-        if stopping {
-            signal(&daemon, Signal::SIGTERM);
+        ready
+    }
+
+    /// A client waiting on the socket, if one is and it may ask (root, or
+    /// this supervisor's user).
+    fn request(&self) -> Option<UnixStream> {
+        let (stream, _) = self.listener.accept().ok()?;
+        let peer = socket_peercred(&stream).ok()?;
+        if peer.uid.as_raw() != 0 && peer.uid != rustix::process::getuid() {
+            tracing::warn!("refusing a request from uid {}", peer.uid.as_raw());
+            return None;
         }
+        stream.set_nonblocking(false).ok()?;
+        Some(stream)
+    }
+
+    /// Answers an upgrade: hands the connection and the spec to the asking
+    /// supervisor, kills this daemon (which must not unmount) and reaps it,
+    /// and says so. Whether the mount was handed over.
+    fn hand_to_new_supervisor(&mut self, mut link: UnixStream) -> Result<bool> {
+        let _ = link.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        let _ = BufReader::new((&link).take(4096)).read_line(&mut line);
+        match serde_json::from_str::<SupervisorRequest>(line.trim()) {
+            Ok(SupervisorRequest::Upgrade) => {}
+            Err(e) => {
+                tracing::warn!("a request that is not one on the supervisor's socket: {e}");
+                return Ok(false);
+            }
+        }
+        let upgrade = Upgrade {
+            spec: self.spec.clone(),
+            handover: self.handover.clone(),
+        };
+        if let Err(e) = send_with_fd(&mut link, &upgrade, &self.connection) {
+            tracing::warn!("an upgrade went away before it took the mount: {e}");
+            return Ok(false);
+        }
+        tracing::info!("handing the mount to a new supervisor (an upgrade)");
+        signal(&self.daemon, Signal::SIGKILL);
+        self.daemon
+            .wait()
+            .io_context(|| "waiting for the mount daemon".into())?;
+        // If the new supervisor is gone by now, the mount goes with this
+        // process's descriptor: there is no daemon left to give it to.
+        let _ = link.write_all(format!("{RELEASED}\n").as_bytes());
+        Ok(true)
     }
 }
 
-/// Removes the supervisor's files when it stops, however it stops.
-struct SupervisorFiles<'a>(&'a RunDir, &'a Path);
+fn listen(run_dir: &RunDir, mountpoint: &Path) -> Result<(PathBuf, UnixListener)> {
+    let socket_path = run_dir.supervisor_socket_path(mountpoint);
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)
+        .io_context(|| format!("listening on {}", socket_path.display()))?;
+    listener
+        .set_nonblocking(true)
+        .io_context(|| "setting the supervisor socket non-blocking".into())?;
+    Ok((socket_path, listener))
+}
 
-impl Drop for SupervisorFiles<'_> {
+/// Removes the supervisor's files when it stops, however it stops, unless
+/// the mount went to a new supervisor.
+struct SupervisorFiles {
+    paths: Option<[PathBuf; 3]>,
+}
+
+impl SupervisorFiles {
+    fn new(run_dir: &RunDir, mountpoint: &Path) -> SupervisorFiles {
+        SupervisorFiles {
+            paths: Some([
+                run_dir.supervisor_socket_path(mountpoint),
+                run_dir.journal_path(mountpoint),
+                run_dir.kept_image_path(mountpoint),
+            ]),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.paths = None;
+    }
+}
+
+impl Drop for SupervisorFiles {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0.supervisor_socket_path(self.1));
-        let _ = std::fs::remove_file(self.0.journal_path(self.1));
-        let _ = std::fs::remove_dir_all(self.0.kept_image_path(self.1));
+        if let Some([socket, journal, image]) = &self.paths {
+            let _ = std::fs::remove_file(socket);
+            let _ = std::fs::remove_file(journal);
+            let _ = std::fs::remove_dir_all(image);
+        }
     }
 }
 
@@ -222,11 +429,18 @@ fn spawn_daemon(
     Ok((child, stdout))
 }
 
-/// The daemon's link once it connects, or `None` if it exits first.
-fn accept(listener: &UnixListener, daemon: &mut Child) -> Result<Option<UnixStream>> {
+/// The daemon's link once it connects, or `None` if it exits first. Only
+/// the daemon just started may take or give the connection: a connection
+/// from any other process is dropped.
+fn accept_daemon(listener: &UnixListener, daemon: &mut Child) -> Result<Option<UnixStream>> {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
+                let peer = socket_peercred(&stream).map(|c| c.pid.as_raw_nonzero().get());
+                if peer.ok() != Some(daemon.id() as i32) {
+                    tracing::warn!("ignoring a connection from {peer:?} while a daemon starts");
+                    continue;
+                }
                 stream
                     .set_nonblocking(false)
                     .io_context(|| "setting the daemon's link blocking".into())?;
@@ -298,17 +512,27 @@ fn give_up(spec: &MountSpec, status: &ExitStatus) {
     }
 }
 
-/// Sends `handover` and the connection's descriptor down `link`.
-pub(crate) fn send_handover(
+fn write_line(link: &mut UnixStream, message: &impl Serialize) -> Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(|source| AgentError::Json {
+        context: "writing to the supervisor's socket".into(),
+        source,
+    })?;
+    line.push(b'\n');
+    link.write_all(&line)
+        .io_context(|| "writing to the supervisor's socket".into())
+}
+
+/// Sends `message` (one JSON line) and the connection's descriptor down `link`.
+pub(crate) fn send_with_fd(
     link: &mut UnixStream,
-    handover: &Handover,
+    message: &impl Serialize,
     connection: &OwnedFd,
 ) -> Result<()> {
-    let mut message = serde_json::to_vec(handover).map_err(|source| AgentError::Json {
+    let mut line = serde_json::to_vec(message).map_err(|source| AgentError::Json {
         context: "writing the handover".into(),
         source,
     })?;
-    message.push(b'\n');
+    line.push(b'\n');
     let fds = [connection.as_fd()];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -316,18 +540,21 @@ pub(crate) fn send_handover(
     // The descriptor rides on the first bytes; the rest follows as a stream.
     let sent = sendmsg(
         link.as_fd(),
-        &[IoSlice::new(&message)],
+        &[IoSlice::new(&line)],
         &mut control,
         SendFlags::empty(),
     )
     .map_err(std::io::Error::from)
     .io_context(|| "sending the FUSE connection".into())?;
-    link.write_all(&message[sent..])
+    link.write_all(&line[sent..])
         .io_context(|| "sending the handover".into())
 }
 
-/// Reads what [`send_handover`] sent.
-pub(crate) fn receive_handover(link: &mut UnixStream) -> Result<(Handover, OwnedFd)> {
+/// Reads what [`send_with_fd`] sent: `what`, and the descriptor.
+pub(crate) fn receive_with_fd<T: DeserializeOwned>(
+    link: &mut UnixStream,
+    what: &str,
+) -> Result<(T, OwnedFd)> {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -338,7 +565,7 @@ pub(crate) fn receive_handover(link: &mut UnixStream) -> Result<(Handover, Owned
         RecvFlags::CMSG_CLOEXEC,
     )
     .map_err(std::io::Error::from)
-    .io_context(|| "receiving the FUSE connection".into())?;
+    .io_context(|| format!("receiving {what}"))?;
     let mut fd = None;
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(fds) = message {
@@ -347,21 +574,20 @@ pub(crate) fn receive_handover(link: &mut UnixStream) -> Result<(Handover, Owned
             }
         }
     }
-    let fd = fd.ok_or_else(|| {
-        AgentError::Settings("the handover came without a FUSE connection".into())
-    })?;
+    let fd =
+        fd.ok_or_else(|| AgentError::Supervisor(format!("{what} came without a FUSE connection")))?;
     let mut message = buffer[..received.bytes].to_vec();
     if !message.contains(&b'\n') {
         let mut rest = BufReader::new(link.take(MAX_HANDOVER as u64));
         rest.read_until(b'\n', &mut message)
-            .io_context(|| "receiving the handover".into())?;
+            .io_context(|| format!("receiving {what}"))?;
     }
     let line = message.split(|&b| b == b'\n').next().unwrap_or_default();
-    let handover = serde_json::from_slice(line).map_err(|source| AgentError::Json {
-        context: "reading the handover".into(),
+    let value = serde_json::from_slice(line).map_err(|source| AgentError::Json {
+        context: format!("reading {what}"),
         source,
     })?;
-    Ok((handover, fd))
+    Ok((value, fd))
 }
 
 /// The daemon's side of the link: connects to the supervisor and either

@@ -223,6 +223,14 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount an image mounted by `skiff mount`
     Umount(mount::MountPointArgs),
+    /// Hand running lazy mounts to this binary without unmounting them
+    #[command(
+        after_help = "Each mount's supervisor gives its FUSE connection to a new supervisor \
+        started from this binary, whose daemon serves it from then on; open files and running \
+        containers go on (their pending reads pause for a moment). Without a mount point, every \
+        mount in the run directory is upgraded. Run it after installing a new skiff."
+    )]
+    Upgrade(mount::UpgradeArgs),
     /// Serve containerd's snapshots API on a unix socket (a remote snapshotter)
     #[command(
         after_help = "Ordinary layers get overlayfs semantics, as with containerd's own \
@@ -279,6 +287,9 @@ enum Command {
     MountSupervisor {
         #[arg(long, value_name = "DIR")]
         run_dir: PathBuf,
+        /// Take this mount over from the supervisor that serves it (`skiff upgrade`)
+        #[arg(long, value_name = "MOUNTPOINT")]
+        upgrade: Option<PathBuf>,
     },
     /// Show what a mount has fetched, how much of the image is local, read latencies
     Status {
@@ -403,10 +414,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    // These two never touch a store: a service unit needs no HOME for them.
+    // These never touch a store: a service unit needs no HOME for them.
     let needs_store = !matches!(
         cli.command,
-        Command::Snapshotter { .. } | Command::MountDaemon { .. } | Command::Attach { .. }
+        Command::Snapshotter { .. }
+            | Command::MountDaemon { .. }
+            | Command::MountSupervisor { .. }
+            | Command::Upgrade(_)
+            | Command::Attach { .. }
     );
     let store_dir = match &cli.store {
         Some(dir) => dir.clone(),
@@ -571,12 +586,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ps { dirs, json } => run::ps(&dirs, json)?,
         Command::Rm(args) => run::rm(args)?,
         Command::Umount(args) => mount::umount(args)?,
+        Command::Upgrade(args) => return mount::upgrade(args),
         Command::MountDaemon {
             run_dir,
             supervisor,
             takeover,
         } => mount::daemon(&run_dir, supervisor, takeover)?,
-        Command::MountSupervisor { run_dir } => mount::supervisor(&run_dir)?,
+        Command::MountSupervisor { run_dir, upgrade } => {
+            mount::supervisor(&run_dir, upgrade.as_deref())?
+        }
         Command::Snapshotter {
             address,
             root,

@@ -9,13 +9,14 @@
 //! one dies.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
 use skiff_agent::{
     mount_status, mountpoint_path, read_spec, serve_mount, start_daemon, stop_mount, supervise,
-    ImageArg, MountSettings, MountSpec, Origin, RunDir, Supervision, Unmounted, DEFAULT_CACHE_DIR,
-    DEFAULT_RUN_DIR,
+    supervise_upgrade, upgrade_mount, ImageArg, MountSettings, MountSpec, Origin, RunDir,
+    Supervision, Unmounted, DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR,
 };
 
 use crate::progress::bytes;
@@ -129,15 +130,65 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
 }
 
 /// `skiff mount-supervisor`: keeps the mount whose spec arrives on stdin
-/// served by daemons, and says "ready" on stdout once the first answers.
-pub fn supervisor(run_dir: &Path) -> Result<()> {
-    let spec = read_spec(std::io::stdin().lock())?;
+/// (or the mount it takes from another supervisor) served by daemons, and
+/// says "ready" on stdout once the first answers.
+pub fn supervisor(run_dir: &Path, upgrade: Option<&Path>) -> Result<()> {
+    let run_dir = RunDir::new(run_dir);
     let stop = stop_on_signal()?;
-    supervise(&RunDir::new(run_dir), &spec, stop, || {
+    let ready = || {
         say_ready();
         Ok(())
-    })?;
+    };
+    match upgrade {
+        Some(mountpoint) => supervise_upgrade(&run_dir, mountpoint, stop, ready)?,
+        None => supervise(&run_dir, read_spec(std::io::stdin().lock())?, stop, ready)?,
+    }
     Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// The mounts to upgrade [default: every mount in the run directory]
+    mountpoints: Vec<PathBuf>,
+    #[arg(long, env = "SKIFF_RUN_DIR", default_value = DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
+}
+
+/// `skiff upgrade`: each mount in turn; a failure leaves that mount as it
+/// was and the others are still upgraded.
+pub fn upgrade(args: UpgradeArgs) -> Result<ExitCode> {
+    let run_dir = RunDir::new(&args.run_dir);
+    let mountpoints = if args.mountpoints.is_empty() {
+        run_dir
+            .records()
+            .into_iter()
+            .filter(|record| record.is_alive())
+            .map(|record| record.mountpoint)
+            .collect()
+    } else {
+        args.mountpoints
+            .iter()
+            .map(|path| mountpoint_path(path))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let mut failed = 0;
+    for mountpoint in &mountpoints {
+        match upgrade_mount(&run_dir, mountpoint) {
+            Ok(pid) => eprintln!("upgraded {} (supervisor pid {pid})", mountpoint.display()),
+            Err(e) => {
+                failed += 1;
+                eprintln!("skiff: error: upgrading {}: {e}", mountpoint.display());
+            }
+        }
+    }
+    if mountpoints.is_empty() {
+        eprintln!("no mounts in {}", run_dir.root().display());
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `skiff mount-daemon`: serves the mount whose spec arrives on stdin and
