@@ -253,6 +253,7 @@ fn twenty_kills_under_concurrent_readers_leave_no_dead_mount_no_leaked_daemon_an
         pid = wait_for_takeover(&mount, pid)["pid"].as_u64().unwrap() as u32;
     }
     stop.store(true, Ordering::Relaxed);
+    wait_until("a reader hangs", || readers.iter().all(|r| r.is_finished()));
     for reader in readers {
         reader.join().unwrap().expect("a reader saw an error");
     }
@@ -291,9 +292,18 @@ fn files_held_open_by_passthrough_and_through_skiff_stay_readable_and_open_again
     }
     let mut held_large = fs::File::open(mount.path("lib/large.so")).unwrap();
     let mut held_small = fs::File::open(mount.path("etc/small.conf")).unwrap();
+    // A daemon keeps its counters four times a second for the next one.
+    std::thread::sleep(Duration::from_millis(600));
+    let before = mount.status()["stats"].clone();
     let old = mount.pid();
     kill_9(old);
-    wait_for_takeover(&mount, old);
+    let after = wait_for_takeover(&mount, old)["stats"].clone();
+    for counter in ["reads", "read_bytes", "fetched_bytes", "passthrough_opens"] {
+        assert_eq!(
+            after[counter], before[counter],
+            "{counter} after a takeover"
+        );
+    }
 
     // The kernel still holds each inode in the mode it was opened in: the
     // new daemon must open them again the same way, or the open fails.

@@ -102,6 +102,11 @@ impl RunDir {
         self.base(mountpoint).with_extension("opens")
     }
 
+    /// Where the mount's daemon keeps its counters for the next one.
+    pub fn stats_path(&self, mountpoint: &Path) -> PathBuf {
+        self.base(mountpoint).with_extension("stats.json")
+    }
+
     /// Where the mount's daemon keeps its image's metadata for the next one.
     pub fn kept_image_path(&self, mountpoint: &Path) -> PathBuf {
         self.base(mountpoint).with_extension("image")
@@ -263,7 +268,9 @@ pub fn check_mount_point(run_dir: &RunDir, mountpoint: &Path) -> Result<()> {
     std::fs::create_dir_all(mountpoint)
         .io_context(|| format!("creating {}", mountpoint.display()))?;
     if let Some(dir) = record_path.parent() {
-        std::fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
+        // Root's alone: its sockets hand out FUSE connections and status.
+        crate::host::create_private_dir(dir)
+            .io_context(|| format!("creating {}", dir.display()))?;
     }
     Ok(())
 }
@@ -483,7 +490,19 @@ pub fn serve_mount(
         started_unix,
         record_profile: spec.record_profile,
     };
+    let stats_path = run_dir.stats_path(&spec.mountpoint);
+    if matches!(supervision, Supervision::Takeover { .. }) {
+        if let Some(before) = std::fs::read(&stats_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        {
+            mount.add_stats(&before);
+        }
+    }
     let mount = Arc::new(mount);
+    if supervised {
+        keep_stats(Arc::downgrade(&mount), stats_path);
+    }
     // Removes the mount's records when the daemon stops, however it stops.
     let records = publish.then(|| RecordsGuard(run_dir, &spec.mountpoint));
     if publish {
@@ -534,6 +553,26 @@ pub fn serve_mount(
     mount.unmount()?;
     tracing::info!("unmounted {}", spec.mountpoint.display());
     Ok(())
+}
+
+/// Four times a second, the mount's counters where its next daemon finds
+/// them (a daemon killed loses at most its last quarter second of counts).
+fn keep_stats(mount: std::sync::Weak<Mount>, path: PathBuf) {
+    std::thread::spawn(move || {
+        let mut written = None;
+        while let Some(mount) = mount.upgrade() {
+            let snapshot = mount.stats_snapshot();
+            drop(mount);
+            let json = serde_json::to_vec(&snapshot).unwrap_or_default();
+            if written.as_ref() != Some(&json) {
+                if let Err(e) = write_atomically(&path, &json) {
+                    tracing::debug!("keeping the mount's counters: {e}");
+                }
+                written = Some(json);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
 }
 
 /// Writes what the run directory knows of a live mount, and answers status requests.

@@ -261,10 +261,13 @@ pub fn open_image(
             };
             let registry =
                 Arc::new(Registry::new(&reference)?.with_retry_window(settings.retry_window()));
-            let kept_parts = options
-                .pinned
-                .and(options.keep)
-                .and_then(kept::remote_image_parts);
+            // Kept parts count only if they are the pinned image's.
+            let kept_parts = options.pinned.and_then(|pinned| {
+                let parts = kept::remote_image_parts(options.keep?)?;
+                let same = Some(parts.digest.to_string()) == pinned.registry_digest
+                    && parts.stored_manifest.index.digest == pinned.manifest.index.digest;
+                same.then_some(parts)
+            });
             let remote = match kept_parts {
                 Some(parts) => RemoteImage::from_parts(&registry, parts),
                 None => RemoteImage::fetch(&registry),

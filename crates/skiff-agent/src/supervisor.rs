@@ -14,6 +14,7 @@
 //! RUN_DIR/mounts/KEY.supervisor.sock   where the supervisor's daemons find it
 //! RUN_DIR/mounts/KEY.opens             the daemon's open-file journal (skiff-fuse)
 //! RUN_DIR/mounts/KEY.image/            the image's metadata, so a new daemon needs no network
+//! RUN_DIR/mounts/KEY.stats.json        the daemon's counters, written four times a second
 //! ```
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
@@ -48,6 +49,11 @@ use crate::origin::PinnedImage;
 const MAX_FAILED_STARTS: u32 = 5;
 /// The handover message is small; anything longer is not one.
 const MAX_HANDOVER: usize = 1 << 20;
+/// How long a daemon may take to be ready: opening the image (from the
+/// network, for a first mount) and mounting it.
+const READY_WAIT: Duration = Duration::from_secs(120);
+/// How long one side of a hand-over waits for the other.
+const LINK_WAIT: Duration = Duration::from_secs(10);
 
 /// What a mount's next daemon needs besides the connection.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,6 +94,8 @@ enum SupervisorRequest {
     Upgrade,
 }
 
+/// The asker's line once it holds the connection: the old daemon may go.
+const TAKEN: &str = "taken";
 /// The last line of an upgrade: the old daemon is dead, the mount is the asker's.
 const RELEASED: &str = "released";
 
@@ -113,7 +121,7 @@ pub fn supervise(
         }
         None => return Err(exited_early(&mut daemon, run_dir, &spec)),
     };
-    if !read_ready(&mut stdout) {
+    if !read_ready(&mut stdout, &daemon) {
         return Err(exited_early(&mut daemon, run_dir, &spec));
     }
     ready()?;
@@ -152,6 +160,10 @@ pub fn supervise_upgrade(
     let (Upgrade { spec, mut handover }, connection) =
         receive_with_fd(&mut link, "the mount to upgrade")?;
     // Until the old supervisor says its daemon is dead, nothing is ours.
+    link.write_all(format!("{TAKEN}\n").as_bytes())
+        .io_context(|| "answering the old supervisor".into())?;
+    link.set_read_timeout(Some(LINK_WAIT))
+        .io_context(|| "waiting for the old supervisor to let go".into())?;
     let mut released = String::new();
     BufReader::new(&link)
         .take(64)
@@ -180,7 +192,7 @@ pub fn supervise_upgrade(
         Some(mut link) => send_with_fd(&mut link, &handover, &connection)?,
         None => return Err(exited_early(&mut daemon, run_dir, &spec)),
     }
-    if !read_ready(&mut stdout) {
+    if !read_ready(&mut stdout, &daemon) {
         return Err(exited_early(&mut daemon, run_dir, &spec));
     }
     ready()?;
@@ -239,6 +251,14 @@ impl Supervisor<'_> {
                 tracing::info!("the mount daemon exited ({status}) and the mount is gone");
                 return Ok(());
             }
+            if !self.handover.session.resend {
+                give_up(&self.spec, &status);
+                return Err(AgentError::Supervisor(format!(
+                    "the mount daemon of {} died ({status}), and this kernel cannot send a new \
+                     one the requests it had read (FUSE_NOTIFY_RESEND needs Linux 6.9)",
+                    self.spec.mountpoint.display()
+                )));
+            }
             if failed_starts >= MAX_FAILED_STARTS {
                 give_up(&self.spec, &status);
                 return Err(AgentError::Supervisor(format!(
@@ -267,7 +287,16 @@ impl Supervisor<'_> {
     /// which the loop finds exited again.
     fn take_over(&mut self) -> bool {
         let started = Instant::now();
+        // As the new daemon will count it; taken back if it does not start.
         self.handover.takeovers += 1;
+        let ready = self.start_successor(started);
+        if !ready {
+            self.handover.takeovers -= 1;
+        }
+        ready
+    }
+
+    fn start_successor(&mut self, started: Instant) -> bool {
         let mut stdout = match spawn_daemon(self.run_dir, &self.spec, &self.socket_path, true) {
             Ok((daemon, stdout)) => {
                 self.daemon = daemon;
@@ -294,7 +323,7 @@ impl Supervisor<'_> {
                 return false;
             }
         }
-        let ready = read_ready(&mut stdout);
+        let ready = read_ready(&mut stdout, &self.daemon);
         if ready {
             tracing::info!(
                 "the new mount daemon (pid {}) took over in {:.0} ms",
@@ -336,8 +365,18 @@ impl Supervisor<'_> {
             spec: self.spec.clone(),
             handover: self.handover.clone(),
         };
-        if let Err(e) = send_with_fd(&mut link, &upgrade, &self.connection) {
+        let mut taken = String::new();
+        let sent = send_with_fd(&mut link, &upgrade, &self.connection).and_then(|()| {
+            BufReader::new((&link).take(64))
+                .read_line(&mut taken)
+                .io_context(|| "waiting for the new supervisor".into())
+        });
+        if let Err(e) = sent {
             tracing::warn!("an upgrade went away before it took the mount: {e}");
+            return Ok(false);
+        }
+        if taken.trim() != TAKEN {
+            tracing::warn!("an upgrade did not take the mount");
             return Ok(false);
         }
         tracing::info!("handing the mount to a new supervisor (an upgrade)");
@@ -366,7 +405,7 @@ fn listen(run_dir: &RunDir, mountpoint: &Path) -> Result<(PathBuf, UnixListener)
 /// Removes the supervisor's files when it stops, however it stops, unless
 /// the mount went to a new supervisor.
 struct SupervisorFiles {
-    paths: Option<[PathBuf; 3]>,
+    paths: Option<[PathBuf; 4]>,
 }
 
 impl SupervisorFiles {
@@ -376,6 +415,7 @@ impl SupervisorFiles {
                 run_dir.supervisor_socket_path(mountpoint),
                 run_dir.journal_path(mountpoint),
                 run_dir.kept_image_path(mountpoint),
+                run_dir.stats_path(mountpoint),
             ]),
         }
     }
@@ -387,10 +427,11 @@ impl SupervisorFiles {
 
 impl Drop for SupervisorFiles {
     fn drop(&mut self) {
-        if let Some([socket, journal, image]) = &self.paths {
+        if let Some([socket, journal, image, stats]) = &self.paths {
             let _ = std::fs::remove_file(socket);
             let _ = std::fs::remove_file(journal);
             let _ = std::fs::remove_dir_all(image);
+            let _ = std::fs::remove_file(stats);
         }
     }
 }
@@ -460,12 +501,30 @@ fn accept_daemon(listener: &UnixListener, daemon: &mut Child) -> Result<Option<U
     }
 }
 
-fn read_ready(stdout: &mut Option<ChildStdout>) -> bool {
-    let mut line = String::new();
-    if let Some(stdout) = stdout.take() {
+/// Whether the daemon says it is ready within [`READY_WAIT`]; one that
+/// does not is killed (the loop then sees it exit).
+fn read_ready(stdout: &mut Option<ChildStdout>, daemon: &Child) -> bool {
+    let Some(stdout) = stdout.take() else {
+        return false;
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(READY_WAIT) {
+        Ok(line) => line.trim() == "ready",
+        Err(_) => {
+            tracing::error!(
+                "the mount daemon (pid {}) was not ready within {} s",
+                daemon.id(),
+                READY_WAIT.as_secs()
+            );
+            signal(daemon, Signal::SIGKILL);
+            false
+        }
     }
-    line.trim() == "ready"
 }
 
 fn exited_early(daemon: &mut Child, run_dir: &RunDir, spec: &MountSpec) -> AgentError {
@@ -555,6 +614,8 @@ pub(crate) fn receive_with_fd<T: DeserializeOwned>(
     link: &mut UnixStream,
     what: &str,
 ) -> Result<(T, OwnedFd)> {
+    link.set_read_timeout(Some(LINK_WAIT))
+        .io_context(|| format!("receiving {what}"))?;
     let mut buffer = vec![0u8; 64 * 1024];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -587,6 +648,7 @@ pub(crate) fn receive_with_fd<T: DeserializeOwned>(
         context: format!("reading {what}"),
         source,
     })?;
+    let _ = link.set_read_timeout(None);
     Ok((value, fd))
 }
 

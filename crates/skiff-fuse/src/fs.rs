@@ -90,6 +90,8 @@ pub struct SkiffFs {
     /// Whether the kernel agreed to FUSE passthrough; shared with the
     /// [`crate::Mount`], which hands it to a successor.
     passthrough: Arc<AtomicBool>,
+    /// Whether the kernel can resend requests (see [`crate::SessionState`]).
+    resend: Arc<AtomicBool>,
     /// Notes what is read while a startup profile is recorded.
     recorder: Arc<Recorder>,
 }
@@ -101,6 +103,7 @@ impl SkiffFs {
         network_threads: usize,
         recorder: Arc<Recorder>,
         passthrough: Arc<AtomicBool>,
+        resend: Arc<AtomicBool>,
     ) -> io::Result<SkiffFs> {
         let network = rayon::ThreadPoolBuilder::new()
             .num_threads(network_threads.max(1))
@@ -115,6 +118,7 @@ impl SkiffFs {
             open: Mutex::new(OpenTable::default()),
             inodes: Mutex::new(HashMap::new()),
             passthrough,
+            resend,
             recorder,
         })
     }
@@ -131,8 +135,18 @@ impl SkiffFs {
         {
             let mut table = self.open.lock().expect("open table poisoned");
             let mut inodes = self.inodes.lock().expect("inode table poisoned");
+            let passthrough = self.passthrough.load(Ordering::Relaxed);
+            let mut backing_inodes: HashMap<u32, INodeNo> = HashMap::new();
             for (&fh, record) in opens {
                 let ino = INodeNo(record.ino);
+                // A backing id belongs to one inode, and only to a passthrough connection.
+                if let Some(id) = record.backing {
+                    let owner = *backing_inodes.entry(id).or_insert(ino);
+                    if !passthrough || owner != ino {
+                        tracing::warn!("the journal's backing id {id} for inode {ino:?} is not one this connection can have; skipped");
+                        continue;
+                    }
+                }
                 let Some(InodeKind::File { chunks, .. }) = self.tree.inode(ino).map(|i| &i.kind)
                 else {
                     tracing::warn!("the journal names inode {ino:?}, not a file of this image");
@@ -185,6 +199,19 @@ impl SkiffFs {
                 tracing::info!("FUSE passthrough unavailable ({e}); reads go through skiff");
                 self.passthrough.store(false, Ordering::Relaxed);
                 None
+            }
+        }
+    }
+
+    /// Undoes what an open of `ino` took: its pins and its count.
+    fn forget_open(&self, ino: INodeNo, pins: &[ChunkId]) {
+        self.fetcher.source().unpin(pins);
+        let mut inodes = self.inodes.lock().expect("inode table poisoned");
+        if let Some(opens) = inodes.get_mut(&ino) {
+            opens.handles -= 1;
+            if opens.handles == 0 {
+                // The last handle is closed: its backing file goes too.
+                inodes.remove(&ino);
             }
         }
     }
@@ -252,6 +279,10 @@ impl Filesystem for SkiffFs {
         {
             self.passthrough.store(true, Ordering::Relaxed);
         }
+        self.resend.store(
+            config.capabilities().contains(InitFlags::FUSE_HAS_RESEND),
+            Ordering::Relaxed,
+        );
         // Readahead of many files at once (a container start) may all be in flight.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
@@ -334,7 +365,11 @@ impl Filesystem for SkiffFs {
                     backing: file.backing,
                 };
                 if let Err(e) = journal.opened(handle, record) {
-                    tracing::warn!("the open-file journal: {e}; a successor may fail opens");
+                    // A successor would not know of this handle: refuse it.
+                    tracing::error!("the open-file journal: {e}; refusing an open");
+                    drop(table);
+                    self.forget_open(ino, &file.pins);
+                    return reply.error(Errno::EIO);
                 }
             }
             table.files.insert(handle, file);
@@ -397,15 +432,7 @@ impl Filesystem for SkiffFs {
             file
         };
         if let Some(file) = released {
-            self.fetcher.source().unpin(&file.pins);
-            let mut inodes = self.inodes.lock().expect("inode table poisoned");
-            if let Some(opens) = inodes.get_mut(&file.ino) {
-                opens.handles -= 1;
-                if opens.handles == 0 {
-                    // The last handle is closed: its backing file goes too.
-                    inodes.remove(&file.ino);
-                }
-            }
+            self.forget_open(file.ino, &file.pins);
         }
         reply.ok();
     }

@@ -23,6 +23,11 @@ const FUSE_NOTIFY_RESEND: i32 = 7;
 pub struct SessionState {
     /// Files may be handed to the kernel to read (FUSE passthrough).
     pub passthrough: bool,
+    /// The kernel can send unanswered requests again (`FUSE_HAS_RESEND`,
+    /// Linux 6.9): without it, a successor would leave the requests its
+    /// predecessor had read waiting forever, so there is none.
+    #[serde(default)]
+    pub resend: bool,
 }
 
 /// A live FUSE connection: its `/dev/fuse` descriptor and its state.

@@ -31,7 +31,7 @@ use thiserror::Error;
 pub use fetcher::Fetcher;
 pub use handover::{resend_pending, Connection, SessionState};
 pub use prefetch::{prefetch_order, PrefetchConfig, PrefetchPlan};
-pub use stats::StatsReport;
+pub use stats::{StatsReport, StatsSnapshot};
 pub use tree::ImageTree;
 
 use crate::journal::OpenJournal;
@@ -98,6 +98,7 @@ pub struct Mount {
     /// Another descriptor of the FUSE connection, for [`Mount::connection`].
     device: OwnedFd,
     passthrough: Arc<AtomicBool>,
+    resend: Arc<AtomicBool>,
     prefetcher: Option<Prefetcher>,
     fetcher: Arc<Fetcher>,
     tree: Arc<ImageTree>,
@@ -125,7 +126,11 @@ impl Mount {
                 path: mountpoint.to_owned(),
             });
         }
-        let parts = Parts::new(index, source, options, false).map_err(mount_error)?;
+        let fresh = SessionState {
+            passthrough: false,
+            resend: false,
+        };
+        let parts = Parts::new(index, source, options, fresh).map_err(mount_error)?;
         let fs = match &options.open_journal {
             Some(path) => parts
                 .fs
@@ -172,8 +177,7 @@ impl Mount {
             path: mountpoint.to_owned(),
             source,
         };
-        let parts = Parts::new(index, source, options, connection.state.passthrough)
-            .map_err(mount_error)?;
+        let parts = Parts::new(index, source, options, connection.state).map_err(mount_error)?;
         let fs = match &options.open_journal {
             Some(path) => {
                 let (journal, open) = OpenJournal::resume(path).map_err(mount_error)?;
@@ -192,11 +196,12 @@ impl Mount {
             connection.fd,
             SessionACL::All,
             session_config(options),
-        )
-        .spawn()
-        .map_err(mount_error)?;
-        // What the one before had read and not answered.
+        );
+        // What the one before had read and not answered, before this one
+        // reads anything: a resend also re-queues what was read since, which
+        // would then be answered twice.
         resend_pending(device.as_fd()).map_err(mount_error)?;
+        let session = session.spawn().map_err(mount_error)?;
         Ok(Mount::running(
             parts.shared,
             session,
@@ -218,6 +223,7 @@ impl Mount {
             fetcher,
             recorder,
             passthrough,
+            resend,
         } = shared;
         let prefetcher = options.prefetch.clone().map(|config| {
             let plan = prefetch_order(&tree, &config.first);
@@ -227,6 +233,7 @@ impl Mount {
             session: Some(session),
             device,
             passthrough,
+            resend,
             prefetcher,
             fetcher,
             tree,
@@ -250,6 +257,7 @@ impl Mount {
             fd: self.device.as_fd().try_clone_to_owned()?,
             state: SessionState {
                 passthrough: self.passthrough.load(Ordering::Relaxed),
+                resend: self.resend.load(Ordering::Relaxed),
             },
         })
     }
@@ -266,6 +274,16 @@ impl Mount {
 
     pub fn stats(&self) -> StatsReport {
         self.fetcher.stats.report()
+    }
+
+    /// The counters, for a daemon that takes the mount over.
+    pub fn stats_snapshot(&self) -> StatsSnapshot {
+        self.fetcher.stats.snapshot()
+    }
+
+    /// Counts on from what the daemon before this one counted.
+    pub fn add_stats(&self, before: &StatsSnapshot) {
+        self.fetcher.stats.add_snapshot(before);
     }
 
     /// What the chunk source did on the network, if it is a network source.
@@ -357,6 +375,7 @@ struct Shared {
     fetcher: Arc<Fetcher>,
     recorder: Arc<Recorder>,
     passthrough: Arc<AtomicBool>,
+    resend: Arc<AtomicBool>,
 }
 
 struct Parts {
@@ -369,7 +388,7 @@ impl Parts {
         index: ImageIndex,
         source: Arc<dyn ChunkSource>,
         options: &MountOptions,
-        passthrough: bool,
+        state: SessionState,
     ) -> io::Result<Parts> {
         let tree = Arc::new(ImageTree::new(index));
         let fetcher = Arc::new(Fetcher::new(
@@ -382,13 +401,15 @@ impl Parts {
         } else {
             Recorder::default()
         });
-        let passthrough = Arc::new(AtomicBool::new(passthrough));
+        let passthrough = Arc::new(AtomicBool::new(state.passthrough));
+        let resend = Arc::new(AtomicBool::new(state.resend));
         let fs = fs::SkiffFs::new(
             tree.clone(),
             fetcher.clone(),
             options.network_threads,
             recorder.clone(),
             passthrough.clone(),
+            resend.clone(),
         )?;
         Ok(Parts {
             fs,
@@ -397,6 +418,7 @@ impl Parts {
                 fetcher,
                 recorder,
                 passthrough,
+                resend,
             },
         })
     }

@@ -113,6 +113,51 @@ impl MountStats {
     }
 }
 
+/// A mount's counters as a daemon that takes the mount over carries them on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub report: StatsReport,
+    /// Reads per latency bucket.
+    pub latency: Vec<u64>,
+}
+
+impl MountStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            report: self.report(),
+            latency: self
+                .latency
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    /// Adds what a predecessor counted (flags are this daemon's own to set).
+    pub fn add_snapshot(&self, before: &StatsSnapshot) {
+        let r = &before.report;
+        for (counter, n) in [
+            (&self.reads, r.reads),
+            (&self.read_bytes, r.read_bytes),
+            (&self.failed_reads, r.failed_reads),
+            (&self.memory_hits, r.memory_hits),
+            (&self.disk_hits, r.disk_hits),
+            (&self.fetch_requests, r.fetch_requests),
+            (&self.fetched_chunks, r.fetched_chunks),
+            (&self.fetched_bytes, r.fetched_bytes),
+            (&self.corrupt_chunks, r.corrupt_chunks),
+            (&self.prefetched_chunks, r.prefetched_chunks),
+            (&self.prefetched_bytes, r.prefetched_bytes),
+            (&self.passthrough_opens, r.passthrough_opens),
+        ] {
+            Self::add(counter, n);
+        }
+        for (bucket, n) in self.latency.iter().zip(&before.latency) {
+            Self::add(bucket, *n);
+        }
+    }
+}
+
 /// Counters of one mount. Latencies are bucket upper bounds (powers of two).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StatsReport {
@@ -160,5 +205,19 @@ mod tests {
         assert_eq!(report.read_latency_us_p99, Some(4096));
         assert_eq!(report.reads, 100);
         assert_eq!(report.read_bytes, 1000);
+    }
+
+    #[test]
+    fn a_successor_counts_on_from_its_predecessors_snapshot() {
+        let before = MountStats::default();
+        before.record_read(10, Duration::from_millis(3));
+        MountStats::add(&before.fetched_bytes, 700);
+        let after = MountStats::default();
+        after.record_read(5, Duration::from_micros(20));
+        after.add_snapshot(&before.snapshot());
+        let report = after.report();
+        assert_eq!((report.reads, report.read_bytes), (2, 15));
+        assert_eq!(report.fetched_bytes, 700);
+        assert_eq!(report.read_latency_us_p99, Some(4096));
     }
 }
