@@ -92,24 +92,13 @@ impl RunDir {
         self.base(mountpoint).with_extension("manifest.json")
     }
 
-    /// Where the mount's supervisor waits for its daemons.
-    pub fn supervisor_socket_path(&self, mountpoint: &Path) -> PathBuf {
-        self.base(mountpoint).with_extension("supervisor.sock")
-    }
-
-    /// The open-file journal of the mount's daemon, for its successor.
-    pub fn journal_path(&self, mountpoint: &Path) -> PathBuf {
-        self.base(mountpoint).with_extension("opens")
-    }
-
-    /// Where the mount's daemon keeps its counters for the next one.
-    pub fn stats_path(&self, mountpoint: &Path) -> PathBuf {
-        self.base(mountpoint).with_extension("stats.json")
-    }
-
-    /// Where the mount's daemon keeps its image's metadata for the next one.
-    pub fn kept_image_path(&self, mountpoint: &Path) -> PathBuf {
-        self.base(mountpoint).with_extension("image")
+    /// The files of a supervised connection that `supervisor` mounted at `mountpoint`.
+    pub fn connection_files(&self, mountpoint: &Path, supervisor: ProcessId) -> ConnectionFiles {
+        let instance = file_key(format!("{}:{}", supervisor.pid, supervisor.start).as_bytes());
+        let mut base = self.base(mountpoint).into_os_string();
+        base.push(".");
+        base.push(instance);
+        ConnectionFiles { base: base.into() }
     }
 
     /// Where shared mounts made for containers and snapshots live.
@@ -149,6 +138,63 @@ impl RunDir {
     }
 }
 
+/// What a supervised FUSE connection's daemons keep for the next one, and
+/// where its supervisor listens. Named after the mount point and the
+/// supervisor that mounted it: an upgrade keeps them, and a busy mount
+/// detached at an unmount keeps its own while a new mount at the same path
+/// has others.
+///
+/// ```text
+/// RUN_DIR/mounts/KEY.ID.supervisor.sock   where the supervisor's daemons find it
+/// RUN_DIR/mounts/KEY.ID.opens             the daemon's open-file journal (skiff-fuse)
+/// RUN_DIR/mounts/KEY.ID.image/            the image's metadata, so a new daemon needs no network
+/// RUN_DIR/mounts/KEY.ID.stats.json        the daemon's counters, written four times a second
+/// ```
+#[derive(Clone, Debug)]
+pub struct ConnectionFiles {
+    base: PathBuf,
+}
+
+impl ConnectionFiles {
+    const SOCKET: &'static str = ".supervisor.sock";
+
+    /// The files of the connection whose supervisor listens at `socket`.
+    pub fn of_socket(socket: &Path) -> Option<ConnectionFiles> {
+        let base = socket.to_str()?.strip_suffix(Self::SOCKET)?;
+        Some(ConnectionFiles { base: base.into() })
+    }
+
+    fn with(&self, suffix: &str) -> PathBuf {
+        let mut path = self.base.clone().into_os_string();
+        path.push(suffix);
+        path.into()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.with(Self::SOCKET)
+    }
+
+    pub fn journal(&self) -> PathBuf {
+        self.with(".opens")
+    }
+
+    pub fn image(&self) -> PathBuf {
+        self.with(".image")
+    }
+
+    pub fn stats(&self) -> PathBuf {
+        self.with(".stats.json")
+    }
+
+    /// Removes them all (the connection is gone).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(self.socket());
+        let _ = std::fs::remove_file(self.journal());
+        let _ = std::fs::remove_dir_all(self.image());
+        let _ = std::fs::remove_file(self.stats());
+    }
+}
+
 /// The name under which the run directory keeps what it knows of the mount at `mountpoint`.
 pub(crate) fn mount_key(mountpoint: &Path) -> String {
     file_key(mountpoint.as_os_str().as_encoded_bytes())
@@ -163,6 +209,9 @@ pub struct MountRecord {
     /// The process that keeps the mount's connection and starts its daemons.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor: Option<ProcessId>,
+    /// Where that supervisor listens (`skiff upgrade` asks it there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_socket: Option<PathBuf>,
     pub image: String,
     pub source: String,
     /// Where the image comes from.
@@ -408,8 +457,15 @@ pub fn serve_mount(
             None
         }
     };
-    let supervised = !matches!(supervision, Supervision::None);
-    let kept = run_dir.kept_image_path(&spec.mountpoint);
+    let files = match supervision {
+        Supervision::First { socket } | Supervision::Takeover { socket } => {
+            Some(ConnectionFiles::of_socket(socket).ok_or_else(|| {
+                AgentError::Supervisor(format!("{} is not a supervisor's socket", socket.display()))
+            })?)
+        }
+        Supervision::None => None,
+    };
+    let kept = files.as_ref().map(ConnectionFiles::image);
     let OpenedImage {
         manifest,
         pinned,
@@ -423,7 +479,7 @@ pub fn serve_mount(
         OpenOptions {
             token_file: spec.token_file.as_deref(),
             pinned: inherited.as_ref().map(|(_, handover, _)| &handover.image),
-            keep: supervised.then_some(kept.as_path()),
+            keep: kept.as_deref(),
         },
     )?;
     let describe = source.describe();
@@ -435,9 +491,7 @@ pub fn serve_mount(
         spec.record_profile,
         cache.is_some(),
     );
-    if supervised {
-        options.open_journal = Some(run_dir.journal_path(&spec.mountpoint));
-    }
+    options.open_journal = files.as_ref().map(ConnectionFiles::journal);
     let supervisor_process = ProcessId::of(std::os::unix::process::parent_id());
     let (mount, link, started_unix, publish, takeovers) = match (supervision, inherited) {
         (_, Some((link, handover, fd))) => {
@@ -483,6 +537,7 @@ pub fn serve_mount(
     let record = MountRecord {
         daemon: ProcessId::current(),
         supervisor: link.as_ref().map(|_| supervisor_process),
+        supervisor_socket: files.as_ref().map(ConnectionFiles::socket),
         image: image.clone(),
         source: describe,
         origin: spec.origin.clone(),
@@ -490,9 +545,9 @@ pub fn serve_mount(
         started_unix,
         record_profile: spec.record_profile,
     };
-    let stats_path = run_dir.stats_path(&spec.mountpoint);
-    if matches!(supervision, Supervision::Takeover { .. }) {
-        if let Some(before) = std::fs::read(&stats_path)
+    let stats_path = files.as_ref().map(ConnectionFiles::stats);
+    if let (Supervision::Takeover { .. }, Some(path)) = (supervision, &stats_path) {
+        if let Some(before) = std::fs::read(path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         {
@@ -500,9 +555,7 @@ pub fn serve_mount(
         }
     }
     let mount = Arc::new(mount);
-    if supervised {
-        keep_stats(Arc::downgrade(&mount), stats_path);
-    }
+    let stats_keeper = stats_path.map(|path| StatsKeeper::start(Arc::downgrade(&mount), path));
     // Removes the mount's records when the daemon stops, however it stops.
     let records = publish.then(|| RecordsGuard(run_dir, &spec.mountpoint));
     if publish {
@@ -550,29 +603,62 @@ pub fn serve_mount(
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    mount.unmount()?;
+    let unmounted = mount.unmount();
+    drop(stats_keeper);
+    // A supervisor removes its connection's files when its daemon is done;
+    // the last daemon of a dead one does.
+    if let Some(files) = files.filter(|_| link.is_some() && !supervisor_process.is_running()) {
+        files.remove();
+    }
+    unmounted?;
     tracing::info!("unmounted {}", spec.mountpoint.display());
     Ok(())
 }
 
 /// Four times a second, the mount's counters where its next daemon finds
 /// them (a daemon killed loses at most its last quarter second of counts).
-fn keep_stats(mount: std::sync::Weak<Mount>, path: PathBuf) {
-    std::thread::spawn(move || {
-        let mut written = None;
-        while let Some(mount) = mount.upgrade() {
-            let snapshot = mount.stats_snapshot();
-            drop(mount);
-            let json = serde_json::to_vec(&snapshot).unwrap_or_default();
-            if written.as_ref() != Some(&json) {
-                if let Err(e) = write_atomically(&path, &json) {
-                    tracing::debug!("keeping the mount's counters: {e}");
+/// Dropping it stops it.
+struct StatsKeeper {
+    stop: mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StatsKeeper {
+    fn start(mount: std::sync::Weak<Mount>, path: PathBuf) -> StatsKeeper {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut written = None;
+            loop {
+                let Some(snapshot) = mount.upgrade().map(|m| m.stats_snapshot()) else {
+                    return;
+                };
+                let json = serde_json::to_vec(&snapshot).unwrap_or_default();
+                if written.as_ref() != Some(&json) {
+                    if let Err(e) = write_atomically(&path, &json) {
+                        tracing::debug!("keeping the mount's counters: {e}");
+                    }
+                    written = Some(json);
                 }
-                written = Some(json);
+                let waited = stopped.recv_timeout(Duration::from_millis(250));
+                if waited != Err(mpsc::RecvTimeoutError::Timeout) {
+                    return;
+                }
             }
-            std::thread::sleep(Duration::from_millis(250));
+        });
+        StatsKeeper {
+            stop,
+            thread: Some(thread),
         }
-    });
+    }
+}
+
+impl Drop for StatsKeeper {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Writes what the run directory knows of a live mount, and answers status requests.
@@ -680,6 +766,17 @@ pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
             MountedHere::Nothing => return Err(AgentError::NotMounted(mountpoint.to_owned())),
         },
     }
+    // A supervisor or its daemon removes the connection's files; when both
+    // are dead (a dead mount), nobody else will.
+    if let Some(record) = run_dir.record(mountpoint).filter(|r| !r.is_alive()) {
+        if let Some(files) = record
+            .supervisor_socket
+            .as_deref()
+            .and_then(ConnectionFiles::of_socket)
+        {
+            files.remove();
+        }
+    }
     run_dir.remove_records(mountpoint);
     if mounted_here(mountpoint) == MountedHere::Skiff {
         return Err(AgentError::StillMounted(mountpoint.to_owned()));
@@ -695,6 +792,7 @@ mod tests {
         MountRecord {
             daemon: ProcessId::current(),
             supervisor: None,
+            supervisor_socket: None,
             image: image.into(),
             source: "test".into(),
             origin,

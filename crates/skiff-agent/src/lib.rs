@@ -23,7 +23,7 @@ pub mod supervisor;
 pub use containers::{check_container_id, new_container_id, ContainerState, Containers};
 pub use daemon::{
     find_shared_mount, read_spec, serve_mount, start_daemon, stop_mount, upgrade_mount,
-    MountRecord, MountSpec, RunDir, Unmounted,
+    ConnectionFiles, MountRecord, MountSpec, RunDir, Unmounted,
 };
 pub use error::{AgentError, Result};
 pub use host::{mountpoint_path, now_unix, write_atomically, ProcessId};

@@ -10,12 +10,7 @@
 //! new daemon asks the kernel to send the pending requests again. A reader
 //! sees a pause, never an error.
 //!
-//! ```text
-//! RUN_DIR/mounts/KEY.supervisor.sock   where the supervisor's daemons find it
-//! RUN_DIR/mounts/KEY.opens             the daemon's open-file journal (skiff-fuse)
-//! RUN_DIR/mounts/KEY.image/            the image's metadata, so a new daemon needs no network
-//! RUN_DIR/mounts/KEY.stats.json        the daemon's counters, written four times a second
-//! ```
+//! The files it and its daemons keep are [`ConnectionFiles`].
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -38,7 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use skiff_fuse::{Connection, SessionState};
 
-use crate::daemon::{MountSpec, RunDir};
+use crate::daemon::{ConnectionFiles, MountSpec, RunDir};
 use crate::error::{AgentError, IoContext, Result};
 use crate::host::{write_atomically, ProcessId};
 use crate::origin::PinnedImage;
@@ -111,8 +106,9 @@ pub fn supervise(
     stop: mpsc::Receiver<()>,
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    let (socket_path, listener) = listen(run_dir, &spec.mountpoint)?;
-    let mut files = SupervisorFiles::new(run_dir, &spec.mountpoint);
+    let connection_files = run_dir.connection_files(&spec.mountpoint, ProcessId::current());
+    let (socket_path, listener) = listen(&connection_files)?;
+    let mut files = SupervisorFiles::new(connection_files);
     let (mut daemon, mut stdout) = spawn_daemon(run_dir, &spec, &socket_path, false)?;
     let (connection, handover) = match accept_daemon(&listener, &mut daemon)? {
         Some(mut link) => {
@@ -147,7 +143,19 @@ pub fn supervise_upgrade(
     stop: mpsc::Receiver<()>,
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    let old_socket = run_dir.supervisor_socket_path(mountpoint);
+    let connection_files = run_dir
+        .record(mountpoint)
+        .and_then(|record| record.supervisor_socket)
+        .as_deref()
+        .and_then(ConnectionFiles::of_socket)
+        .ok_or_else(|| {
+            AgentError::Supervisor(format!(
+                "{} has no supervisor (mounted by an older skiff, or with --foreground): \
+                 unmount it and mount it again",
+                mountpoint.display()
+            ))
+        })?;
+    let old_socket = connection_files.socket();
     let mut link = UnixStream::connect(&old_socket).io_context(|| {
         format!(
             "connecting to the supervisor of {} at {} (a mount from an older skiff, or \
@@ -175,8 +183,8 @@ pub fn supervise_upgrade(
             mountpoint.display()
         )));
     }
-    let (socket_path, listener) = listen(run_dir, &spec.mountpoint)?;
-    let mut files = SupervisorFiles::new(run_dir, &spec.mountpoint);
+    let (socket_path, listener) = listen(&connection_files)?;
+    let mut files = SupervisorFiles::new(connection_files);
     if let Some(mut record) = run_dir.record(&spec.mountpoint) {
         // The new daemon publishes the mount only if its record names its supervisor.
         record.supervisor = Some(ProcessId::current());
@@ -391,8 +399,8 @@ impl Supervisor<'_> {
     }
 }
 
-fn listen(run_dir: &RunDir, mountpoint: &Path) -> Result<(PathBuf, UnixListener)> {
-    let socket_path = run_dir.supervisor_socket_path(mountpoint);
+fn listen(files: &ConnectionFiles) -> Result<(PathBuf, UnixListener)> {
+    let socket_path = files.socket();
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path)
         .io_context(|| format!("listening on {}", socket_path.display()))?;
@@ -404,34 +412,22 @@ fn listen(run_dir: &RunDir, mountpoint: &Path) -> Result<(PathBuf, UnixListener)
 
 /// Removes the supervisor's files when it stops, however it stops, unless
 /// the mount went to a new supervisor.
-struct SupervisorFiles {
-    paths: Option<[PathBuf; 4]>,
-}
+struct SupervisorFiles(Option<ConnectionFiles>);
 
 impl SupervisorFiles {
-    fn new(run_dir: &RunDir, mountpoint: &Path) -> SupervisorFiles {
-        SupervisorFiles {
-            paths: Some([
-                run_dir.supervisor_socket_path(mountpoint),
-                run_dir.journal_path(mountpoint),
-                run_dir.kept_image_path(mountpoint),
-                run_dir.stats_path(mountpoint),
-            ]),
-        }
+    fn new(files: ConnectionFiles) -> SupervisorFiles {
+        SupervisorFiles(Some(files))
     }
 
     fn disarm(&mut self) {
-        self.paths = None;
+        self.0 = None;
     }
 }
 
 impl Drop for SupervisorFiles {
     fn drop(&mut self) {
-        if let Some([socket, journal, image, stats]) = &self.paths {
-            let _ = std::fs::remove_file(socket);
-            let _ = std::fs::remove_file(journal);
-            let _ = std::fs::remove_dir_all(image);
-            let _ = std::fs::remove_file(stats);
+        if let Some(files) = &self.0 {
+            files.remove();
         }
     }
 }
