@@ -22,7 +22,7 @@ use skiff_tests::*;
 
 /// busybox with its applets; `extra` layers go on top.
 fn busybox_image(extra: Vec<Layer>, cmd: &[&str]) -> Image {
-    let base = busybox_layer(&["sh", "cat", "echo", "sleep", "test", "ls"])
+    let base = busybox_layer(&["sh", "cat", "echo", "sleep", "test", "ls", "sha256sum"])
         .file("etc/motd", 0o644, "layer 0 motd\n")
         .file("data/gone", 0o644, "whited out above\n");
     let mut layers = vec![(base, Compression::Gzip)];
@@ -183,10 +183,11 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
         &format!(":{}/", registry.port),
         &format!(":{}/", proxy.port),
     );
+    let big = noise(3_000_000, 7);
     let top = Layer::new()
         .file("etc/motd", 0o644, "lazy motd\n")
         .whiteout("data", "gone")
-        .file("data/big", 0o644, noise(3_000_000, 7));
+        .file("data/big", 0o644, big.clone());
     let layout = dir.path().join("layout");
     busybox_image(vec![top], &["/bin/sh"]).write_layout(&layout, "v1");
     let store = dir.path().join("store");
@@ -374,6 +375,40 @@ fn containerd_starts_a_skiff_image_lazily_and_the_snapshotter_restarts_under_it(
     let fourth = rt.block_on(kubelet.start(&sandbox, "after-term", &app, "cat /etc/motd"));
     assert_eq!(rt.block_on(kubelet.wait_exit(&fourth)), 0);
     assert_eq!(kubelet.output("after-term"), "lazy motd\n");
+
+    // kill -9 of the lazy mount's daemon under the running container: its
+    // supervisor's next daemon takes the mount over, and the container reads on.
+    let daemon_pid = || {
+        let records: Vec<serde_json::Value> = fs::read_dir(snapshotter.run_dir().join("mounts"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter(|p| !p.to_string_lossy().ends_with(".manifest.json"))
+            .filter(|p| !p.to_string_lossy().ends_with(".stats.json"))
+            .map(|p| serde_json::from_slice(&fs::read(p).unwrap()).unwrap())
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        records[0]["pid"].as_u64().unwrap()
+    };
+    let killed_daemon = daemon_pid();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &killed_daemon.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // What the container reads next comes through the mount, not the page cache.
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(
+        rt.block_on(kubelet.exec(&long, &["/bin/sh", "-c", "sha256sum < /data/big"]))
+            .0,
+        format!("{}  -\n", sha256(&big).trim_start_matches("sha256:"))
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon_pid() == killed_daemon {
+        assert!(Instant::now() < deadline, "no daemon took over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Gone with the containers and the image: no snapshot, no mount.
     rt.block_on(kubelet.remove(&[first, long, third, fourth], &sandbox, &[&app, &pause]));
