@@ -109,7 +109,7 @@ pub fn supervise(
     let connection_files = run_dir.connection_files(&spec.mountpoint, ProcessId::current());
     let (socket_path, listener) = listen(&connection_files)?;
     let mut files = SupervisorFiles::new(connection_files);
-    let (mut daemon, mut stdout) = spawn_daemon(run_dir, &spec, &socket_path, false)?;
+    let (mut daemon, stdout) = spawn_daemon(run_dir, &spec, &socket_path, false)?;
     let (connection, handover) = match accept_daemon(&listener, &mut daemon)? {
         Some(mut link) => {
             let (handover, fd) = receive_with_fd(&mut link, "the handover")?;
@@ -117,10 +117,6 @@ pub fn supervise(
         }
         None => return Err(exited_early(&mut daemon, run_dir, &spec)),
     };
-    if !read_ready(&mut stdout, &daemon) {
-        return Err(exited_early(&mut daemon, run_dir, &spec));
-    }
-    ready()?;
     let supervisor = Supervisor {
         run_dir,
         spec,
@@ -130,7 +126,7 @@ pub fn supervise(
         handover,
         daemon,
     };
-    supervisor.run(stop, &mut files)
+    supervisor.serve_once_ready(stdout, ready, stop, &mut files)
 }
 
 /// Takes the mount at `mountpoint` (canonical) over from the supervisor
@@ -195,15 +191,11 @@ pub fn supervise_upgrade(
         write_atomically(&run_dir.record_path(&spec.mountpoint), &json)?;
     }
     handover.takeovers += 1;
-    let (mut daemon, mut stdout) = spawn_daemon(run_dir, &spec, &socket_path, true)?;
+    let (mut daemon, stdout) = spawn_daemon(run_dir, &spec, &socket_path, true)?;
     match accept_daemon(&listener, &mut daemon)? {
         Some(mut link) => send_with_fd(&mut link, &handover, &connection)?,
         None => return Err(exited_early(&mut daemon, run_dir, &spec)),
     }
-    if !read_ready(&mut stdout, &daemon) {
-        return Err(exited_early(&mut daemon, run_dir, &spec));
-    }
-    ready()?;
     let supervisor = Supervisor {
         run_dir,
         spec,
@@ -213,7 +205,7 @@ pub fn supervise_upgrade(
         handover,
         daemon,
     };
-    supervisor.run(stop, &mut files)
+    supervisor.serve_once_ready(stdout, ready, stop, &mut files)
 }
 
 struct Supervisor<'a> {
@@ -228,6 +220,21 @@ struct Supervisor<'a> {
 }
 
 impl Supervisor<'_> {
+    /// Tells the caller once the daemon just started is ready, then supervises.
+    fn serve_once_ready(
+        mut self,
+        mut stdout: Option<ChildStdout>,
+        ready: impl FnOnce() -> Result<()>,
+        stop: mpsc::Receiver<()>,
+        files: &mut SupervisorFiles,
+    ) -> Result<()> {
+        if !read_ready(&mut stdout, &self.daemon) {
+            return Err(exited_early(&mut self.daemon, self.run_dir, &self.spec));
+        }
+        ready()?;
+        self.run(stop, files)
+    }
+
     fn run(mut self, stop: mpsc::Receiver<()>, files: &mut SupervisorFiles) -> Result<()> {
         let mut failed_starts = 0;
         let mut stopping = false;
