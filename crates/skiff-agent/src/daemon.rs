@@ -745,6 +745,13 @@ pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            // A daemon that unmounted exits at once, and its supervisor
+            // right after; one still running after a moment serves a
+            // detached busy mount.
+            let exiting = Instant::now() + Duration::from_secs(1);
+            while holder.is_running() && Instant::now() < exiting {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             if holder.is_running() {
                 outcome = Unmounted::Detached { pid };
             }

@@ -671,5 +671,6 @@ pub(crate) fn into_connection(handover: &Handover, fd: OwnedFd) -> Connection {
     Connection {
         fd,
         state: handover.session,
+        generation: handover.takeovers,
     }
 }

@@ -131,7 +131,11 @@ impl SkiffFs {
 
     /// Takes over the handles a predecessor's journal left open: their pins,
     /// and the way the kernel serves each inode.
-    pub fn with_inherited_opens(self, opens: &BTreeMap<u64, OpenRecord>) -> SkiffFs {
+    pub fn with_inherited_opens(
+        self,
+        opens: &BTreeMap<u64, OpenRecord>,
+        generation: u32,
+    ) -> SkiffFs {
         {
             let mut table = self.open.lock().expect("open table poisoned");
             let mut inodes = self.inodes.lock().expect("inode table poisoned");
@@ -168,8 +172,11 @@ impl SkiffFs {
                     },
                 );
             }
+            // Above the handles of every daemon before (2^40 opens each).
             let next = opens.keys().max().map_or(1, |fh| fh + 1);
-            self.next_handle.fetch_max(next, Ordering::Relaxed);
+            let generation_start = u64::from(generation) << 40;
+            self.next_handle
+                .fetch_max(next.max(generation_start), Ordering::Relaxed);
         }
         self
     }

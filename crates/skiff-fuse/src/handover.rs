@@ -35,6 +35,10 @@ pub struct SessionState {
 pub struct Connection {
     pub fd: OwnedFd,
     pub state: SessionState,
+    /// How many daemons served it before the one it is handed to (0: the
+    /// first). A daemon's file handles start above every earlier daemon's,
+    /// so a request resent from a dead one never names a new handle.
+    pub generation: u32,
 }
 
 /// Asks the kernel to queue again every request of this connection that a
@@ -61,6 +65,7 @@ impl Connection {
         Ok(Connection {
             fd: self.fd.as_fd().try_clone_to_owned()?,
             state: self.state,
+            generation: self.generation,
         })
     }
 }

@@ -182,7 +182,10 @@ impl Mount {
             Some(path) => {
                 let (journal, open) = OpenJournal::resume(path).map_err(mount_error)?;
                 tracing::info!("taking over with {} files open", open.len());
-                parts.fs.with_inherited_opens(&open).with_journal(journal)
+                parts
+                    .fs
+                    .with_inherited_opens(&open, connection.generation)
+                    .with_journal(journal)
             }
             None => parts.fs,
         };
@@ -259,6 +262,7 @@ impl Mount {
                 passthrough: self.passthrough.load(Ordering::Relaxed),
                 resend: self.resend.load(Ordering::Relaxed),
             },
+            generation: 0,
         })
     }
 
