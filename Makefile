@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd images roundtrip clean
+.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd bench-takeover images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd
+bench: bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd bench-takeover
 
 # Store size and convert speed against casync and file-level zstd.
 bench-dedup: build images
@@ -69,3 +69,7 @@ roundtrip: build images
 
 clean:
 	cargo clean
+
+# A reader across kill -9 of its mount's daemon and across `skiff upgrade`, against a remount.
+bench-takeover: build
+	SKIFF=$(SKIFF) bench/takeover.sh
