@@ -374,6 +374,10 @@ fn skiff_upgrade_hands_every_mount_to_a_new_supervisor_while_a_reader_reads() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("upgraded"), "{stderr}");
+    assert!(
+        !reader.is_finished(),
+        "the read ended before the upgrade: nothing was tested"
+    );
     wait_until("the reader hangs after the upgrade", || {
         reader.is_finished()
     });

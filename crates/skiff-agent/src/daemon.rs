@@ -525,6 +525,7 @@ pub fn serve_mount(
                 image: pinned,
                 started_unix: now_unix(),
                 takeovers: 0,
+                generation: 0,
             };
             supervisor::send_with_fd(&mut link, &handover, &connection.fd)?;
             (mount, Some(link), handover.started_unix, true, 0)
@@ -634,7 +635,12 @@ impl StatsKeeper {
                 };
                 let json = serde_json::to_vec(&snapshot).unwrap_or_default();
                 if written.as_ref() != Some(&json) {
-                    if let Err(e) = write_atomically(&path, &json) {
+                    // Renamed into place, not synced: they only need to outlive the process.
+                    let mut partial = path.clone().into_os_string();
+                    partial.push(".partial");
+                    let kept = std::fs::write(&partial, &json)
+                        .and_then(|()| std::fs::rename(&partial, &path));
+                    if let Err(e) = kept {
                         tracing::debug!("keeping the mount's counters: {e}");
                     }
                     written = Some(json);
@@ -725,26 +731,38 @@ pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
     let mut outcome = Unmounted::Done;
     match run_dir.record(mountpoint) {
         Some(record) if record.is_alive() => {
-            let Some(holder) = record.holder() else {
+            let Some(mut holder) = record.holder() else {
                 return Err(AgentError::NotMounted(mountpoint.to_owned()));
             };
-            let pid = holder.pid;
-            kill(Pid::from_raw(pid as i32), Signal::SIGTERM)
-                .map_err(std::io::Error::from)
-                .io_context(|| format!("signalling the mount daemon (pid {pid})"))?;
-            // Done when the daemon exits, or when it has detached a busy
-            // mount and serves the files still open.
             let deadline = Instant::now() + UNMOUNT_WAIT;
-            while holder.is_running() && mounted_here(mountpoint) == MountedHere::Skiff {
-                if Instant::now() > deadline {
-                    return Err(AgentError::DaemonStuck {
-                        path: mountpoint.to_owned(),
-                        pid,
-                        secs: UNMOUNT_WAIT.as_secs(),
-                    });
+            loop {
+                let pid = holder.pid;
+                kill(Pid::from_raw(pid as i32), Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+                    .io_context(|| format!("signalling the mount daemon (pid {pid})"))?;
+                // Done when the daemon exits, or when it has detached a busy
+                // mount and serves the files still open.
+                while holder.is_running() && mounted_here(mountpoint) == MountedHere::Skiff {
+                    if Instant::now() > deadline {
+                        return Err(AgentError::DaemonStuck {
+                            path: mountpoint.to_owned(),
+                            pid,
+                            secs: UNMOUNT_WAIT.as_secs(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // An upgrade may have handed the mount to another supervisor meanwhile.
+                match run_dir.record(mountpoint).and_then(|r| r.holder()) {
+                    Some(next)
+                        if next != holder && mounted_here(mountpoint) == MountedHere::Skiff =>
+                    {
+                        holder = next;
+                    }
+                    _ => break,
+                }
             }
+            let pid = holder.pid;
             // A daemon that unmounted exits at once, and its supervisor
             // right after; one still running after a moment serves a
             // detached busy mount.

@@ -16,6 +16,7 @@ use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -60,6 +61,10 @@ pub struct Handover {
     /// Daemons that took the mount over so far.
     #[serde(default)]
     pub takeovers: u32,
+    /// Daemons started on the connection so far, served or not: a daemon's
+    /// file handles start above every earlier one's.
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// How a mount daemon deals with its supervisor.
@@ -91,8 +96,14 @@ enum SupervisorRequest {
 
 /// The asker's line once it holds the connection: the old daemon may go.
 const TAKEN: &str = "taken";
-/// The last line of an upgrade: the old daemon is dead, the mount is the asker's.
+/// The old supervisor's answer once its daemon is dead.
 const RELEASED: &str = "released";
+/// The old supervisor's answer when it is being stopped: no upgrade.
+const REFUSED: &str = "refused";
+/// The asker's last line, once its daemon serves: only then does the old
+/// supervisor let go of its descriptor. Without it (the asker failed or
+/// died), the old supervisor starts a daemon of its own on the connection.
+const SERVING: &str = "serving";
 
 /// Serves the mount `spec` describes through daemons (this binary's hidden
 /// `mount-daemon`), starting a new one on the same connection whenever one
@@ -175,12 +186,14 @@ pub fn supervise_upgrade(
         .io_context(|| "waiting for the old supervisor to let go".into())?;
     if released.trim() != RELEASED {
         return Err(AgentError::Supervisor(format!(
-            "the supervisor of {} did not let the mount go",
-            mountpoint.display()
+            "the supervisor of {} did not let the mount go ({}): it is being stopped, or failed",
+            mountpoint.display(),
+            released.trim()
         )));
     }
     let (socket_path, listener) = listen(&connection_files)?;
-    let mut files = SupervisorFiles::new(connection_files);
+    // The connection's files are not this one's to remove until its daemon
+    // serves: if this fails, the old supervisor goes on with them.
     if let Some(mut record) = run_dir.record(&spec.mountpoint) {
         // The new daemon publishes the mount only if its record names its supervisor.
         record.supervisor = Some(ProcessId::current());
@@ -190,12 +203,19 @@ pub fn supervise_upgrade(
         })?;
         write_atomically(&run_dir.record_path(&spec.mountpoint), &json)?;
     }
+    // The old supervisor reserved this daemon's generation when it sent the handover.
     handover.takeovers += 1;
-    let (mut daemon, stdout) = spawn_daemon(run_dir, &spec, &socket_path, true)?;
+    let (mut daemon, mut stdout) = spawn_daemon(run_dir, &spec, &socket_path, true)?;
     match accept_daemon(&listener, &mut daemon)? {
-        Some(mut link) => send_with_fd(&mut link, &handover, &connection)?,
+        Some(mut daemon_link) => send_with_fd(&mut daemon_link, &handover, &connection)?,
         None => return Err(exited_early(&mut daemon, run_dir, &spec)),
     }
+    if !read_ready(&mut stdout, &daemon) {
+        return Err(exited_early(&mut daemon, run_dir, &spec));
+    }
+    let _ = link.write_all(format!("{SERVING}\n").as_bytes());
+    let mut files = SupervisorFiles::new(connection_files);
+    ready()?;
     let supervisor = Supervisor {
         run_dir,
         spec,
@@ -205,7 +225,7 @@ pub fn supervise_upgrade(
         handover,
         daemon,
     };
-    supervisor.serve_once_ready(stdout, ready, stop, &mut files)
+    supervisor.run(stop, &mut files)
 }
 
 struct Supervisor<'a> {
@@ -246,10 +266,17 @@ impl Supervisor<'_> {
             if stopping {
                 std::thread::sleep(Duration::from_millis(20));
             } else if let Some(link) = self.request() {
-                if self.hand_to_new_supervisor(link)? {
-                    // The mount, its journal and its metadata are the new supervisor's.
-                    files.disarm();
-                    return Ok(());
+                match self.hand_to_new_supervisor(link, &stop)? {
+                    Handed::Yes => {
+                        // The mount, its journal and its metadata are the new supervisor's.
+                        files.disarm();
+                        return Ok(());
+                    }
+                    Handed::Stopping => {
+                        stopping = true;
+                        signal(&self.daemon, Signal::SIGTERM);
+                    }
+                    Handed::No => {}
                 }
             }
             let Some(status) = self
@@ -304,6 +331,7 @@ impl Supervisor<'_> {
         let started = Instant::now();
         // As the new daemon will count it; taken back if it does not start.
         self.handover.takeovers += 1;
+        self.handover.generation = self.handover.generation.max(self.handover.takeovers) + 1;
         let ready = self.start_successor(started);
         if !ready {
             self.handover.takeovers -= 1;
@@ -365,7 +393,11 @@ impl Supervisor<'_> {
     /// Answers an upgrade: hands the connection and the spec to the asking
     /// supervisor, kills this daemon (which must not unmount) and reaps it,
     /// and says so. Whether the mount was handed over.
-    fn hand_to_new_supervisor(&mut self, mut link: UnixStream) -> Result<bool> {
+    fn hand_to_new_supervisor(
+        &mut self,
+        mut link: UnixStream,
+        stop: &mpsc::Receiver<()>,
+    ) -> Result<Handed> {
         let _ = link.set_read_timeout(Some(Duration::from_secs(5)));
         let mut line = String::new();
         let _ = BufReader::new((&link).take(4096)).read_line(&mut line);
@@ -373,9 +405,11 @@ impl Supervisor<'_> {
             Ok(SupervisorRequest::Upgrade) => {}
             Err(e) => {
                 tracing::warn!("a request that is not one on the supervisor's socket: {e}");
-                return Ok(false);
+                return Ok(Handed::No);
             }
         }
+        // The asker's daemon's generation, never this one's next daemon's.
+        self.handover.generation = self.handover.generation.max(self.handover.takeovers) + 1;
         let upgrade = Upgrade {
             spec: self.spec.clone(),
             handover: self.handover.clone(),
@@ -388,22 +422,52 @@ impl Supervisor<'_> {
         });
         if let Err(e) = sent {
             tracing::warn!("an upgrade went away before it took the mount: {e}");
-            return Ok(false);
+            return Ok(Handed::No);
         }
         if taken.trim() != TAKEN {
             tracing::warn!("an upgrade did not take the mount");
-            return Ok(false);
+            return Ok(Handed::No);
+        }
+        // `skiff umount` came first: it signalled this process, not the asker.
+        if stop.try_recv().is_ok() {
+            let _ = link.write_all(format!("{REFUSED}\n").as_bytes());
+            return Ok(Handed::Stopping);
         }
         tracing::info!("handing the mount to a new supervisor (an upgrade)");
         signal(&self.daemon, Signal::SIGKILL);
         self.daemon
             .wait()
             .io_context(|| "waiting for the mount daemon".into())?;
-        // If the new supervisor is gone by now, the mount goes with this
-        // process's descriptor: there is no daemon left to give it to.
         let _ = link.write_all(format!("{RELEASED}\n").as_bytes());
-        Ok(true)
+        // Until the new one serves, this descriptor and the daemon it can start
+        // are the mount's only hope.
+        let _ = link.set_read_timeout(Some(READY_WAIT + LINK_WAIT));
+        let mut serving = String::new();
+        let _ = BufReader::new((&link).take(64)).read_line(&mut serving);
+        if serving.trim() == SERVING {
+            return Ok(Handed::Yes);
+        }
+        tracing::error!("the upgrade failed after this daemon was stopped; starting another");
+        // The asker took the socket's path; have it back for the next daemon.
+        let files = ConnectionFiles::of_socket(&self.socket_path).ok_or_else(|| {
+            AgentError::Supervisor(format!(
+                "{} is not a supervisor's socket",
+                self.socket_path.display()
+            ))
+        })?;
+        (_, self.listener) = listen(&files)?;
+        Ok(Handed::No)
     }
+}
+
+/// What came of an upgrade request.
+enum Handed {
+    /// The new supervisor serves the mount.
+    Yes,
+    /// This one goes on (a daemon of its own, if its own was stopped).
+    No,
+    /// This one is being stopped, and refused.
+    Stopping,
 }
 
 fn listen(files: &ConnectionFiles) -> Result<(PathBuf, UnixListener)> {
@@ -445,8 +509,12 @@ fn spawn_daemon(
     socket: &Path,
     takeover: bool,
 ) -> Result<(Child, Option<ChildStdout>)> {
-    let program = std::env::current_exe().io_context(|| "finding the skiff binary".into())?;
-    let mut command = Command::new(program);
+    // This very binary, even once a new one is installed over it (until `skiff upgrade`).
+    let mut command = Command::new("/proc/self/exe");
+    if let Ok(path) = std::env::current_exe() {
+        // What `ps` shows.
+        command.arg0(path);
+    }
     command
         .arg("mount-daemon")
         .arg("--run-dir")
@@ -477,7 +545,18 @@ fn spawn_daemon(
 /// the daemon just started may take or give the connection: a connection
 /// from any other process is dropped.
 fn accept_daemon(listener: &UnixListener, daemon: &mut Child) -> Result<Option<UnixStream>> {
+    let deadline = Instant::now() + READY_WAIT;
     loop {
+        if Instant::now() > deadline {
+            tracing::error!(
+                "the mount daemon (pid {}) did not come for the connection within {} s",
+                daemon.id(),
+                READY_WAIT.as_secs()
+            );
+            signal(daemon, Signal::SIGKILL);
+            let _ = daemon.wait();
+            return Ok(None);
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 let peer = socket_peercred(&stream).map(|c| c.pid.as_raw_nonzero().get());
@@ -671,6 +750,6 @@ pub(crate) fn into_connection(handover: &Handover, fd: OwnedFd) -> Connection {
     Connection {
         fd,
         state: handover.session,
-        generation: handover.takeovers,
+        generation: handover.generation.max(handover.takeovers),
     }
 }

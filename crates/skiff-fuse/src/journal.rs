@@ -66,7 +66,12 @@ impl OpenJournal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e),
         };
-        let mut journal = OpenJournal::create(path)?;
+        // Rewritten aside and renamed: a crash here leaves the old journal.
+        let mut journal = OpenJournal {
+            path: path.to_owned(),
+            file: File::options().create(true).append(true).open(path)?,
+            appended: 0,
+        };
         journal.rewrite(&open)?;
         Ok((journal, open))
     }

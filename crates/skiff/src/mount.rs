@@ -159,12 +159,19 @@ pub struct UpgradeArgs {
 pub fn upgrade(args: UpgradeArgs) -> Result<ExitCode> {
     let run_dir = RunDir::new(&args.run_dir);
     let mountpoints = if args.mountpoints.is_empty() {
-        run_dir
-            .records()
-            .into_iter()
-            .filter(|record| record.is_alive())
-            .map(|record| record.mountpoint)
-            .collect()
+        let mut supervised = Vec::new();
+        for record in run_dir.records().into_iter().filter(|r| r.is_alive()) {
+            if record.supervisor.is_some_and(|s| s.is_running()) {
+                supervised.push(record.mountpoint);
+            } else {
+                eprintln!(
+                    "skipping {}: no supervisor (--foreground, or its supervisor was killed); \
+                     unmount it and mount it again to upgrade it",
+                    record.mountpoint.display()
+                );
+            }
+        }
+        supervised
     } else {
         args.mountpoints
             .iter()
