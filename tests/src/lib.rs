@@ -1252,8 +1252,14 @@ impl SkiffMount {
         self.mountpoint.join(rel)
     }
 
-    /// `skiff status --json`.
+    /// `skiff status --json`, which must succeed.
     pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|stderr| panic!("skiff status failed: {stderr}"))
+    }
+
+    /// `skiff status --json`, or what it printed on stderr when it failed.
+    pub fn try_status(&self) -> Result<Value, String> {
         let out = Command::new(skiff_bin())
             .arg("status")
             .arg(&self.mountpoint)
@@ -1262,12 +1268,10 @@ impl SkiffMount {
             .arg("--json")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "skiff status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
     }
 
     /// One counter of `skiff status --json`'s `stats`.
