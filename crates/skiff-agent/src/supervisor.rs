@@ -258,25 +258,29 @@ impl Supervisor<'_> {
     fn run(mut self, stop: mpsc::Receiver<()>, files: &mut SupervisorFiles) -> Result<()> {
         let mut failed_starts = 0;
         let mut stopping = false;
+        let mut daemon_exit = exit_of(&self.daemon);
         loop {
-            if !stopping && stop.recv_timeout(Duration::from_millis(20)).is_ok() {
+            // Woken at once by the daemon's exit or a request; a signal is
+            // seen within the timeout.
+            wait_for_news(daemon_exit.as_ref(), (!stopping).then_some(&self.listener));
+            if !stopping && stop.try_recv().is_ok() {
                 stopping = true;
                 signal(&self.daemon, Signal::SIGTERM);
             }
-            if stopping {
-                std::thread::sleep(Duration::from_millis(20));
-            } else if let Some(link) = self.request() {
-                match self.hand_to_new_supervisor(link, &stop)? {
-                    Handed::Yes => {
-                        // The mount, its journal and its metadata are the new supervisor's.
-                        files.disarm();
-                        return Ok(());
+            if !stopping {
+                if let Some(link) = self.request() {
+                    match self.hand_to_new_supervisor(link, &stop)? {
+                        Handed::Yes => {
+                            // The mount, its journal and its metadata are the new supervisor's.
+                            files.disarm();
+                            return Ok(());
+                        }
+                        Handed::Stopping => {
+                            stopping = true;
+                            signal(&self.daemon, Signal::SIGTERM);
+                        }
+                        Handed::No => {}
                     }
-                    Handed::Stopping => {
-                        stopping = true;
-                        signal(&self.daemon, Signal::SIGTERM);
-                    }
-                    Handed::No => {}
                 }
             }
             let Some(status) = self
@@ -318,6 +322,7 @@ impl Supervisor<'_> {
             if self.take_over() {
                 failed_starts = 0;
             }
+            daemon_exit = exit_of(&self.daemon);
             if stopping {
                 signal(&self.daemon, Signal::SIGTERM);
             }
@@ -458,6 +463,26 @@ impl Supervisor<'_> {
         (_, self.listener) = listen(&files)?;
         Ok(Handed::No)
     }
+}
+
+/// A descriptor that polls readable when `daemon` exits (a pidfd).
+fn exit_of(daemon: &Child) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(daemon.id()).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Waits up to 20 ms for the daemon to exit or a client to connect.
+fn wait_for_news(daemon_exit: Option<&OwnedFd>, listener: Option<&UnixListener>) {
+    let mut fds: Vec<PollFd<'_>> = daemon_exit
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .into_iter()
+        .chain(listener.map(|l| PollFd::new(l, PollFlags::IN)))
+        .collect();
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 20_000_000,
+    };
+    let _ = poll(&mut fds, Some(&timeout));
 }
 
 /// What came of an upgrade request.
