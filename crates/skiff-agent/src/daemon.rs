@@ -30,7 +30,7 @@ use crate::host::{
     clear_dead_mount, file_key, is_dead_mount, mounted_here, now_unix, write_atomically,
     MountedHere, ProcessId,
 };
-use crate::origin::{open_image, ImageArg, OpenOptions, OpenedImage, Origin};
+use crate::origin::{open_image, ImageArg, OpenOptions, OpenedImage, Origin, PinnedImage};
 use crate::settings::MountSettings;
 use crate::status::spawn_status_server;
 use crate::supervisor::{self, Handover, Supervision};
@@ -113,6 +113,15 @@ impl RunDir {
 
     pub fn record(&self, mountpoint: &Path) -> Option<MountRecord> {
         read_record(&self.record_path(mountpoint))
+    }
+
+    /// Writes `record` where [`RunDir::record`] finds it, whole or not at all.
+    pub fn write_record(&self, record: &MountRecord) -> Result<()> {
+        let json = serde_json::to_vec_pretty(record).map_err(|source| AgentError::Json {
+            context: "writing the mount record".into(),
+            source,
+        })?;
+        write_atomically(&self.record_path(&record.mountpoint), &json)
     }
 
     /// Every mount record this run directory holds, live or not.
@@ -239,6 +248,11 @@ impl MountRecord {
         self.holder().is_some()
     }
 
+    /// Whether its supervisor still runs (a mount that can be taken over).
+    pub fn is_supervised(&self) -> bool {
+        self.supervisor.is_some_and(|s| s.is_running())
+    }
+
     /// The process to signal to unmount: the supervisor, else the daemon.
     pub fn holder(&self) -> Option<ProcessId> {
         self.supervisor
@@ -347,7 +361,7 @@ pub fn upgrade_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<u32> {
         .record(mountpoint)
         .filter(MountRecord::is_alive)
         .ok_or_else(|| AgentError::NotMounted(mountpoint.to_owned()))?;
-    if !record.supervisor.is_some_and(|s| s.is_running()) {
+    if !record.is_supervised() {
         return Err(AgentError::Supervisor(format!(
             "{} has no supervisor (mounted by an older skiff, or its supervisor was killed): \
              unmount it and mount it again",
@@ -450,7 +464,7 @@ pub fn serve_mount(
             let mut link = supervisor::connect(socket)?;
             let (handover, fd): (Handover, _) =
                 supervisor::receive_with_fd(&mut link, "the handover")?;
-            Some((link, handover, fd))
+            Some((handover, fd))
         }
         _ => {
             check_mount_point(run_dir, &spec.mountpoint)?;
@@ -468,7 +482,7 @@ pub fn serve_mount(
     let kept = files.as_ref().map(ConnectionFiles::image);
     let OpenedImage {
         manifest,
-        pinned,
+        registry_digest,
         index,
         source,
         cache,
@@ -478,7 +492,7 @@ pub fn serve_mount(
         &spec.settings,
         OpenOptions {
             token_file: spec.token_file.as_deref(),
-            pinned: inherited.as_ref().map(|(_, handover, _)| &handover.image),
+            pinned: inherited.as_ref().map(|(handover, _)| &handover.image),
             keep: kept.as_deref(),
         },
     )?;
@@ -493,8 +507,8 @@ pub fn serve_mount(
     );
     options.open_journal = files.as_ref().map(ConnectionFiles::journal);
     let supervisor_process = ProcessId::of(std::os::unix::process::parent_id());
-    let (mount, link, started_unix, publish, takeovers) = match (supervision, inherited) {
-        (_, Some((link, handover, fd))) => {
+    let (mount, started_unix, publish, takeovers) = match (supervision, inherited) {
+        (_, Some((handover, fd))) => {
             let connection = supervisor::into_connection(&handover, fd);
             let mut mount =
                 Mount::take_over(index, source, &spec.mountpoint, &options, connection)?;
@@ -506,13 +520,7 @@ pub fn serve_mount(
             if !publish {
                 mount.forget_mountpoint();
             }
-            (
-                mount,
-                Some(link),
-                handover.started_unix,
-                publish,
-                handover.takeovers,
-            )
+            (mount, handover.started_unix, publish, handover.takeovers)
         }
         (Supervision::First { socket }, None) => {
             let mount = Mount::start(index, source, &spec.mountpoint, &options)?;
@@ -522,22 +530,25 @@ pub fn serve_mount(
                 .io_context(|| "copying the FUSE connection".into())?;
             let handover = Handover {
                 session: connection.state,
-                image: pinned,
+                image: PinnedImage {
+                    manifest: manifest.clone(),
+                    registry_digest,
+                },
                 started_unix: now_unix(),
                 takeovers: 0,
                 generation: 0,
             };
             supervisor::send_with_fd(&mut link, &handover, &connection.fd)?;
-            (mount, Some(link), handover.started_unix, true, 0)
+            (mount, handover.started_unix, true, 0)
         }
         (_, None) => {
             let mount = Mount::start(index, source, &spec.mountpoint, &options)?;
-            (mount, None, now_unix(), true, 0)
+            (mount, now_unix(), true, 0)
         }
     };
     let record = MountRecord {
         daemon: ProcessId::current(),
-        supervisor: link.as_ref().map(|_| supervisor_process),
+        supervisor: files.as_ref().map(|_| supervisor_process),
         supervisor_socket: files.as_ref().map(ConnectionFiles::socket),
         image: image.clone(),
         source: describe,
@@ -608,7 +619,7 @@ pub fn serve_mount(
     drop(stats_keeper);
     // A supervisor removes its connection's files when its daemon is done;
     // the last daemon of a dead one does.
-    if let Some(files) = files.filter(|_| link.is_some() && !supervisor_process.is_running()) {
+    if let Some(files) = files.filter(|_| !supervisor_process.is_running()) {
         files.remove();
     }
     unmounted?;
@@ -681,11 +692,7 @@ fn publish_records(
         &run_dir.manifest_path(&spec.mountpoint),
         &manifest.to_json(),
     )?;
-    let record_json = serde_json::to_vec_pretty(record).map_err(|source| AgentError::Json {
-        context: "writing the mount record".into(),
-        source,
-    })?;
-    write_atomically(&run_dir.record_path(&spec.mountpoint), &record_json)?;
+    run_dir.write_record(record)?;
     let socket_path = run_dir.socket_path(&spec.mountpoint);
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path)

@@ -170,8 +170,9 @@ pub fn read_token_file(path: &Path) -> Result<String> {
 /// An image ready to mount: its manifest and index, and where its chunks come from.
 pub struct OpenedImage {
     pub manifest: ImageManifest,
-    /// What opens this very image again.
-    pub pinned: PinnedImage,
+    /// The registry manifest's digest, for an image from a registry (with
+    /// the manifest, what pins this very image: [`PinnedImage`]).
+    pub registry_digest: Option<String>,
     pub index: ImageIndex,
     pub source: Arc<dyn ChunkSource>,
     /// The host's chunk cache, for a network source.
@@ -206,10 +207,7 @@ pub fn open_image(
             };
             let index = store.index(&manifest.index.digest)?;
             Ok(OpenedImage {
-                pinned: PinnedImage {
-                    manifest: manifest.clone(),
-                    registry_digest: None,
-                },
+                registry_digest: None,
                 manifest,
                 index,
                 source: Arc::new(store),
@@ -244,10 +242,7 @@ pub fn open_image(
             };
             let cache = cache()?;
             Ok(OpenedImage {
-                pinned: PinnedImage {
-                    manifest: manifest.clone(),
-                    registry_digest: None,
-                },
+                registry_digest: None,
                 manifest,
                 index,
                 source: Arc::new(CachedSource::new(cache.clone(), client)),
@@ -291,10 +286,7 @@ pub fn open_image(
             };
             let source = RegistrySource::new(registry, &remote, plan, cache.root().join("tmp"));
             Ok(OpenedImage {
-                pinned: PinnedImage {
-                    manifest: remote.manifest.clone(),
-                    registry_digest: Some(remote.digest.to_string()),
-                },
+                registry_digest: Some(remote.digest.to_string()),
                 manifest: remote.manifest,
                 index: remote.index,
                 source: Arc::new(CachedSource::new(cache.clone(), source)),

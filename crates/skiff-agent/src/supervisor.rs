@@ -36,7 +36,7 @@ use skiff_fuse::{Connection, SessionState};
 
 use crate::daemon::{ConnectionFiles, MountSpec, RunDir};
 use crate::error::{AgentError, IoContext, Result};
-use crate::host::{write_atomically, ProcessId};
+use crate::host::ProcessId;
 use crate::origin::PinnedImage;
 
 /// Daemons in a row that die before they are ready, after which the
@@ -59,11 +59,9 @@ pub struct Handover {
     /// When the first daemon mounted it, so that uptime counts from there.
     pub started_unix: u64,
     /// Daemons that took the mount over so far.
-    #[serde(default)]
     pub takeovers: u32,
-    /// Daemons started on the connection so far, served or not: a daemon's
-    /// file handles start above every earlier one's.
-    #[serde(default)]
+    /// Daemons started on the connection before this one, served or not:
+    /// a daemon's file handles start above every earlier one's.
     pub generation: u32,
 }
 
@@ -175,20 +173,14 @@ pub fn supervise_upgrade(
     let (Upgrade { spec, mut handover }, connection) =
         receive_with_fd(&mut link, "the mount to upgrade")?;
     // Until the old supervisor says its daemon is dead, nothing is ours.
-    link.write_all(format!("{TAKEN}\n").as_bytes())
-        .io_context(|| "answering the old supervisor".into())?;
-    link.set_read_timeout(Some(LINK_WAIT))
-        .io_context(|| "waiting for the old supervisor to let go".into())?;
-    let mut released = String::new();
-    BufReader::new(&link)
-        .take(64)
-        .read_line(&mut released)
-        .io_context(|| "waiting for the old supervisor to let go".into())?;
-    if released.trim() != RELEASED {
+    say(&link, TAKEN).io_context(|| "answering the old supervisor".into())?;
+    let released =
+        hear(&link, LINK_WAIT).io_context(|| "waiting for the old supervisor to let go".into())?;
+    if released != RELEASED {
         return Err(AgentError::Supervisor(format!(
             "the supervisor of {} did not let the mount go ({}): it is being stopped, or failed",
             mountpoint.display(),
-            released.trim()
+            released
         )));
     }
     let (socket_path, listener) = listen(&connection_files)?;
@@ -197,11 +189,7 @@ pub fn supervise_upgrade(
     if let Some(mut record) = run_dir.record(&spec.mountpoint) {
         // The new daemon publishes the mount only if its record names its supervisor.
         record.supervisor = Some(ProcessId::current());
-        let json = serde_json::to_vec_pretty(&record).map_err(|source| AgentError::Json {
-            context: "writing the mount record".into(),
-            source,
-        })?;
-        write_atomically(&run_dir.record_path(&spec.mountpoint), &json)?;
+        run_dir.write_record(&record)?;
     }
     // The old supervisor reserved this daemon's generation when it sent the handover.
     handover.takeovers += 1;
@@ -213,7 +201,7 @@ pub fn supervise_upgrade(
     if !read_ready(&mut stdout, &daemon) {
         return Err(exited_early(&mut daemon, run_dir, &spec));
     }
-    let _ = link.write_all(format!("{SERVING}\n").as_bytes());
+    let _ = say(&link, SERVING);
     let mut files = SupervisorFiles::new(connection_files);
     ready()?;
     let supervisor = Supervisor {
@@ -336,7 +324,7 @@ impl Supervisor<'_> {
         let started = Instant::now();
         // As the new daemon will count it; taken back if it does not start.
         self.handover.takeovers += 1;
-        self.handover.generation = self.handover.generation.max(self.handover.takeovers) + 1;
+        self.handover.generation += 1;
         let ready = self.start_successor(started);
         if !ready {
             self.handover.takeovers -= 1;
@@ -414,28 +402,28 @@ impl Supervisor<'_> {
             }
         }
         // The asker's daemon's generation, never this one's next daemon's.
-        self.handover.generation = self.handover.generation.max(self.handover.takeovers) + 1;
+        self.handover.generation += 1;
         let upgrade = Upgrade {
             spec: self.spec.clone(),
             handover: self.handover.clone(),
         };
-        let mut taken = String::new();
-        let sent = send_with_fd(&mut link, &upgrade, &self.connection).and_then(|()| {
-            BufReader::new((&link).take(64))
-                .read_line(&mut taken)
-                .io_context(|| "waiting for the new supervisor".into())
+        let taken = send_with_fd(&mut link, &upgrade, &self.connection).and_then(|()| {
+            hear(&link, LINK_WAIT).io_context(|| "waiting for the new supervisor".into())
         });
-        if let Err(e) = sent {
-            tracing::warn!("an upgrade went away before it took the mount: {e}");
-            return Ok(Handed::No);
-        }
-        if taken.trim() != TAKEN {
+        let taken = match taken {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::warn!("an upgrade went away before it took the mount: {e}");
+                return Ok(Handed::No);
+            }
+        };
+        if taken != TAKEN {
             tracing::warn!("an upgrade did not take the mount");
             return Ok(Handed::No);
         }
         // `skiff umount` came first: it signalled this process, not the asker.
         if stop.try_recv().is_ok() {
-            let _ = link.write_all(format!("{REFUSED}\n").as_bytes());
+            let _ = say(&link, REFUSED);
             return Ok(Handed::Stopping);
         }
         tracing::info!("handing the mount to a new supervisor (an upgrade)");
@@ -443,13 +431,10 @@ impl Supervisor<'_> {
         self.daemon
             .wait()
             .io_context(|| "waiting for the mount daemon".into())?;
-        let _ = link.write_all(format!("{RELEASED}\n").as_bytes());
+        let _ = say(&link, RELEASED);
         // Until the new one serves, this descriptor and the daemon it can start
         // are the mount's only hope.
-        let _ = link.set_read_timeout(Some(READY_WAIT + LINK_WAIT));
-        let mut serving = String::new();
-        let _ = BufReader::new((&link).take(64)).read_line(&mut serving);
-        if serving.trim() == SERVING {
+        if hear(&link, READY_WAIT + LINK_WAIT).is_ok_and(|line| line == SERVING) {
             return Ok(Handed::Yes);
         }
         tracing::error!("the upgrade failed after this daemon was stopped; starting another");
@@ -678,6 +663,19 @@ fn give_up(spec: &MountSpec, status: &ExitStatus) {
     }
 }
 
+/// One word of the upgrade protocol, as a line.
+fn say(link: &UnixStream, word: &str) -> std::io::Result<()> {
+    (&*link).write_all(format!("{word}\n").as_bytes())
+}
+
+/// The next short line from `link`, trimmed, waiting at most `wait`.
+fn hear(link: &UnixStream, wait: Duration) -> std::io::Result<String> {
+    link.set_read_timeout(Some(wait))?;
+    let mut line = String::new();
+    BufReader::new(link.take(64)).read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
 fn write_line(link: &mut UnixStream, message: &impl Serialize) -> Result<()> {
     let mut line = serde_json::to_vec(message).map_err(|source| AgentError::Json {
         context: "writing to the supervisor's socket".into(),
@@ -775,6 +773,6 @@ pub(crate) fn into_connection(handover: &Handover, fd: OwnedFd) -> Connection {
     Connection {
         fd,
         state: handover.session,
-        generation: handover.generation.max(handover.takeovers),
+        generation: handover.generation,
     }
 }

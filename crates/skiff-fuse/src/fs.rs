@@ -46,17 +46,20 @@ struct OpenTable {
     journal: Option<OpenJournal>,
 }
 
+impl OpenFile {
+    fn record(&self) -> OpenRecord {
+        OpenRecord {
+            ino: self.ino.0,
+            backing: self.backing,
+        }
+    }
+}
+
 impl OpenTable {
     fn records(&self) -> BTreeMap<u64, OpenRecord> {
         self.files
             .iter()
-            .map(|(&fh, file)| {
-                let record = OpenRecord {
-                    ino: file.ino.0,
-                    backing: file.backing,
-                };
-                (fh, record)
-            })
+            .map(|(&fh, file)| (fh, file.record()))
             .collect()
     }
 }
@@ -367,11 +370,7 @@ impl Filesystem for SkiffFs {
                 backing: backing.as_ref().map(|id| id.raw()),
             };
             if let Some(journal) = &mut table.journal {
-                let record = OpenRecord {
-                    ino: ino.0,
-                    backing: file.backing,
-                };
-                if let Err(e) = journal.opened(handle, record) {
+                if let Err(e) = journal.opened(handle, file.record()) {
                     // A successor would not know of this handle: refuse it.
                     tracing::error!("the open-file journal: {e}; refusing an open");
                     drop(table);

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,7 @@ const FUSE_NOTIFY_RESEND: i32 = 7;
 
 /// What the first daemon of a connection agreed with the kernel, which a
 /// successor must keep to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionState {
     /// Files may be handed to the kernel to read (FUSE passthrough).
     pub passthrough: bool,
@@ -57,15 +57,4 @@ pub fn resend_pending(fd: BorrowedFd<'_>) -> io::Result<()> {
         )));
     }
     Ok(())
-}
-
-impl Connection {
-    /// Another descriptor of the same open connection.
-    pub fn try_clone(&self) -> io::Result<Connection> {
-        Ok(Connection {
-            fd: self.fd.as_fd().try_clone_to_owned()?,
-            state: self.state,
-            generation: self.generation,
-        })
-    }
 }

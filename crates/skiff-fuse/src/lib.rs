@@ -126,11 +126,9 @@ impl Mount {
                 path: mountpoint.to_owned(),
             });
         }
-        let fresh = SessionState {
-            passthrough: false,
-            resend: false,
-        };
-        let parts = Parts::new(index, source, options, fresh).map_err(mount_error)?;
+        // What INIT negotiates is learnt in `init`.
+        let parts =
+            Parts::new(index, source, options, SessionState::default()).map_err(mount_error)?;
         let fs = match &options.open_journal {
             Some(path) => parts
                 .fs

@@ -161,7 +161,7 @@ pub fn upgrade(args: UpgradeArgs) -> Result<ExitCode> {
     let mountpoints = if args.mountpoints.is_empty() {
         let mut supervised = Vec::new();
         for record in run_dir.records().into_iter().filter(|r| r.is_alive()) {
-            if record.supervisor.is_some_and(|s| s.is_running()) {
+            if record.is_supervised() {
                 supervised.push(record.mountpoint);
             } else {
                 eprintln!(
