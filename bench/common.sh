@@ -7,6 +7,9 @@ now() { echo "$EPOCHREALTIME"; }
 since() { awk -v s="$1" -v e="$EPOCHREALTIME" 'BEGIN { printf "%.4f", e - s }'; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null && return; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
+# A write token for a bench server that is only read: writes need one, and
+# nothing else ever holds it. Prints the file's path (under $work).
+write_token() { head -c 24 /dev/urandom | base64 >"$work/write-token" && chmod 600 "$work/write-token" && echo "$work/write-token"; }
 
 # The emulated wide-area link. The far side is a network namespace behind a
 # veth pair shaped to $rate by `tc tbf` both ways (netem is not in these
@@ -28,7 +31,7 @@ wan_up() { # store
   tc qdisc add dev skb0 root tbf rate "$rate" burst 64kb latency 100ms
   ip netns exec "$ns" tc qdisc add dev skb1 root tbf rate "$rate" burst 64kb latency 100ms
 
-  ip netns exec "$ns" "$SKIFF" --store "$1" serve --listen 10.78.0.2:7070 2>"$work/serve-wan.log" &
+  ip netns exec "$ns" "$SKIFF" --store "$1" serve --listen 10.78.0.2:7070 --token-file "$(write_token)" 2>"$work/serve-wan.log" &
   pids+=($!)
   cat > "$work/nginx.conf" <<CONF
 worker_processes 1;

@@ -79,7 +79,7 @@ done
 
 # ---- loopback: a server on 127.0.0.1 ----
 port=$(free_port)
-"$SKIFF" --store "$work/store" serve --listen "127.0.0.1:$port" 2>"$work/serve.log" &
+"$SKIFF" --store "$work/store" serve --listen "127.0.0.1:$port" --token-file "$(write_token)" 2>"$work/serve.log" &
 pids+=($!)
 server=http://127.0.0.1:$port
 wait_http "$server/healthz"

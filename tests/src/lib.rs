@@ -1001,12 +1001,19 @@ impl SkiffServer {
     }
 
     /// As [`SkiffServer::start`], on a given port (to restart a server).
+    /// Unless `extra` names a write token, writes are open to all
+    /// (`--allow-anonymous-writes`: the test's server is its own).
     pub fn start_on(port: u16, store: &Path, extra: &[&str]) -> SkiffServer {
-        let child = Command::new(skiff_bin())
+        let mut command = Command::new(skiff_bin());
+        command
             .arg("--store")
             .arg(store)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
+            .args(extra);
+        if !extra.contains(&"--token-file") {
+            command.arg("--allow-anonymous-writes");
+        }
+        let child = command
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -23,7 +23,10 @@ const NOISE: usize = 300 * 1024;
 fn app_image() -> Image {
     let base = busybox_layer(&[
         "sh", "cat", "echo", "ls", "id", "pwd", "hostname", "test", "sleep", "rm", "mkdir", "tty",
+        "unshare", "mknod", "dd", "grep", "wc", "cp", "chmod",
     ])
+    // Setuid root: no host user may reach it through skiff's directories.
+    .file("bin/suid-tool", 0o4755, "#!/bin/sh\nid -u\n")
     .file(
         "etc/passwd",
         0o644,
@@ -771,4 +774,170 @@ fn a_container_runs_from_a_registry_and_its_profile_is_stored_there() {
         "{:?}",
         setup.skiff_mounts()
     );
+}
+
+/// A block device of this host, as `major:minor` (whatever the machine's disks are).
+fn a_host_block_device() -> String {
+    fs::read_dir("/sys/dev/block")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .min()
+        .expect("the host has a block device")
+}
+
+#[test]
+fn containers_are_confined_as_docker_confines_them() {
+    let setup = Setup::new();
+    let device = a_host_block_device();
+    let (major, minor) = device.split_once(':').unwrap();
+    // /dev is a tmpfs without nodev, as docker's: only the device cgroup
+    // stands between a node made there and the host's disk.
+    let probe = format!(
+        "unshare -U true && echo unshare-worked; \
+         test -c /proc/keys && echo keys-masked; \
+         test -e /proc/kcore && ! test -c /proc/kcore && echo kcore-shown; \
+         ls /sys/firmware | grep -c .; \
+         mknod /dev/disk b {major} {minor} && echo mknod-worked; \
+         dd if=/dev/disk of=/dev/null bs=512 count=1 && echo disk-opened; \
+         grep NoNewPrivs /proc/self/status; \
+         grep -c : /proc/net/dev; true"
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--rm", "-u", "0", "--entrypoint", ""];
+        args.extend_from_slice(extra);
+        args.extend(["--", "sh", "-c", &probe]);
+        text(&setup.run(&args))
+    };
+
+    // The defaults: docker's seccomp profile, masked paths and device rules, the host's network.
+    // The host shows what the container must not see.
+    assert!(fs::read_dir("/sys/firmware").is_ok_and(|mut d| d.next().is_some()));
+    assert!(Path::new("/proc/keys").is_file());
+    let (stdout, stderr, code) = run(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let host_interfaces = fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .matches(':')
+        .count();
+    assert_eq!(
+        stdout,
+        format!("keys-masked\n0\nmknod-worked\nNoNewPrivs:\t0\n{host_interfaces}\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("unshare: unshare(0x10000000): Operation not permitted"),
+        "{stderr}"
+    );
+    // EPERM from the device cgroup (a nodev mount would say EACCES, a missing device ENXIO).
+    assert!(
+        stderr.contains("can't open '/dev/disk': Operation not permitted"),
+        "{stderr}"
+    );
+
+    // Without the seccomp filter the same call works: the filter was what refused it.
+    let (stdout, stderr, _) = run(&[
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "no-new-privileges",
+        "--network",
+        "none",
+    ]);
+    assert_eq!(
+        stdout, "unshare-worked\nkeys-masked\n0\nmknod-worked\nNoNewPrivs:\t1\n1\n",
+        "{stderr}"
+    );
+
+    // A bad option is refused before anything is mounted or created.
+    let out = setup.run(&["--rm", "--security-opt", "apparmor=x", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--security-opt"));
+    assert!(setup.containers().is_empty());
+    assert!(setup.skiff_mounts().is_empty());
+}
+
+#[test]
+fn no_host_user_reaches_setuid_files_through_skiffs_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let setup = Setup::new();
+    // The test's own directory lets everyone through, as /var/lib does: only
+    // the modes skiff gives its directories keep other users out.
+    fs::set_permissions(setup.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut container = setup
+        .command(&[
+            "run",
+            "app:1",
+            "--server",
+            &setup.server.url,
+            "--name",
+            "holder",
+            "-u",
+            "0",
+            "--entrypoint",
+            "",
+            "--",
+            "sh",
+            "-c",
+            "cp /bin/busybox /tmp/root-shell && chmod 4755 /tmp/root-shell && sleep 30",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let container_dir = setup.path("containers/holder");
+    let written = container_dir.join("upper/tmp/root-shell");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::metadata(&written).is_ok_and(|m| m.permissions().mode() & 0o4000 != 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the container never wrote its setuid file"
+        );
+        assert!(
+            container.try_wait().unwrap().is_none(),
+            "the container ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lazy_mount = setup
+        .skiff_mounts()
+        .into_iter()
+        .find(|m| m.starts_with(setup.path("run").to_str().unwrap()))
+        .expect("the image's lazy mount is under the run dir");
+    let targets = [
+        PathBuf::from(&lazy_mount).join("bin/suid-tool"),
+        container_dir.join("rootfs/bin/suid-tool"),
+        container_dir.join("rootfs/tmp/root-shell"),
+        written,
+    ];
+    for target in &targets {
+        // Root sees it, setuid and all.
+        let mode = fs::metadata(target).unwrap().permissions().mode();
+        assert_ne!(mode & 0o4000, 0, "{}", target.display());
+        // Through sh: setpriv's own exec of an unreachable path is not a fair test
+        // (util-linux 2.38 runs it anyway).
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(["sh", "-c", "\"$1\"", "sh"])
+            .arg(target)
+            .output()
+            .expect("setpriv (util-linux) is installed");
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody ran {}: {out:?}",
+            target.display()
+        );
+    }
+    for dir in ["run/images", "run/mounts", "containers"] {
+        let mode = fs::metadata(setup.path(dir)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{dir} is {mode:o}");
+    }
+    let _ = Command::new(skiff_bin())
+        .args(["rm", "--force", "holder"])
+        .env("SKIFF_CONTAINERS", setup.path("containers"))
+        .env("SKIFF_RUN_DIR", setup.path("run"))
+        .stdout(Stdio::null())
+        .status();
+    let _ = container.wait();
 }

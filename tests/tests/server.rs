@@ -872,3 +872,86 @@ fn transfers_ride_out_a_server_restart() {
     fsck_clean(&pulled);
     assert_same_tree(&pulled, "app:1", &source, tmp.path());
 }
+
+#[test]
+fn serve_refuses_to_open_writes_unless_told_to() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let read = tmp.path().join("read");
+    fs::write(&read, "reader").unwrap();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    // No write token: refused at once, with the way out named, and no store made.
+    for extra in [&[][..], &["--read-token-file", read.to_str().unwrap()][..]] {
+        let mut args = vec!["serve", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let out = skiff(&store, &args);
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--token-file") && stderr.contains("--allow-anonymous-writes"),
+            "{stderr}"
+        );
+        assert!(!store.exists());
+    }
+    let out = skiff(
+        &store,
+        &[
+            "serve",
+            "--allow-anonymous-writes",
+            "--token-file",
+            read.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+
+    // Said in so many words, writes open; a read token alone never grants them.
+    seed_store(&store, &tmp.path().join("seed"));
+    let write = tmp.path().join("write");
+    fs::write(&write, "writer").unwrap();
+    let server = SkiffServer::start(&store, &["--read-token-file", read.to_str().unwrap()]);
+    let auth = |token: Option<&str>| -> Value {
+        let request = Client::new().get(format!("{}/v1/auth", server.url));
+        match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+        .send()
+        .unwrap()
+        .bytes()
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap()
+    };
+    assert_eq!(
+        auth(None),
+        serde_json::json!({"read": false, "write": true})
+    );
+    drop(server);
+    let server = SkiffServer::start(
+        &store,
+        &[
+            "--token-file",
+            write.to_str().unwrap(),
+            "--read-token-file",
+            read.to_str().unwrap(),
+        ],
+    );
+    let auth = |token: &str| -> Value {
+        Client::new()
+            .get(format!("{}/v1/auth", server.url))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .bytes()
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap()
+    };
+    assert_eq!(
+        auth("reader"),
+        serde_json::json!({"read": true, "write": false})
+    );
+    assert_eq!(
+        auth("writer"),
+        serde_json::json!({"read": true, "write": true})
+    );
+}

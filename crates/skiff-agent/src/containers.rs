@@ -81,8 +81,12 @@ pub struct Containers {
 }
 
 impl Containers {
+    /// Opens (or makes) the containers directory, root's alone: the
+    /// containers' root file systems and upper directories below it hold
+    /// setuid binaries and device nodes the images and containers made.
     pub fn open(dir: &Path) -> Result<Containers> {
-        std::fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
+        crate::host::create_private_dir(dir)
+            .io_context(|| format!("creating {}", dir.display()))?;
         Ok(Containers {
             dir: dir
                 .canonicalize()

@@ -7,6 +7,9 @@ use std::path::Path;
 use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxNamespaceType, Mount, Spec, User};
 use serde::Deserialize;
 
+use crate::confine::{
+    device_rules, seccomp_profile, Network, SecurityOptions, MASKED_PATHS, READONLY_PATHS,
+};
 use crate::RuntimeError;
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -70,6 +73,8 @@ pub struct RunOptions {
     pub hostname: String,
     /// Give the container a terminal (stdin must be one).
     pub tty: bool,
+    pub network: Network,
+    pub security: SecurityOptions,
 }
 
 /// Writes `bundle/config.json` for a container whose root is `rootfs`, and
@@ -113,8 +118,8 @@ pub fn write_bundle(
     process.set_cwd(cwd.into());
     process.set_user(user);
     process.set_capabilities(Some(default_capabilities()));
-    // Like `docker run`: setuid programs (su, sudo) work.
-    process.set_no_new_privileges(Some(false));
+    // Like `docker run`: setuid programs (su, sudo) work unless asked otherwise.
+    process.set_no_new_privileges(Some(options.security.no_new_privileges));
     // The host's limits, as the runtime has them: raising one past its hard
     // limit would fail.
     process.set_rlimits(None);
@@ -126,12 +131,22 @@ pub fn write_bundle(
     spec.set_root(Some(root));
     spec.set_hostname(Some(options.hostname.clone()));
 
+    let mut linux = spec.linux().clone().unwrap_or_default();
     // The host's network, as `docker run --network host`: a server in the
     // container is reachable at 127.0.0.1, and name resolution is the host's.
-    let mut linux = spec.linux().clone().unwrap_or_default();
-    if let Some(namespaces) = linux.namespaces_mut() {
-        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+    // Otherwise the default spec's network namespace stays: loopback only.
+    if options.network == Network::Host {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+        }
     }
+    let strings = |paths: &[&str]| paths.iter().map(|p| (*p).to_owned()).collect();
+    linux.set_masked_paths(Some(strings(MASKED_PATHS)));
+    linux.set_readonly_paths(Some(strings(READONLY_PATHS)));
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    resources.set_devices(Some(device_rules()));
+    linux.set_resources(Some(resources));
+    linux.set_seccomp(options.security.seccomp.then(seccomp_profile));
     spec.set_linux(Some(linux));
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for file in ["/etc/resolv.conf", "/etc/hosts"] {
@@ -306,6 +321,7 @@ fn image_file(rootfs: &Path, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oci_spec::runtime::LinuxDeviceType;
 
     fn image() -> ExecConfig {
         ExecConfig::from_image_config(
@@ -370,6 +386,54 @@ mod tests {
         assert!(!namespaces
             .iter()
             .any(|n| n.typ() == LinuxNamespaceType::Network));
+    }
+
+    #[test]
+    fn the_bundle_confines_as_docker_does_unless_told_otherwise() {
+        let spec = write(&options()).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        assert!(linux.seccomp().is_some());
+        let masked = linux.masked_paths().as_ref().unwrap();
+        assert!(masked.contains(&"/proc/kcore".to_owned()));
+        let devices = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .as_ref()
+            .unwrap();
+        // Everything denied first, then the allow list.
+        assert_eq!(devices[0].to_string(), "a *:* rwm");
+        assert!(!devices[0].allow());
+        assert!(devices
+            .iter()
+            .any(|d| d.allow() && d.to_string() == "c 1:3 rwm"));
+        assert!(!devices.iter().any(|d| d.allow()
+            && d.typ() == Some(LinuxDeviceType::B)
+            && d.access().as_deref() != Some("m")));
+        let process = spec.process().as_ref().unwrap();
+        assert_eq!(process.no_new_privileges(), Some(false));
+
+        let mut security = SecurityOptions::default();
+        security.apply("no-new-privileges").unwrap();
+        security.apply("seccomp=unconfined").unwrap();
+        let spec = write(&RunOptions {
+            network: Network::None,
+            security,
+            ..options()
+        })
+        .unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        assert!(linux.seccomp().is_none());
+        assert!(linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .any(|n| n.typ() == LinuxNamespaceType::Network));
+        assert_eq!(
+            spec.process().as_ref().unwrap().no_new_privileges(),
+            Some(true)
+        );
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! directory holding the image's root and the image's OCI config.
 
 mod bundle;
+mod confine;
 mod error;
 mod overlay;
 mod runtime;
 
 pub use bundle::{write_bundle, ExecConfig, RunOptions};
+pub use confine::{Network, SecurityOptions};
 pub use error::RuntimeError;
 pub use overlay::Overlay;
 pub use runtime::Runtime;

@@ -10,11 +10,16 @@ use subtle::ConstantTimeEq;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// The tokens a server was started with; `None` leaves that access open.
+/// The tokens a server was started with. Without a write token, writes are
+/// refused unless `anonymous_writes` opens them to everyone: a server must be
+/// told in so many words to let any peer replace the manifests hosts pull.
+/// Without a read token, reads are open.
 #[derive(Clone, Default)]
 pub struct Tokens {
     pub write: Option<String>,
     pub read: Option<String>,
+    /// Writes need no token (only when `write` is `None`).
+    pub anonymous_writes: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,7 +38,10 @@ impl Tokens {
             _ => false,
         };
         match access {
-            Access::Write => self.write.is_none() || matches(&self.write),
+            Access::Write => match &self.write {
+                Some(_) => matches(&self.write),
+                None => self.anonymous_writes,
+            },
             Access::Read => self.read.is_none() || matches(&self.read) || matches(&self.write),
         }
     }
@@ -101,13 +109,32 @@ mod tests {
 
     #[test]
     fn tokens_grant_what_they_should() {
-        let open = Tokens::default();
+        let closed = Tokens::default();
+        assert!(!closed.allows(Access::Write, None));
+        assert!(!closed.allows(Access::Write, Some(b"")));
+        assert!(closed.allows(Access::Read, None));
+
+        let open = Tokens {
+            anonymous_writes: true,
+            ..Tokens::default()
+        };
         assert!(open.allows(Access::Write, None));
         assert!(open.allows(Access::Read, None));
 
+        // A read token alone leaves writes closed, and does not grant them.
+        let read_only = Tokens {
+            read: Some("r".into()),
+            ..Tokens::default()
+        };
+        assert!(!read_only.allows(Access::Write, Some(b"r")));
+        assert!(!read_only.allows(Access::Write, None));
+        assert!(read_only.allows(Access::Read, Some(b"r")));
+
+        // A write token wins over anonymous_writes.
         let tokens = Tokens {
             write: Some("w-secret".into()),
             read: Some("r-secret".into()),
+            anonymous_writes: true,
         };
         assert!(tokens.allows(Access::Write, Some(b"w-secret")));
         assert!(!tokens.allows(Access::Write, Some(b"r-secret")));
@@ -119,7 +146,7 @@ mod tests {
 
         let write_only = Tokens {
             write: Some("w".into()),
-            read: None,
+            ..Tokens::default()
         };
         assert!(write_only.allows(Access::Read, None));
         assert!(!write_only.allows(Access::Write, Some(b"x")));

@@ -140,12 +140,18 @@ enum Command {
         /// Address and port to listen on
         #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR:PORT")]
         listen: String,
-        /// File holding the bearer token uploads, tags and deletes need [default: writes are open]
+        /// File holding the bearer token uploads, tags and deletes need (required unless
+        /// --allow-anonymous-writes)
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
         /// File holding the bearer token reads need [default: reads are open]
         #[arg(long, value_name = "FILE")]
         read_token_file: Option<PathBuf>,
+        /// Let anyone who can reach the server upload, tag and delete, with no token. Any
+        /// process on the host (a container sharing its network, say) could then replace
+        /// the images every host pulls
+        #[arg(long, conflicts_with = "token_file")]
+        allow_anonymous_writes: bool,
         /// Memory for hot chunks, in MiB (0 turns the cache off)
         #[arg(long, default_value_t = 512, value_name = "MIB")]
         cache_mb: u64,
@@ -308,7 +314,7 @@ enum Command {
         skiff run python:3 --server URL --record-profile -- python3 -c pass\n  \
         skiff run debian:bookworm --rm -- bash        (a terminal when run from one)"
     )]
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List containers
     Ps {
         #[command(flatten)]
@@ -487,9 +493,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             token_file,
             read_token_file,
+            allow_anonymous_writes,
             cache_mb,
         } => {
+            if token_file.is_none() && !allow_anonymous_writes {
+                bail!(
+                    "serve: writes need a token: pass --token-file FILE (clients use the same \
+                     --token-file), or --allow-anonymous-writes to let anyone who can reach \
+                     {listen} upload, tag and delete"
+                );
+            }
             let tokens = Tokens {
+                anonymous_writes: allow_anonymous_writes,
                 write: token_file
                     .as_deref()
                     .map(skiff_agent::read_token_file)
@@ -582,7 +597,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_transfer(&report, "pulled", "from", client.server(), json)?;
         }
         Command::Mount(args) => mount::mount(&store_dir, args)?,
-        Command::Run(args) => return run::run(&store_dir, args),
+        Command::Run(args) => return run::run(&store_dir, *args),
         Command::Ps { dirs, json } => run::ps(&dirs, json)?,
         Command::Rm(args) => run::rm(args)?,
         Command::Umount(args) => mount::umount(args)?,
@@ -876,8 +891,10 @@ fn serve(store_dir: &Path, listen: &str, tokens: Tokens, cache_mb: u64) -> Resul
         Store::open_or_create(store_dir, &StoreConfig::default())
             .with_context(|| format!("opening store {}", store_dir.display()))?,
     );
-    if tokens.write.is_none() {
-        eprintln!("skiff: no --token-file: anyone who can reach {listen} may upload and delete");
+    if tokens.anonymous_writes {
+        eprintln!(
+            "skiff: warning: --allow-anonymous-writes: anyone who can reach {listen} may upload, tag and delete"
+        );
     }
     let config = ServerConfig {
         tokens,

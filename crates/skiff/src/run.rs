@@ -24,7 +24,9 @@ use skiff_agent::{
 };
 use skiff_format::ImageManifest;
 use skiff_registry::Registry;
-use skiff_runtime::{write_bundle, ExecConfig, Overlay, RunOptions, Runtime};
+use skiff_runtime::{
+    write_bundle, ExecConfig, Network, Overlay, RunOptions, Runtime, SecurityOptions,
+};
 use skiff_store::Store;
 
 use crate::mount::MountFlags;
@@ -82,6 +84,17 @@ pub struct RunArgs {
     /// Never give the container a terminal
     #[arg(long)]
     no_tty: bool,
+    /// The container's network: host (the host's interfaces, as `docker run --network
+    /// host`: its servers answer on 127.0.0.1, and it reaches every service the host
+    /// listens on, loopback included) or none (loopback only). The default is host because
+    /// skiff has no bridge network, and most images expect to reach the network; give
+    /// untrusted images none
+    #[arg(long, default_value = "host", value_name = "host|none")]
+    network: Network,
+    /// no-new-privileges (setuid binaries give nothing), or seccomp=unconfined (no
+    /// seccomp filter) [default: docker's seccomp profile, device rules and masked paths]
+    #[arg(long = "security-opt", value_name = "OPTION")]
+    security_opt: Vec<String>,
     /// The OCI runtime
     #[arg(long, default_value = "crun", value_parser = ["crun", "runc"])]
     runtime: String,
@@ -96,6 +109,16 @@ pub struct RunArgs {
     mount: MountFlags,
     #[command(flatten)]
     dirs: Dirs,
+}
+
+impl RunArgs {
+    fn security(&self) -> Result<SecurityOptions> {
+        let mut security = SecurityOptions::default();
+        for option in &self.security_opt {
+            security.apply(option)?;
+        }
+        Ok(security)
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -143,6 +166,7 @@ pub fn run(store_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     let runtime = Runtime::from_name(&args.runtime).context("unknown runtime")?;
     let id = args.name.clone().unwrap_or_else(new_container_id);
     check_container_id(&id)?;
+    args.security()?;
     let containers = Containers::open(&args.dirs.containers)?;
     let dir = containers.path(&id);
     let origin = Origin::of(&args.image, args.server.as_deref(), store_dir)?;
@@ -254,6 +278,8 @@ fn prepare(
         user: args.user.clone(),
         hostname: args.hostname.clone().unwrap_or_else(|| id.to_owned()),
         tty,
+        network: args.network,
+        security: args.security()?,
     };
     let command = write_bundle(dir, &rootfs, &image, &options)?;
     Ok((manifest, command))
