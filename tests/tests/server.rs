@@ -955,3 +955,127 @@ fn serve_refuses_to_open_writes_unless_told_to() {
         serde_json::json!({"read": true, "write": true})
     );
 }
+
+/// Opens a connection that sends `prefix`, then (with `every`) a byte that
+/// often, until the server closes it; returns how long the server kept it.
+fn dribble(
+    port: u16,
+    prefix: &'static [u8],
+    every: Option<Duration>,
+) -> std::thread::JoinHandle<Duration> {
+    use std::io::Write;
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(prefix).unwrap();
+        let tick = every.unwrap_or(Duration::from_millis(100));
+        stream.set_read_timeout(Some(tick)).unwrap();
+        let mut buf = [0u8; 256];
+        while start.elapsed() < Duration::from_secs(30) {
+            // An answer (a 408, say) or EOF: the server has let go.
+            match stream.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                _ => return start.elapsed(),
+            }
+            if every.is_some() && stream.write_all(b"a").is_err() {
+                return start.elapsed();
+            }
+        }
+        start.elapsed()
+    })
+}
+
+#[test]
+fn slow_and_idle_clients_cannot_starve_the_others() {
+    let tmp = tempdir();
+    let [store, local] = dirs(&tmp, ["store", "local"]);
+    seed_store(&store, &tmp.path().join("seed"));
+    convert(&local, &tmp.path().join("src"), &image(2, 2), "app:1");
+    let server = SkiffServer::start(
+        &store,
+        &[
+            "--max-connections",
+            "8",
+            "--header-timeout",
+            "2",
+            "--idle-timeout",
+            "2",
+        ],
+    );
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let images = || {
+        let started = Instant::now();
+        let status = http
+            .get(format!("{}/v1/images", server.url))
+            .send()
+            .unwrap()
+            .status();
+        (status, started.elapsed())
+    };
+
+    // Slowloris under the cap: headers a byte at a time. Others are served
+    // meanwhile, and every slow connection is cut at the header timeout
+    // although it never stops sending.
+    let slow: Vec<_> = (0..6)
+        .map(|_| {
+            dribble(
+                server.port,
+                b"GET /v1/images HTTP/1.1\r\nX-Slow: ",
+                Some(Duration::from_millis(200)),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, took) = images();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?} while slow clients dribbled"
+    );
+    for held in slow {
+        let held = held.join().unwrap();
+        assert!(
+            held < Duration::from_secs(6),
+            "a slow client held on for {held:?}"
+        );
+    }
+
+    // Past the cap: silent connections fill every slot; a new client waits
+    // in the backlog until their header timeout frees one, then is served.
+    let silent: Vec<_> = (0..8).map(|_| dribble(server.port, b"", None)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, took) = images();
+    assert_eq!(status, StatusCode::OK);
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    for held in silent {
+        assert!(held.join().unwrap() < Duration::from_secs(6));
+    }
+
+    // Upload bodies that stall hold every upload slot until the idle
+    // timeout closes them; then a real push gets through.
+    // skiff_server::MAX_CONCURRENT_UPLOADS is 4: two more than that.
+    let stalled: Vec<_> = (0..6)
+        .map(|_| {
+            dribble(
+                server.port,
+                b"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nSKIFF",
+                None,
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pushed = push(&local, &server, "app:1", None);
+    assert!(pushed["chunks_sent"].as_u64().unwrap() > 0, "{pushed}");
+    for held in stalled {
+        let held = held.join().unwrap();
+        assert!(
+            held < Duration::from_secs(8),
+            "a stalled upload held on for {held:?}"
+        );
+    }
+    assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
+    drop(server);
+}

@@ -9,29 +9,34 @@ mod auth;
 mod body;
 mod cache;
 mod chunks;
+mod connection;
 mod error;
 mod images;
 mod metrics;
 mod writer;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use skiff_format::wire;
 use skiff_store::Store;
 use tokio::net::TcpListener;
 
 pub use auth::Tokens;
 pub use chunks::MAX_UPLOAD_RAW_BYTES;
+pub use connection::ConnectionLimits;
 pub use error::ServerError;
 
 use cache::HotCache;
+use connection::IdleTimeout;
 use metrics::Metrics;
 use writer::ChunkWriter;
 
@@ -76,6 +81,7 @@ pub struct ServerConfig {
     pub tokens: Tokens,
     /// Bytes of hot chunks kept in memory (0 turns the cache off).
     pub cache_bytes: u64,
+    pub limits: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +89,7 @@ impl Default for ServerConfig {
         ServerConfig {
             tokens: Tokens::default(),
             cache_bytes: 512 << 20,
+            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -103,6 +110,7 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     shared: AppState,
+    limits: ConnectionLimits,
 }
 
 impl Server {
@@ -132,6 +140,7 @@ impl Server {
             listener,
             router: router(shared.clone()),
             shared,
+            limits: config.limits,
         })
     }
 
@@ -148,33 +157,66 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> Result<(), ServerError> {
-        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            let _ = stopping.send(());
-        };
-        // Answers go out as a header then body pieces; with Nagle's algorithm
-        // the second write would wait ~40 ms for the client's delayed ACK.
-        let listener = self.listener.tap_io(|tcp| {
+        let limits = self.limits;
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+        let graceful = GracefulShutdown::new();
+        let mut connections = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            while connections.try_join_next().is_some() {}
+            // A slot first: past the cap, clients wait in the listen backlog.
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors, or a connection reset before it
+                        // was accepted: a pause, not the end of the server.
+                        tracing::warn!("accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            // Answers go out as a header then body pieces; with Nagle's
+            // algorithm the second write would wait ~40 ms for the client's
+            // delayed ACK.
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!("TCP_NODELAY: {e}");
             }
-        });
-        let serving = axum::serve(listener, self.router)
-            .with_graceful_shutdown(signal)
-            .into_future();
-        let drain_limit = async move {
-            match stopped.await {
-                Ok(()) => tokio::time::sleep(drain).await,
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            served = serving => served.map_err(ServerError::Serve)?,
-            () = drain_limit => tracing::warn!(
-                "in-flight requests did not finish within {drain:?}; closing their connections"
-            ),
+            let io = TokioIo::new(IdleTimeout::new(tcp, limits.idle_timeout));
+            let service = TowerToHyperService::new(self.router.clone());
+            let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
+            connections.spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("connection from {peer}: {e}");
+                }
+                drop(slot);
+            });
         }
+        drop(self.listener);
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!(
+                    "in-flight requests did not finish within {drain:?}; closing their connections"
+                );
+                connections.abort_all();
+            }
+        }
+        while connections.join_next().await.is_some() {}
         let deadline = Instant::now() + drain;
         while Arc::strong_count(&self.shared) > 1 {
             if Instant::now() >= deadline {

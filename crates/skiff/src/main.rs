@@ -21,7 +21,7 @@ use skiff_registry::{BareCredentials, Registry, RegistryRef};
 
 use skiff_agent::ImageArg;
 use skiff_oci::{ConvertOptions, ImageSource, Platform};
-use skiff_server::{Server, ServerConfig, Tokens};
+use skiff_server::{ConnectionLimits, Server, ServerConfig, Tokens};
 use skiff_store::{Store, StoreConfig};
 
 #[derive(Parser)]
@@ -155,6 +155,17 @@ enum Command {
         /// Memory for hot chunks, in MiB (0 turns the cache off)
         #[arg(long, default_value_t = 512, value_name = "MIB")]
         cache_mb: u64,
+        /// Connections served at once; more wait until one closes
+        #[arg(long, default_value_t = ConnectionLimits::default().max_connections, value_name = "N")]
+        max_connections: usize,
+        /// Seconds a client has to send a request's headers (and to start the next
+        /// request on a kept-alive connection)
+        #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs(), value_name = "SECS")]
+        header_timeout: u64,
+        /// Seconds a connection may pass with no byte moving while the server waits on
+        /// the client (a stalled upload body, an answer nobody reads)
+        #[arg(long, default_value_t = ConnectionLimits::default().idle_timeout.as_secs(), value_name = "SECS")]
+        idle_timeout: u64,
     },
     /// Send an image to a registry or a server: only what it lacks, resumable
     #[command(
@@ -495,6 +506,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             read_token_file,
             allow_anonymous_writes,
             cache_mb,
+            max_connections,
+            header_timeout,
+            idle_timeout,
         } => {
             if token_file.is_none() && !allow_anonymous_writes {
                 bail!(
@@ -514,7 +528,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(skiff_agent::read_token_file)
                     .transpose()?,
             };
-            serve(&store_dir, &listen, tokens, cache_mb)?
+            let config = ServerConfig {
+                tokens,
+                cache_bytes: cache_mb << 20,
+                limits: ConnectionLimits {
+                    max_connections,
+                    header_timeout: Duration::from_secs(header_timeout.max(1)),
+                    idle_timeout: Duration::from_secs(idle_timeout.max(1)),
+                },
+            };
+            serve(&store_dir, &listen, config)?
         }
         Command::Push {
             image,
@@ -886,20 +909,16 @@ fn print_images(rows: &[ImageSummary], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn serve(store_dir: &Path, listen: &str, tokens: Tokens, cache_mb: u64) -> Result<()> {
+fn serve(store_dir: &Path, listen: &str, config: ServerConfig) -> Result<()> {
     let store = Arc::new(
         Store::open_or_create(store_dir, &StoreConfig::default())
             .with_context(|| format!("opening store {}", store_dir.display()))?,
     );
-    if tokens.anonymous_writes {
+    if config.tokens.anonymous_writes {
         eprintln!(
             "skiff: warning: --allow-anonymous-writes: anyone who can reach {listen} may upload, tag and delete"
         );
     }
-    let config = ServerConfig {
-        tokens,
-        cache_bytes: cache_mb << 20,
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
