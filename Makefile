@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd bench-takeover images roundtrip clean
+.PHONY: demo test build deps lint fuzz bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-containerd bench-takeover images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -73,3 +73,10 @@ clean:
 # A reader across kill -9 of its mount's daemon and across `skiff upgrade`, against a remount.
 bench-takeover: build
 	SKIFF=$(SKIFF) bench/takeover.sh
+
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer): every target in
+# tests/fuzz for FUZZ_SECONDS each (not in CI). Crashes land in
+# tests/fuzz/artifacts/TARGET/; each one found becomes a regression test.
+FUZZ_SECONDS ?= 600
+fuzz: deps
+	tools/fuzz $(FUZZ_SECONDS)

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::process::Command;
 
 use serde_json::json;
 use skiff_tests::*;
@@ -302,4 +303,85 @@ fn oversized_extension_headers_are_refused_without_reading_them() {
         !out.status.success() && stderr.contains("at most 1048576 bytes are accepted"),
         "{stderr}"
     );
+}
+
+/// A server on 127.0.0.1 that answers every request with `status` and a
+/// body that never ends; returns its URL. It lives as long as the test.
+fn endless_server(status: u16) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut stream = stream;
+                let head = format!(
+                    "HTTP/1.1 {status} Whatever\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                );
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let piece = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                while stream.write_all(piece.as_bytes()).is_ok() {}
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn endless_answers_from_a_server_end_in_a_clear_error() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    seed_store(&store, &tmp.path().join("seed"));
+    for status in [200, 500] {
+        let server = endless_server(status);
+        let started = std::time::Instant::now();
+        for args in [
+            vec![
+                "pull",
+                "seed:latest",
+                "--server",
+                &server,
+                "--retry-for",
+                "0",
+            ],
+            vec!["images", "--server", &server],
+        ] {
+            let out = skiff(&store, &args);
+            assert!(!out.status.success(), "{args:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // 200: the body is refused past its bound; 500: the error's
+            // message is cut at its bound and reported.
+            assert!(
+                stderr.contains("a body over") || stderr.contains("500"),
+                "{args:?}: {stderr}"
+            );
+            assert!(stderr.len() < 70_000, "{} bytes of error", stderr.len());
+        }
+        // Seconds, not the time to fill memory.
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        // A mount's daemon gives up the same way, and says why.
+        let mnt = tmp.path().join(format!("mnt-{status}"));
+        let out = Command::new(skiff_bin())
+            .args(["mount", "seed:latest"])
+            .arg(&mnt)
+            .args(["--server", &server, "--retry-for", "1", "--run-dir"])
+            .arg(tmp.path().join("run"))
+            .arg("--cache")
+            .arg(tmp.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("a body over") || stderr.contains("500"),
+            "{stderr}"
+        );
+    }
 }

@@ -12,6 +12,7 @@ use skiff_format::wire::{
     MANIFEST_CONTENT_TYPE, MAX_CHUNK_BYTES, MAX_INDEX_BYTES,
 };
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, IndexDigest};
+use skiff_registry::body::{read_bounded, BodyError};
 
 use skiff_source::Backoff;
 
@@ -99,7 +100,10 @@ impl Client {
         if status.is_success() {
             return Ok(response);
         }
-        let body = response.text().unwrap_or_default();
+        // An error body is a sentence: a peer cannot make it cost more.
+        let body = read_body(response, MAX_ERROR_BODY, url)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
         let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
@@ -114,10 +118,12 @@ impl Client {
     /// Sends a request and reads its whole answer, retrying both for passing
     /// failures. `tolerated` names a status that ends the request without an
     /// error once it was retried (a DELETE whose first answer was lost).
+    /// Answers longer than `limit` bytes are refused, never read whole.
     fn call(
         &self,
         url: &str,
         request: RequestBuilder,
+        limit: u64,
         tolerated_after_retry: Option<u16>,
     ) -> Result<Vec<u8>, ClientError> {
         let mut backoff = Backoff::new(self.retry_window);
@@ -127,15 +133,9 @@ impl Client {
             let attempt = request
                 .try_clone()
                 .ok_or_else(|| Self::protocol(url, "a request with a streamed body"))?;
-            let answer = self.send_once(url, attempt).and_then(|response| {
-                response
-                    .bytes()
-                    .map(|b| b.to_vec())
-                    .map_err(|source| ClientError::Http {
-                        url: url.to_owned(),
-                        source,
-                    })
-            });
+            let answer = self
+                .send_once(url, attempt)
+                .and_then(|response| read_body(response, limit, url));
             match answer {
                 Err(e)
                     if retried && e.status().is_some() && e.status() == tolerated_after_retry =>
@@ -152,31 +152,33 @@ impl Client {
         &self,
         url: &str,
         request: RequestBuilder,
+        limit: u64,
     ) -> Result<T, ClientError> {
-        let body = self.call(url, request, None)?;
+        let body = self.call(url, request, limit, None)?;
         serde_json::from_slice(&body).map_err(|e| Self::protocol(url, e.to_string()))
     }
 
     pub fn health(&self) -> Result<(), ClientError> {
         let url = self.url("/healthz");
-        self.call(&url, self.http.get(&url), None).map(drop)
+        self.call(&url, self.http.get(&url), MAX_SMALL_BODY, None)
+            .map(drop)
     }
 
     /// What this client's token (or no token) may do on the server.
     pub fn access(&self) -> Result<AccessReport, ClientError> {
         let url = self.url("/v1/auth");
-        self.call_json(&url, self.http.get(&url))
+        self.call_json(&url, self.http.get(&url), MAX_SMALL_BODY)
     }
 
     pub fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
         let url = self.url("/v1/images");
-        self.call_json(&url, self.http.get(&url))
+        self.call_json(&url, self.http.get(&url), MAX_LISTING_BODY)
     }
 
     /// The manifest tagged `image`; `None` if the server has no such tag.
     pub fn manifest(&self, image: &ImageRef) -> Result<Option<ImageManifest>, ClientError> {
         let url = self.url(&format!("/v1/manifests/{image}"));
-        let body = match self.call(&url, self.http.get(&url), None) {
+        let body = match self.call(&url, self.http.get(&url), wire::MAX_MANIFEST_BYTES, None) {
             Err(e) if e.status() == Some(404) => return Ok(None),
             other => other?,
         };
@@ -198,13 +200,14 @@ impl Client {
             .put(&url)
             .header(CONTENT_TYPE, MANIFEST_CONTENT_TYPE)
             .body(manifest.to_json());
-        self.call(&url, request, None).map(drop)
+        self.call(&url, request, MAX_SMALL_BODY, None).map(drop)
     }
 
     pub fn delete_manifest(&self, image: &ImageRef) -> Result<(), ClientError> {
         let url = self.url(&format!("/v1/manifests/{image}"));
         // A retry that finds the tag gone means the first attempt removed it.
-        self.call(&url, self.http.delete(&url), Some(404)).map(drop)
+        self.call(&url, self.http.delete(&url), MAX_SMALL_BODY, Some(404))
+            .map(drop)
     }
 
     /// An image's manifest and its index, encoded (as checked against its
@@ -227,7 +230,12 @@ impl Client {
     /// The encoded index, checked against its digest.
     pub fn index_bytes(&self, digest: &IndexDigest) -> Result<Vec<u8>, ClientError> {
         let url = self.url(&format!("/v1/indexes/{digest}"));
-        let compressed = self.call(&url, self.http.get(&url), None)?;
+        let compressed = self.call(
+            &url,
+            self.http.get(&url),
+            wire::MAX_COMPRESSED_INDEX_BYTES,
+            None,
+        )?;
         let encoded = decompress_bounded(&compressed, MAX_INDEX_BYTES)
             .map_err(|e| Self::protocol(&url, format!("index: {e}")))?;
         let actual = IndexDigest::of(&encoded);
@@ -250,7 +258,7 @@ impl Client {
             .put(&url)
             .header(CONTENT_TYPE, INDEX_CONTENT_TYPE)
             .body(compressed);
-        self.call(&url, request, None).map(drop)
+        self.call(&url, request, MAX_SMALL_BODY, None).map(drop)
     }
 
     /// Which of `ids` (at most [`wire::MAX_IDS_PER_REQUEST`]) the server lacks, in
@@ -258,7 +266,8 @@ impl Client {
     pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, ClientError> {
         let url = self.url("/v1/chunks/missing");
         let request = self.http.post(&url).body(wire::encode_ids(ids));
-        let body = self.call(&url, request, None)?;
+        let limit = (ids.len() * wire::ID_LEN) as u64;
+        let body = self.call(&url, request, limit, None)?;
         wire::decode_ids(&body).map_err(|e| Self::protocol(&url, e.to_string()))
     }
 
@@ -360,6 +369,27 @@ impl Client {
     /// Uploads a body of chunk records (see [`wire::write_chunk_record`]).
     pub fn upload(&self, body: Vec<u8>) -> Result<UploadOutcome, ClientError> {
         let url = self.url("/v1/chunks");
-        self.call_json(&url, self.http.post(&url).body(body))
+        self.call_json(&url, self.http.post(&url).body(body), MAX_SMALL_BODY)
     }
+}
+
+/// The most of an error answer that is read, and of small JSON answers.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+const MAX_SMALL_BODY: u64 = 64 * 1024;
+/// `GET /v1/images`: a summary per image.
+const MAX_LISTING_BODY: u64 = 64 * 1024 * 1024;
+
+/// A whole answer of at most `limit` bytes (see [`skiff_registry::body`]).
+fn read_body(response: Response, limit: u64, url: &str) -> Result<Vec<u8>, ClientError> {
+    let declared = response.content_length();
+    read_bounded(response, declared, limit).map_err(|e| match e {
+        BodyError::Read(e) => ClientError::Interrupted {
+            url: url.to_owned(),
+            message: e.to_string(),
+        },
+        too_long => ClientError::Protocol {
+            url: url.to_owned(),
+            message: too_long.to_string(),
+        },
+    })
 }

@@ -57,6 +57,16 @@ impl StartupProfile {
                 self.ranges.len()
             )));
         }
+        // A recorded start names each (file, chunk) once, so its ranges add up
+        // to at most the index's chunk references; a crafted profile naming
+        // a big file's chunks over and over would cost ranges × count.
+        let named: u64 = self.ranges.iter().map(|r| u64::from(r.count)).sum();
+        let references = index.chunk_refs().count() as u64;
+        if named > references {
+            return Err(FormatError::InvalidProfile(format!(
+                "its ranges name {named} chunks; the image has {references} chunk references"
+            )));
+        }
         let mut seen = HashSet::new();
         let mut order = Vec::new();
         for range in &self.ranges {
@@ -196,5 +206,24 @@ mod tests {
                 "{bad:?} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn a_profile_naming_more_chunks_than_the_image_has_is_refused() {
+        // The image has 5 chunk references; all of them once is fine.
+        let whole = StartupProfile {
+            ranges: vec![range("bin/a", 0, 3), range("bin/b", 0, 2)],
+            ..StartupProfile::default()
+        };
+        assert_eq!(whole.chunk_order(&index()).unwrap().len(), 4);
+        // The same file's chunks again and again: refused before any lookup.
+        let repeated = StartupProfile {
+            ranges: vec![range("bin/a", 0, 3); 2],
+            ..StartupProfile::default()
+        };
+        assert!(matches!(
+            repeated.chunk_order(&index()),
+            Err(FormatError::InvalidProfile(_))
+        ));
     }
 }

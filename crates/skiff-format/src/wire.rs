@@ -31,6 +31,10 @@ pub const MAX_IDS_PER_REQUEST: usize = 65_536;
 pub const MAX_CHUNK_BYTES: usize = MAX_CHUNK_SIZE as usize;
 /// The bound for decompressing a received index (a 100k-file index is a few MB).
 pub const MAX_INDEX_BYTES: usize = 512 * 1024 * 1024;
+/// The largest index on the wire (zstd-compressed), either way.
+pub const MAX_COMPRESSED_INDEX_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest manifest on the wire, either way.
+pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 
 /// One row of `GET /v1/images`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

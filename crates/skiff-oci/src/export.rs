@@ -378,6 +378,16 @@ impl Read for ChunkReader<'_> {
                 .store
                 .read_chunk(&chunk.id)
                 .map_err(|e| io::Error::other(StoreErrorBox(e.to_string())))?;
+            // The tar header already promised the index's length: bytes that
+            // disagree would shift every header after this file.
+            if self.current.len() != chunk.len as usize {
+                return Err(io::Error::other(StoreErrorBox(format!(
+                    "chunk {} is {} bytes, but the index says {}",
+                    chunk.id,
+                    self.current.len(),
+                    chunk.len
+                ))));
+            }
             self.pos = 0;
             self.next += 1;
         }

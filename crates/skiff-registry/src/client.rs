@@ -4,7 +4,6 @@
 //! that never carry credentials to another host, and bounded retries.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -870,25 +869,11 @@ pub(crate) fn read_bounded(
     url: &str,
 ) -> Result<Vec<u8>, RegistryError> {
     let declared = response.content_length();
-    if declared.is_some_and(|n| n > limit) {
-        return Err(protocol(
-            url,
-            format!(
-                "a body of {} bytes (at most {limit} expected)",
-                declared.unwrap_or(0)
-            ),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(limit) as usize);
-    response
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| RegistryError::Interrupted {
+    crate::body::read_bounded(response, declared, limit).map_err(|e| match e {
+        crate::body::BodyError::Read(e) => RegistryError::Interrupted {
             url: url.to_owned(),
             message: e.to_string(),
-        })?;
-    if bytes.len() as u64 > limit {
-        return Err(protocol(url, format!("a body over {limit} bytes")));
-    }
-    Ok(bytes)
+        },
+        too_long => protocol(url, too_long.to_string()),
+    })
 }

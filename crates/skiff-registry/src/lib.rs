@@ -15,6 +15,7 @@
 //!   blobs, as a [`skiff_source::ChunkSource`].
 
 pub mod auth;
+pub mod body;
 mod client;
 mod digest;
 mod error;

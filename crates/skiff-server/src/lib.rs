@@ -43,9 +43,9 @@ use writer::ChunkWriter;
 /// The largest upload body (chunk records).
 pub const MAX_UPLOAD_BODY: usize = 64 * 1024 * 1024;
 /// The largest manifest body.
-pub const MAX_MANIFEST_BODY: usize = 4 * 1024 * 1024;
+pub const MAX_MANIFEST_BODY: usize = wire::MAX_MANIFEST_BYTES as usize;
 /// The largest index body (zstd-compressed).
-pub const MAX_INDEX_BODY: usize = 64 * 1024 * 1024;
+pub const MAX_INDEX_BODY: usize = wire::MAX_COMPRESSED_INDEX_BYTES as usize;
 
 /// The route templates (also the `route` label of the metrics).
 mod route {
@@ -142,6 +142,12 @@ impl Server {
             shared,
             limits: config.limits,
         })
+    }
+
+    /// The routes as a tower service, to call in-process (the fuzz targets
+    /// do) without a connection.
+    pub fn router(&self) -> Router {
+        self.router.clone()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {

@@ -32,6 +32,13 @@ pub enum StoreError {
     ChunkNotFound(ChunkId),
     #[error("{image} references chunk {chunk}, which the store does not hold")]
     MissingChunk { image: String, chunk: ChunkId },
+    #[error("{image} says chunk {chunk} is {claimed} bytes long, but it is {stored}")]
+    ChunkLength {
+        image: String,
+        chunk: ChunkId,
+        claimed: u32,
+        stored: u32,
+    },
     #[error("manifest does not match its index: {0}")]
     BadManifest(String),
     #[error("store is corrupt: {0}")]

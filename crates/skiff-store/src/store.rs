@@ -387,10 +387,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let encoded = index.encode();
         check_descriptor(manifest, &encoded)?;
-        let layer_chunks = layers.iter().flat_map(|(_, record)| record.chunks.iter());
+        let what = format!("image {}", manifest.image_ref());
+        self.check_chunk_refs(&what, index)?;
         self.check_chunks_present(
-            &format!("image {}", manifest.image_ref()),
-            index.chunk_refs().map(|c| &c.id).chain(layer_chunks),
+            &what,
+            layers.iter().flat_map(|(_, record)| record.chunks.iter()),
         )?;
         let mut batch = WriteBatch::default();
         for (diff_id, record) in layers {
@@ -411,10 +412,7 @@ impl Store {
         let index = ImageIndex::decode(encoded)?;
         index.validate()?;
         let digest = IndexDigest::of(encoded);
-        self.check_chunks_present(
-            &format!("index {digest}"),
-            index.chunk_refs().map(|c| &c.id),
-        )?;
+        self.check_chunk_refs(&format!("index {digest}"), &index)?;
         let mut batch = WriteBatch::default();
         self.add_index_to_batch(&mut batch, encoded)?;
         self.write_batch(batch)?;
@@ -429,10 +427,7 @@ impl Store {
         // put_index checked the chunks; checking again costs little and keeps
         // the promise that a tagged image is complete whatever wrote the index.
         let index = ImageIndex::decode(&encoded)?;
-        self.check_chunks_present(
-            &format!("image {}", manifest.image_ref()),
-            index.chunk_refs().map(|c| &c.id),
-        )?;
+        self.check_chunk_refs(&format!("image {}", manifest.image_ref()), &index)?;
         if let Some(profile) = &manifest.profile {
             profile
                 .chunk_order(&index)
@@ -452,6 +447,33 @@ impl Store {
             .db
             .get_pinned_cf(self.cf(CF_INDEXES), digest.as_bytes())?
             .is_some())
+    }
+
+    /// Every chunk `index` references is stored, with the length the index
+    /// gives it: a reader (export writing tar headers, a mount answering
+    /// reads) trusts the index's lengths, so a peer's index that disagrees
+    /// with the chunks is refused here, on ingest.
+    fn check_chunk_refs(&self, what: &str, index: &ImageIndex) -> Result<(), StoreError> {
+        for chunk in index.chunk_refs() {
+            match self.chunk_location(&chunk.id)? {
+                None => {
+                    return Err(StoreError::MissingChunk {
+                        image: what.to_owned(),
+                        chunk: chunk.id,
+                    })
+                }
+                Some(location) if location.len != chunk.len => {
+                    return Err(StoreError::ChunkLength {
+                        image: what.to_owned(),
+                        chunk: chunk.id,
+                        claimed: chunk.len,
+                        stored: location.len,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     fn check_chunks_present<'a>(

@@ -222,3 +222,62 @@ fn keep_committed_keeps_only_what_was_committed() {
     assert!(store.fsck(&|_| ()).unwrap().problems.is_empty());
     assert_eq!(store.read_chunk(&ChunkId::of(&chunk(1))).unwrap(), chunk(1));
 }
+
+/// A root holding one file `f` made of chunks `ids`, each said to be `len(i)` long.
+fn one_file_index(ids: &[u8], len: impl Fn(u8) -> u32) -> skiff_format::ImageIndex {
+    use skiff_format::{
+        ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, Metadata,
+    };
+    let chunks: Vec<ChunkRef> = ids
+        .iter()
+        .map(|&i| ChunkRef {
+            id: ChunkId::of(&chunk(i)),
+            len: len(i),
+        })
+        .collect();
+    let meta = |mode| Metadata {
+        mode,
+        ..Metadata::default()
+    };
+    ImageIndex {
+        chunking: ChunkingParams::default(),
+        inodes: vec![
+            Inode {
+                meta: meta(0o755),
+                kind: InodeKind::Directory {
+                    entries: vec![DirEntry {
+                        name: b"f".to_vec(),
+                        ino: 2,
+                    }],
+                },
+            },
+            Inode {
+                meta: meta(0o644),
+                kind: InodeKind::File {
+                    size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+                    chunks,
+                },
+            },
+        ],
+    }
+}
+
+#[test]
+fn an_index_whose_chunk_lengths_disagree_with_the_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), &StoreConfig::default()).unwrap();
+    write_chunks(&store, &[1, 2]);
+    let true_len = |i: u8| chunk(i).len() as u32;
+    let good = one_file_index(&[1, 2], true_len);
+    store.put_index(&good.encode()).unwrap();
+    // One byte more for chunk 2: a tar header written from it would lie.
+    let lying = one_file_index(&[1, 2], |i| true_len(i) + u32::from(i == 2));
+    let refused = store.put_index(&lying.encode()).unwrap_err();
+    assert!(
+        matches!(refused, StoreError::ChunkLength { claimed, stored, .. } if claimed == stored + 1),
+        "{refused}"
+    );
+    assert!(!store
+        .contains_index(&skiff_format::IndexDigest::of(&lying.encode()))
+        .unwrap());
+}
