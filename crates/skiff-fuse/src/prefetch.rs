@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use skiff_format::wire::MAX_IDS_PER_REQUEST;
 use skiff_format::{ChunkId, InodeKind};
-use skiff_source::SourceError;
 
 use crate::fetcher::Fetcher;
 use crate::tree::ImageTree;
@@ -37,7 +36,8 @@ impl Default for PrefetchConfig {
 
 /// After a failed batch, wait this long before the next try.
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
-/// Failures of the same batch (each after the client's own retries) before it is skipped.
+/// Failures at the same chunk (each after the client's own retries) before
+/// that chunk is left to the reads.
 const GIVE_UP_AFTER: u32 = 3;
 /// How often a paused prefetch looks again whether reads are still waiting.
 const YIELD_POLL: Duration = Duration::from_millis(5);
@@ -122,7 +122,9 @@ fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &A
     let started = Instant::now();
     let mut sent = 0u64;
     let mut at = 0;
-    let (mut failures, mut skipped) = (0, 0);
+    // The chunk the last failed batches stopped at, and how many failed there.
+    let mut stuck: Option<(usize, u32)> = None;
+    let mut skipped = 0;
     let mut settled = profile_len == 0;
     while at < order.len() {
         if stop.load(Ordering::Relaxed) {
@@ -186,20 +188,33 @@ fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &A
             Ok(_) => {
                 sent += bytes;
                 at = next;
-                failures = 0;
-            }
-            // A server may come back; a chunk it does not have (or sends
-            // corrupt) will not, so such a batch failing again is skipped.
-            Err(e @ (SourceError::Corrupt(_) | SourceError::Missing(_)))
-                if failures + 1 >= GIVE_UP_AFTER =>
-            {
-                tracing::error!("prefetch skips {} chunks: {e}", batch.len());
-                skipped += batch.len();
-                at = next;
-                failures = 0;
+                stuck = None;
             }
             Err(e) => {
-                failures += 1;
+                // Chunks arrive in the order asked and are kept as they
+                // arrive, so the first one still missing is where the batch
+                // broke. A server that comes back gets past it; one that
+                // cannot read it (a corrupt or missing chunk, or a stream it
+                // cuts there every time) would stop the prefetch for good:
+                // after GIVE_UP_AFTER failures there that chunk alone is
+                // left to the reads, which ask for it again.
+                let Some(culprit) = (at..next).find(|&i| !fetcher.is_local(&order[i].0)) else {
+                    at = next;
+                    stuck = None;
+                    continue;
+                };
+                let failures = match stuck {
+                    Some((position, failures)) if position == culprit => failures + 1,
+                    _ => 1,
+                };
+                if failures >= GIVE_UP_AFTER {
+                    tracing::error!("prefetch skips chunk {}: {e}", order[culprit].0);
+                    skipped += 1;
+                    at = culprit + 1;
+                    stuck = None;
+                    continue;
+                }
+                stuck = Some((culprit, failures));
                 tracing::warn!("prefetch paused: {e}");
                 let resume = Instant::now() + PAUSE_AFTER_FAILURE;
                 while Instant::now() < resume && !stop.load(Ordering::Relaxed) {
@@ -221,4 +236,79 @@ fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &A
         "prefetch finished in {:.1} s: every chunk of the image is on this host",
         started.elapsed().as_secs_f64()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use skiff_source::{ChunkSource, SourceError};
+
+    use super::*;
+
+    /// Delivers chunks in the order asked, but cuts every answer at `bad`
+    /// (a chunk it cannot read), as the server does.
+    struct CutsAt {
+        bad: ChunkId,
+        delivered: Mutex<HashMap<ChunkId, u32>>,
+        asked_for_bad: Mutex<u32>,
+    }
+
+    impl ChunkSource for CutsAt {
+        fn fetch(
+            &self,
+            ids: &[ChunkId],
+            each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        ) -> Result<(), SourceError> {
+            for id in ids {
+                if *id == self.bad {
+                    *self.asked_for_bad.lock().unwrap() += 1;
+                    return Err(SourceError::Unavailable("answer cut short".into()));
+                }
+                *self.delivered.lock().unwrap().entry(*id).or_default() += 1;
+                each(*id, id.as_bytes().to_vec());
+            }
+            Ok(())
+        }
+
+        fn is_local(&self, id: &ChunkId) -> bool {
+            self.delivered.lock().unwrap().contains_key(id)
+        }
+
+        fn local(&self, id: &ChunkId) -> Option<Vec<u8>> {
+            self.is_local(id).then(|| id.as_bytes().to_vec())
+        }
+
+        fn describe(&self) -> String {
+            "a server that cannot read one chunk".into()
+        }
+    }
+
+    #[test]
+    fn a_chunk_the_server_cannot_send_is_skipped_after_bounded_tries() {
+        let ids: Vec<ChunkId> = (0u8..10).map(|i| ChunkId::of(&[i])).collect();
+        let source = Arc::new(CutsAt {
+            bad: ids[3],
+            delivered: Mutex::default(),
+            asked_for_bad: Mutex::new(0),
+        });
+        let fetcher = Fetcher::new(source.clone(), 1 << 20, 1 << 20);
+        let plan = PrefetchPlan {
+            order: ids.iter().map(|id| (*id, 32)).collect(),
+            profile_len: 0,
+        };
+        run(
+            &fetcher,
+            &plan,
+            &PrefetchConfig::default(),
+            &AtomicBool::new(false),
+        );
+        let delivered = source.delivered.lock().unwrap();
+        // Every other chunk arrived, each once; the bad one was tried a bounded number of times.
+        assert_eq!(delivered.len(), 9);
+        assert!(delivered.values().all(|&n| n == 1), "{delivered:?}");
+        assert_eq!(*source.asked_for_bad.lock().unwrap(), GIVE_UP_AFTER);
+        assert!(!fetcher.stats.prefetch_done.load(Ordering::Relaxed));
+    }
 }

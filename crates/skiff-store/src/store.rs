@@ -71,22 +71,40 @@ impl Store {
     /// Opens the store at `root` for writing, creating it with `config` if it does
     /// not exist. Fails with [`StoreError::Busy`] if another process writes to it.
     pub fn open_or_create(root: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
-        if !root.join(CONFIG_FILE).exists() {
-            Self::create(root, config)?;
+        Self::open_or_create_new(root, config).map(|(store, _)| store)
+    }
+
+    /// As [`Store::open_or_create`], and whether this call created the
+    /// store: then this process has held it for writing since the moment it
+    /// existed, and [`Store::remove_if_unused`] may take it away again.
+    pub fn open_or_create_new(
+        root: &Path,
+        config: &StoreConfig,
+    ) -> Result<(Store, bool), StoreError> {
+        if root.join(CONFIG_FILE).exists() {
+            return Ok((Self::open(root)?, false));
         }
-        Self::open(root)
+        let lock = Self::create(root, config)?;
+        let created = lock.is_some();
+        let store = match lock {
+            Some(lock) => Self::open_locked(root, lock)?,
+            None => Self::open(root)?,
+        };
+        Ok((store, created))
     }
 
     /// Creates the database with all its column families, then writes the
     /// config file last: a store exists once its config does, so a crash
-    /// part-way leaves nothing a reader would take for a store.
-    fn create(root: &Path, config: &StoreConfig) -> Result<(), StoreError> {
+    /// part-way leaves nothing a reader would take for a store. Returns the
+    /// writer's lock, still held, if this call created it; `None` if another
+    /// process had finished creating it first.
+    fn create(root: &Path, config: &StoreConfig) -> Result<Option<File>, StoreError> {
         config.chunking.validate()?;
         fs::create_dir_all(root.join(PACKS_DIR))
             .context(|| format!("creating store {}", root.display()))?;
         let lock = lock_store(root)?;
         if root.join(CONFIG_FILE).exists() {
-            return Ok(()); // another process created it while we waited
+            return Ok(None); // another process created it before we took the lock
         }
         let db_dir = root.join(DB_DIR);
         if db_dir.exists() {
@@ -106,18 +124,43 @@ impl Store {
             .context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, root.join(CONFIG_FILE))
             .context(|| format!("creating {}", root.display()))?;
-        drop(lock);
-        Ok(())
+        Ok(Some(lock))
     }
 
     /// Opens an existing store for writing.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        let config = read_config(root)?;
         let lock = lock_store(root)?;
+        Self::open_locked(root, lock)
+    }
+
+    fn open_locked(root: &Path, lock: File) -> Result<Store, StoreError> {
+        let config = read_config(root)?;
         let db = DB::open_cf_descriptors(&db_options(true), root.join(DB_DIR), column_families())?;
         let store = Store::assemble(root, config, db, false, Some(lock));
         store.recover_packs()?;
         Ok(store)
+    }
+
+    /// Removes a store this process created ([`Store::open_or_create_new`])
+    /// if it still holds no image and no reader has it open; says whether
+    /// it did. Anything else is left as it is.
+    pub fn remove_if_unused(self) -> Result<bool, StoreError> {
+        if !self.images()?.is_empty() {
+            return Ok(false);
+        }
+        let Ok(readers) = readers_lock(&self.root, LockKind::Exclusive, "a reader has it open")
+        else {
+            return Ok(false);
+        };
+        // The database closes first; the writer's lock is let go only once
+        // the directory is gone, so nobody opens what is being removed.
+        let Store {
+            root, db, _lock, ..
+        } = self;
+        drop(db);
+        let removed = fs::remove_dir_all(&root).context(|| format!("removing {}", root.display()));
+        drop((_lock, readers));
+        removed.map(|()| true)
     }
 
     /// Opens an existing store for reading only; works while a writer holds it.

@@ -281,3 +281,52 @@ fn an_index_whose_chunk_lengths_disagree_with_the_store_is_refused() {
         .contains_index(&skiff_format::IndexDigest::of(&lying.encode()))
         .unwrap());
 }
+
+#[test]
+fn only_the_creator_of_an_unused_store_may_remove_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let (store, created) = Store::open_or_create_new(&root, &StoreConfig::default()).unwrap();
+    assert!(created);
+    // A reader has it open: it stays.
+    let reader = Store::open_read_only(&root).unwrap();
+    assert!(!store.remove_if_unused().unwrap());
+    drop(reader);
+    assert!(root.join("skiff-store.json").exists());
+
+    let (store, created) = Store::open_or_create_new(&root, &StoreConfig::default()).unwrap();
+    assert!(!created, "the second opener did not create it");
+    write_chunks(&store, &[1]);
+    let index = one_file_index(&[1], |i| chunk(i).len() as u32);
+    let encoded = index.encode();
+    let manifest = skiff_format::ImageManifest {
+        schema_version: skiff_format::MANIFEST_SCHEMA_VERSION,
+        name: "x".into(),
+        tag: "latest".into(),
+        index: skiff_format::IndexDescriptor {
+            digest: skiff_format::IndexDigest::of(&encoded),
+            size: encoded.len() as u64,
+            files: index.file_count(),
+            logical_bytes: index.logical_bytes(),
+        },
+        chunking: index.chunking,
+        source: skiff_format::SourceInfo {
+            manifest_digest: String::new(),
+            config_digest: String::new(),
+            platform: "linux/amd64".into(),
+            layers: 1,
+            diff_ids: Vec::new(),
+        },
+        config: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        profile: None,
+    };
+    store.put_image(&manifest, &index, &[]).unwrap();
+    // It holds an image now: it stays too.
+    assert!(!store.remove_if_unused().unwrap());
+    assert!(root.join("skiff-store.json").exists());
+
+    let empty = dir.path().join("empty");
+    let (store, _) = Store::open_or_create_new(&empty, &StoreConfig::default()).unwrap();
+    assert!(store.remove_if_unused().unwrap());
+    assert!(!empty.exists());
+}

@@ -463,21 +463,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             target: ImageArg::Named(target),
             conversion,
             json,
-        } => {
-            let existed = store_dir.exists();
-            let result = convert(
-                &store_dir,
-                &ImageSource::parse(&source)?,
-                &target,
-                &conversion,
-                json,
-            );
-            if result.is_err() && !existed {
-                // The store was made for this conversion: a failure leaves no trace.
-                let _ = std::fs::remove_dir_all(&store_dir);
-            }
-            result?
-        }
+        } => convert(
+            &store_dir,
+            &ImageSource::parse(&source)?,
+            &target,
+            &conversion,
+            json,
+        )?,
         Command::Attach {
             image,
             conversion,
@@ -696,9 +688,23 @@ fn convert(
     conversion: &ConvertFlags,
     json: bool,
 ) -> Result<()> {
-    let store = Store::open_or_create(store_dir, &StoreConfig::default())
+    // A directory the user made stays, empty or not.
+    let existed = store_dir.exists();
+    let (store, created) = Store::open_or_create_new(store_dir, &StoreConfig::default())
         .with_context(|| format!("opening store {}", store_dir.display()))?;
-    let report = convert_interruptibly(&store, source, target, &conversion.options()?)?;
+    let report = match convert_interruptibly(&store, source, target, &conversion.options()?) {
+        Ok(report) => report,
+        Err(e) => {
+            // A store made for this conversion leaves no trace of a failure,
+            // unless something else has come to use it meanwhile.
+            if created && !existed {
+                if let Err(removing) = store.remove_if_unused() {
+                    tracing::warn!("{removing}");
+                }
+            }
+            return Err(e);
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
