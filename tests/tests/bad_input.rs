@@ -265,6 +265,98 @@ fn a_failed_first_convert_leaves_no_store_behind() {
     );
 }
 
+/// An image layout at `dir` whose one layer is `tar` (gzipped), with
+/// digests that match it: a hostile layer no builder would write.
+fn layout_with_layer_tar(dir: &Path, tar: &[u8]) {
+    let image = Image::new(vec![(good_layer(), Compression::Gzip)]);
+    image.write_layout(dir, "latest");
+    let editor = LayoutEditor::new(dir);
+    editor.set_layer_bytes(0, &compress(tar, Compression::Gzip));
+    let mut config: serde_json::Value = serde_json::from_slice(&image.config_bytes()).unwrap();
+    config["rootfs"]["diff_ids"][0] = json!(sha256(tar));
+    editor.set_config_bytes(&serde_json::to_vec(&config).unwrap());
+}
+
+/// A PAX header entry giving the next entry `path`.
+fn pax_path(path: &[u8]) -> Vec<u8> {
+    let record_len = |digits: usize| digits + " path=\n".len() + path.len();
+    let mut digits = 1;
+    while record_len(digits).to_string().len() != digits {
+        digits += 1;
+    }
+    let mut record = format!("{} path=", record_len(digits)).into_bytes();
+    record.extend_from_slice(path);
+    record.push(b'\n');
+    let mut header = tar::Header::new_ustar();
+    header.set_path("PaxHeader").unwrap();
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_size(record.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend_from_slice(&record);
+    tar.resize(tar.len().next_multiple_of(512), 0);
+    tar
+}
+
+#[test]
+fn depth_and_path_length_bombs_are_refused_at_once() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    seed_store(&store, &tmp.path().join("seed"));
+    let before = store_state(&store);
+    let file = |path: &[u8]| {
+        let mut tar = pax_path(path);
+        tar.extend_from_slice(
+            &Layer::new()
+                .entry(Entry::Raw {
+                    path: b"short".to_vec(),
+                    kind: tar::EntryType::Regular,
+                    size: 0,
+                    data: vec![],
+                })
+                .tar(),
+        );
+        tar
+    };
+    // ~1 MiB of "a/": half a million nested directories, from 1 KB of gzip.
+    let deep = [b"a/".repeat(500_000), b"f".to_vec()].concat();
+    let long_name = [b"d/".to_vec(), vec![b'n'; 300]].concat();
+    for (what, tar, expect) in [
+        ("deep", file(&deep), "at most 4096"),
+        ("long name", file(&long_name), "longer than 255 bytes"),
+    ] {
+        let src = tmp.path().join(what);
+        layout_with_layer_tar(&src, &tar);
+        let started = std::time::Instant::now();
+        let out = skiff(&store, &["convert", &format!("oci:{}", src.display()), "x"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expect),
+            "{what}: {stderr}"
+        );
+        assert!(stderr.len() < 4096, "{what}: the error repeats the path");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{what}"
+        );
+    }
+    assert_eq!(store_state(&store), before);
+    // The deepest tree the limits allow converts and exports.
+    let deepest = [b"a/".repeat(2000), b"f".to_vec()].concat();
+    let src = tmp.path().join("deepest");
+    layout_with_layer_tar(&src, &file(&deepest));
+    skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}", src.display()), "deepest"],
+    );
+    let out = tmp.path().join("exported");
+    skiff_ok(
+        &store,
+        &["export", "deepest", &format!("oci:{}:e", out.display())],
+    );
+}
+
 #[test]
 fn oversized_extension_headers_are_refused_without_reading_them() {
     let tmp = tempdir();
@@ -286,16 +378,8 @@ fn oversized_extension_headers_are_refused_without_reading_them() {
         data: vec![],
     });
     tar.extend_from_slice(&layer.tar());
-    let gz = compress(&tar, Compression::Gzip);
-    let image = Image::new(vec![(good_layer(), Compression::Gzip)]);
     let src = tmp.path().join("src");
-    image.write_layout(&src, "latest");
-    // Swap the layer for the hostile one, with digests that match it.
-    let editor = LayoutEditor::new(&src);
-    editor.set_layer_bytes(0, &gz);
-    let mut config: serde_json::Value = serde_json::from_slice(&image.config_bytes()).unwrap();
-    config["rootfs"]["diff_ids"][0] = json!(sha256(&tar));
-    editor.set_config_bytes(&serde_json::to_vec(&config).unwrap());
+    layout_with_layer_tar(&src, &tar);
 
     let out = skiff(&store, &["convert", &format!("oci:{}", src.display()), "x"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -18,6 +18,18 @@ pub type InodeNo = u64;
 /// The largest chunk FastCDC 2020 makes (its maximum `max_size`).
 pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 
+/// The longest name in a directory (Linux's NAME_MAX).
+pub const MAX_NAME_BYTES: usize = 255;
+/// The longest path from the root, `/` included (Linux's PATH_MAX). It also
+/// bounds the depth: a tree 2048 directories deep is as deep as it gets,
+/// and whatever walks it holds one path at a time of at most this length.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// The longest symlink target (PATH_MAX less its NUL).
+pub const MAX_SYMLINK_BYTES: usize = 4095;
+/// Extended attributes as Linux bounds them (XATTR_NAME_MAX, XATTR_SIZE_MAX).
+pub const MAX_XATTR_NAME_BYTES: usize = 255;
+pub const MAX_XATTR_VALUE_BYTES: usize = 65536;
+
 /// FastCDC 2020 parameters; one set per store, recorded in every index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkingParams {
@@ -216,6 +228,9 @@ impl ImageIndex {
         }
         let mut links = vec![0u32; self.inodes.len()];
         links[0] = 1;
+        // Length of each directory's path from the root ("/a/b" is 4): a
+        // directory is reached before its own entries are read.
+        let mut path_len = vec![0usize; self.inodes.len()];
         for (pos, inode) in self.inodes.iter().enumerate() {
             let ino = pos as u64 + 1;
             if inode.meta.mode & !0o7777 != 0 {
@@ -227,6 +242,14 @@ impl ImageIndex {
             if !inode.meta.xattrs.windows(2).all(|w| w[0].name < w[1].name) {
                 return bad(format!("inode {ino}: xattrs not sorted or duplicated"));
             }
+            if let Some(x) = inode.meta.xattrs.iter().find(|x| {
+                x.name.len() > MAX_XATTR_NAME_BYTES || x.value.len() > MAX_XATTR_VALUE_BYTES
+            }) {
+                return bad(format!(
+                    "inode {ino}: xattr {:?} is longer than Linux allows",
+                    String::from_utf8_lossy(&x.name)
+                ));
+            }
             match &inode.kind {
                 InodeKind::Directory { entries } => {
                     if !entries.windows(2).all(|w| w[0].name < w[1].name) {
@@ -235,6 +258,7 @@ impl ImageIndex {
                     for entry in entries {
                         let name = &entry.name;
                         if name.is_empty()
+                            || name.len() > MAX_NAME_BYTES
                             || name == b"."
                             || name == b".."
                             || name.contains(&b'/')
@@ -251,17 +275,30 @@ impl ImageIndex {
                                 entry.ino
                             ));
                         };
-                        let count = &mut links[entry.ino as usize - 1];
-                        *count += 1;
-                        if matches!(target.kind, InodeKind::Directory { .. })
-                            && (*count > 1 || entry.ino <= ino)
-                        {
+                        let child_len = path_len[pos] + 1 + name.len();
+                        if child_len > MAX_PATH_BYTES {
                             return bad(format!(
-                                "directory inode {} linked twice or before its parent",
-                                entry.ino
+                                "inode {ino}: a path of {child_len} bytes (at most {MAX_PATH_BYTES})"
                             ));
                         }
+                        let count = &mut links[entry.ino as usize - 1];
+                        *count += 1;
+                        if matches!(target.kind, InodeKind::Directory { .. }) {
+                            if *count > 1 || entry.ino <= ino {
+                                return bad(format!(
+                                    "directory inode {} linked twice or before its parent",
+                                    entry.ino
+                                ));
+                            }
+                            path_len[entry.ino as usize - 1] = child_len;
+                        }
                     }
+                }
+                InodeKind::Symlink { target } if target.len() > MAX_SYMLINK_BYTES => {
+                    return bad(format!(
+                        "inode {ino}: a symlink target of {} bytes (at most {MAX_SYMLINK_BYTES})",
+                        target.len()
+                    ));
                 }
                 InodeKind::File { size, chunks } => {
                     let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
@@ -457,6 +494,53 @@ mod tests {
                 },
             ],
         }
+    }
+
+    /// A chain of `depth` directories each named `name`, with a file at the bottom.
+    fn chain(depth: usize, name: &[u8]) -> ImageIndex {
+        let mut inodes: Vec<Inode> = (0..depth + 1)
+            .map(|i| Inode {
+                meta: meta(0o755),
+                kind: InodeKind::Directory {
+                    entries: vec![DirEntry {
+                        name: name.to_vec(),
+                        ino: i as u64 + 2,
+                    }],
+                },
+            })
+            .collect();
+        inodes.push(Inode {
+            meta: meta(0o644),
+            kind: InodeKind::File {
+                size: 0,
+                chunks: Vec::new(),
+            },
+        });
+        ImageIndex {
+            chunking: ChunkingParams::default(),
+            inodes,
+        }
+    }
+
+    #[test]
+    fn names_paths_and_depth_are_bounded() {
+        // "/a/a/…/a": 2 bytes a level, 2048 levels is PATH_MAX.
+        assert!(chain(2047, b"a").validate().is_ok());
+        let too_deep = chain(2048, b"a").validate().unwrap_err();
+        assert!(too_deep.to_string().contains("at most 4096"), "{too_deep}");
+        assert!(chain(1, &[b'n'; 255]).validate().is_ok());
+        assert!(chain(1, &[b'n'; 256]).validate().is_err());
+        let mut long_link = sample();
+        long_link.inodes[3].kind = InodeKind::Symlink {
+            target: vec![b'x'; MAX_SYMLINK_BYTES + 1],
+        };
+        assert!(long_link.validate().is_err());
+        let mut big_xattr = sample();
+        big_xattr.inodes[1].meta.xattrs = vec![Xattr {
+            name: b"user.x".to_vec(),
+            value: vec![0; MAX_XATTR_VALUE_BYTES + 1],
+        }];
+        assert!(big_xattr.validate().is_err());
     }
 
     pub(super) fn sample_for_props() -> ImageIndex {

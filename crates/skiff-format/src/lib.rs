@@ -18,7 +18,8 @@ pub use error::FormatError;
 pub use image_ref::ImageRef;
 pub use index::{
     ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, InodeNo, Metadata, Xattr,
-    INDEX_FORMAT_VERSION, INDEX_MAGIC, MAX_CHUNK_SIZE, ROOT_INO,
+    INDEX_FORMAT_VERSION, INDEX_MAGIC, MAX_CHUNK_SIZE, MAX_NAME_BYTES, MAX_PATH_BYTES,
+    MAX_SYMLINK_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES, ROOT_INO,
 };
 pub use manifest::{ImageManifest, IndexDescriptor, SourceInfo, MANIFEST_SCHEMA_VERSION};
 pub use profile::{ProfileRange, ProfileSummary, StartupProfile, MAX_PROFILE_RANGES};

@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use skiff_format::{
-    ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, Metadata, Xattr, ROOT_INO,
+    ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, Metadata, Xattr,
+    MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_SYMLINK_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES,
+    ROOT_INO,
 };
 
 use crate::OciError;
@@ -99,10 +101,62 @@ pub(crate) fn split_path(layer: usize, raw: &[u8]) -> Result<Vec<Vec<u8>>, OciEr
                     reason: "NUL in path".into(),
                 })
             }
+            p if p.len() > MAX_NAME_BYTES => {
+                return Err(OciError::BadEntry {
+                    layer,
+                    path: String::from_utf8_lossy(raw).into_owned(),
+                    reason: format!("a name longer than {MAX_NAME_BYTES} bytes"),
+                })
+            }
             p => parts.push(p.to_vec()),
         }
     }
+    // "/a/b": each part and its slash. Past PATH_MAX no program could open
+    // it, and a deeper tree costs every reader of the index more.
+    let len: usize = parts.iter().map(|p| p.len() + 1).sum();
+    if len > MAX_PATH_BYTES {
+        return Err(OciError::BadEntry {
+            layer,
+            path: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned() + "…",
+            reason: format!("a path of {len} bytes (at most {MAX_PATH_BYTES})"),
+        });
+    }
     Ok(parts)
+}
+
+/// What the index allows of a symlink and of xattrs (`ImageIndex::validate`).
+fn check_limits(
+    layer: usize,
+    parts: &[Vec<u8>],
+    meta: &Metadata,
+    kind: &EntryKind,
+) -> Result<(), OciError> {
+    let refuse = |reason: String| {
+        Err(OciError::BadEntry {
+            layer,
+            path: display(parts),
+            reason,
+        })
+    };
+    if let EntryKind::Symlink(target) = kind {
+        if target.len() > MAX_SYMLINK_BYTES {
+            return refuse(format!(
+                "a symlink target of {} bytes (at most {MAX_SYMLINK_BYTES})",
+                target.len()
+            ));
+        }
+    }
+    if let Some(x) = meta
+        .xattrs
+        .iter()
+        .find(|x| x.name.len() > MAX_XATTR_NAME_BYTES || x.value.len() > MAX_XATTR_VALUE_BYTES)
+    {
+        return refuse(format!(
+            "xattr {:?} is longer than Linux allows",
+            String::from_utf8_lossy(&x.name)
+        ));
+    }
+    Ok(())
 }
 
 fn display(parts: &[Vec<u8>]) -> String {
@@ -194,6 +248,7 @@ impl MergedTree {
         kind: EntryKind,
     ) -> Result<(), OciError> {
         let parts = split_path(layer, raw_path)?;
+        check_limits(layer, &parts, &meta, &kind)?;
         let Some(name) = parts.last().cloned() else {
             // The root itself ("./"): only its metadata can change.
             return match kind {
