@@ -789,6 +789,22 @@ impl LayoutEditor {
     }
 }
 
+/// An image layout at `dir` whose one layer is `layer_gz`, a gzipped tar
+/// whose uncompressed digest is `diff_id`: for layers no builder would write
+/// (hostile ones) or that are too big to build in memory.
+pub fn layout_with_layer(dir: &Path, layer_gz: &[u8], diff_id: &str) {
+    let image = Image::new(vec![(
+        Layer::new().file("x", 0o644, "x"),
+        Compression::Gzip,
+    )]);
+    image.write_layout(dir, "latest");
+    let editor = LayoutEditor::new(dir);
+    editor.set_layer_bytes(0, layer_gz);
+    let mut config: Value = serde_json::from_slice(&image.config_bytes()).unwrap();
+    config["rootfs"]["diff_ids"][0] = json!(diff_id);
+    editor.set_config_bytes(&serde_json::to_vec(&config).unwrap());
+}
+
 /// The parts of a store that a failed command must leave unchanged.
 pub fn store_state(store: &Path) -> (Value, Value) {
     (

@@ -265,16 +265,9 @@ fn a_failed_first_convert_leaves_no_store_behind() {
     );
 }
 
-/// An image layout at `dir` whose one layer is `tar` (gzipped), with
-/// digests that match it: a hostile layer no builder would write.
+/// An image layout at `dir` whose one layer is `tar`.
 fn layout_with_layer_tar(dir: &Path, tar: &[u8]) {
-    let image = Image::new(vec![(good_layer(), Compression::Gzip)]);
-    image.write_layout(dir, "latest");
-    let editor = LayoutEditor::new(dir);
-    editor.set_layer_bytes(0, &compress(tar, Compression::Gzip));
-    let mut config: serde_json::Value = serde_json::from_slice(&image.config_bytes()).unwrap();
-    config["rootfs"]["diff_ids"][0] = json!(sha256(tar));
-    editor.set_config_bytes(&serde_json::to_vec(&config).unwrap());
+    layout_with_layer(dir, &compress(tar, Compression::Gzip), &sha256(tar));
 }
 
 /// A PAX header entry giving the next entry `path`.

@@ -713,3 +713,100 @@ fn umount_status_and_a_killed_daemon() {
     mount.umount();
     assert!(!is_mount_point(&mnt));
 }
+
+/// Peak resident memory of a process, from /proc/PID/status (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_2_gib_file_is_assembled_for_passthrough_in_bounded_memory() {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    const SIZE: u64 = 2 << 30;
+    let tmp = tempdir();
+    // One 2 GiB file of zeros, streamed into a gzipped layer: a few MB.
+    let mut header = tar::Header::new_gnu();
+    header.set_size(SIZE);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(1_700_000_000);
+    header.set_cksum();
+    struct Hashing<W: Write>(W, Sha256);
+    impl<W: Write> Write for Hashing<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1.update(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut writer = tar::Builder::new(Hashing(gz, Sha256::new()));
+    writer
+        .append_data(&mut header, "big", std::io::repeat(0).take(SIZE))
+        .unwrap();
+    let Hashing(gz, hasher) = writer.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", hex::encode(hasher.finalize()));
+    let layout = tmp.path().join("layout");
+    layout_with_layer(&layout, &gz.finish().unwrap(), &diff_id);
+    let store = tmp.path().join("store");
+    skiff_ok(
+        &store,
+        &["convert", &format!("oci:{}", layout.display()), "big"],
+    );
+    let server = SkiffServer::start(&store, &[]);
+    let cache = tmp.path().join("cache");
+    let mount = SkiffMount::start(
+        &store,
+        "big",
+        &tmp.path().join("mnt"),
+        &tmp.path().join("run"),
+        &[
+            "--server",
+            &server.url,
+            "--cache",
+            cache.to_str().unwrap(),
+            "--memory-mb",
+            "64",
+        ],
+    );
+    // The first open reads through skiff and brings the (one) chunk here;
+    // the next ones assemble the file in the background, then use it.
+    let zeros = |path: &Path| {
+        let mut file = fs::File::open(path).unwrap();
+        let mut buf = vec![0u8; 8 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf).unwrap();
+            if n == 0 {
+                return total;
+            }
+            assert!(buf[..n].iter().all(|&b| b == 0));
+            total += n as u64;
+        }
+    };
+    assert_eq!(zeros(&mount.path("big")), SIZE);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while mount.stat("passthrough_opens") == 0 {
+        assert!(Instant::now() < deadline, "never served by passthrough");
+        drop(fs::File::open(mount.path("big")).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(zeros(&mount.path("big")), SIZE);
+    let peak = peak_rss(mount.pid());
+    assert!(
+        peak < (64 + 96) * MIB as u64,
+        "the daemon's peak RSS was {} MiB for a 2 GiB file",
+        peak / MIB as u64
+    );
+}

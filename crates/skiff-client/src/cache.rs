@@ -17,7 +17,7 @@
 //! when a chunk is read after a while; eviction removes the least recently
 //! used chunks that no open file of a running process pins.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -72,6 +72,57 @@ pub struct ChunkCache {
     pin_file: PathBuf,
     pins_changed: AtomicBool,
     evicting: Mutex<()>,
+    /// Assembled files this process has checked against their chunks, and
+    /// those it is building (by the hash of their chunk lists).
+    verified: Mutex<HashSet<[u8; 32]>>,
+    building: Mutex<HashSet<[u8; 32]>>,
+}
+
+/// A claim on building one assembled file, given back on drop.
+struct Building<'a> {
+    set: &'a Mutex<HashSet<[u8; 32]>>,
+    key: [u8; 32],
+}
+
+impl<'a> Building<'a> {
+    fn claim(set: &'a Mutex<HashSet<[u8; 32]>>, key: [u8; 32]) -> Option<Building<'a>> {
+        set.lock()
+            .expect("building set poisoned")
+            .insert(key)
+            .then_some(Building { set, key })
+    }
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .expect("building set poisoned")
+            .remove(&self.key);
+    }
+}
+
+/// Whether `file` is `chunks` end to end, read a piece at a time.
+fn holds_chunks(file: &File, chunks: &[ChunkRef]) -> bool {
+    let expected: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    if !file.metadata().is_ok_and(|m| m.len() == expected) {
+        return false;
+    }
+    let mut reader = io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = vec![0u8; 64 * 1024];
+    chunks.iter().all(|chunk| {
+        let mut hasher = blake3::Hasher::new();
+        let mut left = chunk.len as usize;
+        while left > 0 {
+            let n = left.min(buf.len());
+            if io::Read::read_exact(&mut reader, &mut buf[..n]).is_err() {
+                return false;
+            }
+            hasher.update(&buf[..n]);
+            left -= n;
+        }
+        hasher.finalize().as_bytes() == chunk.id.as_bytes()
+    })
 }
 
 impl ChunkCache {
@@ -98,6 +149,8 @@ impl ChunkCache {
             )),
             pins_changed: AtomicBool::new(false),
             evicting: Mutex::new(()),
+            verified: Mutex::default(),
+            building: Mutex::default(),
         });
         let this = Arc::downgrade(&cache);
         std::thread::Builder::new()
@@ -215,42 +268,84 @@ impl ChunkCache {
         Ok(())
     }
 
-    /// A file holding `chunks` end to end. With `build`, it is made from the
-    /// cache (each chunk checked on the way) if it does not exist yet;
-    /// `None` if it does not exist and cannot (or may not) be made.
+    /// A file holding `chunks` end to end, checked chunk by chunk against
+    /// their ids, for the kernel to read without skiff (FUSE passthrough).
+    /// Without `build`, only a file this cache has already checked is
+    /// returned (a quick look, for an open). With `build` (slow, for a
+    /// background thread), an existing file is checked, and a missing or
+    /// damaged one is made from the cached chunks, streamed to disk one chunk
+    /// at a time; one such build per file runs at a time. `None` if the file
+    /// does not exist and cannot (or may not) be made.
     pub fn assembled(&self, chunks: &[ChunkRef], build: bool) -> Result<Option<File>, CacheError> {
-        let mut key = blake3::Hasher::new();
+        let mut hasher = blake3::Hasher::new();
         for chunk in chunks {
-            key.update(chunk.id.as_bytes());
-            key.update(&chunk.len.to_le_bytes());
+            hasher.update(chunk.id.as_bytes());
+            hasher.update(&chunk.len.to_le_bytes());
         }
+        let key = *hasher.finalize().as_bytes();
         let path = self
             .root
             .join("files")
-            .join(key.finalize().to_hex().as_str());
-        let len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+            .join(blake3::Hash::from(key).to_hex().as_str());
+        let verified = || {
+            self.verified
+                .lock()
+                .expect("verified set poisoned")
+                .contains(&key)
+        };
+        if !build {
+            return Ok(if verified() {
+                File::open(&path).ok().inspect(touch_if_stale)
+            } else {
+                None
+            });
+        }
+        let Some(_building) = Building::claim(&self.building, key) else {
+            return Ok(None); // another thread is on it
+        };
         if let Ok(file) = File::open(&path) {
-            // Whole, as written (synced, renamed); anything else is rebuilt.
-            if file.metadata().is_ok_and(|m| m.len() == len) {
+            if verified() || holds_chunks(&file, chunks) {
                 touch_if_stale(&file);
+                self.verified
+                    .lock()
+                    .expect("verified set poisoned")
+                    .insert(key);
                 return Ok(Some(file));
             }
+            tracing::warn!(
+                "assembled file {} is damaged; making it again",
+                path.display()
+            );
+            let _ = fs::remove_file(&path);
         }
-        if !build || !chunks.iter().all(|c| self.contains(&c.id)) {
+        if !chunks.iter().all(|c| self.contains(&c.id)) {
             return Ok(None);
         }
-        let mut parts = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            match self.get(&chunk.id) {
-                Some(data) if data.len() == chunk.len as usize => parts.push(data),
-                _ => return Ok(None),
-            }
-        }
-        // Synced: passthrough hands these bytes to readers without a check.
+        // Synced: once checked, the kernel reads these bytes without skiff.
+        let mut complete = true;
         self.write_atomically(&path, true, |file| {
-            parts.iter().try_for_each(|part| file.write_all(part))
-        })?;
+            for chunk in chunks {
+                // get() checks the chunk against its id.
+                match self.get(&chunk.id) {
+                    Some(data) if data.len() == chunk.len as usize => file.write_all(&data)?,
+                    _ => {
+                        complete = false;
+                        return Err(io::Error::other("a chunk left the cache"));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .or_else(|e| if complete { Err(e) } else { Ok(()) })?;
+        if !complete {
+            return Ok(None);
+        }
+        let len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         self.approx_bytes.fetch_add(len, Ordering::Relaxed);
+        self.verified
+            .lock()
+            .expect("verified set poisoned")
+            .insert(key);
         File::open(&path)
             .map(Some)
             .map_err(self.error("opening an assembled file"))
@@ -555,6 +650,28 @@ mod tests {
         io::Read::read_to_end(&mut file, &mut bytes).unwrap();
         assert_eq!(bytes, [a.1.clone(), b.1.clone(), a.1.clone()].concat());
         assert_eq!(cache.evict().unwrap().bytes_before, 1000 + 500 + 2500);
+
+        // Another process (a new cache on the same directory) hands out
+        // nothing it has not checked; a file damaged since is made again.
+        let path = fs::read_dir(dir.path().join("files"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut damaged = bytes.clone();
+        damaged[1200] ^= 1;
+        fs::write(&path, &damaged).unwrap();
+        let other = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        assert!(
+            other.assembled(&refs, false).unwrap().is_none(),
+            "not checked here"
+        );
+        let mut file = other.assembled(&refs, true).unwrap().unwrap();
+        let mut rebuilt = Vec::new();
+        io::Read::read_to_end(&mut file, &mut rebuilt).unwrap();
+        assert_eq!(rebuilt, bytes);
+        assert!(other.assembled(&refs, false).unwrap().is_some());
     }
 
     #[test]
