@@ -187,6 +187,11 @@ impl ConnectionFiles {
         self.with(".opens")
     }
 
+    /// There once the daemon has detached the busy mount at an unmount.
+    pub fn detached(&self) -> PathBuf {
+        self.with(".detached")
+    }
+
     pub fn image(&self) -> PathBuf {
         self.with(".image")
     }
@@ -199,6 +204,7 @@ impl ConnectionFiles {
     pub fn remove(&self) {
         let _ = std::fs::remove_file(self.socket());
         let _ = std::fs::remove_file(self.journal());
+        let _ = std::fs::remove_file(self.detached());
         let _ = std::fs::remove_dir_all(self.image());
         let _ = std::fs::remove_file(self.stats());
     }
@@ -506,6 +512,7 @@ pub fn serve_mount(
         cache.is_some(),
     );
     options.open_journal = files.as_ref().map(ConnectionFiles::journal);
+    options.detached_marker = files.as_ref().map(ConnectionFiles::detached);
     let supervisor_process = ProcessId::of(std::os::unix::process::parent_id());
     let (mount, started_unix, publish, takeovers) = match (supervision, inherited) {
         (_, Some((handover, fd))) => {
@@ -770,15 +777,27 @@ pub fn stop_mount(run_dir: &RunDir, mountpoint: &Path) -> Result<Unmounted> {
                 }
             }
             let pid = holder.pid;
-            // A daemon that unmounted exits at once, and its supervisor
-            // right after; one still running after a moment serves a
-            // detached busy mount.
-            let exiting = Instant::now() + Duration::from_secs(1);
-            while holder.is_running() && Instant::now() < exiting {
+            // The mount has left its mount point: unmounted, and the daemon
+            // is on its way out (which takes a moment after a read), or
+            // detached because files are open, which the daemon says.
+            let detached = record
+                .supervisor_socket
+                .as_deref()
+                .and_then(ConnectionFiles::of_socket)
+                .map(|files| files.detached());
+            let started = Instant::now();
+            while holder.is_running() && started.elapsed() < UNMOUNT_WAIT {
+                let said = match &detached {
+                    Some(marker) => marker.exists(),
+                    // A daemon of an older skiff says nothing: one still
+                    // running after a moment serves a detached busy mount.
+                    None => started.elapsed() > Duration::from_secs(1),
+                };
+                if said {
+                    outcome = Unmounted::Detached { pid };
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(10));
-            }
-            if holder.is_running() {
-                outcome = Unmounted::Detached { pid };
             }
         }
         _ => match mounted_here(mountpoint) {

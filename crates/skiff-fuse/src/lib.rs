@@ -75,6 +75,9 @@ pub struct MountOptions {
     /// Journal open files here, so that a successor can take the mount
     /// over ([`Mount::take_over`]); none: no successor can.
     pub open_journal: Option<PathBuf>,
+    /// Created just before a busy mount is detached at an unmount, so that
+    /// whoever asked for the unmount can tell a detach from a slow exit.
+    pub detached_marker: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -88,6 +91,7 @@ impl Default for MountOptions {
             fsname: "skiff".into(),
             record_profile: false,
             open_journal: None,
+            detached_marker: None,
         }
     }
 }
@@ -106,6 +110,7 @@ pub struct Mount {
     mountpoint: PathBuf,
     /// Whether the mount is still where it was mounted (see [`Mount::forget_mountpoint`]).
     at_mountpoint: bool,
+    detached_marker: Option<PathBuf>,
 }
 
 impl Mount {
@@ -241,6 +246,7 @@ impl Mount {
             recorder,
             mountpoint: mountpoint.to_owned(),
             at_mountpoint: true,
+            detached_marker: options.detached_marker.clone(),
         }
     }
 
@@ -352,6 +358,11 @@ impl Mount {
                         "{} is busy: detached; serving the files still open until they are closed",
                         self.mountpoint.display()
                     );
+                    if let Some(marker) = &self.detached_marker {
+                        if let Err(e) = std::fs::write(marker, std::process::id().to_string()) {
+                            tracing::warn!("{}: {e}", marker.display());
+                        }
+                    }
                     umount2(&self.mountpoint, MntFlags::MNT_DETACH)
                         .map_err(|e| unmount_error(e.into()))?;
                 }
