@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 use skiff_format::wire::{self, ChunkRecord, RecordKind, RecordReader};
 use skiff_format::{ChunkId, ImageIndex, IndexDigest};
 use skiff_tests::*;
@@ -1078,4 +1078,53 @@ fn slow_and_idle_clients_cannot_starve_the_others() {
     }
     assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
     drop(server);
+}
+
+#[test]
+fn a_manifest_put_with_if_match_never_moves_a_tag_back() {
+    let tmp = tempdir();
+    let [local, served] = dirs(&tmp, ["local", "served"]);
+    convert(&local, &tmp.path().join("src1"), &image(1, 1), "app:1");
+    convert(&local, &tmp.path().join("src2"), &image(2, 2), "app:2");
+    let server = SkiffServer::start(&served, &[]);
+    push(&local, &server, "app:1", None);
+    push(&local, &server, "app:2", None);
+    let http = Client::new();
+    let url = |image: &str| format!("{}/v1/manifests/{image}", server.url);
+    let get = |image: &str| {
+        let response = http.get(url(image)).send().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+        let body: Value = serde_json::from_slice(&response.bytes().unwrap()).unwrap();
+        (body, etag)
+    };
+    let put = |body: &Value, if_match: Option<&str>| {
+        let mut request = http
+            .put(url("app:1"))
+            .header("content-type", "application/vnd.skiff.manifest.v1+json")
+            .body(serde_json::to_vec(body).unwrap());
+        if let Some(etag) = if_match {
+            request = request.header("if-match", etag);
+        }
+        request.send().unwrap().status()
+    };
+    // A reader takes app:1 to add to it; meanwhile app:1 is pushed anew (app:2's image).
+    let (read, etag) = get("app:1");
+    let (mut newer, _) = get("app:2");
+    newer["tag"] = json!("1");
+    assert_eq!(put(&newer, None), StatusCode::CREATED);
+    // Its write, conditional on what it read, is refused: the tag stays where the push put it.
+    let mut with_profile = read.clone();
+    with_profile["profile"] = json!({"command": ["sh"], "read_bytes": 0, "ranges": []});
+    assert_eq!(
+        put(&with_profile, Some(&etag)),
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(get("app:1").0["index"], newer["index"]);
+    // Against what the tag names now it goes through.
+    let (now, etag) = get("app:1");
+    let mut with_profile = now.clone();
+    with_profile["profile"] = json!({"command": ["sh"], "read_bytes": 0, "ranges": []});
+    assert_eq!(put(&with_profile, Some(&etag)), StatusCode::CREATED);
+    assert_eq!(get("app:1").0["profile"]["command"], json!(["sh"]));
 }

@@ -177,6 +177,15 @@ impl Client {
 
     /// The manifest tagged `image`; `None` if the server has no such tag.
     pub fn manifest(&self, image: &ImageRef) -> Result<Option<ImageManifest>, ClientError> {
+        Ok(self.manifest_and_etag(image)?.map(|(manifest, _)| manifest))
+    }
+
+    /// The manifest tagged `image` and its entity tag, for
+    /// [`Client::put_manifest_if_match`]; `None` if the server has no such tag.
+    pub fn manifest_and_etag(
+        &self,
+        image: &ImageRef,
+    ) -> Result<Option<(ImageManifest, String)>, ClientError> {
         let url = self.url(&format!("/v1/manifests/{image}"));
         let body = match self.call(&url, self.http.get(&url), wire::MAX_MANIFEST_BYTES, None) {
             Err(e) if e.status() == Some(404) => return Ok(None),
@@ -190,16 +199,38 @@ impl Client {
                 format!("asked for {image}, got {}", manifest.image_ref()),
             ));
         }
-        Ok(Some(manifest))
+        // The server's ETag is the hash of exactly these bytes.
+        Ok(Some((manifest, wire::manifest_etag(&body))))
     }
 
     pub fn put_manifest(&self, manifest: &ImageManifest) -> Result<(), ClientError> {
+        self.put_manifest_where(manifest, None)
+    }
+
+    /// Replaces the tag only if it still names what `etag` (from
+    /// [`Client::manifest_and_etag`]) named; a 412 [`ClientError::Status`] if not.
+    pub fn put_manifest_if_match(
+        &self,
+        manifest: &ImageManifest,
+        etag: &str,
+    ) -> Result<(), ClientError> {
+        self.put_manifest_where(manifest, Some(etag))
+    }
+
+    fn put_manifest_where(
+        &self,
+        manifest: &ImageManifest,
+        if_match: Option<&str>,
+    ) -> Result<(), ClientError> {
         let url = self.url(&format!("/v1/manifests/{}", manifest.image_ref()));
-        let request = self
+        let mut request = self
             .http
             .put(&url)
             .header(CONTENT_TYPE, MANIFEST_CONTENT_TYPE)
             .body(manifest.to_json());
+        if let Some(etag) = if_match {
+            request = request.header(reqwest::header::IF_MATCH, etag);
+        }
         self.call(&url, request, MAX_SMALL_BODY, None).map(drop)
     }
 

@@ -653,6 +653,14 @@ pub fn put_profile(
         });
     }
     let tag = registry.reference().reference.clone();
+    // What the tag names now, to check again just before it is replaced:
+    // a registry has no compare-and-swap, but a push meanwhile is noticed.
+    let tag_digest = || -> Result<Option<Sha256Digest>, ClientError> {
+        Ok(registry
+            .manifest(&tag, &[OCI_INDEX_TYPE, OCI_MANIFEST_TYPE])?
+            .map(|(_, _, digest)| digest))
+    };
+    let read_at = tag_digest()?;
     let RemoteImage {
         mut oci,
         index: image_index,
@@ -742,6 +750,13 @@ pub fn put_profile(
         &zstd_compress(&table.encode(&image_index.distinct_chunks())?),
     )?;
     oci.layers[0] = upload(MANIFEST_LAYER_TYPE, &manifest.to_json())?;
+    if tag_digest()? != read_at {
+        return Err(ClientError::Protocol {
+            url: registry.reference().to_string(),
+            message: "the tag was pushed to while the profile was being stored; it is not stored"
+                .into(),
+        });
+    }
     publish_tag(registry, &tag, &oci, &manifest, &mut |media_type, bytes| {
         upload(media_type, bytes)
     })

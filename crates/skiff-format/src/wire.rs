@@ -64,6 +64,13 @@ impl From<&ImageManifest> for ImageSummary {
     }
 }
 
+/// The entity tag of a manifest as the server sends it (its JSON bytes'
+/// BLAKE3, quoted): `GET` answers with it, and a `PUT` bearing it in
+/// `If-Match` replaces the tag only if it still names those bytes.
+pub fn manifest_etag(json: &[u8]) -> String {
+    format!("\"{}\"", blake3::hash(json).to_hex())
+}
+
 /// The answer to `GET /v1/auth`: what the presented token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessReport {

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use skiff_format::wire::{
-    ImageSummary, INDEX_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, MAX_INDEX_BYTES,
+    manifest_etag, ImageSummary, INDEX_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, MAX_INDEX_BYTES,
 };
 use skiff_format::{ImageManifest, ImageRef, IndexDigest};
 use skiff_store::StoreError;
@@ -85,23 +85,37 @@ pub async fn get_manifest(
             tracing::warn!("warming the cache for {}: {e}", manifest.image_ref());
         }
     });
+    let etag = HeaderValue::from_str(&manifest_etag(&body))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(MANIFEST_CONTENT_TYPE),
-        )],
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(MANIFEST_CONTENT_TYPE),
+            ),
+            (header::ETAG, etag),
+        ],
         body,
     )
         .into_response())
 }
 
 /// `PUT /v1/manifests/{name:tag}`: tags a manifest whose index is stored.
+/// With `If-Match: ETAG`, only if the tag still names the manifest that
+/// `GET` answered with that tag (412 otherwise): a client that adds to a
+/// manifest it read (a startup profile) never moves the tag back.
 pub async fn put_manifest(
     _: CanWrite,
     State(state): State<AppState>,
     Path(image): Path<String>,
+    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<StatusCode, ApiError> {
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| ApiError::bad_request("If-Match is not text"))?;
     let image = parse_image(&image)?;
     let manifest =
         ImageManifest::from_json(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -111,11 +125,35 @@ pub async fn put_manifest(
             manifest.image_ref()
         )));
     }
-    blocking(&state, move |s| match s.store.put_manifest(&manifest) {
-        Err(StoreError::IndexNotFound(digest)) => Err(ApiError::unprocessable(format!(
-            "index {digest} is not on this server: upload it first"
-        ))),
-        other => Ok(other?),
+    blocking(&state, move |s| {
+        // Read, compare and write as one step among this server's tag changes.
+        let _tags = s
+            .tags
+            .lock()
+            .map_err(|_| ApiError::internal("tag lock poisoned"))?;
+        if let Some(expected) = &if_match {
+            let current = match s.store.image(&image) {
+                Ok(current) => Some(manifest_etag(&current.to_json())),
+                Err(StoreError::ImageNotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let matches = match expected.as_str() {
+                "*" => current.is_some(),
+                tag => current.as_deref() == Some(tag),
+            };
+            if !matches {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("{image} has changed since it was read (If-Match {expected})"),
+                ));
+            }
+        }
+        match s.store.put_manifest(&manifest) {
+            Err(StoreError::IndexNotFound(digest)) => Err(ApiError::unprocessable(format!(
+                "index {digest} is not on this server: upload it first"
+            ))),
+            other => Ok(other?),
+        }
     })
     .await?;
     Ok(StatusCode::CREATED)
@@ -128,7 +166,14 @@ pub async fn delete_manifest(
     Path(image): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let image = parse_image(&image)?;
-    blocking(&state, move |s| Ok(s.store.remove_image(&image)?)).await?;
+    blocking(&state, move |s| {
+        let _tags = s
+            .tags
+            .lock()
+            .map_err(|_| ApiError::internal("tag lock poisoned"))?;
+        Ok(s.store.remove_image(&image)?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -101,6 +101,8 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
     tokens: Tokens,
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Held while a tag is read, compared and changed (`If-Match`).
+    tags: std::sync::Mutex<()>,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -135,6 +137,7 @@ impl Server {
             metrics,
             tokens: config.tokens,
             upload_slots: Arc::new(tokio::sync::Semaphore::new(chunks::MAX_CONCURRENT_UPLOADS)),
+            tags: std::sync::Mutex::new(()),
         });
         Ok(Server {
             listener,

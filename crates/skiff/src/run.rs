@@ -387,14 +387,20 @@ fn store_profile(
                 retry_for: args.mount.settings().retry_for_secs,
             };
             let client = remote.client()?;
-            let mut manifest = client
-                .manifest(image)?
+            let (mut manifest, etag) = client
+                .manifest_and_etag(image)?
                 .with_context(|| format!("{image} is no longer on {server}"))?;
             if manifest.index.digest != recorded_on.index.digest {
                 return Err(tag_moved(&manifest));
             }
             manifest.profile = Some(profile);
-            client.put_manifest(&manifest)?;
+            // Only if the tag has not moved since it was read (a push meanwhile).
+            match client.put_manifest_if_match(&manifest, &etag) {
+                Err(e) if e.status() == Some(412) => {
+                    bail!("{image} changed on {server} while the profile was being stored; it is not stored")
+                }
+                other => other?,
+            }
             server.clone()
         }
         (_, ImageArg::Named(image)) => {
