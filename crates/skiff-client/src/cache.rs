@@ -9,6 +9,8 @@
 //!   tmp/              files being written (renamed into place when whole)
 //!   pins/PID-N        ids of the chunks open files of process PID pin
 //!   evict.lock        held (flock) by the process evicting
+//!   usage             bytes held, as every process's writes and the last
+//!                     scan add up (8 bytes, little-endian; flock'd to change)
 //! ```
 //!
 //! A chunk file appears whole or not at all (written aside, then renamed),
@@ -63,9 +65,11 @@ pub struct EvictReport {
 pub struct ChunkCache {
     root: PathBuf,
     max_bytes: u64,
-    /// What this process believes the cache holds: set by each scan, grown
-    /// by each chunk it writes. Other processes' writes show at the next scan.
+    /// What this process believes the cache holds: the shared `usage` as it
+    /// last read it, grown by each chunk it writes since.
     approx_bytes: AtomicU64,
+    /// Bytes this process wrote and has not yet added to `usage`.
+    unpublished: AtomicU64,
     /// Chunks of files open in this process, with how many opens need each.
     pins: Mutex<HashMap<ChunkId, u32>>,
     /// Where other processes read this one's pins, and whether it is behind.
@@ -141,6 +145,7 @@ impl ChunkCache {
             root: root.to_owned(),
             max_bytes,
             approx_bytes: AtomicU64::new(0),
+            unpublished: AtomicU64::new(0),
             pins: Mutex::new(HashMap::new()),
             pin_file: root.join("pins").join(format!(
                 "{}-{}",
@@ -163,6 +168,13 @@ impl ChunkCache {
                     if cache.pins_changed.swap(false, Ordering::Relaxed) {
                         if let Err(e) = cache.publish_pins() {
                             cache.pins_changed.store(true, Ordering::Relaxed);
+                            tracing::warn!("{e}");
+                        }
+                    }
+                    // What every process wrote counts toward the bound,
+                    // not only what this one did.
+                    if cache.unpublished.load(Ordering::Relaxed) > 0 {
+                        if let Err(e) = cache.publish_usage() {
                             tracing::warn!("{e}");
                         }
                     }
@@ -242,8 +254,7 @@ impl ChunkCache {
         }
         // No fsync: a chunk torn by a crash fails its check and is fetched again.
         self.write_atomically(&path, false, |file| file.write_all(data))?;
-        self.approx_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.wrote(data.len() as u64);
         Ok(())
     }
 
@@ -340,8 +351,7 @@ impl ChunkCache {
         if !complete {
             return Ok(None);
         }
-        let len: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
-        self.approx_bytes.fetch_add(len, Ordering::Relaxed);
+        self.wrote(chunks.iter().map(|c| u64::from(c.len)).sum());
         self.verified
             .lock()
             .expect("verified set poisoned")
@@ -432,6 +442,8 @@ impl ChunkCache {
         lock.lock().map_err(self.error("locking evict.lock"))?;
 
         self.remove_stale_temps();
+        // The scan sees what this process wrote so far: it need not be added again.
+        self.unpublished.store(0, Ordering::Relaxed);
         let mut entries = self.scan()?;
         let mut report = EvictReport {
             chunks_before: entries.len() as u64,
@@ -467,8 +479,48 @@ impl ChunkCache {
                 "evicted from the chunk cache"
             );
         }
-        self.approx_bytes.store(total, Ordering::Relaxed);
+        self.update_usage(|_| total)?;
         Ok(report)
+    }
+
+    fn wrote(&self, bytes: u64) {
+        self.approx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.unpublished.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Adds what this process wrote since it last did to the shared count
+    /// of bytes held; returns the total, which every process's next look
+    /// at it sees. Between scans the bound then holds across processes to
+    /// within what each writes in one keeper tick.
+    fn publish_usage(&self) -> Result<u64, CacheError> {
+        let written = self.unpublished.swap(0, Ordering::Relaxed);
+        self.update_usage(|total| total.saturating_add(written))
+    }
+
+    /// Changes `usage` under its lock and takes the result as this
+    /// process's view.
+    fn update_usage(&self, change: impl FnOnce(u64) -> u64) -> Result<u64, CacheError> {
+        use std::io::{Read, Seek};
+        let mut file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(self.root.join("usage"))
+            .map_err(self.error("opening usage"))?;
+        file.lock().map_err(self.error("locking usage"))?;
+        let mut bytes = [0u8; 8];
+        // Empty (new) or torn: counted from zero until the next scan.
+        let read = file.read_exact(&mut bytes).is_ok();
+        let total = change(if read { u64::from_le_bytes(bytes) } else { 0 });
+        file.rewind()
+            .and_then(|()| file.write_all(&total.to_le_bytes()))
+            .map_err(self.error("writing usage"))?;
+        // Ours since the read: still to be published, already in our view.
+        let pending = self.unpublished.load(Ordering::Relaxed);
+        self.approx_bytes
+            .store(total.saturating_add(pending), Ordering::Relaxed);
+        Ok(total)
     }
 
     /// Every chunk file and assembled file, with its size and last use.
@@ -719,5 +771,51 @@ mod tests {
         assert_eq!(b.get(&id).unwrap(), data);
         assert_eq!(b.evict().unwrap().bytes_before, 5000);
         assert_eq!(b.approx_bytes(), 5000);
+    }
+
+    /// Bytes of chunk files under `root`.
+    fn on_disk(root: &Path) -> u64 {
+        walk_files(&root.join("chunks"))
+    }
+
+    fn walk_files(dir: &Path) -> u64 {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => walk_files(&e.path()),
+                        _ => e.metadata().map_or(0, |m| m.len()),
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_bound_holds_for_three_processes_that_each_stay_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = 100_000;
+        // Three caches on one directory, as three mount daemons have it;
+        // each writes 60 KB, under the bound alone, 180 KB together.
+        let caches: Vec<_> = (0..3)
+            .map(|_| ChunkCache::open(dir.path(), bound).unwrap())
+            .collect();
+        for n in 0..12u8 {
+            for (i, cache) in caches.iter().enumerate() {
+                let (id, data) = chunk(n * 3 + i as u8, 5000);
+                cache.put(&id, &data).unwrap();
+            }
+            std::thread::sleep(KEEPER_EVERY / 4);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while on_disk(dir.path()) > bound {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} bytes cached, bound {bound}",
+                on_disk(dir.path())
+            );
+            std::thread::sleep(KEEPER_EVERY);
+        }
     }
 }
