@@ -824,3 +824,43 @@ fn a_2_gib_file_is_assembled_for_passthrough_in_bounded_memory() {
         peak / MIB as u64
     );
 }
+
+/// The options /proc/self/mountinfo gives the mount at `path`.
+fn mount_options(path: &Path) -> Vec<String> {
+    let path = path.to_str().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(path))
+        .last()
+        .map(|l| {
+            l.split(' ')
+                .nth(5)
+                .unwrap()
+                .split(',')
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_mount_at_a_path_the_user_names_honours_no_setuid_or_device_unless_asked() {
+    let setup = Setup::new();
+    setup.convert(&small_image(7), "small:7");
+    let server = SkiffServer::start(&setup.store, &[]);
+    let plain = setup.mount("small:7", "plain", &server.url, &[]);
+    let options = mount_options(&plain.mountpoint);
+    assert!(
+        options.contains(&"nosuid".into()) && options.contains(&"nodev".into()),
+        "{options:?}"
+    );
+    let root_fs = setup.mount("small:7", "rootfs", &server.url, &["--suid-dev"]);
+    let options = mount_options(&root_fs.mountpoint);
+    assert!(
+        !options.contains(&"nosuid".into()) && !options.contains(&"nodev".into()),
+        "{options:?}"
+    );
+    plain.umount();
+    root_fs.umount();
+}

@@ -237,6 +237,10 @@ pub struct MountRecord {
     /// A recording mount is never shared.
     #[serde(default)]
     pub record_profile: bool,
+    /// Mounted nosuid,nodev (`skiff mount` without --suid-dev): not shared
+    /// with a container, whose root file system needs both.
+    #[serde(default)]
+    pub nosuid: bool,
 }
 
 fn unknown_origin() -> Origin {
@@ -273,6 +277,7 @@ impl MountRecord {
             && self.origin == *origin
             && self.origin != Origin::Unknown
             && !self.record_profile
+            && !self.nosuid
     }
 }
 
@@ -563,6 +568,7 @@ pub fn serve_mount(
         mountpoint: spec.mountpoint.clone(),
         started_unix,
         record_profile: spec.record_profile,
+        nosuid: !spec.settings.setuid_and_devices,
     };
     let stats_path = files.as_ref().map(ConnectionFiles::stats);
     if let (Supervision::Takeover { .. }, Some(path)) = (supervision, &stats_path) {
@@ -850,6 +856,7 @@ mod tests {
             mountpoint: "/m".into(),
             started_unix: 0,
             record_profile,
+            nosuid: false,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct MountSettings {
     pub retry_for_secs: u64,
     /// Fetch the image's startup profile first.
     pub use_profile: bool,
+    /// Honour the image's setuid bits and device nodes, as a root file system
+    /// must: only for mounts under a root-only directory (or below an overlay).
+    pub setuid_and_devices: bool,
 }
 
 impl Default for MountSettings {
@@ -47,6 +50,7 @@ impl Default for MountSettings {
             memory_mib: 256,
             retry_for_secs: 30,
             use_profile: true,
+            setuid_and_devices: true,
         }
     }
 }
@@ -107,6 +111,7 @@ impl MountSettings {
             prefetch,
             fsname: format!("skiff:{image}"),
             record_profile,
+            setuid_and_devices: self.setuid_and_devices,
             ..skiff_fuse::MountOptions::default()
         }
     }

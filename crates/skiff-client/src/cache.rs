@@ -134,6 +134,24 @@ impl ChunkCache {
     /// first scan of what it holds runs in the background, so opening is
     /// instant whatever the cache's size.
     pub fn open(root: &Path, max_bytes: u64) -> Result<Arc<ChunkCache>, CacheError> {
+        // Root's alone: the chunks are the images' files, including those
+        // the images let only their own root read (/etc/shadow, keys).
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(|source| CacheError {
+                    path: root.to_owned(),
+                    context: "creating the cache directory",
+                    source,
+                })?;
+            // A directory someone else made (shared storage, say) may refuse.
+            if let Err(e) = fs::set_permissions(root, fs::Permissions::from_mode(0o700)) {
+                tracing::warn!("making {} root's alone: {e}", root.display());
+            }
+        }
         for dir in ["chunks", "files", "tmp", "pins"].map(|d| root.join(d)) {
             fs::create_dir_all(&dir).map_err(|source| CacheError {
                 path: root.to_owned(),

@@ -75,6 +75,9 @@ pub struct MountOptions {
     /// Journal open files here, so that a successor can take the mount
     /// over ([`Mount::take_over`]); none: no successor can.
     pub open_journal: Option<PathBuf>,
+    /// Honour setuid bits and device nodes (a root file system under a
+    /// root-only directory); otherwise the mount is nosuid,nodev.
+    pub setuid_and_devices: bool,
     /// Created just before a busy mount is detached at an unmount, so that
     /// whoever asked for the unmount can tell a detach from a slow exit.
     pub detached_marker: Option<PathBuf>,
@@ -91,6 +94,7 @@ impl Default for MountOptions {
             fsname: "skiff".into(),
             record_profile: false,
             open_journal: None,
+            setuid_and_devices: false,
             detached_marker: None,
         }
     }
@@ -147,10 +151,13 @@ impl Mount {
             MountOption::RO,
             MountOption::DefaultPermissions,
             MountOption::NoAtime,
-            // A root file system: its setuid binaries and device nodes work.
-            MountOption::Suid,
-            MountOption::Dev,
         ];
+        // A root file system: its setuid binaries and device nodes work.
+        config.mount_options.extend(if options.setuid_and_devices {
+            [MountOption::Suid, MountOption::Dev]
+        } else {
+            [MountOption::NoSuid, MountOption::NoDev]
+        });
         // Returns once the kernel's INIT is answered.
         let session = Session::new(fs, mountpoint, &config).map_err(mount_error)?;
         let device = session.as_fd().try_clone_to_owned().map_err(mount_error)?;

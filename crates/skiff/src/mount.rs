@@ -62,6 +62,8 @@ impl MountFlags {
             memory_mib: self.memory_mb,
             retry_for_secs: self.retry_for,
             use_profile: !self.no_profile,
+            // skiff run and the snapshotter mount under root-only directories.
+            setuid_and_devices: true,
         }
     }
 }
@@ -85,6 +87,11 @@ pub struct MountArgs {
     token_file: Option<PathBuf>,
     #[command(flatten)]
     flags: MountFlags,
+    /// Honour the image's setuid bits and device nodes. Any user who can reach the
+    /// mount point could then run its setuid binaries as root: use it only under a
+    /// root-only directory [default: nosuid,nodev]
+    #[arg(long)]
+    suid_dev: bool,
     /// Stay in the foreground until unmounted (Ctrl-C or SIGTERM unmounts)
     #[arg(long)]
     foreground: bool,
@@ -108,7 +115,10 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         image: args.image,
         mountpoint: mountpoint_path(&args.mountpoint)?,
         token_file: args.token_file,
-        settings: args.flags.settings(),
+        settings: MountSettings {
+            setuid_and_devices: args.suid_dev,
+            ..args.flags.settings()
+        },
         record_profile: false,
     };
     if !args.foreground {
