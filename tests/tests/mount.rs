@@ -831,8 +831,7 @@ fn mount_options(path: &Path) -> Vec<String> {
     fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(path))
-        .last()
+        .rfind(|l| l.split(' ').nth(4) == Some(path))
         .map(|l| {
             l.split(' ')
                 .nth(5)
