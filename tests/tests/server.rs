@@ -1086,7 +1086,7 @@ fn a_manifest_put_with_if_match_never_moves_a_tag_back() {
     let [local, served] = dirs(&tmp, ["local", "served"]);
     convert(&local, &tmp.path().join("src1"), &image(1, 1), "app:1");
     convert(&local, &tmp.path().join("src2"), &image(2, 2), "app:2");
-    let server = SkiffServer::start(&served, &[]);
+    let mut server = SkiffServer::start(&served, &[]);
     push(&local, &server, "app:1", None);
     push(&local, &server, "app:2", None);
     let http = Client::new();
@@ -1127,4 +1127,19 @@ fn a_manifest_put_with_if_match_never_moves_a_tag_back() {
     with_profile["profile"] = json!({"command": ["sh"], "read_bytes": 0, "ranges": []});
     assert_eq!(put(&with_profile, Some(&etag)), StatusCode::CREATED);
     assert_eq!(get("app:1").0["profile"]["command"], json!(["sh"]));
+    // With nothing in flight (the client's kept-alive connection is idle),
+    // SIGTERM stops the server at once, not after the drain's 30 s.
+    let started = Instant::now();
+    let signalled = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = server.terminate_wait();
+    assert!(status.success(), "skiff serve exited with {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }

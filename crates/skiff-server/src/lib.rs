@@ -166,7 +166,12 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> Result<(), ServerError> {
-        let limits = self.limits;
+        let Server {
+            listener,
+            router,
+            shared,
+            limits,
+        } = self;
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -188,7 +193,7 @@ impl Server {
             };
             let (tcp, peer) = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors, or a connection reset before it
@@ -206,7 +211,7 @@ impl Server {
                 tracing::debug!("TCP_NODELAY: {e}");
             }
             let io = TokioIo::new(IdleTimeout::new(tcp, limits.idle_timeout));
-            let service = TowerToHyperService::new(self.router.clone());
+            let service = TowerToHyperService::new(router.clone());
             let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
             connections.spawn(async move {
                 if let Err(e) = connection.await {
@@ -215,7 +220,8 @@ impl Server {
                 drop(slot);
             });
         }
-        drop(self.listener);
+        // The routes hold the store too: only the connections may still.
+        drop((listener, router));
         tokio::select! {
             () = graceful.shutdown() => {}
             () = tokio::time::sleep(drain) => {
@@ -227,7 +233,7 @@ impl Server {
         }
         while connections.join_next().await.is_some() {}
         let deadline = Instant::now() + drain;
-        while Arc::strong_count(&self.shared) > 1 {
+        while Arc::strong_count(&shared) > 1 {
             if Instant::now() >= deadline {
                 // Answered uploads are durable already; only unanswered work is lost.
                 tracing::warn!(
@@ -237,7 +243,6 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let shared = self.shared;
         // Joins the writer thread, which closes its pack.
         tokio::task::spawn_blocking(move || drop(shared))
             .await
