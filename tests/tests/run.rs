@@ -107,6 +107,31 @@ impl Setup {
         command
     }
 
+    /// `skiff run app:1 --server URL --name NAME -u 0 -- sh -c SCRIPT`,
+    /// in the background (stderr piped).
+    fn spawn_as_root(&self, name: &str, script: &str) -> std::process::Child {
+        self.command(&[
+            "run",
+            "app:1",
+            "--server",
+            &self.server.url,
+            "--name",
+            name,
+            "-u",
+            "0",
+            "--entrypoint",
+            "",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    }
+
     /// `skiff run app:1 --server URL ARGS…`.
     fn run(&self, args: &[&str]) -> Output {
         let mut all = vec!["run", "app:1", "--server", &self.server.url];
@@ -357,27 +382,10 @@ fn writes_in_one_container_never_reach_another_or_the_image() {
     let cache = snapshot(&setup.path("cache"));
 
     // The writer keeps running while a second container reads.
-    let mut writer = setup
-        .command(&[
-            "run",
-            "app:1",
-            "--server",
-            &setup.server.url,
-            "--name",
-            "writer",
-            "-u",
-            "0",
-            "--entrypoint",
-            "",
-            "--",
-            "sh",
-            "-c",
-            "echo changed > /etc/motd && rm /data/aa && mkdir /new && echo hi > /new/f && sleep 3",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut writer = setup.spawn_as_root(
+        "writer",
+        "echo changed > /etc/motd && rm /data/aa && mkdir /new && echo hi > /new/f && sleep 3",
+    );
     let upper = setup.path("containers/writer/upper");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !upper.join("new/f").exists() {
@@ -867,27 +875,10 @@ fn no_host_user_reaches_setuid_files_through_skiffs_directories() {
     // The test's own directory lets everyone through, as /var/lib does: only
     // the modes skiff gives its directories keep other users out.
     fs::set_permissions(setup.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let mut container = setup
-        .command(&[
-            "run",
-            "app:1",
-            "--server",
-            &setup.server.url,
-            "--name",
-            "holder",
-            "-u",
-            "0",
-            "--entrypoint",
-            "",
-            "--",
-            "sh",
-            "-c",
-            "cp /bin/busybox /tmp/root-shell && chmod 4755 /tmp/root-shell && sleep 30",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut container = setup.spawn_as_root(
+        "holder",
+        "cp /bin/busybox /tmp/root-shell && chmod 4755 /tmp/root-shell && sleep 30",
+    );
     let container_dir = setup.path("containers/holder");
     let written = container_dir.join("upper/tmp/root-shell");
     let deadline = Instant::now() + Duration::from_secs(20);

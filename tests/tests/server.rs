@@ -910,8 +910,8 @@ fn serve_refuses_to_open_writes_unless_told_to() {
     let write = tmp.path().join("write");
     fs::write(&write, "writer").unwrap();
     let server = SkiffServer::start(&store, &["--read-token-file", read.to_str().unwrap()]);
-    let auth = |token: Option<&str>| -> Value {
-        let request = Client::new().get(format!("{}/v1/auth", server.url));
+    let auth = |url: &str, token: Option<&str>| -> Value {
+        let request = Client::new().get(format!("{url}/v1/auth"));
         match token {
             Some(t) => request.bearer_auth(t),
             None => request,
@@ -923,7 +923,7 @@ fn serve_refuses_to_open_writes_unless_told_to() {
         .unwrap()
     };
     assert_eq!(
-        auth(None),
+        auth(&server.url, None),
         serde_json::json!({"read": false, "write": true})
     );
     drop(server);
@@ -936,22 +936,12 @@ fn serve_refuses_to_open_writes_unless_told_to() {
             read.to_str().unwrap(),
         ],
     );
-    let auth = |token: &str| -> Value {
-        Client::new()
-            .get(format!("{}/v1/auth", server.url))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .bytes()
-            .map(|b| serde_json::from_slice(&b).unwrap())
-            .unwrap()
-    };
     assert_eq!(
-        auth("reader"),
+        auth(&server.url, Some("reader")),
         serde_json::json!({"read": true, "write": false})
     );
     assert_eq!(
-        auth("writer"),
+        auth(&server.url, Some("writer")),
         serde_json::json!({"read": true, "write": true})
     );
 }
