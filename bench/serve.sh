@@ -86,7 +86,7 @@ nginx -c "$work/nginx.conf"
 
 start_skiff() {
   skiff_port=$(free_port)
-  "$SKIFF" --store "$work/store" serve --listen "127.0.0.1:$skiff_port" --cache-mb "$1" 2>>"$work/serve.log" &
+  "$SKIFF" --store "$work/store" serve --listen "127.0.0.1:$skiff_port" --cache-mb "$1" --token-file "$(write_token)" 2>>"$work/serve.log" &
   server_pid=$!
   wait_port "$skiff_port" healthz
 }

@@ -117,7 +117,7 @@ pub fn write_bundle(
     process.set_env(Some(env));
     process.set_cwd(cwd.into());
     process.set_user(user);
-    process.set_capabilities(Some(default_capabilities()));
+    process.set_capabilities(Some(default_capabilities(options.network)));
     // Like `docker run`: setuid programs (su, sudo) work unless asked otherwise.
     process.set_no_new_privileges(Some(options.security.no_new_privileges));
     // The host's limits, as the runtime has them: raising one past its hard
@@ -216,9 +216,12 @@ fn set_env(env: &mut Vec<String>, entry: &str) {
     }
 }
 
-/// The capabilities `docker run` grants by default.
-fn default_capabilities() -> LinuxCapabilities {
-    let set: HashSet<Capability> = [
+/// The capabilities `docker run` grants by default, but CAP_NET_RAW on the
+/// host's network: a raw socket there would read the host's loopback
+/// traffic, bearer tokens included (docker's default network is a bridge of
+/// the container's own).
+fn default_capabilities(network: Network) -> LinuxCapabilities {
+    let mut set: HashSet<Capability> = [
         Capability::Chown,
         Capability::DacOverride,
         Capability::Fsetid,
@@ -236,6 +239,9 @@ fn default_capabilities() -> LinuxCapabilities {
     ]
     .into_iter()
     .collect();
+    if network == Network::Host {
+        set.remove(&Capability::NetRaw);
+    }
     let mut caps = LinuxCapabilities::default();
     caps.set_bounding(Some(set.clone()))
         .set_effective(Some(set.clone()))
@@ -413,6 +419,20 @@ mod tests {
             && d.access().as_deref() != Some("m")));
         let process = spec.process().as_ref().unwrap();
         assert_eq!(process.no_new_privileges(), Some(false));
+        let raw = |spec: &Spec| {
+            let caps = spec
+                .process()
+                .as_ref()
+                .unwrap()
+                .capabilities()
+                .as_ref()
+                .unwrap();
+            caps.bounding()
+                .as_ref()
+                .unwrap()
+                .contains(&Capability::NetRaw)
+        };
+        assert!(!raw(&spec), "a raw socket on the host's network");
 
         let mut security = SecurityOptions::default();
         security.apply("no-new-privileges").unwrap();
@@ -434,6 +454,7 @@ mod tests {
             spec.process().as_ref().unwrap().no_new_privileges(),
             Some(true)
         );
+        assert!(raw(&spec), "its own network: docker's default set");
     }
 
     #[test]
