@@ -1068,6 +1068,20 @@ fn slow_and_idle_clients_cannot_starve_the_others() {
     }
     assert!(skiff_ok(&store, &["fsck"]).contains("store is consistent"));
     drop(server);
+
+    // One client may not take every slot: past its own cap its next
+    // connection is closed at once, while the others' are served.
+    let server = SkiffServer::start(
+        &store,
+        &["--max-connections-per-client", "2", "--header-timeout", "3"],
+    );
+    let held: Vec<_> = (0..2).map(|_| dribble(server.port, b"", None)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = dribble(server.port, b"", None).join().unwrap();
+    assert!(refused < Duration::from_secs(1), "{refused:?}");
+    for held in held {
+        assert!(held.join().unwrap() >= Duration::from_secs(2));
+    }
 }
 
 #[test]

@@ -3,9 +3,12 @@
 //! slot for a bounded time, so a few of them (slowloris) cannot starve the
 //! rest.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +20,8 @@ use tokio::time::{Instant, Sleep};
 pub struct ConnectionLimits {
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client address may hold at once; more are closed.
+    pub max_connections_per_client: usize,
     /// Time from the start of a request (or of waiting for the next one on
     /// a kept-alive connection) to its last header byte.
     pub header_timeout: Duration,
@@ -30,8 +35,56 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_connections: 512,
+            max_connections_per_client: 128,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How many connections each client address holds.
+pub(crate) struct PeerSlots {
+    limit: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One connection of a client, given back on drop.
+pub(crate) struct PeerSlot {
+    peer: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PeerSlots {
+    pub(crate) fn new(limit: usize) -> PeerSlots {
+        PeerSlots {
+            limit,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for one more connection of `peer`, unless it holds its limit.
+    pub(crate) fn claim(&self, peer: IpAddr) -> Option<PeerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(peer).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peer,
+            open: self.open.clone(),
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
         }
     }
 }

@@ -36,7 +36,7 @@ pub use connection::ConnectionLimits;
 pub use error::ServerError;
 
 use cache::HotCache;
-use connection::IdleTimeout;
+use connection::{IdleTimeout, PeerSlots};
 use metrics::Metrics;
 use writer::ChunkWriter;
 
@@ -172,12 +172,18 @@ impl Server {
             shared,
             limits,
         } = self;
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // HTTP/1 only (skiff's clients speak nothing else): the header
+        // timer then runs from the moment a connection opens, and one
+        // connection carries one request at a time, so the cap on
+        // connections is a cap on requests.
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout);
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+        let peers = PeerSlots::new(limits.max_connections_per_client.max(1));
         let graceful = GracefulShutdown::new();
         let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
@@ -204,6 +210,11 @@ impl Server {
                     }
                 },
             };
+            // One client may not take every slot.
+            let Some(peer_slot) = peers.claim(peer.ip()) else {
+                tracing::debug!("{peer} has too many connections open; closing one");
+                continue;
+            };
             // Answers go out as a header then body pieces; with Nagle's
             // algorithm the second write would wait ~40 ms for the client's
             // delayed ACK.
@@ -217,7 +228,7 @@ impl Server {
                 if let Err(e) = connection.await {
                     tracing::debug!("connection from {peer}: {e}");
                 }
-                drop(slot);
+                drop((slot, peer_slot));
             });
         }
         // The routes hold the store too: only the connections may still.

@@ -158,6 +158,9 @@ enum Command {
         /// Connections served at once; more wait until one closes
         #[arg(long, default_value_t = ConnectionLimits::default().max_connections, value_name = "N")]
         max_connections: usize,
+        /// Connections one client address may hold at once; more are closed
+        #[arg(long, default_value_t = ConnectionLimits::default().max_connections_per_client, value_name = "N")]
+        max_connections_per_client: usize,
         /// Seconds a client has to send a request's headers (and to start the next
         /// request on a kept-alive connection)
         #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs(), value_name = "SECS")]
@@ -499,6 +502,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             allow_anonymous_writes,
             cache_mb,
             max_connections,
+            max_connections_per_client,
             header_timeout,
             idle_timeout,
         } => {
@@ -525,6 +529,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cache_bytes: cache_mb << 20,
                 limits: ConnectionLimits {
                     max_connections,
+                    max_connections_per_client,
                     header_timeout: Duration::from_secs(header_timeout.max(1)),
                     idle_timeout: Duration::from_secs(idle_timeout.max(1)),
                 },
