@@ -460,8 +460,10 @@ impl ChunkCache {
         lock.lock().map_err(self.error("locking evict.lock"))?;
 
         self.remove_stale_temps();
-        // The scan sees what this process wrote so far: it need not be added again.
+        // The scan sees what this process wrote so far: it need not be added
+        // again. What others publish while it runs is added to its result.
         self.unpublished.store(0, Ordering::Relaxed);
+        let published_before = self.update_usage(|usage| usage)?;
         let mut entries = self.scan()?;
         let mut report = EvictReport {
             chunks_before: entries.len() as u64,
@@ -497,7 +499,7 @@ impl ChunkCache {
                 "evicted from the chunk cache"
             );
         }
-        self.update_usage(|_| total)?;
+        self.update_usage(|usage| total.saturating_add(usage.saturating_sub(published_before)))?;
         Ok(report)
     }
 

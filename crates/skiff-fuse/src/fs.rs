@@ -194,11 +194,11 @@ impl SkiffFs {
             return None;
         }
         let Some(file) = self.fetcher.source().assembled(chunks, false) else {
+            // Checks a copy an earlier process made (its chunks may be long
+            // evicted), or makes one if every chunk is here.
             let (fetcher, chunks) = (self.fetcher.clone(), chunks.to_vec());
             self.network.spawn(move || {
-                if chunks.iter().all(|c| fetcher.is_local(&c.id)) {
-                    fetcher.source().assembled(&chunks, true);
-                }
+                fetcher.source().assembled(&chunks, true);
             });
             return None;
         };
