@@ -26,7 +26,7 @@ pub use source::{ImageSource, LayerCompression, LayerDescriptor, Platform, Resol
 pub mod fuzzing {
     use std::io::Read;
 
-    use skiff_format::{ChunkingParams, ImageIndex};
+    use skiff_format::{ChunkId, ChunkRef, ChunkingParams, ImageIndex};
 
     use crate::merge::Content;
     use crate::tar_entry::{bad_layer, parse_entry, PendingExtensions};
@@ -36,7 +36,8 @@ pub mod fuzzing {
     /// whiteouts and hard links meet what they name) and builds the index.
     pub fn read_layers(tar: &[u8]) -> Result<ImageIndex, OciError> {
         let mut tree = MergedTree::default();
-        let mut slots = 0usize;
+        // Each file's length, by slot: its chunks are made up to match.
+        let mut sizes: Vec<u64> = Vec::new();
         for layer in 0..2 {
             let mut archive = tar::Archive::new(tar);
             let mut pending = PendingExtensions::default();
@@ -47,9 +48,10 @@ pub mod fuzzing {
             {
                 let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
                 let mut contents = |reader: &mut dyn Read, _size: u64| {
-                    std::io::copy(reader, &mut std::io::sink()).map_err(|e| bad_layer(layer, e))?;
-                    slots += 1;
-                    Ok(Content::Slot(slots - 1))
+                    let read = std::io::copy(reader, &mut std::io::sink())
+                        .map_err(|e| bad_layer(layer, e))?;
+                    sizes.push(read);
+                    Ok(Content::Slot(sizes.len() - 1))
                 };
                 if let Some((path, meta, kind)) =
                     parse_entry(layer, &mut entry, &mut pending, &mut contents)?
@@ -58,6 +60,16 @@ pub mod fuzzing {
                 }
             }
         }
-        Ok(tree.into_index(ChunkingParams::default(), &mut |_| Vec::new()))
+        let chunking = ChunkingParams::default();
+        let max = u64::from(chunking.max_size);
+        Ok(tree.into_index(chunking, &mut |slot| {
+            let size = sizes.get(slot).copied().unwrap_or(0);
+            (0..size.div_ceil(max))
+                .map(|n| ChunkRef {
+                    id: ChunkId::of(&[slot.to_le_bytes(), n.to_le_bytes()].concat()),
+                    len: (size - n * max).min(max) as u32,
+                })
+                .collect()
+        }))
     }
 }
