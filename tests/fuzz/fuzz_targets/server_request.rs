@@ -37,7 +37,11 @@ fn app() -> &'static App {
             ..Default::default()
         };
         let server = runtime
-            .block_on(skiff_server::Server::bind("127.0.0.1:0", Arc::new(store), config))
+            .block_on(skiff_server::Server::bind(
+                "127.0.0.1:0",
+                Arc::new(store),
+                config,
+            ))
             .expect("a server");
         App {
             router: server.router(),
