@@ -95,6 +95,9 @@ impl Drop for PeerSlot {
 pub(crate) struct IdleTimeout<T> {
     io: T,
     idle: Duration,
+    /// When a byte last moved: cheap to note on every read and write,
+    /// unlike moving the timer, which is done only when it fires early.
+    last_moved: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -103,22 +106,30 @@ impl<T> IdleTimeout<T> {
         IdleTimeout {
             io,
             idle,
+            last_moved: Instant::now(),
             timer: Box::pin(tokio::time::sleep(idle)),
         }
     }
 
     fn moved(&mut self) {
-        self.timer.as_mut().reset(Instant::now() + self.idle);
+        self.last_moved = Instant::now();
     }
 
     /// Called when the stream is not ready: an error once it has been idle too long.
     fn expired<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no byte moved for {:?}", self.idle),
-            ))),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.last_moved + self.idle;
+            if due <= Instant::now() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no byte moved for {:?}", self.idle),
+                )));
+            }
+            // Bytes moved since the timer was set: it goes off later.
+            self.timer.as_mut().reset(due);
         }
     }
 }
