@@ -17,6 +17,7 @@ use skiff_format::{ChunkId, ChunkRef, InodeKind};
 
 use crate::fetcher::{ChunkBytes, Fetcher};
 use crate::journal::{OpenJournal, OpenRecord};
+use crate::pool::WaitPool;
 use crate::profile::Recorder;
 use crate::stats::MountStats;
 use crate::tree::{ImageTree, BLOCK_SIZE};
@@ -86,7 +87,7 @@ pub struct SkiffFs {
     fetcher: Arc<Fetcher>,
     /// Reads that must wait on the network are answered from here, so the
     /// kernel's requests never queue behind a slow server.
-    network: rayon::ThreadPool,
+    network: WaitPool,
     next_handle: AtomicU64,
     open: Mutex<OpenTable>,
     inodes: Mutex<HashMap<INodeNo, InodeOpens>>,
@@ -108,11 +109,7 @@ impl SkiffFs {
         passthrough: Arc<AtomicBool>,
         resend: Arc<AtomicBool>,
     ) -> io::Result<SkiffFs> {
-        let network = rayon::ThreadPoolBuilder::new()
-            .num_threads(network_threads.max(1))
-            .thread_name(|n| format!("fetch-{n}"))
-            .build()
-            .map_err(io::Error::other)?;
+        let network = WaitPool::new(network_threads, "fetch")?;
         Ok(SkiffFs {
             tree,
             fetcher,

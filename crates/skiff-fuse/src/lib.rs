@@ -10,6 +10,7 @@ mod fetcher;
 mod fs;
 mod handover;
 mod journal;
+mod pool;
 mod prefetch;
 mod profile;
 mod stats;
