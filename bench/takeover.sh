@@ -44,9 +44,8 @@ umoci unpack --image "$work/layout:latest" "$work/bundle" >/dev/null
 cp -a "$work/root/data" "$work/bundle/rootfs/"
 umoci repack --image "$work/layout:latest" "$work/bundle" >/dev/null
 "$SKIFF" --store "$work/store" convert "oci:$work/layout:latest" big:1 >/dev/null 2>&1
-# Writes need a token; the bench only reads.
-head -c 24 /dev/urandom | base64 >"$work/write-token"
-"$SKIFF" --store "$work/store" serve --listen "127.0.0.1:$port" --token-file "$work/write-token" >"$work/serve.log" 2>&1 &
+. bench/common.sh
+"$SKIFF" --store "$work/store" serve --listen "127.0.0.1:$port" --token-file "$(write_token)" >"$work/serve.log" 2>&1 &
 pids+=($!)
 sleep 1
 want=$(sha256sum < "$work/root/data/big" | cut -d' ' -f1)

@@ -81,6 +81,13 @@ pub struct Xattr {
     pub value: Vec<u8>,
 }
 
+impl Xattr {
+    /// Whether Linux could hold it (XATTR_NAME_MAX, XATTR_SIZE_MAX).
+    pub fn within_linux_limits(&self) -> bool {
+        self.name.len() <= MAX_XATTR_NAME_BYTES && self.value.len() <= MAX_XATTR_VALUE_BYTES
+    }
+}
+
 /// What every inode carries regardless of its type.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
@@ -242,9 +249,7 @@ impl ImageIndex {
             if !inode.meta.xattrs.windows(2).all(|w| w[0].name < w[1].name) {
                 return bad(format!("inode {ino}: xattrs not sorted or duplicated"));
             }
-            if let Some(x) = inode.meta.xattrs.iter().find(|x| {
-                x.name.len() > MAX_XATTR_NAME_BYTES || x.value.len() > MAX_XATTR_VALUE_BYTES
-            }) {
+            if let Some(x) = inode.meta.xattrs.iter().find(|x| !x.within_linux_limits()) {
                 return bad(format!(
                     "inode {ino}: xattr {:?} is longer than Linux allows",
                     String::from_utf8_lossy(&x.name)

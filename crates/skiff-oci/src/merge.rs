@@ -5,8 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use skiff_format::{
     ChunkRef, ChunkingParams, DirEntry, ImageIndex, Inode, InodeKind, Metadata, Xattr,
-    MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_SYMLINK_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES,
-    ROOT_INO,
+    MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_SYMLINK_BYTES, ROOT_INO,
 };
 
 use crate::OciError;
@@ -146,11 +145,7 @@ fn check_limits(
             ));
         }
     }
-    if let Some(x) = meta
-        .xattrs
-        .iter()
-        .find(|x| x.name.len() > MAX_XATTR_NAME_BYTES || x.value.len() > MAX_XATTR_VALUE_BYTES)
-    {
+    if let Some(x) = meta.xattrs.iter().find(|x| !x.within_linux_limits()) {
         return refuse(format!(
             "xattr {:?} is longer than Linux allows",
             String::from_utf8_lossy(&x.name)
