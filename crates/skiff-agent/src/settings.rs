@@ -14,6 +14,9 @@ use crate::error::{AgentError, Result};
 pub const DEFAULT_RUN_DIR: &str = "/run/skiff";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
 
+/// The window of a new stream of reads.
+const FIRST_WINDOW_BYTES: u64 = 256 << 10;
+
 /// How a lazy mount fetches, caches and prefetches.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -26,7 +29,7 @@ pub struct MountSettings {
     pub prefetch: bool,
     /// Cap on the background prefetch rate in MB/s (0: none).
     pub prefetch_rate_mb: u64,
-    /// A read that misses fetches this much of the file in one request, in KiB.
+    /// The largest read window in KiB (see `skiff_fuse::MountOptions::window`).
     pub window_kib: u64,
     /// Memory for chunks, per mount, in MiB.
     pub memory_mib: u64,
@@ -46,7 +49,7 @@ impl Default for MountSettings {
             cache_max_gb: 20.0,
             prefetch: true,
             prefetch_rate_mb: 0,
-            window_kib: 1024,
+            window_kib: 16 << 10,
             memory_mib: 256,
             retry_for_secs: 30,
             use_profile: true,
@@ -107,7 +110,10 @@ impl MountSettings {
         });
         skiff_fuse::MountOptions {
             memory_bytes: self.memory_mib << 20,
-            window_bytes: self.window_kib << 10,
+            window: skiff_fuse::WindowLimits {
+                min: FIRST_WINDOW_BYTES.min(self.window_kib << 10),
+                max: self.window_kib << 10,
+            },
             prefetch,
             fsname: format!("skiff:{image}"),
             record_profile,
@@ -127,7 +133,7 @@ mod tests {
         assert_eq!(settings.window_kib, 64);
         assert_eq!(
             MountSettings {
-                window_kib: 1024,
+                window_kib: 16 << 10,
                 ..settings
             },
             MountSettings::default()

@@ -90,10 +90,11 @@ struct Building<'a> {
 
 impl<'a> Building<'a> {
     fn claim(set: &'a Mutex<HashSet<[u8; 32]>>, key: [u8; 32]) -> Option<Building<'a>> {
-        set.lock()
-            .expect("building set poisoned")
-            .insert(key)
-            .then_some(Building { set, key })
+        let claimed = set.lock().expect("building set poisoned").insert(key);
+        // Lazily: a guard made and dropped for a claim that failed would
+        // take the other builder's key out of the set (and lock it again
+        // while it is held).
+        claimed.then(|| Building { set, key })
     }
 }
 
@@ -654,6 +655,19 @@ mod tests {
             .unwrap();
         file.set_modified(SystemTime::now() - Duration::from_secs(secs))
             .unwrap();
+    }
+
+    #[test]
+    fn a_second_claim_on_a_build_fails_and_leaves_the_first_in_place() {
+        let set = Mutex::new(HashSet::new());
+        let first = Building::claim(&set, [7; 32]).unwrap();
+        // Used to lock the set again while holding it (a hang), and to
+        // take the first builder's key out of it.
+        assert!(Building::claim(&set, [7; 32]).is_none());
+        assert!(set.lock().unwrap().contains(&[7; 32]));
+        drop(first);
+        assert!(set.lock().unwrap().is_empty());
+        assert!(Building::claim(&set, [7; 32]).is_some());
     }
 
     #[test]

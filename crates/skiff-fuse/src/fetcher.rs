@@ -1,6 +1,7 @@
 //! Chunks for reads: from memory, from the host's cache, or fetched from
-//! the source in one batch with their neighbours, each chunk once however
-//! many readers want it at the same moment.
+//! the source in one batch with their neighbours in path order (see
+//! readahead.rs), each chunk once however many readers want it at the
+//! same moment.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,9 +9,10 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
-use skiff_format::{ChunkId, ChunkRef};
+use skiff_format::{ChunkId, ChunkRef, InodeNo};
 use skiff_source::{ChunkSource, SourceError};
 
+use crate::readahead::{Layout, Streams, Window, WindowLimits};
 use crate::stats::MountStats;
 
 pub type ChunkBytes = Arc<[u8]>;
@@ -101,29 +103,58 @@ impl Drop for Landing<'_> {
 #[derive(Debug)]
 pub struct FetchFailed(pub String);
 
+/// A stream's next window, claimed and to be fetched off the reading thread.
+pub struct ReadAhead {
+    lead: Vec<(ChunkId, Arc<Flight>)>,
+}
+
+impl ReadAhead {
+    /// Fetches the window; blocks on the network.
+    pub fn fetch(self, fetcher: &Fetcher) {
+        MountStats::add(&fetcher.stats.read_aheads, 1);
+        let _ = fetcher.fly(&self.lead, false);
+    }
+}
+
+/// Positions a window scan looks at beyond what it takes, at most: a scan
+/// through a region already here must not stat the whole cache.
+const SCAN_AT_MOST: usize = 4096;
+
 pub struct Fetcher {
     source: Arc<dyn ChunkSource>,
     memory: Cache<ChunkId, ChunkBytes, ByLength>,
     flights: Mutex<HashMap<ChunkId, Arc<Flight>>>,
-    /// Bytes of neighbouring chunks fetched along with a miss.
-    window_bytes: u64,
+    /// The image's chunks in path order, along which windows run.
+    layout: Arc<Layout>,
+    /// Each stream of reads and its window.
+    streams: Streams,
     /// Reads waiting on the source right now; prefetch yields while any are.
     demand: AtomicUsize,
     pub stats: MountStats,
 }
 
 impl Fetcher {
-    pub fn new(source: Arc<dyn ChunkSource>, memory_bytes: u64, window_bytes: u64) -> Fetcher {
+    pub fn new(
+        source: Arc<dyn ChunkSource>,
+        memory_bytes: u64,
+        window: WindowLimits,
+        layout: Arc<Layout>,
+    ) -> Fetcher {
         // quick_cache sizes its table by item count; 64 KiB is the average chunk.
         let items = (memory_bytes / 65536).max(16) as usize;
         Fetcher {
             source,
             memory: Cache::with_weighter(items, memory_bytes.max(1), ByLength),
             flights: Mutex::new(HashMap::new()),
-            window_bytes,
+            layout,
+            streams: Streams::new(window),
             demand: AtomicUsize::new(0),
             stats: MountStats::default(),
         }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     pub fn source(&self) -> &dyn ChunkSource {
@@ -163,24 +194,28 @@ impl Fetcher {
             .collect()
     }
 
-    /// Every chunk of `wanted`, in order, fetching what is not at hand in one
-    /// batch together with the chunks of `after` (the rest of the file) up to
-    /// the read window. Blocks on the network: never call it from a FUSE worker.
+    /// Every chunk of `wanted` (a read of file `ino`, from its first chunk
+    /// if `at_head`), in order, fetching what is not at hand in one batch
+    /// together with its neighbours in path order, up to the window of the
+    /// stream of reads it belongs to. Blocks on the network: never call it
+    /// from a FUSE worker.
     pub fn get(
         &self,
+        ino: InodeNo,
+        at_head: bool,
         wanted: &[ChunkRef],
-        after: &[ChunkRef],
     ) -> Result<Vec<ChunkBytes>, FetchFailed> {
         self.demand.fetch_add(1, Ordering::Relaxed);
-        let result = self.get_inner(wanted, after);
+        let result = self.get_inner(ino, at_head, wanted);
         self.demand.fetch_sub(1, Ordering::Relaxed);
         result
     }
 
     fn get_inner(
         &self,
+        ino: InodeNo,
+        at_head: bool,
         wanted: &[ChunkRef],
-        after: &[ChunkRef],
     ) -> Result<Vec<ChunkBytes>, FetchFailed> {
         let mut have: HashMap<ChunkId, ChunkBytes> = HashMap::new();
         let mut missing = Vec::new();
@@ -193,10 +228,7 @@ impl Fetcher {
             }
         }
         if !missing.is_empty() {
-            let budget = self
-                .window_bytes
-                .saturating_sub(wanted.iter().map(|c| u64::from(c.len)).sum::<u64>());
-            let extra = self.neighbours(after, budget);
+            let extra = self.window_for(ino, at_head, &missing, wanted);
             let claimed = self.claim(&missing, &extra);
             have.extend(claimed.ready);
             // The read's own chunks lead the batch, so a neighbour that fails
@@ -246,21 +278,74 @@ impl Fetcher {
             .collect()
     }
 
-    /// Chunks of `after` worth bringing along: up to `budget` bytes, in file
-    /// order, skipping what is already here.
-    fn neighbours(&self, after: &[ChunkRef], budget: u64) -> Vec<ChunkId> {
+    /// The neighbours a miss of `missing` (chunks of the read `wanted` of
+    /// file `ino`) brings along: what follows the read in path order, up to
+    /// its stream's window less the read's own bytes.
+    fn window_for(
+        &self,
+        ino: InodeNo,
+        at_head: bool,
+        missing: &[ChunkId],
+        wanted: &[ChunkRef],
+    ) -> Vec<ChunkId> {
+        let positions = || missing.iter().filter_map(|id| self.layout.position(id));
+        let (Some(first), Some(last)) = (positions().min(), positions().max()) else {
+            return Vec::new();
+        };
+        let own: u64 = wanted.iter().map(|c| u64::from(c.len)).sum();
+        self.streams.miss(first, ino, at_head, |window| {
+            let window = Window {
+                bytes: window.bytes.saturating_sub(own),
+                ..window
+            };
+            self.neighbours(last + 1, window, ino)
+        })
+    }
+
+    /// The chunks from layout position `from` on that are not here, up to
+    /// the window's bytes of them (and not past the end of file `ino` unless
+    /// the window runs across files), and the position after the last one
+    /// looked at.
+    fn neighbours(&self, from: usize, window: Window, ino: InodeNo) -> (usize, Vec<ChunkId>) {
         let mut extra = Vec::new();
         let mut taken = 0u64;
-        for chunk in after {
-            if taken >= budget {
-                break;
-            }
-            taken += u64::from(chunk.len);
+        let mut at = from;
+        let chunks = self.layout.chunks();
+        let end = if window.across_files {
+            chunks.len()
+        } else {
+            self.layout.file_end(ino).min(chunks.len())
+        };
+        while taken < window.bytes && at < end && at - from < SCAN_AT_MOST + extra.len() {
+            let chunk = &chunks[at];
+            at += 1;
             if !self.is_local(&chunk.id) {
+                taken += u64::from(chunk.len);
                 extra.push(chunk.id);
             }
         }
-        extra
+        (at, extra)
+    }
+
+    /// Notes that a read of file `ino` reached `id`, and says whether that
+    /// fetches a stream's next window (cheap: for the FUSE thread, which
+    /// hands [`Fetcher::read_ahead`] on).
+    pub fn read_ahead_due(&self, ino: InodeNo, id: &ChunkId) -> bool {
+        self.layout
+            .position(id)
+            .is_some_and(|at| self.streams.due(at, ino))
+    }
+
+    /// A read of file `ino` reached `id`: if that is past the middle of its
+    /// stream's last fetch, the stream's next window, claimed, for the
+    /// caller to fetch off the reading thread.
+    pub fn read_ahead(&self, ino: InodeNo, id: &ChunkId) -> Option<ReadAhead> {
+        let at = self.layout.position(id)?;
+        let extra = self
+            .streams
+            .reached(at, ino, |from, window| self.neighbours(from, window, ino))?;
+        let claimed = self.claim(&[], &extra);
+        (!claimed.lead.is_empty()).then_some(ReadAhead { lead: claimed.lead })
     }
 
     /// Takes the lead on every id of `needed` and `extra` nobody is fetching
@@ -362,5 +447,155 @@ impl Fetcher {
         let claimed = self.claim(&[], ids);
         self.fly(&claimed.lead, true)?;
         Ok(claimed.lead.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::prefetch::{self, PrefetchConfig};
+
+    /// Sends what it is asked for after a short wait (a round trip), and
+    /// counts every chunk it sends and every request.
+    #[derive(Default)]
+    struct Counting {
+        sent: Mutex<HashMap<ChunkId, u32>>,
+        requests: AtomicUsize,
+    }
+
+    impl ChunkSource for Counting {
+        fn fetch(
+            &self,
+            ids: &[ChunkId],
+            each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        ) -> Result<(), SourceError> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+            for id in ids {
+                *self.sent.lock().unwrap().entry(*id).or_default() += 1;
+                each(*id, bytes_of(id));
+            }
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "a counting source".into()
+        }
+    }
+
+    const CHUNK_LEN: u32 = 2048;
+
+    fn bytes_of(id: &ChunkId) -> Vec<u8> {
+        id.as_bytes().repeat(CHUNK_LEN as usize / 32)
+    }
+
+    /// `files` files of `per_file` chunks each, every chunk distinct, in path order.
+    fn image(files: usize, per_file: usize) -> Vec<Vec<ChunkRef>> {
+        (0..files)
+            .map(|f| {
+                (0..per_file)
+                    .map(|c| ChunkRef {
+                        id: ChunkId::of(format!("{f}/{c}").as_bytes()),
+                        len: CHUNK_LEN,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn fetcher(files: &[Vec<ChunkRef>], source: Arc<Counting>, window: WindowLimits) -> Fetcher {
+        let layout = Layout::new(files.concat());
+        Fetcher::new(source, 64 << 20, window, Arc::new(layout))
+    }
+
+    /// What the FUSE read path does for a read of file `ino`: fetch ahead
+    /// when due, then get the chunks.
+    fn read(fetcher: &Arc<Fetcher>, ino: InodeNo, chunks: &[ChunkRef]) {
+        for chunk in chunks {
+            if fetcher.read_ahead_due(ino, &chunk.id) {
+                let fetcher = fetcher.clone();
+                let id = chunk.id;
+                std::thread::spawn(move || {
+                    if let Some(ahead) = fetcher.read_ahead(ino, &id) {
+                        ahead.fetch(&fetcher);
+                    }
+                });
+            }
+            let got = fetcher.get(ino, true, std::slice::from_ref(chunk)).unwrap();
+            assert_eq!(&got[0][..], &bytes_of(&chunk.id)[..]);
+        }
+    }
+
+    #[test]
+    fn a_walk_of_many_small_files_takes_few_requests() {
+        let files = image(2000, 1);
+        let source = Arc::new(Counting::default());
+        let limits = WindowLimits {
+            min: 256 << 10,
+            max: 16 << 20,
+        };
+        let fetcher = Arc::new(fetcher(&files, source.clone(), limits));
+        for (n, file) in files.iter().enumerate() {
+            read(&fetcher, n as InodeNo + 2, file);
+        }
+        // 4 MB of 2 KiB files: windows of 256 KiB, 512 KiB, 1 MiB, 2 MiB
+        // and the rest, not a request per file.
+        let requests = source.requests.load(Ordering::SeqCst);
+        assert!(requests <= 8, "{requests} requests for 2000 files");
+        let sent = source.sent.lock().unwrap();
+        assert_eq!(sent.len(), 2000);
+        assert!(sent.values().all(|&n| n == 1), "a chunk was sent twice");
+    }
+
+    #[test]
+    fn two_readers_and_prefetch_never_fetch_a_chunk_twice() {
+        let files = image(300, 4);
+        let source = Arc::new(Counting::default());
+        let limits = WindowLimits {
+            min: 8 << 10,
+            max: 64 << 10,
+        };
+        let fetcher = Arc::new(fetcher(&files, source.clone(), limits));
+        let plan = prefetch::prefetch_order(fetcher.layout(), &[]);
+        let prefetching = {
+            let fetcher = fetcher.clone();
+            std::thread::spawn(move || {
+                let config = PrefetchConfig {
+                    batch_bytes: 32 << 10,
+                    ..PrefetchConfig::default()
+                };
+                prefetch::run(&fetcher, &plan, &config, &AtomicBool::new(false));
+            })
+        };
+        let readers: Vec<_> = [0usize, 150]
+            .into_iter()
+            .map(|from| {
+                let (fetcher, files) = (fetcher.clone(), files.clone());
+                std::thread::spawn(move || {
+                    for n in (0..files.len()).map(|n| (n + from) % files.len()) {
+                        read(&fetcher, n as InodeNo + 2, &files[n]);
+                    }
+                })
+            })
+            .collect();
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        prefetching.join().unwrap();
+        // Read-aheads still in flight land before their chunks count as sent.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !fetcher.flights.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let sent = source.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1200);
+        let twice: Vec<_> = sent.iter().filter(|(_, &n)| n > 1).collect();
+        assert!(twice.is_empty(), "sent more than once: {twice:?}");
+        assert!(source.requests.load(Ordering::SeqCst) > 2);
     }
 }

@@ -31,6 +31,8 @@ const MAX_READ: u32 = 1 << 20;
 /// the kernel to read directly (passthrough); for smaller ones a copy of the
 /// file is not worth its disk space.
 const PASSTHROUGH_MIN: u64 = 256 * 1024;
+/// Threads that assemble files for passthrough (disk-bound work).
+const ASSEMBLY_THREADS: usize = 2;
 
 /// An open file: its inode and the chunks it pins in the host's cache.
 struct OpenFile {
@@ -88,6 +90,9 @@ pub struct SkiffFs {
     /// Reads that must wait on the network are answered from here, so the
     /// kernel's requests never queue behind a slow server.
     network: WaitPool,
+    /// Files assembled for passthrough, on threads of their own: a build
+    /// writes and syncs a whole file, and reads must not queue behind it.
+    assembly: WaitPool,
     next_handle: AtomicU64,
     open: Mutex<OpenTable>,
     inodes: Mutex<HashMap<INodeNo, InodeOpens>>,
@@ -110,10 +115,12 @@ impl SkiffFs {
         resend: Arc<AtomicBool>,
     ) -> io::Result<SkiffFs> {
         let network = WaitPool::new(network_threads, "fetch")?;
+        let assembly = WaitPool::new(ASSEMBLY_THREADS, "assemble")?;
         Ok(SkiffFs {
             tree,
             fetcher,
             network,
+            assembly,
             next_handle: AtomicU64::new(1),
             open: Mutex::new(OpenTable::default()),
             inodes: Mutex::new(HashMap::new()),
@@ -194,7 +201,7 @@ impl SkiffFs {
             // Checks a copy an earlier process made (its chunks may be long
             // evicted), or makes one if every chunk is here.
             let (fetcher, chunks) = (self.fetcher.clone(), chunks.to_vec());
-            self.network.spawn(move || {
+            self.assembly.spawn(move || {
                 fetcher.source().assembled(&chunks, true);
             });
             return None;
@@ -459,6 +466,20 @@ impl Filesystem for SkiffFs {
         self.fetcher.stats.note_read_request();
         self.recorder
             .note(ino, span.first, span.chunks.len(), offset, span.len);
+        // Reads going on in path order: fetch ahead of them, off this thread
+        // (picking the window looks at the cache).
+        if let Some(last) = span
+            .chunks
+            .last()
+            .filter(|c| self.fetcher.read_ahead_due(ino.0, &c.id))
+        {
+            let (fetcher, id) = (self.fetcher.clone(), last.id);
+            self.network.spawn(move || {
+                if let Some(ahead) = fetcher.read_ahead(ino.0, &id) {
+                    ahead.fetch(&fetcher);
+                }
+            });
+        }
         // At hand without the network: answer on this thread.
         if let Some(chunks) = self.fetcher.all_cached(span.chunks) {
             self.fetcher.stats.record_read(len, started.elapsed());
@@ -468,8 +489,7 @@ impl Filesystem for SkiffFs {
         let (first, count, start) = (span.first, span.chunks.len(), span.start);
         self.network.spawn(move || {
             let chunks = tree.chunks_from(ino, first);
-            let (wanted, after) = chunks.split_at(count.min(chunks.len()));
-            match fetcher.get(wanted, after) {
+            match fetcher.get(ino.0, first == 0, &chunks[..count.min(chunks.len())]) {
                 Ok(chunks) => {
                     fetcher.stats.record_read(len, started.elapsed());
                     reply.data(&assemble(&chunks, start, offset, len));

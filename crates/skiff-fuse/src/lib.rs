@@ -13,6 +13,7 @@ mod journal;
 mod pool;
 mod prefetch;
 mod profile;
+mod readahead;
 mod stats;
 mod tree;
 
@@ -32,6 +33,7 @@ use thiserror::Error;
 pub use fetcher::Fetcher;
 pub use handover::{resend_pending, Connection, SessionState};
 pub use prefetch::{prefetch_order, PrefetchConfig, PrefetchPlan};
+pub use readahead::{Layout, WindowLimits};
 pub use stats::{StatsReport, StatsSnapshot};
 pub use tree::ImageTree;
 
@@ -61,8 +63,10 @@ pub enum MountError {
 pub struct MountOptions {
     /// Chunks kept in memory, in bytes.
     pub memory_bytes: u64,
-    /// A read that misses fetches this many bytes of the file in one request.
-    pub window_bytes: u64,
+    /// How much a read that misses fetches along with its own chunks, in
+    /// path order across files: a new stream of reads starts at the
+    /// smallest window, which doubles while reads go on in order.
+    pub window: WindowLimits,
     /// Threads that wait on the source for reads.
     pub network_threads: usize,
     /// Threads that take requests from the kernel.
@@ -88,7 +92,10 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             memory_bytes: 256 << 20,
-            window_bytes: 1 << 20,
+            window: WindowLimits {
+                min: 256 << 10,
+                max: 16 << 20,
+            },
             network_threads: 16,
             fuse_threads: 4,
             prefetch: Some(PrefetchConfig::default()),
@@ -240,7 +247,7 @@ impl Mount {
             resend,
         } = shared;
         let prefetcher = options.prefetch.clone().map(|config| {
-            let plan = prefetch_order(&tree, &config.first);
+            let plan = prefetch_order(fetcher.layout(), &config.first);
             Prefetcher::start(fetcher.clone(), plan, config)
         });
         Mount {
@@ -411,11 +418,13 @@ impl Parts {
         options: &MountOptions,
         state: SessionState,
     ) -> io::Result<Parts> {
+        let layout = Arc::new(Layout::of(&index));
         let tree = Arc::new(ImageTree::new(index));
         let fetcher = Arc::new(Fetcher::new(
             source,
             options.memory_bytes,
-            options.window_bytes,
+            options.window,
+            layout,
         ));
         let recorder = Arc::new(if options.record_profile {
             Recorder::recording()

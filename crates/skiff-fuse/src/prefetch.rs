@@ -9,10 +9,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use skiff_format::wire::MAX_IDS_PER_REQUEST;
-use skiff_format::{ChunkId, InodeKind};
+use skiff_format::ChunkId;
 
 use crate::fetcher::Fetcher;
-use crate::tree::ImageTree;
+use crate::readahead::Layout;
 
 #[derive(Clone, Debug)]
 pub struct PrefetchConfig {
@@ -56,33 +56,26 @@ pub struct PrefetchPlan {
     pub profile_len: usize,
 }
 
-/// Every distinct chunk of the image: `first` ones first, then file by file
-/// in path order (the order `ls -R` and most starts walk a tree).
-pub fn prefetch_order(tree: &ImageTree, first: &[ChunkId]) -> PrefetchPlan {
-    let index = tree.index();
-    let mut lens = std::collections::HashMap::new();
-    for chunk in index.chunk_refs() {
-        lens.insert(chunk.id, chunk.len);
-    }
+/// Every distinct chunk of the image: `first` ones first, then the rest in
+/// path order (the order `ls -R` and most starts walk a tree).
+pub fn prefetch_order(layout: &Layout, first: &[ChunkId]) -> PrefetchPlan {
+    let chunks = layout.chunks();
     let mut seen = HashSet::new();
-    let mut order = Vec::with_capacity(lens.len());
+    let mut order = Vec::with_capacity(chunks.len());
     for id in first {
-        if let Some(&len) = lens.get(id) {
+        if let Some(at) = layout.position(id) {
             if seen.insert(*id) {
-                order.push((*id, len));
+                order.push((*id, chunks[at].len));
             }
         }
     }
     let profile_len = order.len();
-    for (_, ino) in index.walk() {
-        if let Some(InodeKind::File { chunks, .. }) = index.inode(ino).map(|i| &i.kind) {
-            for chunk in chunks {
-                if seen.insert(chunk.id) {
-                    order.push((chunk.id, chunk.len));
-                }
-            }
-        }
-    }
+    order.extend(
+        chunks
+            .iter()
+            .filter(|c| !seen.contains(&c.id))
+            .map(|c| (c.id, c.len)),
+    );
     PrefetchPlan { order, profile_len }
 }
 
@@ -113,7 +106,12 @@ impl Prefetcher {
     }
 }
 
-fn run(fetcher: &Fetcher, plan: &PrefetchPlan, config: &PrefetchConfig, stop: &AtomicBool) {
+pub(crate) fn run(
+    fetcher: &Fetcher,
+    plan: &PrefetchPlan,
+    config: &PrefetchConfig,
+    stop: &AtomicBool,
+) {
     let (order, profile_len) = (&plan.order, plan.profile_len);
     let stats = &fetcher.stats;
     stats
@@ -293,11 +291,22 @@ mod tests {
             delivered: Mutex::default(),
             asked_for_bad: Mutex::new(0),
         });
-        let fetcher = Fetcher::new(source.clone(), 1 << 20, 1 << 20);
         let plan = PrefetchPlan {
             order: ids.iter().map(|id| (*id, 32)).collect(),
             profile_len: 0,
         };
+        let layout = Layout::new(
+            plan.order
+                .iter()
+                .map(|&(id, len)| skiff_format::ChunkRef { id, len })
+                .collect(),
+        );
+        let fetcher = Fetcher::new(
+            source.clone(),
+            1 << 20,
+            crate::readahead::WindowLimits::fixed(1 << 20),
+            Arc::new(layout),
+        );
         run(
             &fetcher,
             &plan,

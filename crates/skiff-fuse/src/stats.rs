@@ -23,6 +23,8 @@ pub struct MountStats {
     pub memory_hits: AtomicU64,
     pub disk_hits: AtomicU64,
     pub fetch_requests: AtomicU64,
+    /// Fetches of a stream's next window, before reads reached it.
+    pub read_aheads: AtomicU64,
     pub fetched_chunks: AtomicU64,
     pub fetched_bytes: AtomicU64,
     pub corrupt_chunks: AtomicU64,
@@ -97,6 +99,7 @@ impl MountStats {
             memory_hits: get(&self.memory_hits),
             disk_hits: get(&self.disk_hits),
             fetch_requests: get(&self.fetch_requests),
+            read_aheads: get(&self.read_aheads),
             fetched_chunks: get(&self.fetched_chunks),
             fetched_bytes: get(&self.fetched_bytes),
             corrupt_chunks: get(&self.corrupt_chunks),
@@ -143,6 +146,7 @@ impl MountStats {
             (&self.memory_hits, r.memory_hits),
             (&self.disk_hits, r.disk_hits),
             (&self.fetch_requests, r.fetch_requests),
+            (&self.read_aheads, r.read_aheads),
             (&self.fetched_chunks, r.fetched_chunks),
             (&self.fetched_bytes, r.fetched_bytes),
             (&self.corrupt_chunks, r.corrupt_chunks),
@@ -167,6 +171,9 @@ pub struct StatsReport {
     pub memory_hits: u64,
     pub disk_hits: u64,
     pub fetch_requests: u64,
+    /// Of those, fetches of a stream's next window ahead of its reads.
+    #[serde(default)]
+    pub read_aheads: u64,
     /// Chunks and raw bytes fetched from the source, prefetch included.
     pub fetched_chunks: u64,
     pub fetched_bytes: u64,

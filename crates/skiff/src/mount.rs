@@ -37,7 +37,10 @@ pub struct MountFlags {
     /// Cap on the background prefetch rate (0: none)
     #[arg(long, default_value_t = MountSettings::default().prefetch_rate_mb, value_name = "MB/S")]
     prefetch_rate_mb: u64,
-    /// A read that misses fetches this much of the file in one request
+    /// The largest read window: a read that misses fetches what follows it
+    /// in the image (across files, in path order) in the same request,
+    /// 256 KiB at first and twice as much each time reads go on in order,
+    /// up to this
     #[arg(long, default_value_t = MountSettings::default().window_kib, value_name = "KIB")]
     window_kb: u64,
     /// Memory for chunks, per mount
