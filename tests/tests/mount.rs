@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use skiff_format::ChunkId;
 use skiff_tests::proxy::TamperingProxy;
 use skiff_tests::*;
 
@@ -367,12 +368,11 @@ fn a_chunk_that_fails_verification_is_never_returned() {
         fs::read(expected.join("own/b.txt")).unwrap()
     );
     let hex = victim.to_string();
-    assert!(!setup
-        .cache
-        .join("chunks")
-        .join(&hex[..2])
-        .join(&hex)
-        .exists());
+    let stored = skiff_client::stored_chunks(&setup.cache).unwrap();
+    assert!(!stored.is_empty(), "nothing reached the cache");
+    assert!(stored
+        .iter()
+        .all(|(id, data)| *id != victim && ChunkId::of(data) == *id));
     let logs: String = fs::read_dir(setup.run.join("mounts"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -585,9 +585,9 @@ fn read_until_passthrough(mount: &SkiffMount, rel: &str, expected: &Path) {
     }
 }
 
-/// Bytes of chunk and assembled files in a cache directory.
+/// Bytes of packs and assembled files in a cache directory.
 fn cache_bytes(cache: &Path) -> u64 {
-    ["chunks", "files"]
+    ["packs", "files"]
         .iter()
         .flat_map(|dir| walk_paths(&cache.join(dir)))
         .map(|p| fs::metadata(p).unwrap())

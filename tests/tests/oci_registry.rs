@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
@@ -491,7 +491,7 @@ fn a_registry_that_ignores_range_is_read_whole_once() {
     );
     // Read again: all from the local copies.
     let cache = setup.path("cache-whole");
-    fs::remove_dir_all(cache.join("chunks")).unwrap();
+    fs::remove_dir_all(cache.join("packs")).unwrap();
     assert_eq!(
         fs::read(mount.path("usr/share/common.txt")).unwrap(),
         text(1_000_000, 15)
@@ -542,13 +542,9 @@ fn cut_blobs_are_retried_and_tampered_blobs_never_become_data() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     // Frames the flipped byte missed hold good chunks, which may be kept;
     // the cache holds nothing else.
-    let cached = cached_chunks(&setup.path("cache-tampered/chunks"));
-    for (name, data) in &cached {
-        assert_eq!(
-            &ChunkId::of(data).to_string(),
-            name,
-            "a tampered chunk reached the cache"
-        );
+    let cached = skiff_client::stored_chunks(&setup.path("cache-tampered")).unwrap();
+    for (id, data) in &cached {
+        assert_eq!(&ChunkId::of(data), id, "a tampered chunk reached the cache");
     }
     assert!(mount.stat("corrupt_chunks") > 0);
     // The registry recovers, and so does the mount.
@@ -596,24 +592,6 @@ fn convert_publishes_straight_to_a_registry() {
 
 fn registry_manifest(setup: &Setup, repo: &str, tag: &str) -> Value {
     skiff_artifact_manifest(&setup.proxy.url, repo, tag, Some((USER, PASSWORD)))
-}
-
-/// Every file under the chunk cache directory `dir`: its name and bytes.
-fn cached_chunks(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .flat_map(|e| {
-            if e.file_type().unwrap().is_dir() {
-                cached_chunks(&e.path())
-            } else {
-                let name = e.file_name().to_string_lossy().into_owned();
-                vec![(name, fs::read(e.path()).unwrap())]
-            }
-        })
-        .collect()
 }
 
 #[test]

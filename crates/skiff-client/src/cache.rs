@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! CACHE/
-//!   chunks/ab/abcd…   one file per chunk, named by its id, raw bytes
+//!   packs/abcd…       chunks end to end with a table of them (pack_file.rs):
+//!                     what one fetch brought, up to 4 MiB a pack
 //!   files/abcd…       whole files assembled from cached chunks, named by the
 //!                     hash of their chunk list, for FUSE passthrough
 //!   tmp/              files being written (renamed into place when whole)
@@ -13,15 +14,19 @@
 //!                     scan add up (8 bytes, little-endian; flock'd to change)
 //! ```
 //!
-//! A chunk file appears whole or not at all (written aside, then renamed),
-//! and every read checks it against its id, so a crash or a stray write
-//! costs a refetch, never wrong bytes. Recency is the file's mtime, touched
-//! when a chunk is read after a while; eviction removes the least recently
-//! used chunks that no open file of a running process pins.
+//! A pack appears whole or not at all (written aside, then renamed) and is
+//! never changed, and every read checks a chunk against its id, so a crash
+//! or a stray write costs a refetch, never wrong bytes. Each process knows
+//! the packs of the others from a look at `packs/` every quarter second
+//! (the chunks it wrote itself at once). Recency is a pack's mtime, touched
+//! when one of its chunks is read after a while; eviction removes the least
+//! recently used packs none of whose chunks an open file of a running
+//! process pins. An older cache's `chunks/` (a file per chunk) is removed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +34,8 @@ use std::time::{Duration, SystemTime};
 
 use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
+
+use crate::pack_file::{self, Entry, PendingPack};
 
 /// A read refreshes a chunk's recency at most this often.
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
@@ -43,6 +50,61 @@ const KEEPER_EVERY: Duration = Duration::from_millis(250);
 
 /// Tells caches opened in one process apart in `pins/`.
 static INSTANCES: AtomicU64 = AtomicU64::new(0);
+/// Chunks waiting are written as a pack once they reach this many bytes
+/// (or when the fetch that brought them ends),
+const PACK_BYTES: usize = 4 << 20;
+/// or this share of the bound, so eviction (a pack at a time) stays fine-grained.
+const PACKS_PER_BOUND_AT_LEAST: u64 = 16;
+/// Pack files kept open for reads.
+const OPEN_PACKS: usize = 64;
+
+/// Where a cached chunk lies.
+#[derive(Clone)]
+struct Slot {
+    pack: Arc<str>,
+    offset: u64,
+    len: u32,
+}
+
+/// The packs this process knows of, and where each chunk in them lies.
+#[derive(Default)]
+struct PackIndex {
+    chunks: HashMap<ChunkId, Slot>,
+    /// By file name: the chunks each holds.
+    packs: HashMap<Arc<str>, Vec<ChunkId>>,
+    /// `packs/`'s mtime when it was last listed.
+    listed: Option<SystemTime>,
+}
+
+impl PackIndex {
+    fn add(&mut self, name: &str, entries: &[Entry]) {
+        if self.packs.contains_key(name) {
+            return;
+        }
+        let name: Arc<str> = name.into();
+        for entry in entries {
+            // The first pack to hold a chunk keeps it.
+            self.chunks.entry(entry.id).or_insert_with(|| Slot {
+                pack: name.clone(),
+                offset: entry.offset,
+                len: entry.len,
+            });
+        }
+        self.packs
+            .insert(name, entries.iter().map(|e| e.id).collect());
+    }
+
+    fn forget(&mut self, name: &str) {
+        let Some(ids) = self.packs.remove(name) else {
+            return;
+        };
+        for id in ids {
+            if self.chunks.get(&id).is_some_and(|slot| &*slot.pack == name) {
+                self.chunks.remove(&id);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 #[error("chunk cache {path}: {context}: {source}")]
@@ -80,6 +142,11 @@ pub struct ChunkCache {
     /// those it is building (by the hash of their chunk lists).
     verified: Mutex<HashSet<[u8; 32]>>,
     building: Mutex<HashSet<[u8; 32]>>,
+    /// Chunks put and not yet written as a pack.
+    pending: Mutex<PendingPack>,
+    index: Mutex<PackIndex>,
+    /// Packs open for reads, most recent last.
+    open_packs: Mutex<VecDeque<(Arc<str>, Arc<File>)>>,
 }
 
 /// A claim on building one assembled file, given back on drop.
@@ -153,7 +220,7 @@ impl ChunkCache {
                 tracing::warn!("making {} root's alone: {e}", root.display());
             }
         }
-        for dir in ["chunks", "files", "tmp", "pins"].map(|d| root.join(d)) {
+        for dir in ["packs", "files", "tmp", "pins"].map(|d| root.join(d)) {
             fs::create_dir_all(&dir).map_err(|source| CacheError {
                 path: root.to_owned(),
                 context: "creating the cache directory",
@@ -175,7 +242,12 @@ impl ChunkCache {
             evicting: Mutex::new(()),
             verified: Mutex::default(),
             building: Mutex::default(),
+            pending: Mutex::default(),
+            index: Mutex::default(),
+            open_packs: Mutex::default(),
         });
+        cache.refresh();
+        cache.clear_legacy_chunks();
         let this = Arc::downgrade(&cache);
         std::thread::Builder::new()
             .name("cache-keeper".into())
@@ -184,6 +256,18 @@ impl ChunkCache {
                 let mut scan = true;
                 loop {
                     let Some(cache) = this.upgrade() else { return };
+                    let stale = cache
+                        .pending
+                        .lock()
+                        .expect("pending pack poisoned")
+                        .since()
+                        .is_some_and(|since| since.elapsed() >= KEEPER_EVERY);
+                    if stale {
+                        if let Err(e) = cache.flush() {
+                            tracing::warn!("{e}");
+                        }
+                    }
+                    cache.refresh();
                     if cache.pins_changed.swap(false, Ordering::Relaxed) {
                         if let Err(e) = cache.publish_pins() {
                             cache.pins_changed.store(true, Ordering::Relaxed);
@@ -228,9 +312,28 @@ impl ChunkCache {
         self.approx_bytes.load(Ordering::Relaxed)
     }
 
-    fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_string();
-        self.root.join("chunks").join(&hex[..2]).join(hex)
+    /// Moves away and removes, in the background, the `chunks/` of an older
+    /// skiff's cache (a file per chunk), which nothing reads any more.
+    fn clear_legacy_chunks(&self) {
+        let legacy = self.root.join("chunks");
+        if !legacy.is_dir() {
+            return;
+        }
+        let aside = self.root.join("tmp").join(format!(
+            "legacy-chunks-{}-{}",
+            std::process::id(),
+            INSTANCES.fetch_add(1, Ordering::Relaxed)
+        ));
+        if fs::rename(&legacy, &aside).is_ok() {
+            tracing::info!("removing the older cache layout in {}", legacy.display());
+            let _ = std::thread::Builder::new()
+                .name("cache-legacy".into())
+                .spawn(move || fs::remove_dir_all(&aside));
+        }
+    }
+
+    fn pack_path(&self, name: &str) -> PathBuf {
+        self.root.join("packs").join(name)
     }
 
     fn error(&self, context: &'static str) -> impl FnOnce(io::Error) -> CacheError + '_ {
@@ -242,39 +345,167 @@ impl ChunkCache {
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.chunk_path(id).exists()
+        self.index
+            .lock()
+            .expect("pack index poisoned")
+            .chunks
+            .contains_key(id)
+            || self
+                .pending
+                .lock()
+                .expect("pending pack poisoned")
+                .get(id)
+                .is_some()
     }
 
-    /// The chunk if it is cached and intact. A file that does not match its
-    /// id (a torn write, a bad disk) is removed and reported as absent.
+    /// The chunk if it is cached and intact. A pack holding bytes that do
+    /// not match the id (a torn write, a bad disk) is removed, and the chunk
+    /// reported as absent.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        let path = self.chunk_path(id);
-        let mut file = File::open(&path).ok()?;
-        let mut data = Vec::new();
-        io::Read::read_to_end(&mut file, &mut data).ok()?;
-        if ChunkId::of(&data) != *id {
-            tracing::warn!("cached chunk {id} is damaged; removing it");
-            let _ = fs::remove_file(&path);
+        if let Some(data) = self.pending.lock().expect("pending pack poisoned").get(id) {
+            return Some(data.to_vec());
+        }
+        let slot = self
+            .index
+            .lock()
+            .expect("pack index poisoned")
+            .chunks
+            .get(id)
+            .cloned()?;
+        let Some(file) = self.open_pack(&slot.pack) else {
+            // Evicted by another process since this one last looked.
+            self.forget_pack(&slot.pack);
+            return None;
+        };
+        let mut data = vec![0u8; slot.len as usize];
+        let intact =
+            file.read_exact_at(&mut data, slot.offset).is_ok() && ChunkId::of(&data) == *id;
+        if !intact {
+            tracing::warn!(
+                "cached chunk {id} is damaged; removing its pack {}",
+                slot.pack
+            );
+            let _ = fs::remove_file(self.pack_path(&slot.pack));
+            self.forget_pack(&slot.pack);
             return None;
         }
         touch_if_stale(&file);
         Some(data)
     }
 
-    /// Caches a chunk the caller has verified. Writing a chunk that is
-    /// already there, or racing another process to write it, is harmless.
+    /// Caches a chunk the caller has verified; it is written with the
+    /// chunks put after it as one pack, at [`ChunkCache::flush`] or once
+    /// they fill one. A chunk already there is not put again; racing
+    /// another process to write it is harmless.
     pub fn put(&self, id: &ChunkId, data: &[u8]) -> Result<(), CacheError> {
-        let path = self.chunk_path(id);
-        if path.exists() {
+        if self.contains(id) {
             return Ok(());
         }
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(self.error("creating a chunk directory"))?;
+        let full = {
+            let mut pending = self.pending.lock().expect("pending pack poisoned");
+            pending.push(*id, data);
+            pending.bytes() as u64 >= self.pack_bytes()
+        };
+        if full {
+            self.flush()?;
         }
-        // No fsync: a chunk torn by a crash fails its check and is fetched again.
-        self.write_atomically(&path, false, |file| file.write_all(data))?;
-        self.wrote(data.len() as u64);
         Ok(())
+    }
+
+    /// How big a pack grows.
+    fn pack_bytes(&self) -> u64 {
+        (PACK_BYTES as u64).min(self.max_bytes / PACKS_PER_BOUND_AT_LEAST)
+    }
+
+    /// Writes the chunks put so far as one pack.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending pack poisoned"));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (name, bytes, entries) = pending.encode();
+        // No fsync: a pack torn by a crash fails its checks and is fetched again.
+        self.write_atomically(&self.pack_path(&name), false, |file| file.write_all(&bytes))?;
+        self.index
+            .lock()
+            .expect("pack index poisoned")
+            .add(&name, &entries);
+        self.wrote(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Learns the packs other processes wrote and forgets those they
+    /// evicted, if `packs/` changed since the last look.
+    fn refresh(&self) {
+        let dir = self.root.join("packs");
+        let Ok(changed) = fs::metadata(&dir).and_then(|m| m.modified()) else {
+            return;
+        };
+        if self.index.lock().expect("pack index poisoned").listed == Some(changed) {
+            return;
+        }
+        let Ok(listing) = fs::read_dir(&dir) else {
+            return;
+        };
+        let names: HashSet<String> = listing
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        let (gone, new): (Vec<Arc<str>>, Vec<String>) = {
+            let index = self.index.lock().expect("pack index poisoned");
+            let gone = index
+                .packs
+                .keys()
+                .filter(|name| !names.contains(&***name))
+                .cloned()
+                .collect();
+            let new = names
+                .into_iter()
+                .filter(|name| !index.packs.contains_key(name.as_str()))
+                .collect();
+            (gone, new)
+        };
+        for name in gone {
+            self.forget_pack(&name);
+        }
+        // Tables are read without the lock: reads go on meanwhile.
+        let tables: Vec<(String, Vec<Entry>)> = new
+            .into_iter()
+            .filter_map(|name| {
+                let file = File::open(self.pack_path(&name)).ok()?;
+                let table = pack_file::read_table(&file).ok()??;
+                Some((name, table))
+            })
+            .collect();
+        let mut index = self.index.lock().expect("pack index poisoned");
+        for (name, table) in tables {
+            index.add(&name, &table);
+        }
+        index.listed = Some(changed);
+    }
+
+    fn open_pack(&self, name: &Arc<str>) -> Option<Arc<File>> {
+        let mut open = self.open_packs.lock().expect("open packs poisoned");
+        if let Some(at) = open.iter().position(|(n, _)| n == name) {
+            let entry = open.remove(at)?;
+            let file = entry.1.clone();
+            open.push_back(entry);
+            return Some(file);
+        }
+        let file = Arc::new(File::open(self.pack_path(name)).ok()?);
+        if open.len() >= OPEN_PACKS {
+            open.pop_front();
+        }
+        open.push_back((name.clone(), file.clone()));
+        Some(file)
+    }
+
+    fn forget_pack(&self, name: &str) {
+        self.index.lock().expect("pack index poisoned").forget(name);
+        self.open_packs
+            .lock()
+            .expect("open packs poisoned")
+            .retain(|(n, _)| &**n != name);
     }
 
     /// Writes a file aside in tmp/ and renames it to `path`, so that readers
@@ -460,6 +691,7 @@ impl ChunkCache {
             .map_err(self.error("opening evict.lock"))?;
         lock.lock().map_err(self.error("locking evict.lock"))?;
 
+        self.flush()?;
         self.remove_stale_temps();
         // The scan sees what this process wrote so far: it need not be added
         // again. What others publish while it runs is added to its result.
@@ -467,7 +699,7 @@ impl ChunkCache {
         let published_before = self.update_usage(|usage| usage)?;
         let mut entries = self.scan()?;
         let mut report = EvictReport {
-            chunks_before: entries.len() as u64,
+            chunks_before: entries.iter().map(|e| e.chunks.len() as u64).sum(),
             bytes_before: entries.iter().map(|e| e.len).sum(),
             ..EvictReport::default()
         };
@@ -480,14 +712,17 @@ impl ChunkCache {
                 if total <= target {
                     break;
                 }
-                if entry.id.is_some_and(|id| pins.contains(&id)) {
+                if entry.chunks.iter().any(|id| pins.contains(id)) {
                     continue;
                 }
                 match fs::remove_file(&entry.path) {
                     Ok(()) => {
                         total -= entry.len;
-                        report.chunks_removed += 1;
+                        report.chunks_removed += entry.chunks.len() as u64;
                         report.bytes_removed += entry.len;
+                        if let Some(name) = &entry.pack {
+                            self.forget_pack(name);
+                        }
                     }
                     // Another process evicted it first.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => total -= entry.len,
@@ -544,30 +779,43 @@ impl ChunkCache {
         Ok(total)
     }
 
-    /// Every chunk file and assembled file, with its size and last use.
+    /// Every pack and assembled file, with its size, last use and chunks.
     fn scan(&self) -> Result<Vec<CachedFile>, CacheError> {
+        self.refresh();
         let mut entries = Vec::new();
-        let chunks = self.root.join("chunks");
-        for dir in fs::read_dir(&chunks).map_err(self.error("listing chunks/"))? {
-            let Ok(dir) = dir else { continue };
-            let Ok(files) = fs::read_dir(dir.path()) else {
+        let packs = self.root.join("packs");
+        for file in fs::read_dir(&packs)
+            .map_err(self.error("listing packs/"))?
+            .flatten()
+        {
+            let Ok(name) = file.file_name().into_string() else {
                 continue;
             };
-            for file in files.flatten() {
-                let Some(id) = file
-                    .file_name()
-                    .to_str()
-                    .and_then(|name| name.parse::<ChunkId>().ok())
-                else {
-                    continue;
-                };
-                entries.extend(CachedFile::of(&file, Some(id)));
-            }
+            let known = self
+                .index
+                .lock()
+                .expect("pack index poisoned")
+                .packs
+                .get(name.as_str())
+                .cloned();
+            // Written since the refresh, or not a pack (torn, foreign: it
+            // goes first, with no chunks to spare it).
+            let chunks = known.unwrap_or_else(|| {
+                let table = File::open(file.path())
+                    .ok()
+                    .and_then(|f| pack_file::read_table(&f).ok().flatten());
+                table.map_or_else(Vec::new, |table| {
+                    let mut index = self.index.lock().expect("pack index poisoned");
+                    index.add(&name, &table);
+                    table.iter().map(|e| e.id).collect()
+                })
+            });
+            entries.extend(CachedFile::of(&file, Some(name), chunks));
         }
         // Assembled files: an open one stays readable after removal.
         if let Ok(files) = fs::read_dir(self.root.join("files")) {
             for file in files.flatten() {
-                entries.extend(CachedFile::of(&file, None));
+                entries.extend(CachedFile::of(&file, None, Vec::new()));
             }
         }
         Ok(entries)
@@ -583,6 +831,22 @@ impl ChunkCache {
             }
         }
     }
+}
+
+/// Every chunk the packs of the cache at `root` hold, as stored (not
+/// checked against its id): for inspecting a cache, and for tests that
+/// must see what reached the disk.
+pub fn stored_chunks(root: &Path) -> io::Result<Vec<(ChunkId, Vec<u8>)>> {
+    let mut chunks = Vec::new();
+    for entry in fs::read_dir(root.join("packs"))?.flatten() {
+        let file = File::open(entry.path())?;
+        for e in pack_file::read_table(&file)?.unwrap_or_default() {
+            let mut data = vec![0u8; e.len as usize];
+            file.read_exact_at(&mut data, e.offset)?;
+            chunks.push((e.id, data));
+        }
+    }
+    Ok(chunks)
 }
 
 fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
@@ -618,8 +882,10 @@ pub fn process_is_running(pid: u32) -> bool {
 }
 
 struct CachedFile {
-    /// The chunk it holds; `None` for an assembled file.
-    id: Option<ChunkId>,
+    /// The pack's name; `None` for an assembled file.
+    pack: Option<String>,
+    /// The chunks a pack holds.
+    chunks: Vec<ChunkId>,
     path: PathBuf,
     len: u64,
     used: SystemTime,
@@ -627,13 +893,19 @@ struct CachedFile {
 
 impl CachedFile {
     /// `None` if it went away since the listing (another process evicted it).
-    fn of(entry: &fs::DirEntry, id: Option<ChunkId>) -> Option<CachedFile> {
+    fn of(entry: &fs::DirEntry, pack: Option<String>, chunks: Vec<ChunkId>) -> Option<CachedFile> {
         let meta = entry.metadata().ok()?;
+        let used = if pack.is_some() && chunks.is_empty() {
+            SystemTime::UNIX_EPOCH
+        } else {
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)
+        };
         Some(CachedFile {
-            id,
+            pack,
+            chunks,
             path: entry.path(),
             len: meta.len(),
-            used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            used,
         })
     }
 }
@@ -648,13 +920,29 @@ mod tests {
         (ChunkId::of(&data), data)
     }
 
+    /// Puts a chunk in a pack of its own.
+    fn put_alone(cache: &ChunkCache, id: &ChunkId, data: &[u8]) {
+        cache.put(id, data).unwrap();
+        cache.flush().unwrap();
+    }
+
+    fn pack_of(cache: &ChunkCache, id: &ChunkId) -> PathBuf {
+        let index = cache.index.lock().unwrap();
+        cache.pack_path(&index.chunks[id].pack)
+    }
+
     fn age(cache: &ChunkCache, id: &ChunkId, secs: u64) {
         let file = File::options()
             .write(true)
-            .open(cache.chunk_path(id))
+            .open(pack_of(cache, id))
             .unwrap();
         file.set_modified(SystemTime::now() - Duration::from_secs(secs))
             .unwrap();
+    }
+
+    /// A chunk whose pack of its own is `bytes` long on disk.
+    fn packed_chunk(n: u8, bytes: usize) -> (ChunkId, Vec<u8>) {
+        chunk(n, bytes - 44 - 12)
     }
 
     #[test]
@@ -675,36 +963,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
         let (id, data) = chunk(1, 1000);
+        let (other, other_data) = chunk(2, 700);
         assert!(cache.get(&id).is_none());
         cache.put(&id, &data).unwrap();
         cache.put(&id, &data).unwrap();
         assert!(cache.contains(&id));
+        assert_eq!(cache.get(&id).unwrap(), data, "waiting to be written");
+        cache.put(&other, &other_data).unwrap();
+        cache.flush().unwrap();
         assert_eq!(cache.get(&id).unwrap(), data);
-        fs::write(cache.chunk_path(&id), b"not the chunk").unwrap();
+        assert_eq!(cache.get(&other).unwrap(), other_data);
+        // Both in one pack, written once.
+        let packs = fs::read_dir(dir.path().join("packs")).unwrap().count();
+        assert_eq!(packs, 1);
+        let pack = pack_of(&cache, &id);
+        let mut bytes = fs::read(&pack).unwrap();
+        bytes[10] ^= 1;
+        fs::write(&pack, &bytes).unwrap();
         assert!(cache.get(&id).is_none());
-        assert!(!cache.contains(&id), "a damaged chunk is removed");
+        assert!(!cache.contains(&id), "a damaged chunk is dropped");
+        assert!(!pack.exists(), "with its pack");
+        assert!(!cache.contains(&other));
     }
 
     #[test]
     fn eviction_removes_the_least_recently_used_unpinned_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(dir.path(), 10_000).unwrap();
-        let chunks: Vec<_> = (0..5).map(|n| chunk(n, 3000)).collect();
+        let chunks: Vec<_> = (0..5).map(|n| packed_chunk(n, 3000)).collect();
         for (n, (id, data)) in chunks.iter().enumerate().take(3) {
-            cache.put(id, data).unwrap();
+            put_alone(&cache, id, data);
             age(&cache, id, 1000 - n as u64 * 100);
         }
         // Oldest first: 0, 1, 2. Reading 0 refreshes it; pinning 1 keeps it.
         assert!(cache.get(&chunks[0].0).is_some());
         cache.pin(&[chunks[1].0]);
-        cache.put(&chunks[3].0, &chunks[3].1).unwrap();
+        put_alone(&cache, &chunks[3].0, &chunks[3].1);
         cache.evict().unwrap();
         // 12,000 bytes > 10,000: evict down to 9,000 by dropping the LRU unpinned chunk (2).
         let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
         assert_eq!(present, [true, true, false, true, false]);
         assert_eq!(cache.approx_bytes(), 9000);
         cache.unpin(&[chunks[1].0]);
-        cache.put(&chunks[4].0, &chunks[4].1).unwrap();
+        put_alone(&cache, &chunks[4].0, &chunks[4].1);
         cache.evict().unwrap();
         let present: Vec<bool> = chunks.iter().map(|(id, _)| cache.contains(id)).collect();
         assert_eq!(present, [true, false, false, true, true]);
@@ -735,7 +1036,9 @@ mod tests {
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut file, &mut bytes).unwrap();
         assert_eq!(bytes, [a.1.clone(), b.1.clone(), a.1.clone()].concat());
-        assert_eq!(cache.evict().unwrap().bytes_before, 1000 + 500 + 2500);
+        // One pack of both chunks (with its table of two), and the file.
+        let pack = 1000 + 500 + 2 * 44 + 12;
+        assert_eq!(cache.evict().unwrap().bytes_before, pack + 2500);
 
         // Another process (a new cache on the same directory) hands out
         // nothing it has not checked; a file damaged since is made again.
@@ -765,12 +1068,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let other = ChunkCache::open(dir.path(), 1 << 30).unwrap();
         let cache = ChunkCache::open(dir.path(), 5000).unwrap();
-        let (old, new) = (chunk(1, 3000), chunk(2, 3000));
-        cache.put(&old.0, &old.1).unwrap();
+        let (old, new) = (packed_chunk(1, 3000), packed_chunk(2, 3000));
+        put_alone(&cache, &old.0, &old.1);
         age(&cache, &old.0, 1000);
         other.pin(&[old.0]);
         other.publish_pins().unwrap();
-        cache.put(&new.0, &new.1).unwrap();
+        put_alone(&cache, &new.0, &new.1);
         cache.evict().unwrap();
         assert!(cache.contains(&old.0), "pinned by the other cache");
         assert!(!cache.contains(&new.0), "the only chunk it could evict");
@@ -789,7 +1092,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         fs::write(dir.path().join("pins/999999999-0"), old.0.as_bytes()).unwrap();
-        cache.put(&new.0, &new.1).unwrap();
+        put_alone(&cache, &new.0, &new.1);
         cache.evict().unwrap();
         assert!(!cache.contains(&old.0));
         assert!(!dir.path().join("pins/999999999-0").exists());
@@ -800,16 +1103,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = ChunkCache::open(dir.path(), 1 << 30).unwrap();
         let b = ChunkCache::open(dir.path(), 1 << 30).unwrap();
-        let (id, data) = chunk(9, 5000);
-        a.put(&id, &data).unwrap();
+        let (id, data) = packed_chunk(9, 5000);
+        put_alone(&a, &id, &data);
+        b.refresh();
         assert_eq!(b.get(&id).unwrap(), data);
         assert_eq!(b.evict().unwrap().bytes_before, 5000);
         assert_eq!(b.approx_bytes(), 5000);
+        // What the other evicts, this one forgets at its next look.
+        fs::remove_file(pack_of(&a, &id)).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        b.refresh();
+        assert!(!b.contains(&id));
+        // A cache an older skiff left (a file per chunk) is cleared.
+        fs::create_dir_all(dir.path().join("chunks/ab")).unwrap();
+        fs::write(dir.path().join("chunks/ab/abcd"), b"old").unwrap();
+        drop(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        assert!(!dir.path().join("chunks").exists());
     }
 
-    /// Bytes of chunk files under `root`.
+    /// Bytes of packs under `root`.
     fn on_disk(root: &Path) -> u64 {
-        walk_files(&root.join("chunks"))
+        walk_files(&root.join("packs"))
     }
 
     fn walk_files(dir: &Path) -> u64 {

@@ -6,11 +6,12 @@
 mod cache;
 mod client;
 mod error;
+mod pack_file;
 mod registry;
 mod source;
 mod transfer;
 
-pub use cache::{process_is_running, CacheError, ChunkCache, EvictReport};
+pub use cache::{process_is_running, stored_chunks, CacheError, ChunkCache, EvictReport};
 pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
 pub use registry::{

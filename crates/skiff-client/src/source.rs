@@ -49,13 +49,18 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
         ids: &[ChunkId],
         each: &mut dyn FnMut(ChunkId, Vec<u8>),
     ) -> Result<(), SourceError> {
-        self.remote.fetch(ids, &mut |id, data| {
+        let fetched = self.remote.fetch(ids, &mut |id, data| {
             // A full or failing disk costs refetches later, not this read.
             if let Err(e) = self.cache.put(&id, &data) {
                 tracing::warn!("{e}");
             }
             each(id, data);
-        })
+        });
+        // What one fetch brought is one pack (or a few, for a long one).
+        if let Err(e) = self.cache.flush() {
+            tracing::warn!("{e}");
+        }
+        fetched
     }
 
     fn local(&self, id: &ChunkId) -> Option<Vec<u8>> {

@@ -15,7 +15,8 @@ use skiff_source::{ChunkSource, SourceError};
 use crate::readahead::{Layout, Streams, Window, WindowLimits};
 use crate::stats::MountStats;
 
-pub type ChunkBytes = Arc<[u8]>;
+/// A chunk in memory, shared without copies (a `Vec` from the source becomes one as it is).
+pub type ChunkBytes = bytes::Bytes;
 
 #[derive(Clone)]
 struct ByLength;

@@ -1,6 +1,6 @@
 //! The read-only file system the kernel talks to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -93,6 +93,9 @@ pub struct SkiffFs {
     /// Files assembled for passthrough, on threads of their own: a build
     /// writes and syncs a whole file, and reads must not queue behind it.
     assembly: WaitPool,
+    /// Inodes opened at least once: a file is assembled for passthrough
+    /// when it is opened again, not for a scan that reads everything once.
+    opened_before: Mutex<HashSet<INodeNo>>,
     next_handle: AtomicU64,
     open: Mutex<OpenTable>,
     inodes: Mutex<HashMap<INodeNo, InodeOpens>>,
@@ -121,6 +124,7 @@ impl SkiffFs {
             fetcher,
             network,
             assembly,
+            opened_before: Mutex::default(),
             next_handle: AtomicU64::new(1),
             open: Mutex::new(OpenTable::default()),
             inodes: Mutex::new(HashMap::new()),
@@ -198,6 +202,14 @@ impl SkiffFs {
             return None;
         }
         let Some(file) = self.fetcher.source().assembled(chunks, false) else {
+            let first_open = self
+                .opened_before
+                .lock()
+                .expect("open log poisoned")
+                .insert(ino);
+            if first_open {
+                return None;
+            }
             // Checks a copy an earlier process made (its chunks may be long
             // evicted), or makes one if every chunk is here.
             let (fetcher, chunks) = (self.fetcher.clone(), chunks.to_vec());
@@ -245,6 +257,17 @@ fn adopt_backing(reply: &ReplyOpen, raw: u32) -> BackingId {
     // release, which closes it, before closing it. Only this inode's entry
     // holds it, and it is wrapped once.
     unsafe { reply.wrap_backing(raw) }
+}
+
+/// Answers a read with the bytes `offset..offset + len` of a file, from the
+/// chunks that hold them (the first starting at `first_start`): a range
+/// inside one chunk goes out as a slice of it, without a copy.
+fn reply_with(reply: ReplyData, chunks: &[ChunkBytes], first_start: u64, offset: u64, len: usize) {
+    let skip = (offset - first_start) as usize;
+    match chunks.first() {
+        Some(chunk) if skip + len <= chunk.len() => reply.data(&chunk[skip..skip + len]),
+        _ => reply.data(&assemble(chunks, first_start, offset, len)),
+    }
 }
 
 /// The bytes `offset..offset + len` of a file, cut from the chunks that hold them.
@@ -483,7 +506,7 @@ impl Filesystem for SkiffFs {
         // At hand without the network: answer on this thread.
         if let Some(chunks) = self.fetcher.all_cached(span.chunks) {
             self.fetcher.stats.record_read(len, started.elapsed());
-            return reply.data(&assemble(&chunks, span.start, offset, len));
+            return reply_with(reply, &chunks, span.start, offset, len);
         }
         let (tree, fetcher) = (self.tree.clone(), self.fetcher.clone());
         let (first, count, start) = (span.first, span.chunks.len(), span.start);
@@ -492,7 +515,7 @@ impl Filesystem for SkiffFs {
             match fetcher.get(ino.0, first == 0, &chunks[..count.min(chunks.len())]) {
                 Ok(chunks) => {
                     fetcher.stats.record_read(len, started.elapsed());
-                    reply.data(&assemble(&chunks, start, offset, len));
+                    reply_with(reply, &chunks, start, offset, len);
                 }
                 Err(e) => {
                     MountStats::add(&fetcher.stats.failed_reads, 1);
