@@ -65,6 +65,7 @@ fn serve(
         parts.next().unwrap_or("/").to_owned(),
     );
     let mut content_length = 0usize;
+    let mut accept = None;
     loop {
         let mut line = String::new();
         reader.read_line(&mut line)?;
@@ -72,6 +73,9 @@ fn serve(
             break;
         }
         if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("accept") {
+                accept = Some(value.trim().to_owned());
+            }
             if name.eq_ignore_ascii_case("content-length") {
                 content_length = value.trim().parse().unwrap_or(0);
             }
@@ -87,11 +91,14 @@ fn serve(
 
     let client = reqwest::blocking::Client::new();
     let url = format!("{upstream}{path}");
-    let request = match method.as_str() {
+    let mut request = match method.as_str() {
         "POST" => client.post(&url).body(body),
         "HEAD" => client.head(&url),
         _ => client.get(&url),
     };
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
     let (status, content_type, mut answer) = match request.send() {
         Ok(response) => {
             let status = response.status().as_u16();
@@ -112,8 +119,31 @@ fn serve(
     if path == "/v1/chunks/fetch" && status == 200 {
         let mut records = RecordReader::new(answer.as_slice());
         let mut rewritten = Vec::new();
+        let mut split = Vec::new();
         while let Ok(Some(record)) = records.next_record() {
+            // A frame as the server stores it: split into chunk records,
+            // so a victim can be swapped without touching its neighbours.
+            if let ChunkRecord::Frame {
+                chunks,
+                raw_len,
+                frame,
+            } = &record
+            {
+                let raw = zstd::bulk::decompress(frame, *raw_len as usize)?;
+                for chunk in chunks {
+                    let data = &raw[chunk.offset as usize..(chunk.offset + chunk.len) as usize];
+                    split.push(ChunkRecord::Chunk {
+                        id: chunk.id,
+                        wire: zstd::encode_all(data, 3)?,
+                    });
+                }
+                continue;
+            }
+            split.push(record);
+        }
+        for record in split {
             match record {
+                ChunkRecord::Frame { .. } => unreachable!("frames were split"),
                 ChunkRecord::Chunk { id, .. } if victims.contains(&id) => {
                     tampered.fetch_add(1, Ordering::SeqCst);
                     let other = zstd::encode_all(&b"these are not the chunk's bytes"[..], 3)?;

@@ -368,7 +368,13 @@ fn a_chunk_that_fails_verification_is_never_returned() {
         fs::read(expected.join("own/b.txt")).unwrap()
     );
     let hex = victim.to_string();
-    let stored = skiff_client::stored_chunks(&setup.cache).unwrap();
+    // A fetch writes its pack once it ends, a moment after its reads are answered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stored = skiff_client::stored_chunks(&setup.cache).unwrap();
+    while stored.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        stored = skiff_client::stored_chunks(&setup.cache).unwrap();
+    }
     assert!(!stored.is_empty(), "nothing reached the cache");
     assert!(stored
         .iter()

@@ -294,8 +294,57 @@ fn every_route_serves_what_push_sent_and_pull_gets_the_same_bytes() {
                 assert_eq!(ChunkId::of(&zstd::decode_all(&wire[..]).unwrap()), *id);
             }
             ChunkRecord::Missing(got) => assert_eq!((got, id), (&unknown, &unknown)),
+            ChunkRecord::Frame { .. } => panic!("a frame record to a client that did not ask"),
         }
     }
+
+    // The same to a client that takes frames: each id once, whole frames as stored.
+    let answer = http
+        .post(url("/v1/chunks/fetch"))
+        .header("accept", wire::FRAME_RECORDS_CONTENT_TYPE)
+        .body(wire::encode_ids(&ask))
+        .send()
+        .unwrap();
+    assert_eq!(
+        answer.headers()["content-type"],
+        wire::FRAME_RECORDS_CONTENT_TYPE
+    );
+    let body = answer.bytes().unwrap();
+    let mut delivered = Vec::new();
+    let (mut frames, mut missing) = (0, Vec::new());
+    for record in records(&body) {
+        match record {
+            ChunkRecord::Chunk { id, wire } => {
+                assert_eq!(ChunkId::of(&zstd::decode_all(&wire[..]).unwrap()), id);
+                delivered.push(id);
+            }
+            ChunkRecord::Frame {
+                chunks,
+                raw_len,
+                frame,
+            } => {
+                frames += 1;
+                let raw = zstd::bulk::decompress(&frame, raw_len as usize).unwrap();
+                assert_eq!(raw.len(), raw_len as usize);
+                for c in chunks {
+                    let data = &raw[c.offset as usize..(c.offset + c.len) as usize];
+                    assert_eq!(ChunkId::of(data), c.id);
+                    delivered.push(c.id);
+                }
+            }
+            ChunkRecord::Missing(id) => missing.push(id),
+        }
+    }
+    assert_eq!(missing, [unknown]);
+    assert!(
+        frames > 0,
+        "every chunk of the image asked for, and no frame sent whole"
+    );
+    let mut want: Vec<ChunkId> = ids.clone();
+    want.sort();
+    want.dedup();
+    delivered.sort();
+    assert_eq!(delivered, want, "each chunk once");
 
     // Which are missing.
     let missing = http

@@ -57,6 +57,8 @@ const PACK_BYTES: usize = 4 << 20;
 const PACKS_PER_BOUND_AT_LEAST: u64 = 16;
 /// Pack files kept open for reads.
 const OPEN_PACKS: usize = 64;
+/// `tmp/` names of an older cache's `chunks/` being removed.
+const LEGACY_PREFIX: &str = "legacy-chunks-";
 
 /// Where a cached chunk lies.
 #[derive(Clone)]
@@ -69,7 +71,9 @@ struct Slot {
 /// The packs this process knows of, and where each chunk in them lies.
 #[derive(Default)]
 struct PackIndex {
-    chunks: HashMap<ChunkId, Slot>,
+    /// Every pack known to hold each chunk (two processes may have written
+    /// it at once), the first added first.
+    chunks: HashMap<ChunkId, Vec<Slot>>,
     /// By file name: the chunks each holds.
     packs: HashMap<Arc<str>, Vec<ChunkId>>,
     /// `packs/`'s mtime when it was last listed.
@@ -83,8 +87,7 @@ impl PackIndex {
         }
         let name: Arc<str> = name.into();
         for entry in entries {
-            // The first pack to hold a chunk keeps it.
-            self.chunks.entry(entry.id).or_insert_with(|| Slot {
+            self.chunks.entry(entry.id).or_default().push(Slot {
                 pack: name.clone(),
                 offset: entry.offset,
                 len: entry.len,
@@ -99,12 +102,24 @@ impl PackIndex {
             return;
         };
         for id in ids {
-            if self.chunks.get(&id).is_some_and(|slot| &*slot.pack == name) {
-                self.chunks.remove(&id);
+            // Another pack that holds it still does.
+            if let Some(slots) = self.chunks.get_mut(&id) {
+                slots.retain(|slot| &*slot.pack != name);
+                if slots.is_empty() {
+                    self.chunks.remove(&id);
+                }
             }
         }
     }
+
+    fn slot(&self, id: &ChunkId) -> Option<Slot> {
+        self.chunks.get(id)?.first().cloned()
+    }
 }
+
+/// A directory mtime this recent may not show a change made in the same
+/// clock tick: `packs/` is listed again until its mtime is older.
+const MTIME_SETTLES: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 #[error("chunk cache {path}: {context}: {source}")]
@@ -316,19 +331,35 @@ impl ChunkCache {
     /// skiff's cache (a file per chunk), which nothing reads any more.
     fn clear_legacy_chunks(&self) {
         let legacy = self.root.join("chunks");
-        if !legacy.is_dir() {
-            return;
+        let tmp = self.root.join("tmp");
+        if legacy.is_dir() {
+            let aside = tmp.join(format!(
+                "{LEGACY_PREFIX}{}-{}",
+                std::process::id(),
+                INSTANCES.fetch_add(1, Ordering::Relaxed)
+            ));
+            if fs::rename(&legacy, &aside).is_ok() {
+                tracing::info!("removing the older cache layout in {}", legacy.display());
+            }
         }
-        let aside = self.root.join("tmp").join(format!(
-            "legacy-chunks-{}-{}",
-            std::process::id(),
-            INSTANCES.fetch_add(1, Ordering::Relaxed)
-        ));
-        if fs::rename(&legacy, &aside).is_ok() {
-            tracing::info!("removing the older cache layout in {}", legacy.display());
+        // Also what a process that exited mid-way left.
+        let leftovers: Vec<PathBuf> = fs::read_dir(&tmp)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(LEGACY_PREFIX))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !leftovers.is_empty() {
             let _ = std::thread::Builder::new()
                 .name("cache-legacy".into())
-                .spawn(move || fs::remove_dir_all(&aside));
+                .spawn(move || {
+                    for dir in leftovers {
+                        let _ = fs::remove_dir_all(dir);
+                    }
+                });
         }
     }
 
@@ -345,17 +376,20 @@ impl ChunkCache {
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.index
+        // Locks in order (pending, then index), one at a time.
+        let pending = self
+            .pending
             .lock()
-            .expect("pack index poisoned")
-            .chunks
-            .contains_key(id)
+            .expect("pending pack poisoned")
+            .get(id)
+            .is_some();
+        pending
             || self
-                .pending
+                .index
                 .lock()
-                .expect("pending pack poisoned")
-                .get(id)
-                .is_some()
+                .expect("pack index poisoned")
+                .chunks
+                .contains_key(id)
     }
 
     /// The chunk if it is cached and intact. A pack holding bytes that do
@@ -365,13 +399,7 @@ impl ChunkCache {
         if let Some(data) = self.pending.lock().expect("pending pack poisoned").get(id) {
             return Some(data.to_vec());
         }
-        let slot = self
-            .index
-            .lock()
-            .expect("pack index poisoned")
-            .chunks
-            .get(id)
-            .cloned()?;
+        let slot = self.index.lock().expect("pack index poisoned").slot(id)?;
         let Some(file) = self.open_pack(&slot.pack) else {
             // Evicted by another process since this one last looked.
             self.forget_pack(&slot.pack);
@@ -398,11 +426,18 @@ impl ChunkCache {
     /// they fill one. A chunk already there is not put again; racing
     /// another process to write it is harmless.
     pub fn put(&self, id: &ChunkId, data: &[u8]) -> Result<(), CacheError> {
-        if self.contains(id) {
-            return Ok(());
-        }
         let full = {
             let mut pending = self.pending.lock().expect("pending pack poisoned");
+            let known = pending.get(id).is_some()
+                || self
+                    .index
+                    .lock()
+                    .expect("pack index poisoned")
+                    .chunks
+                    .contains_key(id);
+            if known {
+                return Ok(());
+            }
             pending.push(*id, data);
             pending.bytes() as u64 >= self.pack_bytes()
         };
@@ -419,17 +454,23 @@ impl ChunkCache {
 
     /// Writes the chunks put so far as one pack.
     pub fn flush(&self) -> Result<(), CacheError> {
-        let pending = std::mem::take(&mut *self.pending.lock().expect("pending pack poisoned"));
+        // Held throughout: the chunks stay readable from memory until the
+        // pack is in the index.
+        let mut pending = self.pending.lock().expect("pending pack poisoned");
         if pending.is_empty() {
             return Ok(());
         }
-        let (name, bytes, entries) = pending.encode();
+        let (name, bytes, entries) = std::mem::take(&mut *pending).encode();
+        // Recreated if someone removed it (deleting the cache is allowed).
+        fs::create_dir_all(self.root.join("packs"))
+            .map_err(self.error("creating the packs directory"))?;
         // No fsync: a pack torn by a crash fails its checks and is fetched again.
         self.write_atomically(&self.pack_path(&name), false, |file| file.write_all(&bytes))?;
         self.index
             .lock()
             .expect("pack index poisoned")
             .add(&name, &entries);
+        drop(pending);
         self.wrote(bytes.len() as u64);
         Ok(())
     }
@@ -441,9 +482,14 @@ impl ChunkCache {
         let Ok(changed) = fs::metadata(&dir).and_then(|m| m.modified()) else {
             return;
         };
-        if self.index.lock().expect("pack index poisoned").listed == Some(changed) {
-            return;
-        }
+        // What was known before the listing: a pack written after it is not gone.
+        let known: Vec<Arc<str>> = {
+            let index = self.index.lock().expect("pack index poisoned");
+            if index.listed == Some(changed) {
+                return;
+            }
+            index.packs.keys().cloned().collect()
+        };
         let Ok(listing) = fs::read_dir(&dir) else {
             return;
         };
@@ -453,11 +499,9 @@ impl ChunkCache {
             .collect();
         let (gone, new): (Vec<Arc<str>>, Vec<String>) = {
             let index = self.index.lock().expect("pack index poisoned");
-            let gone = index
-                .packs
-                .keys()
-                .filter(|name| !names.contains(&***name))
-                .cloned()
+            let gone = known
+                .into_iter()
+                .filter(|name| !names.contains(&**name))
                 .collect();
             let new = names
                 .into_iter()
@@ -481,7 +525,8 @@ impl ChunkCache {
         for (name, table) in tables {
             index.add(&name, &table);
         }
-        index.listed = Some(changed);
+        let settled = changed.elapsed().is_ok_and(|age| age >= MTIME_SETTLES);
+        index.listed = settled.then_some(changed);
     }
 
     fn open_pack(&self, name: &Arc<str>) -> Option<Arc<File>> {
@@ -691,7 +736,10 @@ impl ChunkCache {
             .map_err(self.error("opening evict.lock"))?;
         lock.lock().map_err(self.error("locking evict.lock"))?;
 
-        self.flush()?;
+        // A full disk must not stop the eviction that makes room.
+        if let Err(e) = self.flush() {
+            tracing::warn!("{e}");
+        }
         self.remove_stale_temps();
         // The scan sees what this process wrote so far: it need not be added
         // again. What others publish while it runs is added to its result.
@@ -839,7 +887,10 @@ impl ChunkCache {
 pub fn stored_chunks(root: &Path) -> io::Result<Vec<(ChunkId, Vec<u8>)>> {
     let mut chunks = Vec::new();
     for entry in fs::read_dir(root.join("packs"))?.flatten() {
-        let file = File::open(entry.path())?;
+        // Evicted since the listing.
+        let Ok(file) = File::open(entry.path()) else {
+            continue;
+        };
         for e in pack_file::read_table(&file)?.unwrap_or_default() {
             let mut data = vec![0u8; e.len as usize];
             file.read_exact_at(&mut data, e.offset)?;
@@ -928,7 +979,7 @@ mod tests {
 
     fn pack_of(cache: &ChunkCache, id: &ChunkId) -> PathBuf {
         let index = cache.index.lock().unwrap();
-        cache.pack_path(&index.chunks[id].pack)
+        cache.pack_path(&index.slot(id).unwrap().pack)
     }
 
     fn age(cache: &ChunkCache, id: &ChunkId, secs: u64) {

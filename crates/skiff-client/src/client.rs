@@ -4,12 +4,13 @@ use std::io::Read;
 use std::time::Duration;
 
 use reqwest::blocking::{RequestBuilder, Response};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
-use skiff_chunk::{decompress_bounded, decompress_chunk};
+use skiff_chunk::{decompress_bounded, decompress_chunk, decompress_frame, verify_chunk};
 use skiff_format::wire::{
-    self, AccessReport, ChunkRecord, ImageSummary, RecordReader, UploadOutcome, INDEX_CONTENT_TYPE,
-    MANIFEST_CONTENT_TYPE, MAX_CHUNK_BYTES, MAX_INDEX_BYTES,
+    self, AccessReport, ChunkRecord, FrameChunk, ImageSummary, RecordReader, UploadOutcome,
+    FRAME_RECORDS_CONTENT_TYPE, INDEX_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, MAX_CHUNK_BYTES,
+    MAX_INDEX_BYTES, RECORDS_CONTENT_TYPE,
 };
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, IndexDigest};
 use skiff_registry::body::{read_bounded, BodyError};
@@ -303,36 +304,46 @@ impl Client {
     }
 
     /// Fetches `ids` (at most [`wire::MAX_IDS_PER_REQUEST`]) in one request and
-    /// hands each chunk, verified against its id, to `each` as it arrives,
-    /// in the order asked, with the size it had on the wire. An answer cut
-    /// short is asked again for the chunks still to come; the retry window
-    /// restarts whenever chunks arrive.
+    /// hands each distinct chunk once, verified against its id, to `each` as
+    /// it arrives, with the size it had on the wire: in the order asked from
+    /// a server that sends chunk by chunk, a frame's chunks together from
+    /// one that sends the frames it stores. An answer cut short is asked
+    /// again for the chunks still to come; the retry window restarts
+    /// whenever chunks arrive.
     pub fn fetch(
         &self,
         ids: &[ChunkId],
         mut each: impl FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let mut backoff = Backoff::new(self.retry_window);
-        let mut done = 0;
-        while done < ids.len() {
-            let before = done;
+        let mut delivered = std::collections::HashSet::new();
+        let mut wanted: Vec<ChunkId> = ids
+            .iter()
+            .copied()
+            .filter(|id| delivered.insert(*id))
+            .collect();
+        delivered.clear();
+        while !wanted.is_empty() {
+            let before = delivered.len();
             let timeout = self
                 .batch_timeout
                 .map(|t| t.min(backoff.remaining()).max(Backoff::FIRST_DELAY));
-            let attempt = self.fetch_once(&ids[done..], timeout, &mut |id, data, wire_len| {
+            let attempt = self.fetch_once(&wanted, timeout, &mut |id, data, wire_len| {
                 each(id, data, wire_len)?;
-                done += 1;
+                delivered.insert(id);
                 Ok(())
             });
+            let progressed = delivered.len() > before;
+            wanted.retain(|id| !delivered.contains(id));
             match attempt {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    if done > before {
+                    if progressed {
                         backoff.progressed();
                     }
                     // Everything arrived and only the end of the answer was
                     // lost: there is nothing left to ask for.
-                    if done == ids.len() && e.is_transient() {
+                    if wanted.is_empty() && e.is_transient() {
                         return Ok(());
                     }
                     if !backoff.retry(e.is_transient(), &e) {
@@ -351,7 +362,14 @@ impl Client {
         each: &mut dyn FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let url = self.url("/v1/chunks/fetch");
-        let mut request = self.http.post(&url).body(wire::encode_ids(ids));
+        let mut request = self
+            .http
+            .post(&url)
+            .header(
+                ACCEPT,
+                format!("{FRAME_RECORDS_CONTENT_TYPE}, {RECORDS_CONTENT_TYPE}"),
+            )
+            .body(wire::encode_ids(ids));
         if let Some(timeout) = timeout {
             request = request.timeout(timeout);
         }
@@ -360,7 +378,15 @@ impl Client {
             url: url.clone(),
             message,
         };
+        let frames = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes() == FRAME_RECORDS_CONTENT_TYPE.as_bytes());
         let mut records = RecordReader::new(response);
+        if frames {
+            Self::read_frame_answer(&url, ids, &mut records, each)?;
+            return Self::nothing_more(&url, records);
+        }
         for expected in ids {
             let record = records
                 .next_record()
@@ -385,14 +411,90 @@ impl Client {
                 }
             }
         }
+        Self::nothing_more(&url, records)
+    }
+
+    /// Reads an answer of chunk and frame records in any order until every
+    /// one of `ids` (distinct) has come once.
+    fn read_frame_answer(
+        url: &str,
+        ids: &[ChunkId],
+        records: &mut RecordReader<Response>,
+        each: &mut dyn FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let mut outstanding: std::collections::HashSet<ChunkId> = ids.iter().copied().collect();
+        let cut_short = |message: String| ClientError::Interrupted {
+            url: url.to_owned(),
+            message,
+        };
+        let unasked = |id: &ChunkId| {
+            Self::protocol(
+                url,
+                format!("a record for chunk {id}, not asked for or sent twice"),
+            )
+        };
+        while !outstanding.is_empty() {
+            let record = records
+                .next_record()
+                .map_err(|e| cut_short(format!("batch body: {e}")))?
+                .ok_or_else(|| {
+                    cut_short(format!(
+                        "the batch ended {} chunks short",
+                        outstanding.len()
+                    ))
+                })?;
+            match record {
+                ChunkRecord::Chunk { id, wire } => {
+                    if !outstanding.remove(&id) {
+                        return Err(unasked(&id));
+                    }
+                    each(
+                        id,
+                        decompress_chunk(&id, &wire, MAX_CHUNK_BYTES)?,
+                        wire.len(),
+                    )?;
+                }
+                ChunkRecord::Missing(id) if outstanding.contains(&id) => {
+                    return Err(ClientError::ChunkMissing(id));
+                }
+                ChunkRecord::Missing(id) => return Err(unasked(&id)),
+                ChunkRecord::Frame {
+                    chunks,
+                    raw_len,
+                    frame,
+                } => {
+                    if let Some(c) = chunks.iter().find(|c| !outstanding.contains(&c.id)) {
+                        return Err(unasked(&c.id));
+                    }
+                    let raw = decompress_frame(&frame, raw_len as usize)?;
+                    for FrameChunk { id, offset, len } in chunks {
+                        let data = &raw[offset as usize..(offset + len) as usize];
+                        verify_chunk(&id, data)?;
+                        outstanding.remove(&id);
+                        // The frame's bytes shared out by length, for progress.
+                        let share = (frame.len() as u64 * u64::from(len)
+                            / u64::from(raw_len.max(1)))
+                            as usize;
+                        each(id, data.to_vec(), share)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that an answer holds nothing after its last record.
+    fn nothing_more(url: &str, records: RecordReader<Response>) -> Result<(), ClientError> {
         let mut rest = [0u8; 1];
         let mut reader = records.into_inner();
-        if reader
+        let read = reader
             .read(&mut rest)
-            .map_err(|e| cut_short(e.to_string()))?
-            != 0
-        {
-            return Err(Self::protocol(&url, "the batch holds more than was asked"));
+            .map_err(|e| ClientError::Interrupted {
+                url: url.to_owned(),
+                message: e.to_string(),
+            })?;
+        if read != 0 {
+            return Err(Self::protocol(url, "the batch holds more than was asked"));
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //! each chunk is; what it says is trusted only as far as the bytes found
 //! there hash to the chunk's id.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -36,12 +37,15 @@ pub struct Entry {
 pub struct PendingPack {
     data: Vec<u8>,
     entries: Vec<Entry>,
+    /// Positions in `entries`.
+    by_id: HashMap<ChunkId, usize>,
     since: Option<Instant>,
 }
 
 impl PendingPack {
     pub fn push(&mut self, id: ChunkId, chunk: &[u8]) {
         self.since.get_or_insert_with(Instant::now);
+        self.by_id.insert(id, self.entries.len());
         self.entries.push(Entry {
             id,
             offset: self.data.len() as u64,
@@ -51,7 +55,7 @@ impl PendingPack {
     }
 
     pub fn get(&self, id: &ChunkId) -> Option<&[u8]> {
-        let entry = self.entries.iter().find(|e| e.id == *id)?;
+        let entry = self.entries.get(*self.by_id.get(id)?)?;
         let start = entry.offset as usize;
         self.data.get(start..start + entry.len as usize)
     }

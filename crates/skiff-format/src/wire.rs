@@ -4,10 +4,14 @@
 //! ```text
 //! id list := id[32]*
 //! record  := id[32] | kind u8 | len u32 LE | payload[len]
+//! frame payload := count u32 LE | raw_len u32 LE | (id[32] | offset u32 LE | len u32 LE)*count | zstd frame
 //! ```
 //! A record of kind [`RecordKind::Chunk`] carries the chunk as one zstd
 //! frame; [`RecordKind::Missing`] says the sender does not hold the id and
-//! has no payload.
+//! has no payload; [`RecordKind::Frame`] (only to a client that accepts
+//! [`FRAME_RECORDS_CONTENT_TYPE`]) carries a frame as the store keeps it,
+//! `raw_len` bytes once decompressed, and where the chunks asked for lie in
+//! them (its id is the first of those).
 
 use std::io::{self, Read};
 
@@ -22,6 +26,9 @@ pub const INDEX_CONTENT_TYPE: &str = "application/zstd";
 pub const MANIFEST_CONTENT_TYPE: &str = "application/vnd.skiff.manifest.v1+json";
 /// A stream of chunk records.
 pub const RECORDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunks.v1";
+/// A stream of chunk and frame records, in any order, each chunk asked for
+/// once: what a fetch answers a client whose `Accept` names it.
+pub const FRAME_RECORDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunks.v2";
 /// A list of chunk ids.
 pub const IDS_CONTENT_TYPE: &str = "application/vnd.skiff.chunk-ids.v1";
 
@@ -100,7 +107,19 @@ pub const MAX_RECORD_PAYLOAD: u32 = MAX_CHUNK_SIZE + 64 * 1024;
 pub enum RecordKind {
     Chunk = 0,
     Missing = 1,
+    Frame = 2,
 }
+
+/// Where a chunk lies in a frame record's decompressed bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameChunk {
+    pub id: ChunkId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+const FRAME_HEADER_LEN: usize = 8;
+const FRAME_ENTRY_LEN: usize = ID_LEN + 8;
 
 /// One record read from a body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,12 +130,19 @@ pub enum ChunkRecord {
         wire: Vec<u8>,
     },
     Missing(ChunkId),
+    /// A stored frame (not yet decompressed or checked) and the chunks of it asked for.
+    Frame {
+        chunks: Vec<FrameChunk>,
+        raw_len: u32,
+        frame: Vec<u8>,
+    },
 }
 
 impl ChunkRecord {
     pub fn id(&self) -> &ChunkId {
         match self {
             ChunkRecord::Chunk { id, .. } | ChunkRecord::Missing(id) => id,
+            ChunkRecord::Frame { chunks, .. } => &chunks[0].id,
         }
     }
 }
@@ -152,6 +178,70 @@ pub fn write_chunk_record(out: &mut Vec<u8>, id: &ChunkId, wire: &[u8]) {
     let len = u32::try_from(wire.len()).expect("a wire chunk is far below 4 GiB");
     out.extend_from_slice(&record_header(id, RecordKind::Chunk, len));
     out.extend_from_slice(wire);
+}
+
+/// The payload of a frame record: `chunks` (at least one) of a frame of
+/// `raw_len` bytes, compressed as `frame`.
+pub fn frame_payload(chunks: &[FrameChunk], raw_len: u32, frame: &[u8]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(FRAME_HEADER_LEN + chunks.len() * FRAME_ENTRY_LEN + frame.len());
+    let count = u32::try_from(chunks.len()).expect("a frame holds far fewer than 4G chunks");
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&raw_len.to_le_bytes());
+    for chunk in chunks {
+        out.extend_from_slice(chunk.id.as_bytes());
+        out.extend_from_slice(&chunk.offset.to_le_bytes());
+        out.extend_from_slice(&chunk.len.to_le_bytes());
+    }
+    out.extend_from_slice(frame);
+    out
+}
+
+fn parse_frame_payload(id: &ChunkId, payload: Vec<u8>) -> io::Result<ChunkRecord> {
+    let word = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes"));
+    if payload.len() < FRAME_HEADER_LEN {
+        return Err(malformed(format!("the frame record of {id} has no header")));
+    }
+    let (count, raw_len) = (word(0) as usize, word(4));
+    let table_end = count
+        .checked_mul(FRAME_ENTRY_LEN)
+        .and_then(|t| t.checked_add(FRAME_HEADER_LEN))
+        .filter(|&end| count > 0 && end <= payload.len())
+        .ok_or_else(|| malformed(format!("the frame record of {id} lists {count} chunks")))?;
+    if raw_len > MAX_RECORD_PAYLOAD {
+        return Err(malformed(format!(
+            "the frame record of {id} declares {raw_len} bytes, more than the {MAX_RECORD_PAYLOAD} allowed"
+        )));
+    }
+    let chunks = payload[FRAME_HEADER_LEN..table_end]
+        .chunks_exact(FRAME_ENTRY_LEN)
+        .map(|entry| {
+            let chunk = FrameChunk {
+                id: ChunkId::from_slice(&entry[..ID_LEN]).map_err(|e| malformed(e.to_string()))?,
+                offset: u32::from_le_bytes(entry[ID_LEN..ID_LEN + 4].try_into().expect("4 bytes")),
+                len: u32::from_le_bytes(entry[ID_LEN + 4..].try_into().expect("4 bytes")),
+            };
+            match chunk.offset.checked_add(chunk.len) {
+                Some(end) if end <= raw_len => Ok(chunk),
+                _ => Err(malformed(format!(
+                    "chunk {} lies outside its frame of {raw_len} bytes",
+                    chunk.id
+                ))),
+            }
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    if chunks[0].id != *id {
+        return Err(malformed(format!(
+            "a frame record headed {id} starts with chunk {}",
+            chunks[0].id
+        )));
+    }
+    let frame = payload[table_end..].to_vec();
+    Ok(ChunkRecord::Frame {
+        chunks,
+        raw_len,
+        frame,
+    })
 }
 
 /// Reads records one by one from a body or a response stream.
@@ -203,6 +293,22 @@ impl<R: Read> RecordReader<R> {
                 Ok(Some(ChunkRecord::Chunk { id, wire }))
             }
             k if k == RecordKind::Missing as u8 && len == 0 => Ok(Some(ChunkRecord::Missing(id))),
+            k if k == RecordKind::Frame as u8 => {
+                if len > MAX_RECORD_PAYLOAD {
+                    return Err(malformed(format!(
+                        "the frame record of {id} declares {len} bytes, more than the {MAX_RECORD_PAYLOAD} allowed"
+                    )));
+                }
+                let mut payload = vec![0u8; len as usize];
+                self.source.read_exact(&mut payload).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        malformed(format!("the body ends inside the frame record of {id}"))
+                    } else {
+                        e
+                    }
+                })?;
+                parse_frame_payload(&id, payload).map(Some)
+            }
             k => Err(malformed(format!(
                 "record for {id} has kind {k} and length {len}"
             ))),
@@ -261,11 +367,67 @@ mod tests {
                         proptest::prop_assert!(wire.len() <= MAX_RECORD_PAYLOAD as usize);
                     }
                     Ok(ChunkRecord::Missing(_)) => {}
+                    Ok(ChunkRecord::Frame { chunks, raw_len, frame }) => {
+                        proptest::prop_assert!(frame.len() <= MAX_RECORD_PAYLOAD as usize);
+                        proptest::prop_assert!(chunks.iter().all(|c| c.offset + c.len <= raw_len));
+                    }
                     Err(_) => break,
                 }
             }
             let _ = decode_ids(&body);
         }
+    }
+
+    #[test]
+    fn frame_records_round_trip_and_hostile_tables_are_errors() {
+        let chunks = [
+            FrameChunk {
+                id: ChunkId::of(b"a"),
+                offset: 0,
+                len: 10,
+            },
+            FrameChunk {
+                id: ChunkId::of(b"b"),
+                offset: 10,
+                len: 5,
+            },
+        ];
+        let record = |chunks: &[FrameChunk], raw_len: u32| {
+            let payload = frame_payload(chunks, raw_len, b"zstd frame");
+            let mut body =
+                record_header(&chunks[0].id, RecordKind::Frame, payload.len() as u32).to_vec();
+            body.extend_from_slice(&payload);
+            body
+        };
+        let body = record(&chunks, 15);
+        assert_eq!(
+            RecordReader::new(&body[..]).next_record().unwrap(),
+            Some(ChunkRecord::Frame {
+                chunks: chunks.to_vec(),
+                raw_len: 15,
+                frame: b"zstd frame".to_vec()
+            })
+        );
+        // A chunk past the frame's end, a frame over the bound, no chunks, a wrong head.
+        assert!(RecordReader::new(&record(&chunks, 14)[..])
+            .next_record()
+            .is_err());
+        assert!(RecordReader::new(&record(&chunks, u32::MAX)[..])
+            .next_record()
+            .is_err());
+        let mut empty = record(&chunks, 15);
+        empty[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert!(RecordReader::new(&empty[..]).next_record().is_err());
+        let mut lying_count = record(&chunks, 15);
+        lying_count[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 4]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(RecordReader::new(&lying_count[..]).next_record().is_err());
+        let mut wrong_head = record(&chunks, 15);
+        wrong_head[..ID_LEN].copy_from_slice(ChunkId::of(b"c").as_bytes());
+        assert!(RecordReader::new(&wrong_head[..]).next_record().is_err());
+        assert!(RecordReader::new(&body[..body.len() - 1])
+            .next_record()
+            .is_err());
     }
 
     #[test]

@@ -104,16 +104,35 @@ impl Drop for Landing<'_> {
 #[derive(Debug)]
 pub struct FetchFailed(pub String);
 
-/// A stream's next window, claimed and to be fetched off the reading thread.
-pub struct ReadAhead {
+/// A stream's next window, claimed and to be fetched off the reading
+/// thread. Dropped unfetched, it gives its flights up, so no reader waits
+/// on them.
+pub struct ReadAhead<'a> {
+    fetcher: &'a Fetcher,
     lead: Vec<(ChunkId, Arc<Flight>)>,
 }
 
-impl ReadAhead {
+impl ReadAhead<'_> {
     /// Fetches the window; blocks on the network.
-    pub fn fetch(self, fetcher: &Fetcher) {
-        MountStats::add(&fetcher.stats.read_aheads, 1);
-        let _ = fetcher.fly(&self.lead, false);
+    pub fn fetch(mut self) {
+        MountStats::add(&self.fetcher.stats.read_aheads, 1);
+        let lead = std::mem::take(&mut self.lead);
+        let _ = self.fetcher.fly(&lead, false);
+    }
+}
+
+impl Drop for ReadAhead<'_> {
+    fn drop(&mut self) {
+        if !self.lead.is_empty() {
+            drop(Landing {
+                fetcher: self.fetcher,
+                lead: &self.lead,
+                failure: Failure {
+                    message: "the read-ahead was dropped".to_owned(),
+                    one_chunk: false,
+                },
+            });
+        }
     }
 }
 
@@ -340,13 +359,16 @@ impl Fetcher {
     /// A read of file `ino` reached `id`: if that is past the middle of its
     /// stream's last fetch, the stream's next window, claimed, for the
     /// caller to fetch off the reading thread.
-    pub fn read_ahead(&self, ino: InodeNo, id: &ChunkId) -> Option<ReadAhead> {
+    pub fn read_ahead(&self, ino: InodeNo, id: &ChunkId) -> Option<ReadAhead<'_>> {
         let at = self.layout.position(id)?;
         let extra = self
             .streams
             .reached(at, ino, |from, window| self.neighbours(from, window, ino))?;
         let claimed = self.claim(&[], &extra);
-        (!claimed.lead.is_empty()).then_some(ReadAhead { lead: claimed.lead })
+        (!claimed.lead.is_empty()).then_some(ReadAhead {
+            fetcher: self,
+            lead: claimed.lead,
+        })
     }
 
     /// Takes the lead on every id of `needed` and `extra` nobody is fetching
@@ -522,7 +544,7 @@ mod tests {
                 let id = chunk.id;
                 std::thread::spawn(move || {
                     if let Some(ahead) = fetcher.read_ahead(ino, &id) {
-                        ahead.fetch(&fetcher);
+                        ahead.fetch();
                     }
                 });
             }
@@ -550,6 +572,22 @@ mod tests {
         let sent = source.sent.lock().unwrap();
         assert_eq!(sent.len(), 2000);
         assert!(sent.values().all(|&n| n == 1), "a chunk was sent twice");
+    }
+
+    #[test]
+    fn a_read_ahead_dropped_unfetched_leaves_no_reader_waiting() {
+        let files = image(64, 1);
+        let source = Arc::new(Counting::default());
+        let fetcher = Arc::new(fetcher(&files, source.clone(), WindowLimits::fixed(8 << 10)));
+        // The miss at file 0 fetches files 0..4; a read at 2 is due to fetch 4..8.
+        fetcher.get(2, true, &files[0]).unwrap();
+        assert!(fetcher.read_ahead_due(4, &files[2][0].id));
+        let ahead = fetcher.read_ahead(4, &files[2][0].id).unwrap();
+        drop(ahead);
+        // File 5 was claimed by the read-ahead: a read of it fetches it now.
+        let got = fetcher.get(7, true, &files[5]).unwrap();
+        assert_eq!(&got[0][..], &bytes_of(&files[5][0].id)[..]);
+        assert!(fetcher.flights.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -499,7 +499,7 @@ impl Filesystem for SkiffFs {
             let (fetcher, id) = (self.fetcher.clone(), last.id);
             self.network.spawn(move || {
                 if let Some(ahead) = fetcher.read_ahead(ino.0, &id) {
-                    ahead.fetch(&fetcher);
+                    ahead.fetch();
                 }
             });
         }

@@ -227,13 +227,14 @@ impl Streams {
     /// [`Streams::reached`] would fetch.
     pub fn due(&self, at: usize, ino: InodeNo) -> bool {
         let mut streams = self.streams.lock().expect("read streams poisoned");
-        match streams.iter_mut().find(|s| s.holds(at)) {
-            Some(stream) => {
-                stream.read_in(ino);
-                stream.fires_at(at)
-            }
-            None => false,
+        // Every stream that holds it: a small one a miss just started must
+        // not hide the grown one it overlaps.
+        let mut fires = false;
+        for stream in streams.iter_mut().filter(|s| s.holds(at)) {
+            stream.read_in(ino);
+            fires |= stream.fires_at(at);
         }
+        fires
     }
 
     /// A read of file `ino` reached layout position `at`. If that is past

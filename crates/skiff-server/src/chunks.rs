@@ -12,11 +12,11 @@ use axum::Json;
 use rayon::prelude::*;
 use skiff_chunk::decompress_chunk;
 use skiff_format::wire::{
-    self, ChunkRecord, RecordKind, RecordReader, UploadOutcome, CHUNK_CONTENT_TYPE,
-    IDS_CONTENT_TYPE, MAX_CHUNK_BYTES, RECORDS_CONTENT_TYPE,
+    self, ChunkRecord, FrameChunk, RecordKind, RecordReader, UploadOutcome, CHUNK_CONTENT_TYPE,
+    FRAME_RECORDS_CONTENT_TYPE, IDS_CONTENT_TYPE, MAX_CHUNK_BYTES, RECORDS_CONTENT_TYPE,
 };
 use skiff_format::ChunkId;
-use skiff_store::StoreError;
+use skiff_store::{ChunkLocation, StoreError};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -31,6 +31,11 @@ pub const MAX_CONCURRENT_UPLOADS: usize = 4;
 const STALLED_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Ids of a batch loaded in parallel before their records are sent.
 const FETCH_PARALLEL_GROUP: usize = 16;
+/// Ids of a batch located at once, and grouped by the frame that holds them.
+const FRAME_PLAN_GROUP: usize = 1024;
+/// A frame goes out as it is stored when the ids asked for are at least
+/// this share of its bytes (in quarters); otherwise chunk by chunk.
+const FRAME_WANTED_QUARTERS: u64 = 3;
 /// Chunks never change under their id.
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// All chunks of one upload, decompressed: bounds the memory a request costs.
@@ -137,26 +142,45 @@ fn parse_ids(body: &[u8]) -> Result<Vec<ChunkId>, ApiError> {
     Ok(ids)
 }
 
+/// Whether the client takes frame records (its `Accept` names them).
+fn accepts_frames(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == FRAME_RECORDS_CONTENT_TYPE)
+}
+
 /// `POST /v1/chunks/fetch`: a record per requested id, in request order,
-/// each sent as soon as it is read.
+/// each sent as soon as it is read; to a client that accepts frame
+/// records, frames as stored where most of one is asked for.
 pub async fn fetch_chunks(
     _: CanRead,
     State(state): State<AppState>,
+    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     let ids = parse_ids(&body)?;
     let count = ids.len();
+    let frames = accepts_frames(&headers);
     // A few records in flight: the reader stays just ahead of the socket.
     let (records, stream) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(32);
     // An async task, not a blocking thread, waits on the client: a client
     // that stops reading holds no thread, and is dropped after a while.
-    tokio::spawn(stream_records(state, ids, records));
+    if frames {
+        tokio::spawn(stream_frames(state, ids, records));
+    } else {
+        tokio::spawn(stream_records(state, ids, records));
+    }
+    let content_type = if frames {
+        FRAME_RECORDS_CONTENT_TYPE
+    } else {
+        RECORDS_CONTENT_TYPE
+    };
     Ok((
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(RECORDS_CONTENT_TYPE),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (
                 header::HeaderName::from_static("x-skiff-chunk-count"),
                 HeaderValue::from(count),
@@ -169,23 +193,157 @@ pub async fn fetch_chunks(
 
 type RecordSender = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
-/// Sends a record per id, in order, until done or the client is gone.
-async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSender) {
-    let send = |piece: Result<Bytes, std::io::Error>| {
-        let records = records.clone();
-        async move {
-            match tokio::time::timeout(STALLED_CLIENT_TIMEOUT, records.send(piece)).await {
-                Ok(Ok(())) => true,
-                Ok(Err(_)) => false, // the client went away
-                Err(_) => {
-                    tracing::warn!(
-                        "a batch client read nothing for {STALLED_CLIENT_TIMEOUT:?}; dropping it"
-                    );
-                    false
+/// Sends a piece of the answer; false once the client is gone or stalled.
+async fn send_piece(records: &RecordSender, piece: Result<Bytes, std::io::Error>) -> bool {
+    match tokio::time::timeout(STALLED_CLIENT_TIMEOUT, records.send(piece)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false, // the client went away
+        Err(_) => {
+            tracing::warn!(
+                "a batch client read nothing for {STALLED_CLIENT_TIMEOUT:?}; dropping it"
+            );
+            false
+        }
+    }
+}
+
+/// Ids of a batch that one record (or a run of them) answers.
+enum Group {
+    /// Ids held by one stored frame (any location of them names it).
+    Frame(Vec<(ChunkId, ChunkLocation)>),
+    Missing(ChunkId),
+}
+
+/// The ids of a batch as the frames that hold them, in the order each
+/// frame is first needed; an id the store lacks is a group of its own.
+fn by_frame(located: Vec<(ChunkId, Option<ChunkLocation>)>) -> Vec<Group> {
+    let mut groups = Vec::new();
+    let mut at: std::collections::HashMap<(u32, u64), usize> = std::collections::HashMap::new();
+    for (id, location) in located {
+        let Some(loc) = location else {
+            groups.push(Group::Missing(id));
+            continue;
+        };
+        match at.get(&(loc.pack, loc.frame_offset)) {
+            Some(&n) => {
+                if let Group::Frame(chunks) = &mut groups[n] {
+                    chunks.push((id, loc));
                 }
             }
+            None => {
+                at.insert((loc.pack, loc.frame_offset), groups.len());
+                groups.push(Group::Frame(vec![(id, loc)]));
+            }
+        }
+    }
+    groups
+}
+
+/// Sends each distinct id once, in any order: a frame most of whose bytes
+/// are asked for goes out as it is stored (no decompression, no
+/// compression), the chunks of other frames one by one, as
+/// [`stream_records`] sends them.
+async fn stream_frames(state: AppState, ids: Vec<ChunkId>, records: RecordSender) {
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<ChunkId> = ids.into_iter().filter(|id| seen.insert(*id)).collect();
+    for batch in ids.chunks(FRAME_PLAN_GROUP) {
+        let (shared, batch) = (state.clone(), batch.to_vec());
+        let located = tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .map(|id| Ok((id, shared.store.chunk_location(&id)?)))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await;
+        let located = match located {
+            Ok(Ok(located)) => located,
+            failed => {
+                tracing::error!("locating chunks for a batch: {failed:?}");
+                let _ = send_piece(
+                    &records,
+                    Err(std::io::Error::other("locating chunks failed")),
+                )
+                .await;
+                return;
+            }
+        };
+        for group in by_frame(located) {
+            let chunks = match group {
+                Group::Missing(id) => {
+                    let header = wire::record_header(&id, RecordKind::Missing, 0);
+                    if !send_piece(&records, Ok(Bytes::copy_from_slice(&header))).await {
+                        return;
+                    }
+                    continue;
+                }
+                Group::Frame(chunks) => chunks,
+            };
+            let frame = chunks[0].1;
+            let wanted: u64 = chunks.iter().map(|(_, loc)| u64::from(loc.len)).sum();
+            let whole = wanted * 4 >= u64::from(frame.frame_raw_len) * FRAME_WANTED_QUARTERS;
+            let sent = if whole {
+                send_frame(&state, &records, frame, &chunks).await
+            } else {
+                let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+                send_chunks(&state, &records, &ids).await
+            };
+            if !sent {
+                return;
+            }
+        }
+    }
+}
+
+/// Sends one frame record: the frame's stored bytes and where `chunks` lie in it.
+async fn send_frame(
+    state: &AppState,
+    records: &RecordSender,
+    frame: ChunkLocation,
+    chunks: &[(ChunkId, ChunkLocation)],
+) -> bool {
+    let shared = state.clone();
+    let read = tokio::task::spawn_blocking(move || shared.store.read_raw_frame(&frame)).await;
+    let compressed = match read {
+        Ok(Ok(compressed)) => compressed,
+        failed => {
+            // Cut the stream short: the client sees a truncated body, never bad data.
+            tracing::error!("reading a frame for a batch: {failed:?}");
+            let _ = send_piece(
+                records,
+                Err(std::io::Error::other("reading a frame failed")),
+            )
+            .await;
+            return false;
         }
     };
+    let table: Vec<FrameChunk> = chunks
+        .iter()
+        .map(|(id, loc)| FrameChunk {
+            id: *id,
+            offset: loc.offset,
+            len: loc.len,
+        })
+        .collect();
+    let payload = wire::frame_payload(&table, frame.frame_raw_len, &compressed);
+    let header = wire::record_header(&table[0].id, RecordKind::Frame, payload.len() as u32);
+    state.metrics.chunks_out.inc_by(table.len() as u64);
+    state
+        .metrics
+        .bytes_out
+        .inc_by((wire::RECORD_HEADER_LEN + payload.len()) as u64);
+    send_piece(records, Ok(Bytes::copy_from_slice(&header))).await
+        && send_piece(records, Ok(Bytes::from(payload))).await
+}
+
+/// Sends a record per id, in order, until done or the client is gone.
+async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSender) {
+    send_chunks(&state, &records, &ids).await;
+}
+
+/// A chunk record per id (its wire form, from the hot cache or loaded and
+/// compressed), in order; false once the stream ended early.
+async fn send_chunks(state: &AppState, records: &RecordSender, ids: &[ChunkId]) -> bool {
+    let send = |piece: Result<Bytes, std::io::Error>| send_piece(records, piece);
     for group in ids.chunks(FETCH_PARALLEL_GROUP) {
         // Cached chunks are taken as they are; the others cost a frame read
         // and a compression each, so those are loaded in parallel, off the
@@ -212,7 +370,7 @@ async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSende
                 Err(e) => {
                     tracing::error!("loading chunks for a batch: {e}");
                     let _ = send(Err(std::io::Error::other("loading chunks failed"))).await;
-                    return;
+                    return false;
                 }
             }
         };
@@ -222,7 +380,7 @@ async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSende
                 None => loaded.next().unwrap_or(Ok(None)),
             };
             // Header and chunk go out as two pieces: the chunk is not copied.
-            let sent = match record_pieces(&state, id, result) {
+            let sent = match record_pieces(state, id, result) {
                 Ok((header, wire)) => {
                     let mut sent = send(Ok(header)).await;
                     if let (true, Some(wire)) = (sent, wire) {
@@ -236,10 +394,11 @@ async fn stream_records(state: AppState, ids: Vec<ChunkId>, records: RecordSende
                 }
             };
             if !sent {
-                return; // the client is gone, or the stream is cut short
+                return false; // the client is gone, or the stream is cut short
             }
         }
     }
+    true
 }
 
 /// One record of a batch answer: its header, and the chunk if there is one.

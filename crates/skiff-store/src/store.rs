@@ -382,8 +382,9 @@ impl Store {
         cache.order.retain(|key| key.0 != pack);
     }
 
-    /// The compressed bytes of a frame, straight from its pack.
-    pub(crate) fn read_raw_frame(&self, loc: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
+    /// The compressed bytes of a frame, straight from its pack (not checked:
+    /// whoever decompresses it checks the chunks in it against their ids).
+    pub fn read_raw_frame(&self, loc: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
         let file = self.pack_file(loc.pack)?;
         let mut compressed = vec![0u8; loc.frame_len as usize];
         file.read_exact_at(&mut compressed, loc.frame_offset)
