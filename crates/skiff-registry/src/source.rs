@@ -18,7 +18,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use skiff_chunk::{decompress_frame, verify_chunk};
@@ -112,6 +112,51 @@ impl quick_cache::Weighter<u32, Arc<Vec<u8>>> for ByLength {
 /// time, so without it each would fetch the frame again.
 const RECENT_FRAME_BYTES: u64 = 64 << 20;
 
+/// A frame one fetch is getting, which others that need it wait for
+/// instead of asking the registry for it again.
+#[derive(Default)]
+struct FrameFlight {
+    landed: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl FrameFlight {
+    fn land(&self) {
+        *self.landed.lock().expect("frame flight poisoned") = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until it landed (in `recent`, or failed), at most `limit`.
+    fn wait(&self, limit: Duration) {
+        let landed = self.landed.lock().expect("frame flight poisoned");
+        let _ = self
+            .cv
+            .wait_timeout_while(landed, limit, |landed| !*landed)
+            .expect("frame flight poisoned");
+    }
+}
+
+/// The frames a fetch leads: landed and let go however it ends.
+struct FrameFlights<'a> {
+    source: &'a RegistrySource,
+    frames: Vec<u32>,
+}
+
+impl Drop for FrameFlights<'_> {
+    fn drop(&mut self) {
+        let mut flights = self
+            .source
+            .in_flight
+            .lock()
+            .expect("frame flights poisoned");
+        for at in &self.frames {
+            if let Some(flight) = flights.remove(at) {
+                flight.land();
+            }
+        }
+    }
+}
+
 pub struct RegistrySource {
     registry: Arc<Registry>,
     packs: Vec<Descriptor>,
@@ -122,6 +167,9 @@ pub struct RegistrySource {
     spool_dir: PathBuf,
     said_ranges_ignored: AtomicBool,
     recent: quick_cache::sync::Cache<u32, Arc<Vec<u8>>, ByLength>,
+    /// Frames being fetched right now: a read window and a read-ahead that
+    /// share a frame at their edge fetch it once.
+    in_flight: Mutex<HashMap<u32, Arc<FrameFlight>>>,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> SourceError {
@@ -156,6 +204,7 @@ impl RegistrySource {
                 RECENT_FRAME_BYTES,
                 ByLength,
             ),
+            in_flight: Mutex::default(),
         }
     }
 
@@ -357,6 +406,14 @@ impl RegistrySource {
         Self::chunks_of(&raw, wanted.get(&at).map_or(&[], Vec::as_slice), &mut out)?;
         // Kept only once its wanted chunks proved it sound.
         self.recent.insert(at, raw);
+        if let Some(flight) = self
+            .in_flight
+            .lock()
+            .expect("frame flights poisoned")
+            .remove(&at)
+        {
+            flight.land();
+        }
         Ok(out)
     }
 }
@@ -451,21 +508,37 @@ impl ChunkSource for RegistrySource {
                 .or_default()
                 .push((*id, chunk.offset, chunk.len));
         }
-        // Frames decompressed a moment ago need no request.
+        // Frames decompressed a moment ago need no request; frames another
+        // fetch is getting are waited for.
         let mut ready: HashMap<ChunkId, Vec<u8>> = HashMap::new();
         let mut frames = Vec::new();
-        for (at, chunks) in &wanted {
-            let mut out = Vec::new();
-            match self.recent.get(at) {
-                Some(raw) if Self::chunks_of(&raw, chunks, &mut out).is_ok() => ready.extend(out),
-                // Not here, or bytes no earlier read checked are wrong: ask again.
-                Some(_) => {
-                    self.recent.remove(at);
-                    frames.push(*at);
+        let mut awaited = Vec::new();
+        {
+            let mut in_flight = self.in_flight.lock().expect("frame flights poisoned");
+            for (at, chunks) in &wanted {
+                let mut out = Vec::new();
+                match self.recent.get(at) {
+                    Some(raw) if Self::chunks_of(&raw, chunks, &mut out).is_ok() => {
+                        ready.extend(out);
+                        continue;
+                    }
+                    // Bytes no earlier read checked are wrong: ask again.
+                    Some(_) => self.recent.remove(at),
+                    None => None,
+                };
+                match in_flight.get(at) {
+                    Some(flight) => awaited.push((*at, flight.clone())),
+                    None => {
+                        in_flight.insert(*at, Arc::default());
+                        frames.push(*at);
+                    }
                 }
-                None => frames.push(*at),
             }
         }
+        let _leading = FrameFlights {
+            source: self,
+            frames: frames.clone(),
+        };
         frames.sort_unstable();
         let requests = plan_requests(&self.table, &frames, &self.plan);
         let queue = Mutex::new((0..requests.len()).collect::<VecDeque<_>>());
@@ -492,6 +565,35 @@ impl ChunkSource for RegistrySource {
                         failed.store(true, Ordering::Relaxed);
                         let _ = tx.send(Err(e));
                         return;
+                    }
+                });
+            }
+            if !awaited.is_empty() {
+                let tx = tx.clone();
+                let (failed, wanted) = (&failed, &wanted);
+                scope.spawn(move || {
+                    for (at, flight) in awaited {
+                        flight.wait(self.plan.attempt_timeout);
+                        let mut out = Vec::new();
+                        let chunks = wanted.get(&at).map_or(&[][..], Vec::as_slice);
+                        match self.recent.get(&at) {
+                            Some(raw) if Self::chunks_of(&raw, chunks, &mut out).is_ok() => {
+                                let _ = tx.send(Ok(out));
+                            }
+                            // Its fetch failed, or it is gone already: get it here.
+                            _ => {
+                                let request = plan_requests(&self.table, &[at], &self.plan);
+                                let outcome =
+                                    self.fetch_request(&request[0], wanted, &mut |chunks| {
+                                        let _ = tx.send(Ok(chunks));
+                                    });
+                                if let Err(e) = outcome {
+                                    failed.store(true, Ordering::Relaxed);
+                                    let _ = tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                        }
                     }
                 });
             }
