@@ -578,7 +578,11 @@ mod tests {
     fn a_read_ahead_dropped_unfetched_leaves_no_reader_waiting() {
         let files = image(64, 1);
         let source = Arc::new(Counting::default());
-        let fetcher = Arc::new(fetcher(&files, source.clone(), WindowLimits::fixed(8 << 10)));
+        let fetcher = Arc::new(fetcher(
+            &files,
+            source.clone(),
+            WindowLimits::fixed(8 << 10),
+        ));
         // The miss at file 0 fetches files 0..4; a read at 2 is due to fetch 4..8.
         fetcher.get(2, true, &files[0]).unwrap();
         assert!(fetcher.read_ahead_due(4, &files[2][0].id));
