@@ -277,42 +277,39 @@ impl<R: Read> RecordReader<R> {
         let len = u32::from_le_bytes(header[ID_LEN + 1..].try_into().expect("4 bytes"));
         match header[ID_LEN] {
             k if k == RecordKind::Chunk as u8 => {
-                if len > MAX_RECORD_PAYLOAD {
-                    return Err(malformed(format!(
-                        "chunk {id} declares {len} bytes, more than the {MAX_RECORD_PAYLOAD} allowed"
-                    )));
-                }
-                let mut wire = vec![0u8; len as usize];
-                self.source.read_exact(&mut wire).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        malformed(format!("the body ends inside chunk {id}"))
-                    } else {
-                        e
-                    }
-                })?;
+                let wire = self.payload(len, || format!("chunk {id}"))?;
                 Ok(Some(ChunkRecord::Chunk { id, wire }))
             }
             k if k == RecordKind::Missing as u8 && len == 0 => Ok(Some(ChunkRecord::Missing(id))),
             k if k == RecordKind::Frame as u8 => {
-                if len > MAX_RECORD_PAYLOAD {
-                    return Err(malformed(format!(
-                        "the frame record of {id} declares {len} bytes, more than the {MAX_RECORD_PAYLOAD} allowed"
-                    )));
-                }
-                let mut payload = vec![0u8; len as usize];
-                self.source.read_exact(&mut payload).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        malformed(format!("the body ends inside the frame record of {id}"))
-                    } else {
-                        e
-                    }
-                })?;
+                let payload = self.payload(len, || format!("the frame record of {id}"))?;
                 parse_frame_payload(&id, payload).map(Some)
             }
             k => Err(malformed(format!(
                 "record for {id} has kind {k} and length {len}"
             ))),
         }
+    }
+}
+
+impl<R: Read> RecordReader<R> {
+    /// A record's payload of `len` bytes, bounded; `what` names the record in errors.
+    fn payload(&mut self, len: u32, what: impl Fn() -> String) -> io::Result<Vec<u8>> {
+        if len > MAX_RECORD_PAYLOAD {
+            return Err(malformed(format!(
+                "{} declares {len} bytes, more than the {MAX_RECORD_PAYLOAD} allowed",
+                what()
+            )));
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.source.read_exact(&mut payload).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                malformed(format!("the body ends inside {}", what()))
+            } else {
+                e
+            }
+        })?;
+        Ok(payload)
     }
 }
 
