@@ -72,7 +72,8 @@ measure() { # image variant command...
 echo "recording startup profiles..."
 for image in "${images[@]}"; do
   fresh_cache
-  python3 bench/ready.py "${ready[$image]}" "$counter" 120 -- \
+  # Storing the profile puts the manifest: it needs the server's write token.
+  SKIFF_TOKEN_FILE=$work/write-token python3 bench/ready.py "${ready[$image]}" "$counter" 120 -- \
     $(skiff_run "$image") --record-profile -- sh -c "${command[$image]}" >/dev/null
   # The profile is stored once the container has stopped.
   for _ in $(seq 100); do
