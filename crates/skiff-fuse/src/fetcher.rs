@@ -173,6 +173,11 @@ impl Fetcher {
         }
     }
 
+    /// See [`Streams::keep_first_windows_in_file`].
+    pub fn keep_first_windows_in_file(&self) {
+        self.streams.keep_first_windows_in_file();
+    }
+
     pub fn layout(&self) -> &Layout {
         &self.layout
     }

@@ -426,6 +426,13 @@ impl Parts {
             options.window,
             layout,
         ));
+        if options
+            .prefetch
+            .as_ref()
+            .is_some_and(|p| !p.first.is_empty())
+        {
+            fetcher.keep_first_windows_in_file();
+        }
         let recorder = Arc::new(if options.record_profile {
             Recorder::recording()
         } else {

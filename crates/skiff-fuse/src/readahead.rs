@@ -168,6 +168,9 @@ impl Stream {
 pub struct Streams {
     limits: WindowLimits,
     streams: Mutex<VecDeque<Stream>>,
+    /// Whether a new stream at the head of a file runs across files: not
+    /// for an image with a startup profile, whose start is fetched by it.
+    first_across_files: std::sync::atomic::AtomicBool,
 }
 
 impl Streams {
@@ -179,7 +182,15 @@ impl Streams {
                 max: limits.max.max(min),
             },
             streams: Mutex::new(VecDeque::with_capacity(STREAMS + 1)),
+            first_across_files: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// New streams' first windows stay in their file (a startup profile
+    /// fetches the files a start opens; a read it missed is no walk).
+    pub fn keep_first_windows_in_file(&self) {
+        self.first_across_files
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A read of file `ino` (from its first byte if `at_head`) missed at
@@ -212,7 +223,10 @@ impl Streams {
                 };
                 let window = Window {
                     bytes: self.limits.min,
-                    across_files: at_head,
+                    across_files: at_head
+                        && self
+                            .first_across_files
+                            .load(std::sync::atomic::Ordering::Relaxed),
                 };
                 (stream, window)
             }
@@ -365,6 +379,16 @@ mod tests {
         // A miss inside a file stays in it; at the head of one, it crosses files.
         streams.miss(50, 9, false, |w| note(50, w));
         streams.miss(0, 1, true, |w| note(0, w));
+        // With a startup profile, not even that.
+        let profiled = Streams::new(WindowLimits {
+            min: 256 * KIB,
+            max: 4096 * KIB,
+        });
+        profiled.keep_first_windows_in_file();
+        profiled.miss(900, 4, true, |w| {
+            assert!(!w.across_files);
+            scan_from(900, w)
+        });
         // One large file read through: its windows stay in it.
         streams.due(1, 2);
         streams.reached(2, 2, &mut note);
