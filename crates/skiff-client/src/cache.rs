@@ -515,11 +515,7 @@ impl ChunkCache {
         // Tables are read without the lock: reads go on meanwhile.
         let tables: Vec<(String, Vec<Entry>)> = new
             .into_iter()
-            .filter_map(|name| {
-                let file = File::open(self.pack_path(&name)).ok()?;
-                let table = pack_file::read_table(&file).ok()??;
-                Some((name, table))
-            })
+            .filter_map(|name| Some((name.clone(), self.pack_table(&name)?)))
             .collect();
         let mut index = self.index.lock().expect("pack index poisoned");
         for (name, table) in tables {
@@ -527,6 +523,12 @@ impl ChunkCache {
         }
         let settled = changed.elapsed().is_ok_and(|age| age >= MTIME_SETTLES);
         index.listed = settled.then_some(changed);
+    }
+
+    /// The table of pack `name`; `None` if it is gone or not a whole pack.
+    fn pack_table(&self, name: &str) -> Option<Vec<Entry>> {
+        let file = File::open(self.pack_path(name)).ok()?;
+        pack_file::read_table(&file).ok()?
     }
 
     fn open_pack(&self, name: &Arc<str>) -> Option<Arc<File>> {
@@ -797,6 +799,10 @@ impl ChunkCache {
     /// at it sees. Between scans the bound then holds across processes to
     /// within what each writes in one keeper tick.
     fn publish_usage(&self) -> Result<u64, CacheError> {
+        // Not while this process evicts: its scan already counts what it
+        // wrote, and bytes taken from `unpublished` in the middle of it
+        // would be counted twice.
+        let _not_evicting = self.evicting.lock().expect("eviction lock poisoned");
         let written = self.unpublished.swap(0, Ordering::Relaxed);
         self.update_usage(|total| total.saturating_add(written))
     }
@@ -849,10 +855,7 @@ impl ChunkCache {
             // Written since the refresh, or not a pack (torn, foreign: it
             // goes first, with no chunks to spare it).
             let chunks = known.unwrap_or_else(|| {
-                let table = File::open(file.path())
-                    .ok()
-                    .and_then(|f| pack_file::read_table(&f).ok().flatten());
-                table.map_or_else(Vec::new, |table| {
+                self.pack_table(&name).map_or_else(Vec::new, |table| {
                     let mut index = self.index.lock().expect("pack index poisoned");
                     index.add(&name, &table);
                     table.iter().map(|e| e.id).collect()
@@ -1156,6 +1159,9 @@ mod tests {
         let b = ChunkCache::open(dir.path(), 1 << 30).unwrap();
         let (id, data) = packed_chunk(9, 5000);
         put_alone(&a, &id, &data);
+        // Published before b scans: bytes another process publishes during
+        // a scan that already saw them count twice until the next scan.
+        a.publish_usage().unwrap();
         b.refresh();
         assert_eq!(b.get(&id).unwrap(), data);
         assert_eq!(b.evict().unwrap().bytes_before, 5000);

@@ -316,13 +316,9 @@ impl Client {
         mut each: impl FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let mut backoff = Backoff::new(self.retry_window);
+        let mut seen = std::collections::HashSet::new();
+        let mut wanted: Vec<ChunkId> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();
         let mut delivered = std::collections::HashSet::new();
-        let mut wanted: Vec<ChunkId> = ids
-            .iter()
-            .copied()
-            .filter(|id| delivered.insert(*id))
-            .collect();
-        delivered.clear();
         while !wanted.is_empty() {
             let before = delivered.len();
             let timeout = self

@@ -137,7 +137,7 @@ impl Drop for ReadAhead<'_> {
 }
 
 /// Positions a window scan looks at beyond what it takes, at most: a scan
-/// through a region already here must not stat the whole cache.
+/// through a region already here stops (under the streams' lock) soon.
 const SCAN_AT_MOST: usize = 4096;
 
 pub struct Fetcher {
@@ -174,7 +174,7 @@ impl Fetcher {
     }
 
     /// See [`Streams::keep_first_windows_in_file`].
-    pub fn keep_first_windows_in_file(&self) {
+    pub fn keep_first_windows_in_file(&mut self) {
         self.streams.keep_first_windows_in_file();
     }
 

@@ -420,12 +420,7 @@ impl Parts {
     ) -> io::Result<Parts> {
         let layout = Arc::new(Layout::of(&index));
         let tree = Arc::new(ImageTree::new(index));
-        let fetcher = Arc::new(Fetcher::new(
-            source,
-            options.memory_bytes,
-            options.window,
-            layout,
-        ));
+        let mut fetcher = Fetcher::new(source, options.memory_bytes, options.window, layout);
         if options
             .prefetch
             .as_ref()
@@ -433,6 +428,7 @@ impl Parts {
         {
             fetcher.keep_first_windows_in_file();
         }
+        let fetcher = Arc::new(fetcher);
         let recorder = Arc::new(if options.record_profile {
             Recorder::recording()
         } else {

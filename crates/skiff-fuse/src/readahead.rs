@@ -170,7 +170,7 @@ pub struct Streams {
     streams: Mutex<VecDeque<Stream>>,
     /// Whether a new stream at the head of a file runs across files: not
     /// for an image with a startup profile, whose start is fetched by it.
-    first_across_files: std::sync::atomic::AtomicBool,
+    first_across_files: bool,
 }
 
 impl Streams {
@@ -182,15 +182,14 @@ impl Streams {
                 max: limits.max.max(min),
             },
             streams: Mutex::new(VecDeque::with_capacity(STREAMS + 1)),
-            first_across_files: std::sync::atomic::AtomicBool::new(true),
+            first_across_files: true,
         }
     }
 
     /// New streams' first windows stay in their file (a startup profile
     /// fetches the files a start opens; a read it missed is no walk).
-    pub fn keep_first_windows_in_file(&self) {
-        self.first_across_files
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+    pub fn keep_first_windows_in_file(&mut self) {
+        self.first_across_files = false;
     }
 
     /// A read of file `ino` (from its first byte if `at_head`) missed at
@@ -223,10 +222,7 @@ impl Streams {
                 };
                 let window = Window {
                     bytes: self.limits.min,
-                    across_files: at_head
-                        && self
-                            .first_across_files
-                            .load(std::sync::atomic::Ordering::Relaxed),
+                    across_files: at_head && self.first_across_files,
                 };
                 (stream, window)
             }
@@ -380,7 +376,7 @@ mod tests {
         streams.miss(50, 9, false, |w| note(50, w));
         streams.miss(0, 1, true, |w| note(0, w));
         // With a startup profile, not even that.
-        let profiled = Streams::new(WindowLimits {
+        let mut profiled = Streams::new(WindowLimits {
             min: 256 * KIB,
             max: 4096 * KIB,
         });
