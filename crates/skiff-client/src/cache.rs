@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
 
@@ -395,9 +396,9 @@ impl ChunkCache {
     /// The chunk if it is cached and intact. A pack holding bytes that do
     /// not match the id (a torn write, a bad disk) is removed, and the chunk
     /// reported as absent.
-    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
         if let Some(data) = self.pending.lock().expect("pending pack poisoned").get(id) {
-            return Some(data.to_vec());
+            return Some(data.clone());
         }
         let slot = self.index.lock().expect("pack index poisoned").slot(id)?;
         let Some(file) = self.open_pack(&slot.pack) else {
@@ -418,14 +419,14 @@ impl ChunkCache {
             return None;
         }
         touch_if_stale(&file);
-        Some(data)
+        Some(Bytes::from(data))
     }
 
     /// Caches a chunk the caller has verified; it is written with the
     /// chunks put after it as one pack, at [`ChunkCache::flush`] or once
     /// they fill one. A chunk already there is not put again; racing
     /// another process to write it is harmless.
-    pub fn put(&self, id: &ChunkId, data: &[u8]) -> Result<(), CacheError> {
+    pub fn put(&self, id: &ChunkId, data: Bytes) -> Result<(), CacheError> {
         let full = {
             let mut pending = self.pending.lock().expect("pending pack poisoned");
             let known = pending.get(id).is_some()
@@ -460,18 +461,20 @@ impl ChunkCache {
         if pending.is_empty() {
             return Ok(());
         }
-        let (name, bytes, entries) = std::mem::take(&mut *pending).encode();
+        let pack = std::mem::take(&mut *pending).encode();
         // Recreated if someone removed it (deleting the cache is allowed).
         fs::create_dir_all(self.root.join("packs"))
             .map_err(self.error("creating the packs directory"))?;
         // No fsync: a pack torn by a crash fails its checks and is fetched again.
-        self.write_atomically(&self.pack_path(&name), false, |file| file.write_all(&bytes))?;
+        self.write_atomically(&self.pack_path(&pack.name), false, |file| {
+            pack.write_to(file)
+        })?;
         self.index
             .lock()
             .expect("pack index poisoned")
-            .add(&name, &entries);
+            .add(&pack.name, &pack.entries);
         drop(pending);
-        self.wrote(bytes.len() as u64);
+        self.wrote(pack.len());
         Ok(())
     }
 
@@ -976,7 +979,7 @@ mod tests {
 
     /// Puts a chunk in a pack of its own.
     fn put_alone(cache: &ChunkCache, id: &ChunkId, data: &[u8]) {
-        cache.put(id, data).unwrap();
+        cache.put(id, Bytes::copy_from_slice(data)).unwrap();
         cache.flush().unwrap();
     }
 
@@ -1019,11 +1022,11 @@ mod tests {
         let (id, data) = chunk(1, 1000);
         let (other, other_data) = chunk(2, 700);
         assert!(cache.get(&id).is_none());
-        cache.put(&id, &data).unwrap();
-        cache.put(&id, &data).unwrap();
+        cache.put(&id, Bytes::from(data.clone())).unwrap();
+        cache.put(&id, Bytes::from(data.clone())).unwrap();
         assert!(cache.contains(&id));
         assert_eq!(cache.get(&id).unwrap(), data, "waiting to be written");
-        cache.put(&other, &other_data).unwrap();
+        cache.put(&other, Bytes::from(other_data.clone())).unwrap();
         cache.flush().unwrap();
         assert_eq!(cache.get(&id).unwrap(), data);
         assert_eq!(cache.get(&other).unwrap(), other_data);
@@ -1075,12 +1078,12 @@ mod tests {
             ChunkRef { id: b.0, len: 500 },
             ChunkRef { id: a.0, len: 1000 },
         ];
-        cache.put(&a.0, &a.1).unwrap();
+        cache.put(&a.0, Bytes::from(a.1.clone())).unwrap();
         assert!(
             cache.assembled(&refs, true).unwrap().is_none(),
             "a chunk is missing"
         );
-        cache.put(&b.0, &b.1).unwrap();
+        cache.put(&b.0, Bytes::from(b.1.clone())).unwrap();
         assert!(
             cache.assembled(&refs, false).unwrap().is_none(),
             "not built yet"
@@ -1209,7 +1212,7 @@ mod tests {
         for n in 0..12u8 {
             for (i, cache) in caches.iter().enumerate() {
                 let (id, data) = chunk(n * 3 + i as u8, 5000);
-                cache.put(&id, &data).unwrap();
+                cache.put(&id, Bytes::from(data.clone())).unwrap();
             }
             std::thread::sleep(KEEPER_EVERY / 4);
         }

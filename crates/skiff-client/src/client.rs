@@ -15,6 +15,7 @@ use skiff_format::wire::{
 use skiff_format::{ChunkId, ImageIndex, ImageManifest, ImageRef, IndexDigest};
 use skiff_registry::body::{read_bounded, BodyError};
 
+use bytes::Bytes;
 use skiff_source::Backoff;
 
 use crate::ClientError;
@@ -313,7 +314,7 @@ impl Client {
     pub fn fetch(
         &self,
         ids: &[ChunkId],
-        mut each: impl FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
+        mut each: impl FnMut(ChunkId, Bytes, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let mut backoff = Backoff::new(self.retry_window);
         let mut seen = std::collections::HashSet::new();
@@ -355,7 +356,7 @@ impl Client {
         &self,
         ids: &[ChunkId],
         timeout: Option<Duration>,
-        each: &mut dyn FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
+        each: &mut dyn FnMut(ChunkId, Bytes, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let url = self.url("/v1/chunks/fetch");
         let mut request = self
@@ -392,7 +393,7 @@ impl Client {
                 ChunkRecord::Chunk { id, wire } if id == *expected => {
                     each(
                         id,
-                        decompress_chunk(&id, &wire, MAX_CHUNK_BYTES)?,
+                        Bytes::from(decompress_chunk(&id, &wire, MAX_CHUNK_BYTES)?),
                         wire.len(),
                     )?;
                 }
@@ -416,7 +417,7 @@ impl Client {
         url: &str,
         ids: &[ChunkId],
         records: &mut RecordReader<Response>,
-        each: &mut dyn FnMut(ChunkId, Vec<u8>, usize) -> Result<(), ClientError>,
+        each: &mut dyn FnMut(ChunkId, Bytes, usize) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let mut outstanding: std::collections::HashSet<ChunkId> = ids.iter().copied().collect();
         let cut_short = |message: String| ClientError::Interrupted {
@@ -446,7 +447,7 @@ impl Client {
                     }
                     each(
                         id,
-                        decompress_chunk(&id, &wire, MAX_CHUNK_BYTES)?,
+                        Bytes::from(decompress_chunk(&id, &wire, MAX_CHUNK_BYTES)?),
                         wire.len(),
                     )?;
                 }
@@ -462,16 +463,18 @@ impl Client {
                     if let Some(c) = chunks.iter().find(|c| !outstanding.contains(&c.id)) {
                         return Err(unasked(&c.id));
                     }
-                    let raw = decompress_frame(&frame, raw_len as usize)?;
+                    // Chunks handed on are slices of the frame: the
+                    // server sends a frame only when most of it was asked for.
+                    let raw = Bytes::from(decompress_frame(&frame, raw_len as usize)?);
                     for FrameChunk { id, offset, len } in chunks {
-                        let data = &raw[offset as usize..(offset + len) as usize];
-                        verify_chunk(&id, data)?;
+                        let data = raw.slice(offset as usize..(offset + len) as usize);
+                        verify_chunk(&id, &data)?;
                         outstanding.remove(&id);
                         // The frame's bytes shared out by length, for progress.
                         let share = (frame.len() as u64 * u64::from(len)
                             / u64::from(raw_len.max(1)))
                             as usize;
-                        each(id, data.to_vec(), share)?;
+                        each(id, data, share)?;
                     }
                 }
             }

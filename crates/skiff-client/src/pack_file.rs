@@ -14,10 +14,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
+use bytes::Bytes;
 use skiff_format::ChunkId;
 
 const MAGIC: &[u8; 8] = b"skiffcp1";
@@ -32,36 +33,38 @@ pub struct Entry {
     pub len: u32,
 }
 
-/// Chunks waiting to be written as one pack.
+/// Chunks waiting to be written as one pack. They are held as they came
+/// (slices of the frames they were decoded from) and written with one
+/// vectored write, not copied into a buffer first.
 #[derive(Default)]
 pub struct PendingPack {
-    data: Vec<u8>,
+    chunks: Vec<Bytes>,
     entries: Vec<Entry>,
     /// Positions in `entries`.
     by_id: HashMap<ChunkId, usize>,
+    bytes: usize,
     since: Option<Instant>,
 }
 
 impl PendingPack {
-    pub fn push(&mut self, id: ChunkId, chunk: &[u8]) {
+    pub fn push(&mut self, id: ChunkId, chunk: Bytes) {
         self.since.get_or_insert_with(Instant::now);
         self.by_id.insert(id, self.entries.len());
         self.entries.push(Entry {
             id,
-            offset: self.data.len() as u64,
+            offset: self.bytes as u64,
             len: u32::try_from(chunk.len()).expect("a chunk is far below 4 GiB"),
         });
-        self.data.extend_from_slice(chunk);
+        self.bytes += chunk.len();
+        self.chunks.push(chunk);
     }
 
-    pub fn get(&self, id: &ChunkId) -> Option<&[u8]> {
-        let entry = self.entries.get(*self.by_id.get(id)?)?;
-        let start = entry.offset as usize;
-        self.data.get(start..start + entry.len as usize)
+    pub fn get(&self, id: &ChunkId) -> Option<&Bytes> {
+        self.chunks.get(*self.by_id.get(id)?)
     }
 
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,22 +76,58 @@ impl PendingPack {
         self.since
     }
 
-    /// The pack's file name and bytes, and its table.
-    pub fn encode(self) -> (String, Vec<u8>, Vec<Entry>) {
+    /// The pack, ready to be written.
+    pub fn encode(self) -> EncodedPack {
         let PendingPack {
-            mut data, entries, ..
+            mut chunks,
+            entries,
+            ..
         } = self;
-        let table_start = data.len();
+        let mut tail = Vec::with_capacity(entries.len() * ENTRY_LEN + FOOTER_LEN);
         for entry in &entries {
-            data.extend_from_slice(entry.id.as_bytes());
-            data.extend_from_slice(&entry.offset.to_le_bytes());
-            data.extend_from_slice(&entry.len.to_le_bytes());
+            tail.extend_from_slice(entry.id.as_bytes());
+            tail.extend_from_slice(&entry.offset.to_le_bytes());
+            tail.extend_from_slice(&entry.len.to_le_bytes());
         }
-        let name = blake3::hash(&data[table_start..]).to_hex()[..32].to_owned();
+        let name = blake3::hash(&tail).to_hex()[..32].to_owned();
         let count = u32::try_from(entries.len()).expect("a pack holds far fewer than 4G chunks");
-        data.extend_from_slice(&count.to_le_bytes());
-        data.extend_from_slice(MAGIC);
-        (name, data, entries)
+        tail.extend_from_slice(&count.to_le_bytes());
+        tail.extend_from_slice(MAGIC);
+        chunks.push(Bytes::from(tail));
+        EncodedPack {
+            name,
+            parts: chunks,
+            entries,
+        }
+    }
+}
+
+/// A pack's file name (the BLAKE3 of its table), its bytes in parts (the
+/// chunks, then table and footer), and its table.
+pub struct EncodedPack {
+    pub name: String,
+    parts: Vec<Bytes>,
+    pub entries: Vec<Entry>,
+}
+
+impl EncodedPack {
+    pub fn len(&self) -> u64 {
+        self.parts.iter().map(|p| p.len() as u64).sum()
+    }
+
+    /// Writes the whole pack to `out` in as few vectored writes as it takes.
+    pub fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = self.parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            match out.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -136,14 +175,18 @@ mod tests {
         let mut pending = PendingPack::default();
         let chunks: Vec<Vec<u8>> = (0..3u8).map(|n| vec![n; 1000 + usize::from(n)]).collect();
         for chunk in &chunks {
-            pending.push(ChunkId::of(chunk), chunk);
+            pending.push(ChunkId::of(chunk), Bytes::from(chunk.clone()));
         }
         assert_eq!(
             pending.get(&ChunkId::of(&chunks[1])).unwrap(),
             &chunks[1][..]
         );
-        let (name, bytes, entries) = pending.encode();
-        assert_eq!(name.len(), 32);
+        let pack = pending.encode();
+        assert_eq!(pack.name.len(), 32);
+        let mut bytes = Vec::new();
+        pack.write_to(&mut bytes).unwrap();
+        assert_eq!(bytes.len() as u64, pack.len());
+        let (name, entries) = (pack.name, pack.entries);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(&name);
         std::fs::write(&path, &bytes).unwrap();

@@ -608,7 +608,7 @@ pub fn pull_from_registry(
         source
             .fetch(ids, &mut |id, data| {
                 if failed.is_none() {
-                    failed = each(id, data).err();
+                    failed = each(id, &data).err();
                 }
             })
             .map_err(|e| ClientError::Source(e.to_string()))?;

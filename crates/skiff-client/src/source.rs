@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use skiff_format::{ChunkId, ChunkRef};
-use skiff_source::{ChunkSource, SourceError, SourceTraffic};
+use skiff_source::{Bytes, ChunkSource, SourceError, SourceTraffic};
 
 use crate::cache::ChunkCache;
 use crate::{Client, ClientError};
@@ -12,7 +12,7 @@ impl ChunkSource for Client {
     fn fetch(
         &self,
         ids: &[ChunkId],
-        each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError> {
         Client::fetch(self, ids, |id, data, _wire_len| {
             each(id, data);
@@ -47,11 +47,11 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
     fn fetch(
         &self,
         ids: &[ChunkId],
-        each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError> {
         let fetched = self.remote.fetch(ids, &mut |id, data| {
             // A full or failing disk costs refetches later, not this read.
-            if let Err(e) = self.cache.put(&id, &data) {
+            if let Err(e) = self.cache.put(&id, data.clone()) {
                 tracing::warn!("{e}");
             }
             each(id, data);
@@ -63,7 +63,7 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
         fetched
     }
 
-    fn local(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    fn local(&self, id: &ChunkId) -> Option<Bytes> {
         self.cache.get(id)
     }
 

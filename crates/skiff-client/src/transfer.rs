@@ -180,7 +180,7 @@ pub fn pull(
     let batches_done = store_chunks(store, &missing, progress, &mut |ids, each| {
         client.fetch(ids, |id, data, wire_len| {
             wire_bytes += wire_len as u64;
-            each(id, data)
+            each(id, &data)
         })
     })?;
     store.put_index(&encoded)?;
@@ -197,7 +197,7 @@ pub fn pull(
 }
 
 /// Where a fetch hands each verified chunk.
-pub(crate) type ChunkSink<'a> = dyn FnMut(ChunkId, Vec<u8>) -> Result<(), ClientError> + 'a;
+pub(crate) type ChunkSink<'a> = dyn FnMut(ChunkId, &[u8]) -> Result<(), ClientError> + 'a;
 
 /// Fetches one batch of ids into a [`ChunkSink`].
 pub(crate) type BatchFetch<'a> =
@@ -231,7 +231,7 @@ pub(crate) fn store_chunks(
         let ids: Vec<_> = batch.iter().map(|c| c.id).collect();
         fetch(&ids, &mut |id, data| {
             progress.advance(data.len() as u64);
-            if let Some(frame) = frames.push(id, &data)? {
+            if let Some(frame) = frames.push(id, data)? {
                 writer.append(&frame)?;
             }
             Ok(())

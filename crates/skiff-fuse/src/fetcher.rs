@@ -16,7 +16,7 @@ use crate::readahead::{Layout, Streams, Window, WindowLimits};
 use crate::stats::MountStats;
 
 /// A chunk in memory, shared without copies (a `Vec` from the source becomes one as it is).
-pub type ChunkBytes = bytes::Bytes;
+pub type ChunkBytes = skiff_source::Bytes;
 
 #[derive(Clone)]
 struct ByLength;
@@ -202,7 +202,7 @@ impl Fetcher {
             MountStats::add(&self.stats.memory_hits, 1);
             return Some(data);
         }
-        let data: ChunkBytes = self.source.local(id)?.into();
+        let data = self.source.local(id)?;
         MountStats::add(&self.stats.disk_hits, 1);
         self.memory.insert(*id, data.clone());
         Some(data)
@@ -434,7 +434,6 @@ impl Fetcher {
         MountStats::add(&self.stats.fetch_requests, 1);
         let outcome = self.source.fetch(&ids, &mut |id, data| {
             let len = data.len() as u64;
-            let data: ChunkBytes = data.into();
             self.memory.insert(id, data.clone());
             MountStats::add(&self.stats.fetched_chunks, 1);
             MountStats::add(&self.stats.fetched_bytes, len);
@@ -499,13 +498,13 @@ mod tests {
         fn fetch(
             &self,
             ids: &[ChunkId],
-            each: &mut dyn FnMut(ChunkId, Vec<u8>),
+            each: &mut dyn FnMut(ChunkId, ChunkBytes),
         ) -> Result<(), SourceError> {
             self.requests.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(2));
             for id in ids {
                 *self.sent.lock().unwrap().entry(*id).or_default() += 1;
-                each(*id, bytes_of(id));
+                each(*id, bytes_of(id).into());
             }
             Ok(())
         }

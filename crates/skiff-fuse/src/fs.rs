@@ -416,7 +416,8 @@ impl Filesystem for SkiffFs {
         }
     }
 
-    /// Called at every close; there is nothing to write back.
+    /// There is nothing to write back: ENOSYS tells the kernel to stop
+    /// sending a flush at every close (a quarter of a cold walk's requests).
     fn flush(
         &self,
         _req: &Request,
@@ -425,7 +426,7 @@ impl Filesystem for SkiffFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(

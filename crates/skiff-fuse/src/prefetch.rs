@@ -257,7 +257,7 @@ mod tests {
         fn fetch(
             &self,
             ids: &[ChunkId],
-            each: &mut dyn FnMut(ChunkId, Vec<u8>),
+            each: &mut dyn FnMut(ChunkId, skiff_source::Bytes),
         ) -> Result<(), SourceError> {
             for id in ids {
                 if *id == self.bad {
@@ -265,7 +265,7 @@ mod tests {
                     return Err(SourceError::Unavailable("answer cut short".into()));
                 }
                 *self.delivered.lock().unwrap().entry(*id).or_default() += 1;
-                each(*id, id.as_bytes().to_vec());
+                each(*id, id.as_bytes().to_vec().into());
             }
             Ok(())
         }
@@ -274,8 +274,8 @@ mod tests {
             self.delivered.lock().unwrap().contains_key(id)
         }
 
-        fn local(&self, id: &ChunkId) -> Option<Vec<u8>> {
-            self.is_local(id).then(|| id.as_bytes().to_vec())
+        fn local(&self, id: &ChunkId) -> Option<skiff_source::Bytes> {
+            self.is_local(id).then(|| id.as_bytes().to_vec().into())
         }
 
         fn describe(&self) -> String {

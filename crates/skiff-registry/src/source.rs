@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use skiff_chunk::{decompress_frame, verify_chunk};
 use skiff_format::artifact::ChunkTable;
 use skiff_format::ChunkId;
@@ -101,8 +102,8 @@ type WholeBlob = Arc<OnceLock<Result<Arc<File>, String>>>;
 #[derive(Clone)]
 struct ByLength;
 
-impl quick_cache::Weighter<u32, Arc<Vec<u8>>> for ByLength {
-    fn weight(&self, _frame: &u32, raw: &Arc<Vec<u8>>) -> u64 {
+impl quick_cache::Weighter<u32, Bytes> for ByLength {
+    fn weight(&self, _frame: &u32, raw: &Bytes) -> u64 {
         raw.len() as u64 + 64
     }
 }
@@ -166,7 +167,7 @@ pub struct RegistrySource {
     whole: Mutex<HashMap<u32, WholeBlob>>,
     spool_dir: PathBuf,
     said_ranges_ignored: AtomicBool,
-    recent: quick_cache::sync::Cache<u32, Arc<Vec<u8>>, ByLength>,
+    recent: quick_cache::sync::Cache<u32, Bytes, ByLength>,
     /// Frames being fetched right now: a read window and a read-ahead that
     /// share a frame at their edge fetch it once.
     in_flight: Mutex<HashMap<u32, Arc<FrameFlight>>>,
@@ -208,18 +209,29 @@ impl RegistrySource {
         }
     }
 
-    /// The chunks of `wanted` out of a decompressed frame, each checked against its id.
+    /// The chunks of `wanted` out of a decompressed frame, each checked
+    /// against its id. Slices of the frame when they are most of it; copies
+    /// when they are a small part, so a cached chunk does not keep a whole
+    /// frame alive.
     fn chunks_of(
-        raw: &[u8],
+        raw: &Bytes,
         wanted: &[(ChunkId, u32, u32)],
-        out: &mut Vec<(ChunkId, Vec<u8>)>,
+        out: &mut Vec<(ChunkId, Bytes)>,
     ) -> Result<(), SourceError> {
+        let wanted_bytes: usize = wanted.iter().map(|(_, _, len)| *len as usize).sum();
+        let share = wanted_bytes * 2 >= raw.len();
         for (id, offset, len) in wanted {
+            let range = *offset as usize..(*offset as usize + *len as usize);
             let data = raw
-                .get(*offset as usize..(*offset + *len) as usize)
+                .get(range.clone())
                 .ok_or_else(|| corrupt(format!("chunk {id} lies outside its frame")))?;
             verify_chunk(id, data).map_err(corrupt)?;
-            out.push((*id, data.to_vec()));
+            let data = if share {
+                raw.slice(range)
+            } else {
+                Bytes::copy_from_slice(data)
+            };
+            out.push((*id, data));
         }
         Ok(())
     }
@@ -236,7 +248,7 @@ impl RegistrySource {
         &self,
         request: &RangeRequest,
         wanted: &Wanted,
-        send: &mut dyn FnMut(Vec<(ChunkId, Vec<u8>)>),
+        send: &mut dyn FnMut(Vec<(ChunkId, Bytes)>),
     ) -> Result<(), SourceError> {
         let blob = &self.packs[request.blob as usize];
         let mut done = 0;
@@ -307,7 +319,7 @@ impl RegistrySource {
         start: u64,
         frames: &[u32],
         wanted: &Wanted,
-        send: &mut dyn FnMut(Vec<(ChunkId, Vec<u8>)>),
+        send: &mut dyn FnMut(Vec<(ChunkId, Bytes)>),
         done: &mut usize,
     ) -> Result<(), Attempt> {
         let cut = |e: std::io::Error| {
@@ -393,7 +405,7 @@ impl RegistrySource {
         at: u32,
         compressed: &[u8],
         wanted: &Wanted,
-    ) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+    ) -> Result<Vec<(ChunkId, Bytes)>, SourceError> {
         let frame = &self.table.frames[at as usize];
         let raw = decompress_frame(compressed, frame.raw_len as usize).map_err(|e| {
             corrupt(format!(
@@ -401,7 +413,7 @@ impl RegistrySource {
                 frame.offset, self.packs[frame.blob as usize].digest
             ))
         })?;
-        let raw = Arc::new(raw);
+        let raw = Bytes::from(raw);
         let mut out = Vec::new();
         Self::chunks_of(&raw, wanted.get(&at).map_or(&[], Vec::as_slice), &mut out)?;
         // Kept only once its wanted chunks proved it sound.
@@ -494,7 +506,7 @@ impl ChunkSource for RegistrySource {
     fn fetch(
         &self,
         ids: &[ChunkId],
-        each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError> {
         // Chunks by frame, and the frames in blob order.
         let mut wanted: Wanted = HashMap::new();
@@ -510,7 +522,7 @@ impl ChunkSource for RegistrySource {
         }
         // Frames decompressed a moment ago need no request; frames another
         // fetch is getting are waited for.
-        let mut ready: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        let mut ready: HashMap<ChunkId, Bytes> = HashMap::new();
         let mut frames = Vec::new();
         let mut awaited = Vec::new();
         {
@@ -599,7 +611,7 @@ impl ChunkSource for RegistrySource {
             }
             drop(tx);
             // Hand chunks on in the order asked, as soon as the ones before them are in.
-            let mut deliver = |ready: &mut HashMap<ChunkId, Vec<u8>>| {
+            let mut deliver = |ready: &mut HashMap<ChunkId, Bytes>| {
                 while let Some(id) = ids.get(next) {
                     match ready.remove(id) {
                         Some(data) => each(*id, data),
@@ -648,6 +660,38 @@ mod tests {
             len,
             raw_len: len * 3,
         }
+    }
+
+    #[test]
+    fn chunks_share_a_mostly_wanted_frame_and_copy_a_small_part_of_one() {
+        let parts: Vec<Vec<u8>> = (0..4u8).map(|n| vec![n; 1000]).collect();
+        let raw = Bytes::from(parts.concat());
+        let wanted = |which: &[usize]| -> Vec<(ChunkId, u32, u32)> {
+            which
+                .iter()
+                .map(|&i| (ChunkId::of(&parts[i]), i as u32 * 1000, 1000))
+                .collect()
+        };
+        let inside = |data: &Bytes| {
+            let at = data.as_ptr() as usize;
+            at >= raw.as_ptr() as usize && at < raw.as_ptr() as usize + raw.len()
+        };
+        let mut out = Vec::new();
+        RegistrySource::chunks_of(&raw, &wanted(&[0, 1, 3]), &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(
+            out.iter().all(|(_, data)| inside(data)),
+            "slices of the frame"
+        );
+        assert_eq!(out[2].1, parts[3]);
+        let mut out = Vec::new();
+        RegistrySource::chunks_of(&raw, &wanted(&[2]), &mut out).unwrap();
+        assert!(!inside(&out[0].1), "a copy: the frame is not kept for it");
+        assert_eq!(out[0].1, parts[2]);
+        // Bytes that do not hash to the id are refused, shared or not.
+        let mut bad = wanted(&[0, 1, 2]);
+        bad[1].1 = 3000;
+        assert!(RegistrySource::chunks_of(&raw, &bad, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -8,6 +8,10 @@
 use skiff_format::{ChunkId, ChunkRef};
 mod backoff;
 
+/// A chunk's bytes, shared: a frame decompressed once hands out slices of
+/// itself, not copies, to the caches and the reads it serves.
+pub use bytes::Bytes;
+
 pub use backoff::Backoff;
 
 use serde::{Deserialize, Serialize};
@@ -34,11 +38,11 @@ pub trait ChunkSource: Send + Sync {
     fn fetch(
         &self,
         ids: &[ChunkId],
-        each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError>;
 
     /// A chunk this host already holds, read without the network.
-    fn local(&self, _id: &ChunkId) -> Option<Vec<u8>> {
+    fn local(&self, _id: &ChunkId) -> Option<Bytes> {
         None
     }
 

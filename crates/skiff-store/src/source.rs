@@ -1,7 +1,7 @@
 //! The local store as a [`ChunkSource`].
 
 use skiff_format::ChunkId;
-use skiff_source::{ChunkSource, SourceError};
+use skiff_source::{Bytes, ChunkSource, SourceError};
 
 use crate::{Store, StoreError};
 
@@ -9,7 +9,7 @@ impl ChunkSource for Store {
     fn fetch(
         &self,
         ids: &[ChunkId],
-        each: &mut dyn FnMut(ChunkId, Vec<u8>),
+        each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError> {
         for id in ids {
             let data = self.read_chunk(id).map_err(|e| match e {
@@ -17,7 +17,7 @@ impl ChunkSource for Store {
                 StoreError::Chunk(e) => SourceError::Corrupt(e.to_string()),
                 other => SourceError::Unavailable(other.to_string()),
             })?;
-            each(*id, data);
+            each(*id, Bytes::from(data));
         }
         Ok(())
     }
