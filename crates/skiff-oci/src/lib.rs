@@ -7,6 +7,7 @@ mod convert;
 mod error;
 mod export;
 mod layer_cache;
+mod layer_files;
 mod layout;
 mod merge;
 mod registry;
@@ -17,6 +18,7 @@ mod verify;
 pub use convert::{convert, ConvertOptions, ConvertProgress, ConvertReport};
 pub use error::OciError;
 pub use export::{export, ExportReport};
+pub use layer_files::{layer_files, LayerFiles};
 pub use merge::MergedTree;
 pub use source::{ImageSource, LayerCompression, LayerDescriptor, Platform, ResolvedImage};
 

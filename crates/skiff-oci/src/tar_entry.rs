@@ -202,7 +202,7 @@ pub(crate) fn parse_entry<R: Read>(
     Ok(Some((path, meta, kind)))
 }
 
-fn is_whiteout(path: &[u8]) -> bool {
+pub(crate) fn is_whiteout(path: &[u8]) -> bool {
     path.rsplit(|&b| b == b'/')
         .next()
         .is_some_and(|name| name.starts_with(b".wh."))

@@ -1,5 +1,6 @@
 //! The `skiff` command.
 
+mod analyze;
 mod attach;
 mod mount;
 mod progress;
@@ -113,6 +114,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure how much a set of images duplicates: layers, files, chunks, and what storing them costs
+    #[command(
+        long_about = "Reads every unique layer of the images once (on all cores; memory grows \
+        with the number of files, not their bytes) and reports the measures of the Docker Hub \
+        redundancy study for them: layer references and unique layers, what sharing layers by \
+        digest and compressing them save, the files of the unique layers and the share that \
+        duplicate an earlier one (by count and bytes), the most duplicated files, pairs of almost \
+        equal layers, and what layer-level, file-level and skiff's chunk-level deduplication \
+        would store and a host pulling every image would transfer. docs/ANALYZE.md explains each \
+        measure.",
+        after_help = "Examples:\n  skiff analyze oci:./debian:12 oci:./python:3.11 oci:./node:20\n  \
+        skiff analyze --json docker://registry.example/team/app:1.4 docker://registry.example/team/app:1.5"
+    )]
+    Analyze(analyze::AnalyzeArgs),
     /// List the images in the store, on a server, or a registry repository's skiff tags
     #[command(
         after_help = "Examples:\n  skiff images\n  skiff images --server http://127.0.0.1:7070\n  \
@@ -438,6 +453,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let needs_store = !matches!(
         cli.command,
         Command::Snapshotter { .. }
+            | Command::Analyze(_)
             | Command::MountDaemon { .. }
             | Command::MountSupervisor { .. }
             | Command::Upgrade(_)
@@ -646,6 +662,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             attached_from,
         })?,
         Command::Status { at, json } => mount::status(at, json)?,
+        Command::Analyze(args) => analyze::run(args)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
             export(&Store::open_read_only(&store_dir)?, &image, &destination)?

@@ -1,0 +1,224 @@
+//! `skiff analyze` against an independent count (Python's tarfile and hashlib).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use skiff_tests::*;
+
+/// Three images: two share a base layer and have almost equal upper
+/// layers; the third repeats files of both in one plain-tar layer.
+fn write_images(dir: &Path) -> Vec<String> {
+    let shared = noise(150_000, 1);
+    let base = Layer::new()
+        .dir("etc", 0o755)
+        .dir("usr", 0o755)
+        .file("etc/hostname", 0o644, "box\n")
+        .file("etc/empty", 0o644, "")
+        .file("usr/lib.so", 0o755, shared.clone())
+        .file("usr/readme", 0o644, text(40_000, 2))
+        .symlink("usr/lib.so.1", "lib.so")
+        .hardlink("usr/lib-again.so", "usr/lib.so");
+    let upper = |version: u64| {
+        Layer::new()
+            .dir("app", 0o755)
+            .file("app/main", 0o755, noise(200_000, 3))
+            .file("app/helper", 0o755, noise(30_000, 4))
+            .file("app/copy-of-lib.so", 0o644, shared.clone())
+            .file("app/version", 0o644, format!("{version}\n"))
+            .file("app/empty", 0o644, "")
+            .whiteout("etc", "hostname")
+    };
+    let mixed = Layer::new()
+        .dir("opt", 0o755)
+        .file("opt/main", 0o755, noise(200_000, 3))
+        .file("opt/readme", 0o644, text(40_000, 2))
+        .file("opt/lib.so", 0o644, shared.clone())
+        .file("opt/own", 0o644, noise(10_000, 9));
+    let images = [
+        (
+            "one",
+            Image::new(vec![
+                (base.clone(), Compression::Gzip),
+                (upper(1), Compression::Gzip),
+            ]),
+        ),
+        (
+            "two",
+            Image::new(vec![
+                (base, Compression::Gzip),
+                (upper(2), Compression::Gzip),
+            ]),
+        ),
+        ("three", Image::new(vec![(mixed, Compression::None)])),
+    ];
+    images
+        .iter()
+        .map(|(name, image)| {
+            let layout = dir.join(name);
+            image.write_layout(&layout, "v1");
+            format!("{}:v1", layout.display())
+        })
+        .collect()
+}
+
+fn python_count(specs: &[String]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("analyze_check.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(specs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "analyze_check.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn analyze_agrees_with_an_independent_count() {
+    let tmp = tempdir();
+    let specs = write_images(tmp.path());
+    let args: Vec<String> = ["analyze", "--json", "--similar", "0", "--top", "1000"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(specs.iter().map(|s| format!("oci:{s}")))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let skiff = skiff_json(&tmp.path().join("unused-store"), &args);
+    let python = python_count(&specs);
+
+    assert_eq!(
+        skiff["images"].as_array().unwrap().len() as u64,
+        python["images"]
+    );
+    let layers = &skiff["layer_measures"];
+    for key in [
+        "references",
+        "unique",
+        "referenced_tar_bytes",
+        "unique_tar_bytes",
+        "unique_compressed_bytes",
+    ] {
+        assert_eq!(layers[key], python[key], "{key}");
+    }
+    // The base layer is shared: 5 references, 4 unique layers.
+    assert_eq!(layers["references"], 5);
+    assert_eq!(layers["unique"], 4);
+    let files = &skiff["file_measures"];
+    for key in [
+        "files",
+        "bytes",
+        "distinct_contents",
+        "distinct_bytes",
+        "duplicates",
+        "duplicate_bytes",
+    ] {
+        assert_eq!(files[key], python[key], "{key}");
+    }
+    assert!(files["duplicates"].as_u64().unwrap() >= 8, "{files}");
+    assert_eq!(skiff["copies_histogram"], python["copies_histogram"]);
+    assert_eq!(skiff["stored"]["file_level_raw"], python["distinct_bytes"]);
+
+    let key = |d: &Value| {
+        (
+            d["sha256"].as_str().unwrap().to_owned(),
+            d["copies"].as_u64().unwrap(),
+            d["size"].as_u64().unwrap(),
+            d["layers"].as_u64().unwrap(),
+        )
+    };
+    let mut ours: Vec<_> = skiff["most_duplicated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    let mut theirs: Vec<_> = python["duplicated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs);
+
+    let pair = |p: &Value| {
+        (
+            p["a"].as_u64().unwrap(),
+            p["b"].as_u64().unwrap(),
+            p["common_contents"].as_u64().unwrap(),
+            p["similarity"].as_f64().unwrap(),
+        )
+    };
+    let mut ours: Vec<_> = skiff["similar_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(pair)
+        .collect();
+    let mut theirs: Vec<_> = python["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(pair)
+        .collect();
+    ours.sort_by_key(|p| (p.0, p.1));
+    theirs.sort_by_key(|p| (p.0, p.1));
+    assert_eq!(ours.len(), theirs.len(), "{ours:?} against {theirs:?}");
+    for (o, t) in ours.iter().zip(&theirs) {
+        assert_eq!((o.0, o.1, o.2), (t.0, t.1, t.2));
+        assert!((o.3 - t.3).abs() < 1e-12, "{o:?} against {t:?}");
+    }
+    // The two upper layers differ in one small file: almost equal.
+    let uppers = ours.iter().find(|p| (p.0, p.1) == (1, 2)).unwrap();
+    assert!(uppers.3 > 0.6 && uppers.3 < 1.0, "{uppers:?}");
+
+    // Chunk-level dedup stores no more than file-level, and a chunk once.
+    let stored = &skiff["stored"];
+    let chunk_raw = stored["chunk_level_raw"].as_u64().unwrap();
+    assert!(chunk_raw > 0 && chunk_raw <= stored["file_level_raw"].as_u64().unwrap());
+    assert!(stored["chunk_level_zstd"].as_u64().unwrap() < chunk_raw);
+    assert_eq!(
+        skiff["pull"]["with_layers"],
+        python["unique_compressed_bytes"]
+    );
+}
+
+#[test]
+fn analyze_refuses_a_corrupt_layer() {
+    let tmp = tempdir();
+    let specs = write_images(tmp.path());
+    // Truncate the first image's upper layer blob.
+    let layout = tmp.path().join("one");
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_owned();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(layout.join("blobs/sha256").join(manifest_digest)).unwrap(),
+    )
+    .unwrap();
+    let blob = layout
+        .join("blobs/sha256")
+        .join(&manifest["layers"][1]["digest"].as_str().unwrap()[7..]);
+    let data = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &data[..data.len() / 2]).unwrap();
+
+    let out = skiff(
+        &tmp.path().join("unused-store"),
+        &["analyze", &format!("oci:{}", specs[0])],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("analyzing the images"), "{stderr}");
+    assert_eq!(
+        stderr.matches("descriptor says").count(),
+        1,
+        "the blob's size, said once: {stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
