@@ -26,51 +26,54 @@ def blob(layout, digest):
 
 
 def image_layers(spec):
+    """(diff_id, compressed size, a function reading the uncompressed tar) of each layer."""
     layout, tag = spec.rsplit(":", 1)
     index = json.load(open(os.path.join(layout, "index.json")))
     entry = next(m for m in index["manifests"]
                  if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
     manifest = json.loads(blob(layout, entry["digest"]))
     config = json.loads(blob(layout, manifest["config"]["digest"]))
-    layers = []
     for desc, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"]):
-        data = blob(layout, desc["digest"])
-        tar = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff_id
-        layers.append((diff_id, desc["size"], tar))
-    return layers
+        def tar(desc=desc, diff_id=diff_id):
+            data = blob(layout, desc["digest"])
+            data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == diff_id
+            return data
+        yield diff_id, desc["size"], tar
 
 
 def main(specs):
     refs = []
-    unique = {}  # diff_id -> (compressed, tar), in first-reference order
-    for spec in specs:
-        for diff_id, size, tar in image_layers(spec):
-            refs.append(diff_id)
-            unique.setdefault(diff_id, (size, tar))
-    order = list(unique)
-    referenced_tar = sum(len(unique[d][1]) for d in refs)
-    unique_tar = sum(len(t) for _, t in unique.values())
-    unique_compressed = sum(s for s, _ in unique.values())
-
+    unique = {}  # diff_id -> (compressed, tar bytes), in first-reference order
     contents = {}  # digest -> [size, copies, layers(set), first path]
     layer_sets = []
     files = file_bytes = 0
-    for at, diff_id in enumerate(order):
-        tf = tarfile.open(fileobj=io.BytesIO(unique[diff_id][1]))
-        mine = set()
-        for m in tf:
-            if not m.isreg() or os.path.basename(m.name).startswith(".wh."):
+    for spec in specs:
+        for diff_id, size, read_tar in image_layers(spec):
+            refs.append(diff_id)
+            if diff_id in unique:
                 continue
-            data = tf.extractfile(m).read()
-            digest = hashlib.sha256(data).hexdigest()
-            files += 1
-            file_bytes += len(data)
-            c = contents.setdefault(digest, [len(data), 0, set(), m.name])
-            c[1] += 1
-            c[2].add(at)
-            mine.add(digest)
-        layer_sets.append(mine)
+            at = len(unique)
+            tar = read_tar()
+            unique[diff_id] = (size, len(tar))
+            mine = set()
+            tf = tarfile.open(fileobj=io.BytesIO(tar))
+            for m in tf:
+                if not m.isreg() or os.path.basename(m.name).startswith(".wh."):
+                    continue
+                data = tf.extractfile(m).read()
+                digest = hashlib.sha256(data).hexdigest()
+                files += 1
+                file_bytes += len(data)
+                c = contents.setdefault(digest, [len(data), 0, set(), m.name])
+                c[1] += 1
+                c[2].add(at)
+                mine.add(digest)
+            layer_sets.append(mine)
+    order = list(unique)
+    referenced_tar = sum(unique[d][1] for d in refs)
+    unique_tar = sum(t for _, t in unique.values())
+    unique_compressed = sum(s for s, _ in unique.values())
     distinct_bytes = sum(c[0] for c in contents.values())
 
     pairs = []
