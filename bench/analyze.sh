@@ -3,7 +3,8 @@
 # Docker Hub study's figures: the measures, the time and memory it took
 # (medians of $RUNS), and an independent count of the layer and file
 # measures (tests/analyze_check.py: Python's tarfile and hashlib) that must
-# agree exactly. Writes the table into docs/BENCHMARKS.md.
+# agree exactly. Writes the table into docs/BENCHMARKS.md and the plots
+# into docs/analyze/.
 #
 # Usage: SKIFF=... bench/analyze.sh   (make bench-analyze does this)
 set -euo pipefail
@@ -25,8 +26,10 @@ done
 
 for run in $(seq "$runs"); do
   echo "skiff analyze, run $run of $runs (${#images[@]} images)..."
+  # The first run draws the plots docs/ANALYZE.md shows.
+  plots=(); [ "$run" = 1 ] && plots=(--plots docs/analyze)
   /usr/bin/time -f '%e %M' -o "$work/time-$run" \
-    "$SKIFF" analyze --json "${specs[@]/#/oci:}" > "$work/analysis-$run.json"
+    "$SKIFF" analyze --json "${plots[@]}" "${specs[@]/#/oci:}" > "$work/analysis-$run.json"
 done
 echo "the independent count (tests/analyze_check.py)..."
 python3 tests/analyze_check.py "${specs[@]}" > "$work/check.json"

@@ -82,9 +82,11 @@ fn python_count(specs: &[String]) -> Value {
 fn analyze_agrees_with_an_independent_count() {
     let tmp = tempdir();
     let specs = write_images(tmp.path());
+    let plots = tmp.path().join("plots");
     let args: Vec<String> = ["analyze", "--json", "--similar", "0", "--top", "1000"]
         .iter()
         .map(|s| s.to_string())
+        .chain(["--plots".to_owned(), plots.display().to_string()])
         .chain(specs.iter().map(|s| format!("oci:{s}")))
         .collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -187,6 +189,16 @@ fn analyze_agrees_with_an_independent_count() {
         skiff["pull"]["with_layers"],
         python["unique_compressed_bytes"]
     );
+
+    // The plots: SVG, a heatmap cell for every pair of the 4 unique layers,
+    // a bar for each way of storing.
+    let svg = |name: &str| std::fs::read_to_string(plots.join(name)).unwrap();
+    for name in ["copies.svg", "similarity.svg", "storage.svg"] {
+        assert!(svg(name).starts_with("<svg"), "{name}");
+    }
+    assert!(svg("similarity.svg").matches("<rect").count() >= 16);
+    assert!(svg("similarity.svg").contains("one:v1"));
+    assert!(svg("storage.svg").contains("skiff chunks, zstd frames"));
 }
 
 #[test]

@@ -23,6 +23,7 @@
 //!   layer reached a chunk first, so this figure varies by a fraction of a
 //!   percent between runs; every other figure is exact).
 
+mod plots;
 mod scan;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +35,7 @@ use skiff_chunk::Chunker;
 use skiff_oci::{ImageSource, OciError, Platform};
 use thiserror::Error;
 
+pub use plots::{write_plots, PlotError};
 use scan::{scan_layer, ChunkLedger};
 pub use scan::{FileFacts, LayerFacts};
 

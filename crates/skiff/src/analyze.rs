@@ -1,8 +1,10 @@
 //! `skiff analyze`: the redundancy study on the user's images, as a table or JSON.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use skiff_analyze::{analyze, Analysis, AnalyzeOptions, AnalyzeProgress};
+use skiff_analyze::{analyze, write_plots, Analysis, AnalyzeOptions, AnalyzeProgress};
 use skiff_oci::{ImageSource, Platform};
 
 use crate::progress::{bytes, bytes_bar};
@@ -27,6 +29,9 @@ pub struct AnalyzeArgs {
     /// Print the whole analysis as JSON
     #[arg(long)]
     json: bool,
+    /// Also draw plots into DIR: copies.svg (how many copies file contents have), similarity.svg (a heatmap of how alike the layers are), storage.svg (bytes by way of storing)
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
 }
 
 struct Bar(ProgressBar);
@@ -64,6 +69,11 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let bar = Bar(bytes_bar("analyze", 0));
     let analysis = analyze(&sources, &options, &bar).context("analyzing the images")?;
     bar.0.finish_and_clear();
+    if let Some(dir) = &args.plots {
+        for path in write_plots(&analysis, dir)? {
+            eprintln!("wrote {}", path.display());
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&analysis)?);
     } else {
