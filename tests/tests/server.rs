@@ -1196,3 +1196,82 @@ fn a_manifest_put_with_if_match_never_moves_a_tag_back() {
         started.elapsed()
     );
 }
+
+/// The FAST '18 registry rule: reading the manifest of a recently pushed
+/// image warms the hot cache, with the image's startup profile first; an
+/// image nobody pushed to this server is not warmed.
+#[test]
+fn a_recently_pushed_image_warms_the_cache_with_its_profile_first() {
+    let tmp = tempdir();
+    let [local, served] = dirs(&tmp, ["local", "served"]);
+    convert(&served, &tmp.path().join("src0"), &image(0, 1), "old:1");
+    convert(&local, &tmp.path().join("src1"), &image(1, 4), "app:1");
+    let index = index_of(&local, "app:1");
+    let big = index.lookup_path(b"usr/lib/big.bin").unwrap();
+    let skiff_format::InodeKind::File { chunks, .. } = &index.inode(big).unwrap().kind else {
+        panic!("big.bin is a file");
+    };
+    // Its last chunks: far from the first chunks of the smallest files.
+    let profiled: Vec<ChunkId> = chunks[chunks.len() - 3..].iter().map(|c| c.id).collect();
+
+    let server = SkiffServer::start(&served, &[]);
+    let http = Client::new();
+    let manifest_url = |image: &str| format!("{}/v1/manifests/{image}", server.url);
+    let get_manifest = |image: &str| -> Value {
+        let response = http.get(manifest_url(image)).send().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        serde_json::from_slice(&response.bytes().unwrap()).unwrap()
+    };
+    get_manifest("old:1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.metric("skiff_cache_warmed_total", &[]),
+        0.0,
+        "an image converted into the served store, not pushed to it"
+    );
+
+    push(&local, &server, "app:1", None);
+    let mut manifest = get_manifest("app:1");
+    wait_for_metric(&server, "skiff_cache_warmed_total");
+    // A profile recorded later is a push too; the next read warms it first.
+    manifest["profile"] = json!({
+        "command": ["app"],
+        "read_bytes": 3 << 16,
+        "ranges": [{ "path": "usr/lib/big.bin", "first": chunks.len() - 3, "count": 3 }],
+    });
+    let status = http
+        .put(manifest_url("app:1"))
+        .header("content-type", "application/vnd.skiff.manifest.v1+json")
+        .body(serde_json::to_vec(&manifest).unwrap())
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::CREATED);
+    let warmed = server.metric("skiff_cache_warmed_total", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("skiff_cache_warmed_total", &[]) == warmed {
+        assert!(
+            Instant::now() < deadline,
+            "the profiled image was never warmed"
+        );
+        get_manifest("app:1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (hits, misses) = (
+        server.metric("skiff_cache_hits_total", &[]),
+        server.metric("skiff_cache_misses_total", &[]),
+    );
+    for id in &profiled {
+        let response = http
+            .get(format!("{}/v1/chunks/{id}", server.url))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        server.metric("skiff_cache_hits_total", &[]) - hits,
+        3.0,
+        "the profile's chunks were in memory"
+    );
+    assert_eq!(server.metric("skiff_cache_misses_total", &[]), misses);
+}

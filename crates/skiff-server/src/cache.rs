@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
+use rayon::prelude::*;
 use skiff_chunk::compress_chunk;
-use skiff_format::{ChunkId, ImageManifest, InodeKind};
+use skiff_format::{ChunkId, ImageManifest, ImageRef, InodeKind};
 use skiff_store::{Store, StoreError};
 
 use crate::metrics::Metrics;
@@ -18,6 +19,11 @@ use crate::metrics::Metrics;
 const ENTRY_OVERHEAD: u64 = 96;
 /// An image is warmed at most this often, however often its manifest is read.
 const REWARM_AFTER: Duration = Duration::from_secs(60);
+/// A tag put this recently names a recently pushed image, whose first
+/// pulls are likely to follow soon (the FAST '18 registry study): reading
+/// its manifest warms the cache. Older images' hot chunks are in the cache
+/// already if they are still pulled.
+const RECENTLY_PUSHED: Duration = Duration::from_secs(3600);
 
 #[derive(Clone)]
 struct WireWeighter;
@@ -32,6 +38,8 @@ pub struct HotCache {
     chunks: Cache<ChunkId, Bytes, WireWeighter>,
     capacity: u64,
     warmed: Mutex<HashMap<skiff_format::IndexDigest, Instant>>,
+    /// When each tag was last put on this server.
+    pushed: Mutex<HashMap<ImageRef, Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -43,6 +51,7 @@ impl HotCache {
             chunks: Cache::with_weighter(estimated_items, capacity_bytes.max(1), WireWeighter),
             capacity: capacity_bytes,
             warmed: Mutex::default(),
+            pushed: Mutex::default(),
             metrics,
         }
     }
@@ -76,48 +85,103 @@ impl HotCache {
         Ok(Some(wire))
     }
 
-    /// Loads the chunks a client that just fetched `manifest` will most
-    /// likely ask for first, so those requests hit memory: the first chunk
-    /// of each of the image's smallest files, up to an eighth of the cache
-    /// (startup programs open many small files: libraries, configs, scripts).
-    /// Blocking; returns how many chunks were loaded.
+    /// Notes that `manifest`'s tag was just put (pushed, or its profile
+    /// updated): its next read warms the cache again.
+    pub fn note_pushed(&self, manifest: &ImageManifest) {
+        {
+            let mut pushed = self.pushed.lock().expect("push log poisoned");
+            let now = Instant::now();
+            pushed.retain(|_, at| now.duration_since(*at) < RECENTLY_PUSHED);
+            pushed.insert(manifest.image_ref(), now);
+        }
+        self.warmed
+            .lock()
+            .expect("warm log poisoned")
+            .remove(&manifest.index.digest);
+    }
+
+    fn recently_pushed(&self, image: &ImageRef) -> bool {
+        self.pushed
+            .lock()
+            .expect("push log poisoned")
+            .get(image)
+            .is_some_and(|at| at.elapsed() < RECENTLY_PUSHED)
+    }
+
+    /// When `manifest` names a recently pushed image, loads the chunks the
+    /// client that just fetched it will most likely ask for first, so those
+    /// requests hit memory, up to an eighth of the cache: the image's
+    /// startup profile in the order the start read it, or without one the
+    /// first chunk of each of its smallest files (a start opens many small
+    /// files: libraries, configs, scripts). Blocking; returns how many
+    /// chunks were loaded.
     pub fn warm(&self, store: &Store, manifest: &ImageManifest) -> Result<u64, StoreError> {
+        if !self.recently_pushed(&manifest.image_ref()) {
+            return Ok(0);
+        }
         let digest = manifest.index.digest;
         {
             let mut warmed = self.warmed.lock().expect("warm log poisoned");
             let now = Instant::now();
             warmed.retain(|_, at| now.duration_since(*at) < REWARM_AFTER);
-            if warmed.insert(digest, now).is_some() {
+            if warmed.contains_key(&digest) {
                 return Ok(0);
             }
+            warmed.insert(digest, now);
         }
         let budget = self.capacity / 8;
         let index = store.index(&digest)?;
-        let mut first_chunks: Vec<(u64, ChunkId, u32)> = index
-            .inodes
-            .iter()
-            .filter_map(|inode| match &inode.kind {
-                InodeKind::File { chunks, .. } => {
-                    chunks.first().map(|c| (inode.size(), c.id, c.len))
-                }
-                _ => None,
-            })
-            .collect();
-        first_chunks.sort_unstable_by_key(|(size, ..)| *size);
-        let (mut spent, mut loaded) = (0u64, 0u64);
-        for (_, id, len) in first_chunks {
-            if spent + u64::from(len) > budget {
-                break;
+        // A profile the index does not match (no store accepts one) is ignored.
+        let profiled = manifest
+            .profile
+            .as_ref()
+            .and_then(|profile| profile.chunk_order(&index).ok())
+            .filter(|order| !order.is_empty());
+        let order: Vec<(ChunkId, u32)> = match profiled {
+            Some(order) => {
+                let lengths: HashMap<ChunkId, u32> =
+                    index.chunk_refs().map(|c| (c.id, c.len)).collect();
+                order
+                    .into_iter()
+                    .filter_map(|id| lengths.get(&id).map(|len| (id, *len)))
+                    .collect()
             }
-            if self.chunks.contains_key(&id) {
-                continue;
+            None => {
+                let mut first_chunks: Vec<(u64, ChunkId, u32)> = index
+                    .inodes
+                    .iter()
+                    .filter_map(|inode| match &inode.kind {
+                        InodeKind::File { chunks, .. } => {
+                            chunks.first().map(|c| (inode.size(), c.id, c.len))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                first_chunks.sort_unstable_by_key(|(size, ..)| *size);
+                first_chunks
+                    .into_iter()
+                    .map(|(_, id, len)| (id, len))
+                    .collect()
             }
+        };
+        let mut spent = 0u64;
+        let wanted: Vec<ChunkId> = order
+            .into_iter()
+            .filter(|(id, _)| !self.chunks.contains_key(id))
             // Counted at raw size: a safe over-estimate of the wire size.
-            spent += u64::from(len);
-            if self.fill(store, &id)?.is_some() {
-                loaded += 1;
-            }
-        }
+            .take_while(|(_, len)| {
+                spent += u64::from(*len);
+                spent <= budget
+            })
+            .map(|(id, _)| id)
+            .collect();
+        // On all cores, in profile order: the client asks for the same chunks
+        // as soon as it has the manifest, and a warm that trails it is wasted.
+        let filled: Vec<bool> = wanted
+            .par_iter()
+            .map(|id| self.fill(store, id).map(|wire| wire.is_some()))
+            .collect::<Result<_, _>>()?;
+        let loaded = filled.iter().filter(|loaded| **loaded).count() as u64;
         self.metrics.cache_warmed.inc_by(loaded);
         tracing::debug!(image = %manifest.image_ref(), loaded, "warmed the hot-chunk cache");
         Ok(loaded)

@@ -69,8 +69,9 @@ pub async fn list_tags(
     ))
 }
 
-/// `GET /v1/manifests/{name:tag}`: the manifest, and a head start for the
-/// client's first chunk requests (the hot-chunk cache is warmed behind it).
+/// `GET /v1/manifests/{name:tag}`: the manifest, and, for a recently pushed
+/// image, a head start for the client's first chunk requests (the hot-chunk
+/// cache is warmed behind it).
 pub async fn get_manifest(
     _: CanRead,
     State(state): State<AppState>,
@@ -152,7 +153,11 @@ pub async fn put_manifest(
             Err(StoreError::IndexNotFound(digest)) => Err(ApiError::unprocessable(format!(
                 "index {digest} is not on this server: upload it first"
             ))),
-            other => Ok(other?),
+            other => {
+                other?;
+                s.cache.note_pushed(&manifest);
+                Ok(())
+            }
         }
     })
     .await?;
