@@ -69,7 +69,7 @@ lines = [
     f"| skiff chunk-level dedup, raw ({st['chunk_level_chunks']:,} chunks) | {mb(st['chunk_level_raw'])} | {st['chunk_level_raw'] / st['layers_compressed']:.2f} |",
     f"| skiff chunk-level dedup, zstd frames | {mb(statistics.median(zstd_runs))} | {statistics.median(zstd_runs) / st['layers_compressed']:.2f} |",
     "",
-    "Almost equal layers (Jaccard index of their distinct file contents ≥ 0.5), named by the first image that has them:",
+    "Almost equal layers (Jaccard index of their distinct non-empty file contents ≥ 0.5), named by the first image that has them:",
     "",
     "| layers | similarity | contents in common |",
     "|---|---:|---:|",

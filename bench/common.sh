@@ -61,7 +61,7 @@ CONF
 }
 
 wan_down() {
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
   ip link del skb0 2>/dev/null || true
 }

@@ -29,15 +29,16 @@ work=$(mktemp -d /var/tmp/skiff-warm-bench.XXXXXX)
 chmod 755 "$work"
 pids=()
 cleanup() {
+  set +e # every step runs, whichever fails
   for m in $(grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wan_down
   rm -rf "$work"
 }
-trap cleanup EXIT
-[ "$(id -u)" = 0 ] || { echo "bench/warm.sh needs root (FUSE, chroot, containers)" >&2; exit 1; }
 . bench/common.sh
 . bench/hello_images.sh
+trap cleanup EXIT
+[ "$(id -u)" = 0 ] || { echo "bench/warm.sh needs root (FUSE, containers, network namespaces)" >&2; exit 1; }
 results=$work/results.tsv
 : > "$results"
 record() { printf '%s\t%s\t%s\t%s\n' "$@" >> "$results"; } # metric image variant value
@@ -81,8 +82,9 @@ for image in "${images[@]}"; do
   "$SKIFF" --store "$work/local" push "$image:1" --server "$url" --token-file "$token" >/dev/null
   SKIFF_TOKEN_FILE=$token "$SKIFF" run "$image:1" --server "$url" --rm --cache "$work/record-cache" \
     --run-dir "$run_dir" --containers "$work/containers" --record-profile -- sh -c "${command[$image]}" >/dev/null
-  for _ in $(seq 100); do
+  for try in $(seq 101); do
     [ "$(curl -sf "$url/v1/manifests/$image:1" | jq '.profile != null')" = true ] && break
+    [ "$try" = 101 ] && { echo "no startup profile was stored for $image" >&2; exit 1; }
     sleep 0.1
   done
   echo "  $image: $(curl -sf "$url/v1/manifests/$image:1" | jq -c '.profile | {read_bytes, ranges: (.ranges | length)}')"

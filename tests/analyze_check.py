@@ -68,7 +68,8 @@ def main(specs):
                 c = contents.setdefault(digest, [len(data), 0, set(), m.name])
                 c[1] += 1
                 c[2].add(at)
-                mine.add(digest)
+                if data:  # similarity is over non-empty contents
+                    mine.add(digest)
             layer_sets.append(mine)
     order = list(unique)
     referenced_tar = sum(unique[d][1] for d in refs)
@@ -85,7 +86,8 @@ def main(specs):
     histogram = {}
     for c in contents.values():
         histogram[str(c[1])] = histogram.get(str(c[1]), 0) + 1
-    top = sorted(((-c[1], -c[0], d) for d, c in contents.items() if c[1] > 1))
+    # Most copies first, then the larger, then the first seen (dicts keep insertion order).
+    top = sorted((-c[1], -c[0], i, d) for i, (d, c) in enumerate(contents.items()) if c[1] > 1)
     print(json.dumps({
         "images": len(specs),
         "references": len(refs),
@@ -101,8 +103,9 @@ def main(specs):
         "duplicate_bytes": file_bytes - distinct_bytes,
         "pairs": pairs,
         "copies_histogram": histogram,
-        "duplicated": [{"sha256": d, "copies": -n, "size": -s, "layers": len(contents[d][2])}
-                       for n, s, d in top],
+        "duplicated": [{"sha256": d, "copies": -n, "size": -s, "layers": len(contents[d][2]),
+                        "path": contents[d][3]}
+                       for n, s, _, d in top],
     }))
 
 

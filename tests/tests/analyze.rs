@@ -28,10 +28,19 @@ fn write_images(dir: &Path) -> Vec<String> {
             .file("app/copy-of-lib.so", 0o644, shared.clone())
             .file("app/version", 0o644, format!("{version}\n"))
             .file("app/empty", 0o644, "")
+            // The same content twice in one layer: two files, one content of the layer.
+            .file("app/same-a", 0o644, text(5_000, 11))
+            .file("app/same-b", 0o644, text(5_000, 11))
+            .file(
+                &format!("app/{}", "long-name-".repeat(15)),
+                0o644,
+                noise(3_000, 12),
+            )
             .whiteout("etc", "hostname")
     };
     let mixed = Layer::new()
         .dir("opt", 0o755)
+        .opaque("opt")
         .file("opt/main", 0o755, noise(200_000, 3))
         .file("opt/readme", 0o644, text(40_000, 2))
         .file("opt/lib.so", 0o644, shared.clone())
@@ -133,21 +142,34 @@ fn analyze_agrees_with_an_independent_count() {
             d["layers"].as_u64().unwrap(),
         )
     };
-    let mut ours: Vec<_> = skiff["most_duplicated"]
+    // The same list in the same order (most copies, then the larger, then the first seen).
+    let ours: Vec<_> = skiff["most_duplicated"]
         .as_array()
         .unwrap()
         .iter()
         .map(key)
         .collect();
-    let mut theirs: Vec<_> = python["duplicated"]
+    let theirs: Vec<_> = python["duplicated"]
         .as_array()
         .unwrap()
         .iter()
         .map(key)
         .collect();
-    ours.sort();
-    theirs.sort();
     assert_eq!(ours, theirs);
+    let paths = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["path"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        paths(&skiff["most_duplicated"]),
+        paths(&python["duplicated"])
+    );
+    // Two files of one layer are two copies, in one layer.
+    let same = ours.iter().find(|d| d.2 == 5_000 && d.1 == 4).unwrap();
+    assert_eq!(same.3, 2, "same-a and same-b in both upper layers");
 
     let pair = |p: &Value| {
         (

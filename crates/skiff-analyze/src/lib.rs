@@ -15,7 +15,8 @@
 //!   *duplicate* if an earlier file (in image, layer, tar order) had the
 //!   same contents, so `duplicates = files - distinct contents`.
 //! - the *similarity* of two unique layers is the Jaccard index of their
-//!   sets of distinct file contents: |A ∩ B| / |A ∪ B|.
+//!   sets of distinct non-empty file contents: |A ∩ B| / |A ∪ B| (a content
+//!   held by more than [`PAIRED_AT_MOST`] layers is left out).
 //! - *file-level dedup* stores each distinct content once (raw bytes, and
 //!   each compressed alone with zstd); *chunk-level dedup* (skiff) stores
 //!   each distinct FastCDC chunk once, raw and in zstd frames of about 1 MiB
@@ -27,7 +28,7 @@ mod plots;
 mod scan;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -105,6 +106,7 @@ pub struct LayerSummary {
     pub tar_bytes: u64,
     pub files: u64,
     pub file_bytes: u64,
+    /// Distinct non-empty contents: the set its similarity is computed on.
     pub distinct_contents: u64,
 }
 
@@ -188,13 +190,21 @@ pub struct Analysis {
     pub most_duplicated: Vec<DuplicatedFile>,
     /// Pairs of unique layers at least `similar_at_least` alike, most alike first.
     pub similar_layers: Vec<LayerPair>,
-    /// Jaccard similarity of every pair of unique layers (row by row), for the heatmap.
-    pub similarity_matrix: Vec<Vec<f64>>,
+    /// Jaccard similarity of every pair of unique layers (row by row), for
+    /// the heatmap; left out for sets of more than [`MATRIX_AT_MOST`] layers.
+    pub similarity_matrix: Option<Vec<Vec<f64>>>,
     /// How many distinct contents occur in exactly N files, by N.
     pub copies_histogram: BTreeMap<u64, u64>,
     pub stored: Stored,
     pub pull: PullBytes,
 }
+
+/// The similarity matrix and heatmap are drawn for at most this many unique layers.
+pub const MATRIX_AT_MOST: usize = 256;
+/// A content in more layers than this (a license file, a trigger file)
+/// says nothing about which layers are alike, and would cost layers² pairs:
+/// it is left out of the similarity.
+pub const PAIRED_AT_MOST: usize = 1000;
 
 fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 {
@@ -245,6 +255,7 @@ pub fn analyze(
         Mutex::new((0..unique.len()).map(|_| None).collect());
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<AnalyzeError>> = Mutex::new(None);
+    let cancel = AtomicBool::new(false);
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
@@ -253,7 +264,7 @@ pub fn analyze(
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
-                if failed.lock().expect("failure poisoned").is_some() {
+                if cancel.load(Ordering::Relaxed) {
                     return;
                 }
                 let at = next.fetch_add(1, Ordering::Relaxed);
@@ -261,12 +272,14 @@ pub fn analyze(
                     return;
                 };
                 let (name, source) = &sources[*image];
-                match scan_layer(source, layer, at, &chunker, &ledger) {
+                match scan_layer(source, layer, at, &chunker, &ledger, &cancel) {
                     Ok(read) => {
                         facts.lock().expect("facts poisoned")[at] = Some(read);
                         progress.layer_done(layer.size);
                     }
                     Err(source) => {
+                        // Told before the others are stopped, so their
+                        // Interrupted never takes the place of the cause.
                         failed.lock().expect("failure poisoned").get_or_insert(
                             AnalyzeError::Layer {
                                 image: name.clone(),
@@ -274,6 +287,7 @@ pub fn analyze(
                                 source: Box::new(source),
                             },
                         );
+                        cancel.store(true, Ordering::SeqCst);
                         return;
                     }
                 }
@@ -338,7 +352,9 @@ fn measure(
             content.copies += 1;
             if content.layers.last() != Some(&at) {
                 content.layers.push(at);
-                set.push(slot);
+                if f.size > 0 {
+                    set.push(slot);
+                }
             }
         }
         set.sort_unstable();
@@ -422,7 +438,10 @@ fn measure(
     // Pairs that share anything, by an inverted index: work grows with
     // (layers holding a content)², not with every pair of layers.
     let mut common: HashMap<(usize, usize), u64> = HashMap::new();
-    for c in &contents {
+    for c in contents
+        .iter()
+        .filter(|c| c.size > 0 && c.layers.len() <= PAIRED_AT_MOST)
+    {
         for (i, &a) in c.layers.iter().enumerate() {
             for &b in &c.layers[i + 1..] {
                 *common.entry((a, b)).or_insert(0) += 1;
@@ -430,18 +449,22 @@ fn measure(
         }
     }
     let n = layers.len();
-    let mut similarity_matrix = vec![vec![0.0; n]; n];
+    let mut matrix = vec![vec![0.0; if n <= MATRIX_AT_MOST { n } else { 0 }]; n];
     let mut similar_layers = Vec::new();
-    for (a, row) in similarity_matrix.iter_mut().enumerate() {
-        row[a] = if layer_sets[a].is_empty() { 0.0 } else { 1.0 };
+    for (a, row) in matrix.iter_mut().enumerate() {
+        if let Some(cell) = row.get_mut(a) {
+            *cell = if layer_sets[a].is_empty() { 0.0 } else { 1.0 };
+        }
     }
     let mut pairs: Vec<_> = common.into_iter().collect();
     pairs.sort_unstable();
     for ((a, b), shared) in pairs {
         let union = layer_sets[a].len() as u64 + layer_sets[b].len() as u64 - shared;
         let similarity = ratio(shared, union);
-        similarity_matrix[a][b] = similarity;
-        similarity_matrix[b][a] = similarity;
+        if let Some(cell) = matrix[a].get_mut(b) {
+            *cell = similarity;
+            matrix[b][a] = similarity;
+        }
         if similarity >= options.similar_at_least {
             similar_layers.push(LayerPair {
                 a,
@@ -476,7 +499,7 @@ fn measure(
         file_measures,
         most_duplicated,
         similar_layers,
-        similarity_matrix,
+        similarity_matrix: (n <= MATRIX_AT_MOST).then_some(matrix),
         copies_histogram,
         stored,
         pull,

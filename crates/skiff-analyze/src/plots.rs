@@ -21,7 +21,8 @@ type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 /// Draws one plot on its area.
 type Draw<'a> = &'a dyn Fn(&Area<'_>) -> Result<(), String>;
 
-/// Writes `copies.svg`, `similarity.svg` and `storage.svg` into `dir`
+/// Writes `copies.svg`, `similarity.svg` (for at most
+/// [`crate::MATRIX_AT_MOST`] unique layers) and `storage.svg` into `dir`
 /// (created if missing); returns their paths.
 pub fn write_plots(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     std::fs::create_dir_all(dir).map_err(|e| PlotError {
@@ -37,6 +38,9 @@ pub fn write_plots(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, Plot
     ];
     let mut written = Vec::new();
     for (name, size, draw) in plots {
+        if name == "similarity.svg" && analysis.similarity_matrix.is_none() {
+            continue;
+        }
         let path = dir.join(name);
         let fail = |message: String| PlotError {
             path: path.clone(),
@@ -177,7 +181,8 @@ fn similarity(a: &Analysis, area: &Area<'_>) -> Result<(), String> {
         .x_desc("layer (numbered as the rows)")
         .draw()
         .map_err(|e| e.to_string())?;
-    let cells = a.similarity_matrix.iter().enumerate().flat_map(|(i, row)| {
+    let matrix = a.similarity_matrix.as_deref().unwrap_or_default();
+    let cells = matrix.iter().enumerate().flat_map(|(i, row)| {
         row.iter().enumerate().map(move |(j, &s)| {
             // White for nothing in common, dark blue for the same contents.
             let shade = |full: f64| (255.0 - full * s.clamp(0.0, 1.0)) as u8;

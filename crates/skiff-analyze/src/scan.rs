@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
@@ -98,17 +99,22 @@ fn chunk_error(e: skiff_chunk::ChunkError) -> OciError {
 }
 
 /// Reads every file of `layer`: digests, lengths, zstd lengths, and the
-/// chunks no earlier layer had (claimed in `ledger`), framed as a store frames them.
+/// chunks no earlier layer had (claimed in `ledger`), framed as a store
+/// frames them. Stops at the next file once `cancel` is set (another layer failed).
 pub fn scan_layer(
     source: &ImageSource,
     layer: &LayerDescriptor,
     index: usize,
     chunker: &Chunker,
     ledger: &ChunkLedger,
+    cancel: &AtomicBool,
 ) -> Result<LayerFacts, OciError> {
     let mut frames =
         FrameBuilder::new(DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL).map_err(chunk_error)?;
     let read = layer_files(source, layer, index, |contents, _size| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(OciError::Interrupted);
+        }
         let io_error = |source: io::Error| OciError::Io {
             context: format!("reading a file of layer {index}"),
             source,

@@ -398,7 +398,8 @@ impl ChunkCache {
     /// reported as absent.
     pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
         if let Some(data) = self.pending.lock().expect("pending pack poisoned").get(id) {
-            return Some(data.clone());
+            // Not the slice: it may keep a whole frame alive in the caller's cache.
+            return Some(Bytes::copy_from_slice(data));
         }
         let slot = self.index.lock().expect("pack index poisoned").slot(id)?;
         let Some(file) = self.open_pack(&slot.pack) else {

@@ -434,6 +434,9 @@ impl Fetcher {
         MountStats::add(&self.stats.fetch_requests, 1);
         let outcome = self.source.fetch(&ids, &mut |id, data| {
             let len = data.len() as u64;
+            // A copy of its own: a slice would keep its whole frame alive
+            // after the frame's other chunks left, past the memory bound.
+            let data = ChunkBytes::copy_from_slice(&data);
             self.memory.insert(id, data.clone());
             MountStats::add(&self.stats.fetched_chunks, 1);
             MountStats::add(&self.stats.fetched_bytes, len);

@@ -24,6 +24,8 @@ const REWARM_AFTER: Duration = Duration::from_secs(60);
 /// its manifest warms the cache. Older images' hot chunks are in the cache
 /// already if they are still pulled.
 const RECENTLY_PUSHED: Duration = Duration::from_secs(3600);
+/// Chunks a warm loads side by side before it moves on down the order.
+const WARM_BATCH: usize = 8;
 
 #[derive(Clone)]
 struct WireWeighter;
@@ -40,6 +42,9 @@ pub struct HotCache {
     warmed: Mutex<HashMap<skiff_format::IndexDigest, Instant>>,
     /// When each tag was last put on this server.
     pushed: Mutex<HashMap<ImageRef, Instant>>,
+    /// Warms run here, not on the global pool, where they would hold up the
+    /// chunk loads of every client's batch until they finished.
+    warm_pool: Option<rayon::ThreadPool>,
     metrics: Arc<Metrics>,
 }
 
@@ -52,6 +57,12 @@ impl HotCache {
             capacity: capacity_bytes,
             warmed: Mutex::default(),
             pushed: Mutex::default(),
+            warm_pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .thread_name(|i| format!("skiff-warm-{i}"))
+                .build()
+                .map_err(|e| tracing::warn!("no warm threads ({e}): warming on the caller's"))
+                .ok(),
             metrics,
         }
     }
@@ -165,9 +176,11 @@ impl HotCache {
             }
         };
         let mut spent = 0u64;
+        let mut seen = std::collections::HashSet::new();
         let wanted: Vec<ChunkId> = order
             .into_iter()
-            .filter(|(id, _)| !self.chunks.contains_key(id))
+            // Identical small files share their first chunk: load it once.
+            .filter(|(id, _)| seen.insert(*id) && !self.chunks.contains_key(id))
             // Counted at raw size: a safe over-estimate of the wire size.
             .take_while(|(_, len)| {
                 spent += u64::from(*len);
@@ -175,12 +188,24 @@ impl HotCache {
             })
             .map(|(id, _)| id)
             .collect();
-        // On all cores, in profile order: the client asks for the same chunks
-        // as soon as it has the manifest, and a warm that trails it is wasted.
-        let filled: Vec<bool> = wanted
-            .par_iter()
-            .map(|id| self.fill(store, id).map(|wire| wire.is_some()))
-            .collect::<Result<_, _>>()?;
+        // In order, a few at a time on the warm threads: the client asks
+        // for the first chunks as soon as it has the manifest.
+        let fill_batch = |batch: &[ChunkId]| -> Result<Vec<bool>, StoreError> {
+            batch
+                .par_iter()
+                .map(|id| self.fill(store, id).map(|wire| wire.is_some()))
+                .collect()
+        };
+        let mut filled = Vec::with_capacity(wanted.len());
+        for batch in wanted.chunks(WARM_BATCH) {
+            filled.extend(match &self.warm_pool {
+                Some(pool) => pool.install(|| fill_batch(batch))?,
+                None => batch
+                    .iter()
+                    .map(|id| self.fill(store, id).map(|wire| wire.is_some()))
+                    .collect::<Result<Vec<_>, _>>()?,
+            });
+        }
         let loaded = filled.iter().filter(|loaded| **loaded).count() as u64;
         self.metrics.cache_warmed.inc_by(loaded);
         tracing::debug!(image = %manifest.image_ref(), loaded, "warmed the hot-chunk cache");

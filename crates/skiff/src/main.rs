@@ -117,7 +117,7 @@ enum Command {
     /// Measure how much a set of images duplicates: layers, files, chunks, and what storing them costs
     #[command(
         long_about = "Reads every unique layer of the images once (on all cores; memory grows \
-        with the number of files, not their bytes) and reports the measures of the Docker Hub \
+        with the number of files and chunks, not their bytes) and reports the measures of the Docker Hub \
         redundancy study for them: layer references and unique layers, what sharing layers by \
         digest and compressing them save, the files of the unique layers and the share that \
         duplicate an earlier one (by count and bytes), the most duplicated files, pairs of almost \
