@@ -28,7 +28,7 @@ use crate::error::IoContext;
 use crate::layer_cache::{self, LayerRecorder};
 use crate::merge::{Content, MergedTree};
 use crate::source::{decompressed, ImageSource, Platform};
-use crate::tar_entry::{bad_layer, parse_entry, PendingExtensions};
+use crate::tar_entry::{bad_layer, LayerEntries};
 use crate::verify::check_digest;
 use crate::OciError;
 
@@ -363,35 +363,22 @@ fn read_layers(
             };
             let applied = (|| -> Result<(), OciError> {
                 let mut archive = tar::Archive::new(&mut reader);
-                let mut pending = PendingExtensions::default();
-                // Raw: extension headers come to us, so their size can be bounded.
-                for entry in archive
-                    .entries()
-                    .map_err(|e| bad_layer(layer, e))?
-                    .raw(true)
-                {
+                let mut entries = LayerEntries::new(layer, &mut archive)?;
+                loop {
                     if cancel.load(Ordering::Relaxed) {
                         return Err(OciError::Interrupted);
                     }
-                    let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
                     let mut contents = |reader: &mut dyn Read, size: u64| {
                         let slot = next_slot;
                         next_slot += 1;
                         send_contents(reader, size, slot, shared, &work)?;
                         Ok(Content::Slot(slot))
                     };
-                    if let Some((path, meta, kind)) =
-                        parse_entry(layer, &mut entry, &mut pending, &mut contents)?
-                    {
-                        recorder.record(&path, &meta, &kind);
-                        tree.apply(layer, &path, meta, kind)?;
-                    }
-                }
-                if !pending.is_empty() {
-                    return Err(bad_layer(
-                        layer,
-                        "extension headers at the end describe no entry",
-                    ));
+                    let Some((path, meta, kind)) = entries.next_entry(&mut contents)? else {
+                        break;
+                    };
+                    recorder.record(&path, &meta, &kind);
+                    tree.apply(layer, &path, meta, kind)?;
                 }
                 // Padding after the end-of-archive blocks still counts for the diff_id.
                 std::io::copy(&mut reader, &mut std::io::sink())

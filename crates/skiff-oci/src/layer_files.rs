@@ -5,7 +5,7 @@ use std::io::Read;
 
 use crate::merge::{Content, EntryKind};
 use crate::source::decompressed;
-use crate::tar_entry::{bad_layer, is_whiteout, parse_entry, PendingExtensions};
+use crate::tar_entry::{is_whiteout, LayerEntries};
 use crate::verify::check_digest;
 use crate::{ImageSource, LayerDescriptor, OciError};
 
@@ -32,20 +32,17 @@ pub fn layer_files<T>(
     let mut files = Vec::new();
     {
         let mut archive = tar::Archive::new(&mut tar_stream);
-        let mut pending = PendingExtensions::default();
-        for entry in archive
-            .entries()
-            .map_err(|e| bad_layer(index, e))?
-            .raw(true)
-        {
-            let mut entry = entry.map_err(|e| bad_layer(index, e))?;
+        let mut entries = LayerEntries::new(index, &mut archive)?;
+        loop {
             let mut read_here = None;
             let mut contents = |reader: &mut dyn Read, size: u64| {
                 read_here = Some(read(reader, size)?);
                 Ok(Content::Empty)
             };
-            let parsed = parse_entry(index, &mut entry, &mut pending, &mut contents)?;
-            let Some((path, _, EntryKind::File(_, size))) = parsed else {
+            let Some((path, _, kind)) = entries.next_entry(&mut contents)? else {
+                break;
+            };
+            let EntryKind::File(_, size) = kind else {
                 continue;
             };
             if is_whiteout(&path) {
@@ -56,12 +53,6 @@ pub fn layer_files<T>(
                 None => read(&mut std::io::empty(), size)?,
             };
             files.push((path, made));
-        }
-        if !pending.is_empty() {
-            return Err(bad_layer(
-                index,
-                "extension headers at the end describe no entry",
-            ));
         }
     }
     let (tar_bytes, diff_id) = tar_stream.finish(&format!("layer {index}"))?;

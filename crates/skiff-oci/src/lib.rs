@@ -31,7 +31,7 @@ pub mod fuzzing {
     use skiff_format::{ChunkId, ChunkRef, ChunkingParams, ImageIndex};
 
     use crate::merge::Content;
-    use crate::tar_entry::{bad_layer, parse_entry, PendingExtensions};
+    use crate::tar_entry::{bad_layer, LayerEntries};
     use crate::{MergedTree, OciError};
 
     /// Applies `tar` as layers 0 and 1 (the same bytes twice, so that
@@ -42,24 +42,18 @@ pub mod fuzzing {
         let mut sizes: Vec<u64> = Vec::new();
         for layer in 0..2 {
             let mut archive = tar::Archive::new(tar);
-            let mut pending = PendingExtensions::default();
-            for entry in archive
-                .entries()
-                .map_err(|e| bad_layer(layer, e))?
-                .raw(true)
-            {
-                let mut entry = entry.map_err(|e| bad_layer(layer, e))?;
+            let mut entries = LayerEntries::new(layer, &mut archive)?;
+            loop {
                 let mut contents = |reader: &mut dyn Read, _size: u64| {
                     let read = std::io::copy(reader, &mut std::io::sink())
                         .map_err(|e| bad_layer(layer, e))?;
                     sizes.push(read);
                     Ok(Content::Slot(sizes.len() - 1))
                 };
-                if let Some((path, meta, kind)) =
-                    parse_entry(layer, &mut entry, &mut pending, &mut contents)?
-                {
-                    tree.apply(layer, &path, meta, kind)?;
-                }
+                let Some((path, meta, kind)) = entries.next_entry(&mut contents)? else {
+                    break;
+                };
+                tree.apply(layer, &path, meta, kind)?;
             }
         }
         let chunking = ChunkingParams::default();

@@ -22,15 +22,61 @@ pub(crate) const MAX_EXTENSION_HEADER: u64 = 1 << 20;
 
 /// Extension headers seen since the last real entry; they describe the next.
 #[derive(Default)]
-pub(crate) struct PendingExtensions {
+struct PendingExtensions {
     long_name: Option<Vec<u8>>,
     long_link: Option<Vec<u8>>,
     pax: Option<Vec<u8>>,
 }
 
 impl PendingExtensions {
-    pub(crate) fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+    }
+}
+
+/// The entries of a layer's tar that mean something for the tree, one at a
+/// time. Read raw: extension headers come here, so their size is bounded
+/// ([`parse_entry`]), and they are merged into the entry they describe.
+pub(crate) struct LayerEntries<'a, R: Read> {
+    layer: usize,
+    entries: tar::Entries<'a, R>,
+    pending: PendingExtensions,
+}
+
+impl<'a, R: Read> LayerEntries<'a, R> {
+    pub(crate) fn new(layer: usize, archive: &'a mut tar::Archive<R>) -> Result<Self, OciError> {
+        let entries = archive
+            .entries()
+            .map_err(|e| bad_layer(layer, e))?
+            .raw(true);
+        Ok(LayerEntries {
+            layer,
+            entries,
+            pending: PendingExtensions::default(),
+        })
+    }
+
+    /// The next entry (a regular file's bytes handed to `contents`), or
+    /// `None` at the end of the tar; extension headers left describing no
+    /// entry are an error.
+    pub(crate) fn next_entry(
+        &mut self,
+        contents: &mut dyn FnMut(&mut dyn Read, u64) -> Result<Content, OciError>,
+    ) -> Result<Option<(Vec<u8>, Metadata, EntryKind)>, OciError> {
+        for entry in self.entries.by_ref() {
+            let mut entry = entry.map_err(|e| bad_layer(self.layer, e))?;
+            if let Some(parsed) = parse_entry(self.layer, &mut entry, &mut self.pending, contents)?
+            {
+                return Ok(Some(parsed));
+            }
+        }
+        if !self.pending.is_empty() {
+            return Err(bad_layer(
+                self.layer,
+                "extension headers at the end describe no entry",
+            ));
+        }
+        Ok(None)
     }
 }
 
@@ -38,7 +84,7 @@ impl PendingExtensions {
 /// here, bounded, into `pending`; a real entry is turned into what it means
 /// for the merged tree, a regular file's bytes handed to `contents`. `None`
 /// for entries that change nothing by themselves.
-pub(crate) fn parse_entry<R: Read>(
+fn parse_entry<R: Read>(
     layer: usize,
     entry: &mut tar::Entry<'_, R>,
     pending: &mut PendingExtensions,
