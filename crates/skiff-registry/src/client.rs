@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -125,9 +125,54 @@ impl Traffic {
     }
 }
 
+/// The HTTP clients of a registry. Plain-HTTP URLs (a loopback or insecure
+/// registry) need no TLS roots, and loading the system's (some 150 files)
+/// cost a cold lazy mount tens of milliseconds before its first request:
+/// the client that verifies HTTPS is built at the first https:// URL (an
+/// HTTPS registry, or a redirect to a blob store).
+struct HttpClients {
+    plain: reqwest::blocking::Client,
+    verified: OnceLock<Result<reqwest::blocking::Client, String>>,
+}
+
+impl HttpClients {
+    fn builder() -> reqwest::blocking::ClientBuilder {
+        reqwest::blocking::Client::builder()
+            .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            // Applies to each read of a body as well: a stalled registry fails, a slow one does not.
+            .timeout(Duration::from_secs(60))
+            // Followed by hand, so credentials never go to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(16)
+    }
+
+    fn new(base: &str) -> Result<Self, RegistryError> {
+        let plain = Self::builder()
+            // Trusts no certificate: it never speaks TLS.
+            .tls_certs_only(std::iter::empty())
+            .build()
+            .map_err(|e| http_error(base, e))?;
+        Ok(HttpClients {
+            plain,
+            verified: OnceLock::new(),
+        })
+    }
+
+    fn for_url(&self, url: &Url) -> Result<&reqwest::blocking::Client, RegistryError> {
+        if url.scheme() == "http" {
+            return Ok(&self.plain);
+        }
+        self.verified
+            .get_or_init(|| Self::builder().build().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|message| protocol(url.as_str(), format!("no HTTPS client: {message}")))
+    }
+}
+
 /// One repository of one registry.
 pub struct Registry {
-    http: reqwest::blocking::Client,
+    http: HttpClients,
     reference: RegistryRef,
     base: Url,
     credentials: Option<Credentials>,
@@ -198,16 +243,7 @@ impl Registry {
         if parsed != wanted || !base.username().is_empty() || base.password().is_some() {
             return Err(bad(format!("{base_text} does not name host {wanted}")));
         }
-        let http = reqwest::blocking::Client::builder()
-            .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            // Applies to each read of a body as well: a stalled registry fails, a slow one does not.
-            .timeout(Duration::from_secs(60))
-            // Followed by hand, so credentials never go to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(16)
-            .build()
-            .map_err(|e| http_error(&base_text, e))?;
+        let http = HttpClients::new(&base_text)?;
         Ok(Registry {
             http,
             reference: reference.clone(),
@@ -349,6 +385,7 @@ impl Registry {
                     form.push(("service", service.to_owned()));
                 }
                 self.http
+                    .for_url(&url)?
                     .post(url.clone())
                     .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                     .body(form_body(&form))
@@ -363,7 +400,7 @@ impl Registry {
                         query.append_pair("scope", scope);
                     }
                 }
-                let request = self.http.get(url.clone());
+                let request = self.http.for_url(&url)?.get(url.clone());
                 match credentials {
                     Some(c) => request.header(AUTHORIZATION, basic_header(c)),
                     None => request,
@@ -408,7 +445,11 @@ impl Registry {
             } else {
                 None
             };
-            let mut request = build(self.http.request(method.clone(), target.clone()));
+            let mut request = build(
+                self.http
+                    .for_url(&target)?
+                    .request(method.clone(), target.clone()),
+            );
             if let Some(value) = &authorization {
                 request = request.header(AUTHORIZATION, value);
             }
