@@ -315,6 +315,7 @@ pub fn analyze(
 
 /// What one distinct content is, and where it was seen.
 struct Content {
+    sha256: [u8; 32],
     size: u64,
     zstd: u64,
     copies: u64,
@@ -333,13 +334,12 @@ fn measure(
     // Contents in first-seen order (layers in first-reference order, files in tar order).
     let mut contents: Vec<Content> = Vec::new();
     let mut by_digest: HashMap<[u8; 32], usize> = HashMap::new();
-    let mut layer_sets: Vec<Vec<usize>> = Vec::with_capacity(facts.len());
     let mut layers = Vec::with_capacity(facts.len());
     for (at, layer) in facts.iter().enumerate() {
-        let mut set = Vec::new();
         for (file, (_, f)) in layer.files.iter().enumerate() {
             let slot = *by_digest.entry(f.sha256).or_insert_with(|| {
                 contents.push(Content {
+                    sha256: f.sha256,
                     size: f.size,
                     zstd: f.zstd,
                     copies: 0,
@@ -352,12 +352,8 @@ fn measure(
             content.copies += 1;
             if content.layers.last() != Some(&at) {
                 content.layers.push(at);
-                if f.size > 0 {
-                    set.push(slot);
-                }
             }
         }
-        set.sort_unstable();
         let (_, desc) = &unique[at];
         layers.push(LayerSummary {
             diff_id: desc.diff_id.clone(),
@@ -366,9 +362,15 @@ fn measure(
             tar_bytes: layer.tar_bytes,
             files: layer.files.len() as u64,
             file_bytes: layer.files.iter().map(|(_, f)| f.size).sum(),
-            distinct_contents: set.len() as u64,
+            distinct_contents: 0, // counted below, once every layer is in
         });
-        layer_sets.push(set);
+    }
+    // What the similarity compares: non-empty contents in at most PAIRED_AT_MOST layers.
+    let compared = |c: &&Content| c.size > 0 && c.layers.len() <= PAIRED_AT_MOST;
+    for c in contents.iter().filter(compared) {
+        for &at in &c.layers {
+            layers[at].distinct_contents += 1;
+        }
     }
 
     let referenced_tar_bytes: u64 = layers
@@ -414,14 +416,13 @@ fn measure(
             .then(b.size.cmp(&a.size))
             .then(a_at.cmp(b_at))
     });
-    let digest_of: HashMap<usize, [u8; 32]> = by_digest.iter().map(|(d, at)| (*at, *d)).collect();
     let most_duplicated = ranked
         .iter()
         .take(options.top_files)
-        .map(|(at, c)| {
+        .map(|(_, c)| {
             let (layer, file) = c.first_path;
             DuplicatedFile {
-                sha256: hex::encode(digest_of[at]),
+                sha256: hex::encode(c.sha256),
                 size: c.size,
                 copies: c.copies,
                 layers: c.layers.len() as u64,
@@ -438,10 +439,7 @@ fn measure(
     // Pairs that share anything, by an inverted index: work grows with
     // (layers holding a content)², not with every pair of layers.
     let mut common: HashMap<(usize, usize), u64> = HashMap::new();
-    for c in contents
-        .iter()
-        .filter(|c| c.size > 0 && c.layers.len() <= PAIRED_AT_MOST)
-    {
+    for c in contents.iter().filter(compared) {
         for (i, &a) in c.layers.iter().enumerate() {
             for &b in &c.layers[i + 1..] {
                 *common.entry((a, b)).or_insert(0) += 1;
@@ -453,13 +451,17 @@ fn measure(
     let mut similar_layers = Vec::new();
     for (a, row) in matrix.iter_mut().enumerate() {
         if let Some(cell) = row.get_mut(a) {
-            *cell = if layer_sets[a].is_empty() { 0.0 } else { 1.0 };
+            *cell = if layers[a].distinct_contents == 0 {
+                0.0
+            } else {
+                1.0
+            };
         }
     }
     let mut pairs: Vec<_> = common.into_iter().collect();
     pairs.sort_unstable();
     for ((a, b), shared) in pairs {
-        let union = layer_sets[a].len() as u64 + layer_sets[b].len() as u64 - shared;
+        let union = layers[a].distinct_contents + layers[b].distinct_contents - shared;
         let similarity = ratio(shared, union);
         if let Some(cell) = matrix[a].get_mut(b) {
             *cell = similarity;

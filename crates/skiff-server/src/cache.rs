@@ -1,7 +1,7 @@
 //! The hot-chunk cache: chunks in their wire form (one zstd frame each),
 //! bounded by bytes, so a popular chunk is read and compressed once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,7 @@ impl HotCache {
                 .num_threads(2)
                 .thread_name(|i| format!("skiff-warm-{i}"))
                 .build()
-                .map_err(|e| tracing::warn!("no warm threads ({e}): warming on the caller's"))
+                .map_err(|e| tracing::warn!("no warm threads ({e}): warming on the shared pool"))
                 .ok(),
             metrics,
         }
@@ -176,7 +176,7 @@ impl HotCache {
             }
         };
         let mut spent = 0u64;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let wanted: Vec<ChunkId> = order
             .into_iter()
             // Identical small files share their first chunk: load it once.
@@ -190,23 +190,19 @@ impl HotCache {
             .collect();
         // In order, a few at a time on the warm threads: the client asks
         // for the first chunks as soon as it has the manifest.
-        let fill_batch = |batch: &[ChunkId]| -> Result<Vec<bool>, StoreError> {
-            batch
-                .par_iter()
-                .map(|id| self.fill(store, id).map(|wire| wire.is_some()))
-                .collect()
-        };
-        let mut filled = Vec::with_capacity(wanted.len());
+        let mut loaded = 0u64;
         for batch in wanted.chunks(WARM_BATCH) {
-            filled.extend(match &self.warm_pool {
-                Some(pool) => pool.install(|| fill_batch(batch))?,
-                None => batch
-                    .iter()
-                    .map(|id| self.fill(store, id).map(|wire| wire.is_some()))
-                    .collect::<Result<Vec<_>, _>>()?,
-            });
+            let fill = || {
+                batch
+                    .par_iter()
+                    .map(|id| self.fill(store, id).map(|wire| u64::from(wire.is_some())))
+                    .sum::<Result<u64, StoreError>>()
+            };
+            loaded += match &self.warm_pool {
+                Some(pool) => pool.install(fill),
+                None => fill(),
+            }?;
         }
-        let loaded = filled.iter().filter(|loaded| **loaded).count() as u64;
         self.metrics.cache_warmed.inc_by(loaded);
         tracing::debug!(image = %manifest.image_ref(), loaded, "warmed the hot-chunk cache");
         Ok(loaded)
