@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod cri;
+pub mod netns;
 pub mod proxy;
 pub mod registry_proxy;
 
@@ -1020,11 +1021,40 @@ impl SkiffServer {
     /// Unless `extra` names a write token, writes are open to all
     /// (`--allow-anonymous-writes`: the test's server is its own).
     pub fn start_on(port: u16, store: &Path, extra: &[&str]) -> SkiffServer {
-        let mut command = Command::new(skiff_bin());
+        let command = Command::new(skiff_bin());
+        let listen = format!("127.0.0.1:{port}");
+        Self::start_as(command, &listen, port, &listen, store, extra)
+    }
+
+    /// As [`SkiffServer::start`], in the server namespace of `hosts`,
+    /// listening on every address there; the test reaches it on its own link.
+    pub fn start_for(hosts: &netns::Hosts, store: &Path) -> SkiffServer {
+        let port = 7070;
+        let command = hosts.in_server(&skiff_bin());
+        let reach = format!("{}:{port}", hosts.server_addr(0));
+        Self::start_as(
+            command,
+            &format!("0.0.0.0:{port}"),
+            port,
+            &reach,
+            store,
+            &[],
+        )
+    }
+
+    /// `COMMAND --store STORE serve --listen LISTEN EXTRA...`, healthy at `reach`.
+    fn start_as(
+        mut command: Command,
+        listen: &str,
+        port: u16,
+        reach: &str,
+        store: &Path,
+        extra: &[&str],
+    ) -> SkiffServer {
         command
             .arg("--store")
             .arg(store)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["serve", "--listen", listen])
             .args(extra);
         if !extra.contains(&"--token-file") {
             command.arg("--allow-anonymous-writes");
@@ -1037,7 +1067,7 @@ impl SkiffServer {
             .unwrap();
         let server = SkiffServer {
             port,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{reach}"),
             child,
         };
         for _ in 0..400 {
@@ -1048,7 +1078,7 @@ impl SkiffServer {
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
-        panic!("skiff serve on port {port} did not become healthy in 10 s");
+        panic!("skiff serve on {reach} did not become healthy in 10 s");
     }
 
     pub fn pid(&self) -> u32 {

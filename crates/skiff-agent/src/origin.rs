@@ -187,11 +187,14 @@ pub fn open_image(
     options: OpenOptions,
 ) -> Result<OpenedImage> {
     let cache = || {
-        ChunkCache::open(&settings.cache, settings.cache_max_bytes()).map_err(|e| {
-            AgentError::Open {
-                image: image.to_string(),
-                source: Box::new(e),
-            }
+        let open = if settings.shared_cache {
+            ChunkCache::open_shared
+        } else {
+            ChunkCache::open
+        };
+        open(&settings.cache, settings.cache_max_bytes()).map_err(|e| AgentError::Open {
+            image: image.to_string(),
+            source: Box::new(e),
         })
     };
     let opening = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Open {

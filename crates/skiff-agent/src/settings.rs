@@ -25,6 +25,9 @@ pub struct MountSettings {
     pub cache: PathBuf,
     /// Bound on the chunk cache in GB; least recently used chunks go first.
     pub cache_max_gb: f64,
+    /// The cache is on storage other hosts share: claim chunks before
+    /// fetching them (see `skiff_client::Claims`).
+    pub shared_cache: bool,
     /// Fetch the rest of the image in the background.
     pub prefetch: bool,
     /// Cap on the background prefetch rate in MB/s (0: none).
@@ -47,6 +50,7 @@ impl Default for MountSettings {
         MountSettings {
             cache: PathBuf::from(DEFAULT_CACHE_DIR),
             cache_max_gb: 20.0,
+            shared_cache: false,
             prefetch: true,
             prefetch_rate_mb: 0,
             window_kib: 16 << 10,

@@ -9,6 +9,10 @@
 //!                     hash of their chunk list, for FUSE passthrough
 //!   tmp/              files being written (renamed into place when whole)
 //!   pins/PID-N        ids of the chunks open files of process PID pin
+//!   pins/lease-PID-N  the same for a process on a host sharing the cache,
+//!                     alive while it renews the file's mtime
+//!   claims/ID         held by the host fetching chunk ID, on a cache that
+//!                     several hosts share (claims.rs)
 //!   evict.lock        held (flock) by the process evicting
 //!   usage             bytes held, as every process's writes and the last
 //!                     scan add up (8 bytes, little-endian; flock'd to change)
@@ -22,6 +26,10 @@
 //! when one of its chunks is read after a while; eviction removes the least
 //! recently used packs none of whose chunks an open file of a running
 //! process pins. An older cache's `chunks/` (a file per chunk) is removed.
+//!
+//! On storage several hosts share ([`ChunkCache::open_shared`]), process
+//! ids say nothing of another host's processes: pins are then leases, and
+//! chunks are claimed before they are fetched so that one host fetches each.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
@@ -30,12 +38,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
 
+use crate::claims::{Claims, RENEW_EVERY};
 use crate::pack_file::{self, Entry, PendingPack};
 
 /// A read refreshes a chunk's recency at most this often.
@@ -60,6 +69,12 @@ const PACKS_PER_BOUND_AT_LEAST: u64 = 16;
 const OPEN_PACKS: usize = 64;
 /// `tmp/` names of an older cache's `chunks/` being removed.
 const LEGACY_PREFIX: &str = "legacy-chunks-";
+/// Pin files of processes judged by the lease, not the process id.
+const LEASE_PREFIX: &str = "lease-";
+/// A lease pin file not renewed for this long belongs to a process gone.
+const PIN_LEASE: Duration = Duration::from_secs(30);
+/// How often a shared cache sweeps claims that were left behind.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a cached chunk lies.
 #[derive(Clone)]
@@ -163,6 +178,8 @@ pub struct ChunkCache {
     index: Mutex<PackIndex>,
     /// Packs open for reads, most recent last.
     open_packs: Mutex<VecDeque<(Arc<str>, Arc<File>)>>,
+    /// Claims on chunks being fetched, for a cache several hosts share.
+    claims: Option<Claims>,
 }
 
 /// A claim on building one assembled file, given back on drop.
@@ -218,6 +235,17 @@ impl ChunkCache {
     /// first scan of what it holds runs in the background, so opening is
     /// instant whatever the cache's size.
     pub fn open(root: &Path, max_bytes: u64) -> Result<Arc<ChunkCache>, CacheError> {
+        Self::open_with(root, max_bytes, false)
+    }
+
+    /// Opens a cache on storage several hosts share (NFS, say): chunks are
+    /// claimed before they are fetched (see [`ChunkCache::claims`]), and this
+    /// process's pins hold while it renews them, not while its pid runs.
+    pub fn open_shared(root: &Path, max_bytes: u64) -> Result<Arc<ChunkCache>, CacheError> {
+        Self::open_with(root, max_bytes, true)
+    }
+
+    fn open_with(root: &Path, max_bytes: u64, shared: bool) -> Result<Arc<ChunkCache>, CacheError> {
         // Root's alone: the chunks are the images' files, including those
         // the images let only their own root read (/etc/shadow, keys).
         {
@@ -243,6 +271,14 @@ impl ChunkCache {
                 source,
             })?;
         }
+        let claims = shared
+            .then(|| Claims::open(root))
+            .transpose()
+            .map_err(|source| CacheError {
+                path: root.to_owned(),
+                context: "creating the claims directory",
+                source,
+            })?;
         let cache = Arc::new(ChunkCache {
             root: root.to_owned(),
             max_bytes,
@@ -250,7 +286,8 @@ impl ChunkCache {
             unpublished: AtomicU64::new(0),
             pins: Mutex::new(HashMap::new()),
             pin_file: root.join("pins").join(format!(
-                "{}-{}",
+                "{}{}-{}",
+                if shared { LEASE_PREFIX } else { "" },
                 std::process::id(),
                 INSTANCES.fetch_add(1, Ordering::Relaxed)
             )),
@@ -261,6 +298,7 @@ impl ChunkCache {
             pending: Mutex::default(),
             index: Mutex::default(),
             open_packs: Mutex::default(),
+            claims,
         });
         cache.refresh();
         cache.clear_legacy_chunks();
@@ -270,8 +308,20 @@ impl ChunkCache {
             .spawn(move || {
                 // The first pass scans what earlier processes left.
                 let mut scan = true;
+                let (mut renewed, mut swept) = (Instant::now(), Instant::now());
                 loop {
                     let Some(cache) = this.upgrade() else { return };
+                    if let Some(claims) = &cache.claims {
+                        if renewed.elapsed() >= RENEW_EVERY {
+                            claims.renew();
+                            cache.renew_pins();
+                            renewed = Instant::now();
+                        }
+                        if swept.elapsed() >= SWEEP_EVERY {
+                            claims.sweep();
+                            swept = Instant::now();
+                        }
+                    }
                     let stale = cache
                         .pending
                         .lock()
@@ -317,6 +367,11 @@ impl ChunkCache {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Claims on chunks being fetched, if several hosts share this cache.
+    pub fn claims(&self) -> Option<&Claims> {
+        self.claims.as_ref()
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -481,7 +536,7 @@ impl ChunkCache {
 
     /// Learns the packs other processes wrote and forgets those they
     /// evicted, if `packs/` changed since the last look.
-    fn refresh(&self) {
+    pub(crate) fn refresh(&self) {
         let dir = self.root.join("packs");
         let Ok(changed) = fs::metadata(&dir).and_then(|m| m.modified()) else {
             return;
@@ -683,6 +738,13 @@ impl ChunkCache {
         self.pins_changed.store(true, Ordering::Relaxed);
     }
 
+    /// Tells the other hosts that this process's pins still hold.
+    fn renew_pins(&self) {
+        if let Ok(file) = File::options().write(true).open(&self.pin_file) {
+            let _ = file.set_modified(SystemTime::now());
+        }
+    }
+
     /// Writes this process's pins where other processes' evictions look.
     fn publish_pins(&self) -> Result<(), CacheError> {
         let ids: Vec<u8> = {
@@ -710,11 +772,20 @@ impl ChunkCache {
             if path == self.pin_file {
                 continue;
             }
-            let pid = file
-                .file_name()
-                .to_str()
-                .and_then(|name| name.split('-').next()?.parse::<u32>().ok());
-            if !pid.is_some_and(process_is_running) {
+            let name = file.file_name();
+            let name = name.to_str().unwrap_or_default();
+            let alive = match name.strip_prefix(LEASE_PREFIX) {
+                // Perhaps another host's: only the lease tells.
+                Some(_) => file
+                    .metadata()
+                    .is_ok_and(|meta| !older_than(&meta, PIN_LEASE)),
+                None => name
+                    .split('-')
+                    .next()
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(process_is_running),
+            };
+            if !alive {
                 let _ = fs::remove_file(&path);
                 continue;
             }

@@ -4,6 +4,7 @@
 //! checked against its BLAKE3 id before it is used or stored.
 
 mod cache;
+mod claims;
 mod client;
 mod error;
 mod pack_file;
@@ -12,6 +13,7 @@ mod source;
 mod transfer;
 
 pub use cache::{process_is_running, stored_chunks, CacheError, ChunkCache, EvictReport};
+pub use claims::{Claim, Claims, CLAIM_LEASE};
 pub use client::{Client, DEFAULT_RETRY_WINDOW};
 pub use error::ClientError;
 pub use registry::{

@@ -1,11 +1,14 @@
 //! The chunk server and the host's chunk cache as [`ChunkSource`]s for a lazy mount.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use skiff_format::{ChunkId, ChunkRef};
 use skiff_source::{Bytes, ChunkSource, SourceError, SourceTraffic};
 
 use crate::cache::ChunkCache;
+use crate::claims::{Claim, Claims};
 use crate::{Client, ClientError};
 
 impl ChunkSource for Client {
@@ -35,16 +38,30 @@ impl ChunkSource for Client {
 pub struct CachedSource<S> {
     cache: Arc<ChunkCache>,
     remote: S,
+    /// Chunks a fetch found in a shared cache, written by another host.
+    from_shared_cache: AtomicU64,
 }
+
+/// A host waiting for a chunk another host claimed looks for it this
+/// often at first, and backs off to
+const LOOK_FIRST: Duration = Duration::from_millis(5);
+const LOOK_AT_MOST: Duration = Duration::from_millis(100);
+/// A live claim is waited on at most this long; then the chunk is fetched
+/// anyway (twice in all, rather than a read stalled by a stuck host).
+const WAIT_AT_MOST: Duration = Duration::from_secs(60);
 
 impl<S: ChunkSource> CachedSource<S> {
     pub fn new(cache: Arc<ChunkCache>, remote: S) -> Self {
-        CachedSource { cache, remote }
+        CachedSource {
+            cache,
+            remote,
+            from_shared_cache: AtomicU64::new(0),
+        }
     }
-}
 
-impl<S: ChunkSource> ChunkSource for CachedSource<S> {
-    fn fetch(
+    /// Fetches `ids` from the remote and caches them as one pack (or a few,
+    /// for a long fetch).
+    fn fetch_into_cache(
         &self,
         ids: &[ChunkId],
         each: &mut dyn FnMut(ChunkId, Bytes),
@@ -56,11 +73,79 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
             }
             each(id, data);
         });
-        // What one fetch brought is one pack (or a few, for a long one).
         if let Err(e) = self.cache.flush() {
             tracing::warn!("{e}");
         }
         fetched
+    }
+
+    /// [`ChunkSource::fetch`] on a cache several hosts share: fetches the
+    /// chunks no other host has claimed, then waits for the others' to
+    /// reach the cache, taking over a claim whose holder stopped renewing it.
+    fn fetch_claimed(
+        &self,
+        claims: &Claims,
+        ids: &[ChunkId],
+        each: &mut dyn FnMut(ChunkId, Bytes),
+    ) -> Result<(), SourceError> {
+        let mut waiting = ids.to_vec();
+        let mut look_again = LOOK_FIRST;
+        let started = Instant::now();
+        while !waiting.is_empty() {
+            // Packs other hosts wrote since the last look.
+            self.cache.refresh();
+            let mut mine = Vec::new();
+            let out_of_patience = started.elapsed() >= WAIT_AT_MOST;
+            waiting.retain(|id| {
+                if let Some(data) = self.cache.get(id) {
+                    self.from_shared_cache.fetch_add(1, Ordering::Relaxed);
+                    each(*id, data);
+                    return false;
+                }
+                if out_of_patience || claims.claim(id) == Claim::Mine {
+                    mine.push(*id);
+                    return false;
+                }
+                true
+            });
+            if mine.is_empty() {
+                std::thread::sleep(look_again);
+                look_again = (look_again * 2).min(LOOK_AT_MOST);
+                continue;
+            }
+            // A host that wrote a chunk's pack released its claim after:
+            // one claimed since the last look may be here already.
+            self.cache.refresh();
+            mine.retain(|id| match self.cache.get(id) {
+                Some(data) => {
+                    claims.release(&[*id]);
+                    self.from_shared_cache.fetch_add(1, Ordering::Relaxed);
+                    each(*id, data);
+                    false
+                }
+                None => true,
+            });
+            let fetched = self.fetch_into_cache(&mine, each);
+            // Released once in a pack (or failed): a waiting host then finds it
+            // or claims it.
+            claims.release(&mine);
+            fetched?;
+            look_again = LOOK_FIRST;
+        }
+        Ok(())
+    }
+}
+
+impl<S: ChunkSource> ChunkSource for CachedSource<S> {
+    fn fetch(
+        &self,
+        ids: &[ChunkId],
+        each: &mut dyn FnMut(ChunkId, Bytes),
+    ) -> Result<(), SourceError> {
+        match self.cache.claims() {
+            Some(claims) => self.fetch_claimed(claims, ids, each),
+            None => self.fetch_into_cache(ids, each),
+        }
     }
 
     fn local(&self, id: &ChunkId) -> Option<Bytes> {
@@ -88,7 +173,17 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
     }
 
     fn traffic(&self) -> Option<SourceTraffic> {
-        self.remote.traffic()
+        let from_shared_cache = self.from_shared_cache.load(Ordering::Relaxed);
+        match self.remote.traffic() {
+            Some(traffic) => Some(SourceTraffic {
+                from_shared_cache,
+                ..traffic
+            }),
+            None => (from_shared_cache > 0).then(|| SourceTraffic {
+                from_shared_cache,
+                ..SourceTraffic::default()
+            }),
+        }
     }
 
     fn describe(&self) -> String {

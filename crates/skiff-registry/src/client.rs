@@ -116,6 +116,7 @@ impl Traffic {
             ranges: self.ranges.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             notes: self.notes.lock().expect("notes poisoned").clone(),
+            from_shared_cache: 0,
         }
     }
 

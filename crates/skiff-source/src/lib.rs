@@ -85,7 +85,15 @@ pub struct SourceTraffic {
     pub ranges: u64,
     /// Requests retried after a passing failure.
     pub retries: u64,
+    /// Chunks asked of the network that another host fetched into a cache
+    /// they share, and that came from there instead.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub from_shared_cache: u64,
     /// Things done about a peer that did not behave (one line each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

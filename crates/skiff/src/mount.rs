@@ -31,6 +31,13 @@ pub struct MountFlags {
     /// Bound on the chunk cache; least recently used chunks go first
     #[arg(long, default_value_t = MountSettings::default().cache_max_gb, value_name = "GB")]
     cache_max_gb: f64,
+    /// The cache is on storage that other hosts mount too (NFS, say): each
+    /// chunk is claimed in it before it is fetched, so that of all the hosts
+    /// reading an image one fetches each chunk and the others read it from
+    /// the cache. A claim whose host stops renewing it expires in 10 s.
+    /// Every process using the cache must say it
+    #[arg(long)]
+    shared: bool,
     /// Do not fetch the rest of the image in the background
     #[arg(long)]
     no_prefetch: bool,
@@ -59,6 +66,7 @@ impl MountFlags {
         MountSettings {
             cache: self.cache.clone(),
             cache_max_gb: self.cache_max_gb,
+            shared_cache: self.shared,
             prefetch: !self.no_prefetch,
             prefetch_rate_mb: self.prefetch_rate_mb,
             window_kib: self.window_kb,
@@ -345,6 +353,12 @@ pub fn status(args: MountPointArgs, json: bool) -> Result<()> {
         println!("corrupt     {} chunks refused", s.corrupt_chunks);
     }
     if let Some(t) = &status.traffic {
+        if t.from_shared_cache > 0 {
+            println!(
+                "shared      {} chunks came from the shared cache, fetched by other hosts",
+                t.from_shared_cache
+            );
+        }
         println!(
             "network     {} requests, {} ranges, {} received, {} retried",
             t.requests,
