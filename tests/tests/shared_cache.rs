@@ -111,6 +111,20 @@ fn read_all_at_once(mounts: &[SkiffMount], expected: &Path) {
     });
 }
 
+/// What a mount's daemon logged, for a failure's message.
+fn log_of(mount: &SkiffMount) -> String {
+    let mut log = String::new();
+    for entry in fs::read_dir(mount.run_dir.join("mounts"))
+        .unwrap()
+        .flatten()
+    {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            log += &fs::read_to_string(entry.path()).unwrap_or_default();
+        }
+    }
+    log
+}
+
 fn cache_bytes(cache: &Path) -> u64 {
     ["packs", "files"]
         .iter()
@@ -152,7 +166,7 @@ fn three_hosts_on_one_shared_cache_fetch_each_chunk_once_in_all() {
     );
     assert!(from_others.iter().all(|&n| n > 0), "{from_others:?}");
     for mount in &mounts {
-        assert_eq!(mount.stat("failed_reads"), 0);
+        assert_eq!(mount.stat("failed_reads"), 0, "{}", log_of(mount));
     }
 
     // Without --shared, the same hosts on caches of their own each fetch it all.

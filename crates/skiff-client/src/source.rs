@@ -79,16 +79,23 @@ impl<S: ChunkSource> CachedSource<S> {
         fetched
     }
 
-    /// [`ChunkSource::fetch`] on a cache several hosts share: fetches the
-    /// chunks no other host has claimed, then waits for the others' to
-    /// reach the cache, taking over a claim whose holder stopped renewing it.
+    /// [`ChunkSource::fetch_wanting`] on a cache several hosts share:
+    /// fetches the chunks no other host has claimed, then waits for the
+    /// others' claims on the first `needed` to land in the cache, taking
+    /// over a claim whose holder stopped renewing it. The others' claims on
+    /// the rest are left to them: this host brings something else meanwhile.
     fn fetch_claimed(
         &self,
         claims: &Claims,
         ids: &[ChunkId],
+        needed: usize,
         each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError> {
-        let mut waiting = ids.to_vec();
+        let mut waiting: Vec<(ChunkId, bool)> = ids
+            .iter()
+            .enumerate()
+            .map(|(at, id)| (*id, at < needed))
+            .collect();
         let mut look_again = LOOK_FIRST;
         let started = Instant::now();
         while !waiting.is_empty() {
@@ -96,21 +103,23 @@ impl<S: ChunkSource> CachedSource<S> {
             self.cache.refresh();
             let mut mine = Vec::new();
             let out_of_patience = started.elapsed() >= WAIT_AT_MOST;
-            waiting.retain(|id| {
-                if let Some(data) = self.cache.get(id) {
+            waiting.retain(|&(id, needed)| {
+                if let Some(data) = self.cache.get(&id) {
                     self.from_shared_cache.fetch_add(1, Ordering::Relaxed);
-                    each(*id, data);
+                    each(id, data);
                     return false;
                 }
-                if out_of_patience || claims.claim(id) == Claim::Mine {
-                    mine.push(*id);
+                if out_of_patience || claims.claim(&id) == Claim::Mine {
+                    mine.push(id);
                     return false;
                 }
-                true
+                needed
             });
             if mine.is_empty() {
-                std::thread::sleep(look_again);
-                look_again = (look_again * 2).min(LOOK_AT_MOST);
+                if !waiting.is_empty() {
+                    std::thread::sleep(look_again);
+                    look_again = (look_again * 2).min(LOOK_AT_MOST);
+                }
                 continue;
             }
             // A host that wrote a chunk's pack released its claim after:
@@ -142,8 +151,17 @@ impl<S: ChunkSource> ChunkSource for CachedSource<S> {
         ids: &[ChunkId],
         each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError> {
+        self.fetch_wanting(ids, ids.len(), each)
+    }
+
+    fn fetch_wanting(
+        &self,
+        ids: &[ChunkId],
+        needed: usize,
+        each: &mut dyn FnMut(ChunkId, Bytes),
+    ) -> Result<(), SourceError> {
         match self.cache.claims() {
-            Some(claims) => self.fetch_claimed(claims, ids, each),
+            Some(claims) => self.fetch_claimed(claims, ids, needed, each),
             None => self.fetch_into_cache(ids, each),
         }
     }

@@ -34,6 +34,9 @@ struct Failure {
     /// The batch failed on one chunk (missing or corrupt), which may be
     /// another chunk than this flight's; otherwise the source failed as a whole.
     one_chunk: bool,
+    /// The batch went well without this chunk: it was left out (see
+    /// [`ChunkSource::fetch_wanting`]).
+    left_out: bool,
 }
 
 /// One chunk being fetched: whoever else needs it waits here.
@@ -66,8 +69,10 @@ impl Flight {
 /// What [`Fetcher::claim`] found for a request.
 #[derive(Default)]
 struct Claim {
-    /// Flights this thread leads.
+    /// Flights this thread leads: first those of needed chunks, then the rest.
     lead: Vec<(ChunkId, Arc<Flight>)>,
+    /// How many of `lead` are needed.
+    lead_needed: usize,
     /// Flights of needed chunks others lead.
     joined: Vec<(ChunkId, Arc<Flight>)>,
     /// Needed chunks that arrived meanwhile.
@@ -117,7 +122,7 @@ impl ReadAhead<'_> {
     pub fn fetch(mut self) {
         MountStats::add(&self.fetcher.stats.read_aheads, 1);
         let lead = std::mem::take(&mut self.lead);
-        let _ = self.fetcher.fly(&lead, false);
+        let _ = self.fetcher.fly(&lead, 0, false);
     }
 }
 
@@ -130,6 +135,7 @@ impl Drop for ReadAhead<'_> {
                 failure: Failure {
                     message: "the read-ahead was dropped".to_owned(),
                     one_chunk: false,
+                    left_out: false,
                 },
             });
         }
@@ -259,18 +265,22 @@ impl Fetcher {
             // The read's own chunks lead the batch, so a neighbour that fails
             // (corrupt, missing) cannot fail the read; a failure shows in the
             // flights of the chunks it concerns.
-            let _ = self.fly(&claimed.lead, false);
+            let _ = self.fly(&claimed.lead, claimed.lead_needed, false);
             for (id, flight) in &claimed.lead {
                 if missing.contains(id) {
                     have.insert(*id, flight.wait().map_err(|f| FetchFailed(f.message))?);
                 }
             }
             let mut retry = Vec::new();
+            let mut left_out = Vec::new();
             for (id, flight) in &claimed.joined {
                 match flight.wait() {
                     Ok(data) => {
                         have.insert(*id, data);
                     }
+                    // Left out of a batch that did not need it (another host
+                    // on a shared cache is bringing it): this read asks itself.
+                    Err(f) if f.left_out => left_out.push(*id),
                     // A batch led by another reader (or by prefetch) can fail
                     // on a chunk this read does not need: ask again for ours.
                     Err(f) if f.one_chunk => retry.push(*id),
@@ -280,10 +290,22 @@ impl Fetcher {
             if !retry.is_empty() {
                 let again = self.claim(&retry, &[]);
                 have.extend(again.ready);
-                let _ = self.fly(&again.lead, false);
-                for (id, flight) in again.lead.iter().chain(again.joined.iter()) {
+                let _ = self.fly(&again.lead, again.lead_needed, false);
+                for (id, flight) in &again.lead {
                     have.insert(*id, flight.wait().map_err(|f| FetchFailed(f.message))?);
                 }
+                for (id, flight) in &again.joined {
+                    match flight.wait() {
+                        Ok(data) => {
+                            have.insert(*id, data);
+                        }
+                        Err(f) if f.left_out => left_out.push(*id),
+                        Err(f) => return Err(FetchFailed(f.message)),
+                    }
+                }
+            }
+            if !left_out.is_empty() {
+                self.fetch_for_one_read(&left_out, &mut have)?;
             }
         }
         wanted
@@ -406,6 +428,7 @@ impl Fetcher {
                     let flight = Arc::new(Flight::default());
                     flights.insert(*id, flight.clone());
                     claim.lead.push((*id, flight));
+                    claim.lead_needed += usize::from(is_needed);
                 }
             }
         }
@@ -415,8 +438,15 @@ impl Fetcher {
     /// Fetches the chunks this thread leads in one request and lands every
     /// one of their flights, with data or with the error. Leaders never wait
     /// on other flights before landing their own, so no two readers can
-    /// wait on each other.
-    fn fly(&self, lead: &[(ChunkId, Arc<Flight>)], prefetch: bool) -> Result<(), SourceError> {
+    /// wait on each other. Only the first `needed` must come (see
+    /// [`ChunkSource::fetch_wanting`]); a flight of the others the source
+    /// left out comes down, and a read that joined it asks again.
+    fn fly(
+        &self,
+        lead: &[(ChunkId, Arc<Flight>)],
+        needed: usize,
+        prefetch: bool,
+    ) -> Result<(), SourceError> {
         if lead.is_empty() {
             return Ok(());
         }
@@ -429,21 +459,12 @@ impl Fetcher {
             failure: Failure {
                 message: "the fetch was abandoned".to_owned(),
                 one_chunk: false,
+                left_out: false,
             },
         };
         MountStats::add(&self.stats.fetch_requests, 1);
-        let outcome = self.source.fetch(&ids, &mut |id, data| {
-            let len = data.len() as u64;
-            // A copy of its own: a slice would keep its whole frame alive
-            // after the frame's other chunks left, past the memory bound.
-            let data = ChunkBytes::copy_from_slice(&data);
-            self.memory.insert(id, data.clone());
-            MountStats::add(&self.stats.fetched_chunks, 1);
-            MountStats::add(&self.stats.fetched_bytes, len);
-            if prefetch {
-                MountStats::add(&self.stats.prefetched_chunks, 1);
-                MountStats::add(&self.stats.prefetched_bytes, len);
-            }
+        let outcome = self.source.fetch_wanting(&ids, needed, &mut |id, data| {
+            let data = self.arrived(id, &data, prefetch);
             if let Some(flight) = by_id.get(&id) {
                 flight.land(Ok(data));
             }
@@ -452,6 +473,7 @@ impl Fetcher {
             Ok(()) => Failure {
                 message: "the source did not send it".to_owned(),
                 one_chunk: true,
+                left_out: true,
             },
             Err(e) => {
                 if matches!(e, SourceError::Corrupt(_)) {
@@ -463,6 +485,7 @@ impl Fetcher {
                 Failure {
                     message: e.to_string(),
                     one_chunk: matches!(e, SourceError::Corrupt(_) | SourceError::Missing(_)),
+                    left_out: false,
                 }
             }
         };
@@ -470,12 +493,56 @@ impl Fetcher {
         outcome
     }
 
+    /// Fetches `ids` for one read, outside the flight table: chunks another
+    /// thread's batch left out, which the source must now bring (or wait
+    /// for, on a shared cache), however many other batches leave them out.
+    fn fetch_for_one_read(
+        &self,
+        ids: &[ChunkId],
+        have: &mut HashMap<ChunkId, ChunkBytes>,
+    ) -> Result<(), FetchFailed> {
+        let mut wanted = Vec::new();
+        for id in ids {
+            match self.cached(id) {
+                Some(data) => {
+                    have.insert(*id, data);
+                }
+                None => wanted.push(*id),
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        MountStats::add(&self.stats.fetch_requests, 1);
+        self.source
+            .fetch_wanting(&wanted, wanted.len(), &mut |id, data| {
+                have.insert(id, self.arrived(id, &data, false));
+            })
+            .map_err(|e| FetchFailed(e.to_string()))
+    }
+
+    /// Keeps a chunk that came from the source in memory and counts it.
+    fn arrived(&self, id: ChunkId, data: &ChunkBytes, prefetch: bool) -> ChunkBytes {
+        let len = data.len() as u64;
+        // A copy of its own: a slice would keep its whole frame alive
+        // after the frame's other chunks left, past the memory bound.
+        let data = ChunkBytes::copy_from_slice(data);
+        self.memory.insert(id, data.clone());
+        MountStats::add(&self.stats.fetched_chunks, 1);
+        MountStats::add(&self.stats.fetched_bytes, len);
+        if prefetch {
+            MountStats::add(&self.stats.prefetched_chunks, 1);
+            MountStats::add(&self.stats.prefetched_bytes, len);
+        }
+        data
+    }
+
     /// Fetches whichever of `ids` are neither here nor on their way, in one
     /// request, for prefetch. Returns how many it asked for.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {
         // The prefetch loop skipped what is local; what arrived since is in flight or in memory.
         let claimed = self.claim(&[], ids);
-        self.fly(&claimed.lead, true)?;
+        self.fly(&claimed.lead, 0, true)?;
         Ok(claimed.lead.len())
     }
 }
@@ -514,6 +581,41 @@ mod tests {
 
         fn describe(&self) -> String {
             "a counting source".into()
+        }
+    }
+
+    /// A source that leaves out half the chunks a batch does not need, as
+    /// one on a cache shared with other hosts leaves out those they bring.
+    #[derive(Default)]
+    struct LeavesOut(Counting, AtomicUsize);
+
+    impl ChunkSource for LeavesOut {
+        fn fetch(
+            &self,
+            ids: &[ChunkId],
+            each: &mut dyn FnMut(ChunkId, ChunkBytes),
+        ) -> Result<(), SourceError> {
+            self.0.fetch(ids, each)
+        }
+
+        fn fetch_wanting(
+            &self,
+            ids: &[ChunkId],
+            needed: usize,
+            each: &mut dyn FnMut(ChunkId, ChunkBytes),
+        ) -> Result<(), SourceError> {
+            let (must, may) = ids.split_at(needed);
+            let sent: Vec<ChunkId> = must
+                .iter()
+                .chain(may.iter().filter(|id| id.as_bytes()[0] % 2 == 0))
+                .copied()
+                .collect();
+            self.1.fetch_add(ids.len() - sent.len(), Ordering::SeqCst);
+            self.0.fetch(&sent, each)
+        }
+
+        fn describe(&self) -> String {
+            "a source that leaves chunks out".into()
         }
     }
 
@@ -579,6 +681,54 @@ mod tests {
         let sent = source.sent.lock().unwrap();
         assert_eq!(sent.len(), 2000);
         assert!(sent.values().all(|&n| n == 1), "a chunk was sent twice");
+    }
+
+    #[test]
+    fn reads_get_the_chunks_that_read_ahead_and_prefetch_batches_left_out() {
+        let files = image(300, 4);
+        let source = Arc::new(LeavesOut::default());
+        let layout = Layout::new(files.concat());
+        let limits = WindowLimits {
+            min: 8 << 10,
+            max: 64 << 10,
+        };
+        let fetcher = Arc::new(Fetcher::new(
+            source.clone(),
+            64 << 20,
+            limits,
+            Arc::new(layout),
+        ));
+        let plan = prefetch::prefetch_order(fetcher.layout(), &[]);
+        let prefetching = {
+            let fetcher = fetcher.clone();
+            std::thread::spawn(move || {
+                let config = PrefetchConfig {
+                    batch_bytes: 32 << 10,
+                    ..PrefetchConfig::default()
+                };
+                prefetch::run(&fetcher, &plan, &config, &AtomicBool::new(false));
+            })
+        };
+        // Two readers a file apart, each joining the other's batches.
+        let readers: Vec<_> = [0usize, 1]
+            .into_iter()
+            .map(|from| {
+                let (fetcher, files) = (fetcher.clone(), files.clone());
+                std::thread::spawn(move || {
+                    for n in (from..files.len()).step_by(2) {
+                        read(&fetcher, n as InodeNo + 2, &files[n]);
+                    }
+                })
+            })
+            .collect();
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        prefetching.join().unwrap();
+        // Every read got its bytes (`read` checks them), though batches left
+        // out hundreds of chunks, and each chunk was sent.
+        assert!(source.1.load(Ordering::SeqCst) > 100);
+        assert_eq!(source.0.sent.lock().unwrap().len(), 1200);
     }
 
     #[test]

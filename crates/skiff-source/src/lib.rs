@@ -41,6 +41,19 @@ pub trait ChunkSource: Send + Sync {
         each: &mut dyn FnMut(ChunkId, Bytes),
     ) -> Result<(), SourceError>;
 
+    /// As [`ChunkSource::fetch`], where only the first `needed` of `ids`
+    /// must come: the rest (a read's neighbours, prefetch) may be left out
+    /// if someone else is bringing them already, as another host does into
+    /// a cache they share.
+    fn fetch_wanting(
+        &self,
+        ids: &[ChunkId],
+        _needed: usize,
+        each: &mut dyn FnMut(ChunkId, Bytes),
+    ) -> Result<(), SourceError> {
+        self.fetch(ids, each)
+    }
+
     /// A chunk this host already holds, read without the network.
     fn local(&self, _id: &ChunkId) -> Option<Bytes> {
         None
