@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/skiff-target
 SKIFF := $(CARGO_TARGET_DIR)/release/skiff
 
-.PHONY: demo test build deps lint fuzz bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-nydus bench-analyze bench-warm bench-shared bench-containerd bench-takeover images roundtrip clean
+.PHONY: demo test build deps lint fuzz bench bench-dedup bench-serve bench-mount bench-hello bench-registry bench-nydus bench-analyze bench-warm bench-shared bench-relayer bench-containerd bench-takeover images roundtrip clean
 
 deps:
 	@tools/install-deps
@@ -28,7 +28,7 @@ images: deps
 	tools/install-deps --bench
 	tools/make-images
 
-bench: bench-dedup bench-serve bench-mount bench-hello bench-registry bench-nydus bench-analyze bench-warm bench-shared bench-containerd bench-takeover
+bench: bench-dedup bench-serve bench-mount bench-hello bench-registry bench-nydus bench-analyze bench-warm bench-shared bench-relayer bench-containerd bench-takeover
 
 # Store size and convert speed against casync and file-level zstd.
 bench-dedup: build images
@@ -70,6 +70,10 @@ bench-analyze: build images
 bench-warm: build images
 	cargo build --release --locked -p skiff-bench
 	SKIFF=$(SKIFF) DELAY_PROXY=$(CARGO_TARGET_DIR)/release/delay-proxy bench/warm.sh
+
+# The dataset's images with their layers cut anew where they share files.
+bench-relayer: build images
+	SKIFF=$(SKIFF) bench/relayer.sh
 
 # N hosts reading one image at once: one shared cache (--shared) against a cache each.
 bench-shared: build images

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use skiff_format::{ChunkRef, ImageIndex, ImageManifest, InodeKind};
+use skiff_format::{ChunkRef, ImageIndex, ImageManifest, Inode, InodeKind};
 use skiff_store::Store;
 
 use crate::error::IoContext;
@@ -41,6 +41,38 @@ pub fn export(
     progress: &dyn Fn(u64),
 ) -> Result<ExportReport, OciError> {
     let index = store.index(&manifest.index.digest)?;
+    let blobs = prepare_layout(dir)?;
+    let layer = write_layer(&blobs, flate2::Compression::fast(), |tar| {
+        write_tree(tar, store, &index, progress)
+    })?;
+    let manifest_digest = write_image(
+        dir,
+        tag,
+        manifest.config.get(),
+        std::slice::from_ref(&layer),
+    )?;
+    Ok(ExportReport {
+        dir: dir.to_owned(),
+        tag: tag.to_owned(),
+        manifest_digest,
+        layer_digest: layer.digest,
+        layer_bytes: layer.size,
+    })
+}
+
+/// A layer blob as written into a layout.
+#[derive(Clone, Debug, Serialize)]
+pub struct WrittenLayer {
+    /// Of the gzip blob.
+    pub digest: String,
+    pub size: u64,
+    /// Of the tar inside.
+    pub diff_id: String,
+}
+
+/// `dir` made ready to take images (an OCI layout already there, an empty
+/// directory, or none); its `blobs/sha256`.
+pub(crate) fn prepare_layout(dir: &Path) -> Result<PathBuf, OciError> {
     let blobs = dir.join("blobs/sha256");
     if dir.exists()
         && !dir.join("oci-layout").exists()
@@ -52,37 +84,69 @@ pub fn export(
         return Err(OciError::BadOutput(dir.to_owned()));
     }
     fs::create_dir_all(&blobs).context(|| format!("creating {}", blobs.display()))?;
+    Ok(blobs)
+}
 
+/// Writes the gzip layer `write` makes into `blobs`, appearing whole or not at all.
+pub(crate) fn write_layer(
+    blobs: &Path,
+    level: flate2::Compression,
+    write: impl FnOnce(&mut tar::Builder<HashingWriter<LayerGz<'_>>>) -> Result<(), OciError>,
+) -> Result<WrittenLayer, OciError> {
     // The layer goes to a temporary file, hashed twice on the way: the tar
     // (diff_id) and the gzip stream (blob digest).
-    let tmp = tempfile::NamedTempFile::new_in(&blobs)
+    let tmp = tempfile::NamedTempFile::new_in(blobs)
         .context(|| format!("creating a file in {}", blobs.display()))?;
     let blob_writer = HashingWriter::new(io::BufWriter::new(tmp.as_file()));
-    let gz = flate2::write::GzEncoder::new(blob_writer, flate2::Compression::fast());
+    let gz = flate2::write::GzEncoder::new(blob_writer, level);
     let mut tar = tar::Builder::new(HashingWriter::new(gz));
-    write_tree(&mut tar, store, &index, progress)?;
+    write(&mut tar)?;
+    tar.finish().context(|| "finishing layer tar".into())?;
     let tar_hashed = tar.into_inner().context(|| "finishing layer tar".into())?;
     let (gz, diff_id, _) = tar_hashed.finish();
     let blob_writer = gz.finish().context(|| "finishing gzip".into())?;
-    let (mut buffered, layer_digest, layer_bytes) = blob_writer.finish();
+    let (mut buffered, digest, size) = blob_writer.finish();
     buffered.flush().context(|| "writing layer".into())?;
     drop(buffered);
     tmp.as_file()
         .sync_all()
         .context(|| "syncing layer".into())?;
-    let layer_path = blobs.join(&layer_digest["sha256:".len()..]);
+    let layer_path = blobs.join(&digest["sha256:".len()..]);
     tmp.persist(&layer_path).map_err(|e| OciError::Io {
         context: format!("writing {}", layer_path.display()),
         source: e.error,
     })?;
+    Ok(WrittenLayer {
+        digest,
+        size,
+        diff_id,
+    })
+}
 
-    let config = rewrite_config(manifest.config.get(), &diff_id)?;
+/// The gzip stream a layer's tar is written into.
+pub(crate) type LayerGz<'a> = flate2::write::GzEncoder<HashingWriter<io::BufWriter<&'a fs::File>>>;
+
+/// Writes an image of `layers` (in `dir`'s blobs already) with the source
+/// `config` into the layout `dir` under `tag`; returns its manifest's digest.
+pub(crate) fn write_image(
+    dir: &Path,
+    tag: &str,
+    config: &str,
+    layers: &[WrittenLayer],
+) -> Result<String, OciError> {
+    let blobs = dir.join("blobs/sha256");
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
+    let config = rewrite_config(config, &diff_ids)?;
     let config_digest = write_blob(&blobs, &config)?;
+    let layers: Vec<Value> = layers
+        .iter()
+        .map(|l| json!({ "mediaType": LAYER_MEDIA_TYPE, "digest": l.digest, "size": l.size }))
+        .collect();
     let image_manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
         "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config.len() },
-        "layers": [ { "mediaType": LAYER_MEDIA_TYPE, "digest": layer_digest, "size": layer_bytes } ],
+        "layers": layers,
     }))
     .expect("JSON value serialises");
     let manifest_digest = write_blob(&blobs, &image_manifest)?;
@@ -91,18 +155,12 @@ pub fn export(
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
     update_layout_index(dir, tag, &manifest_digest, image_manifest.len())?;
-    Ok(ExportReport {
-        dir: dir.to_owned(),
-        tag: tag.to_owned(),
-        manifest_digest,
-        layer_digest,
-        layer_bytes,
-    })
+    Ok(manifest_digest)
 }
 
-/// The source config with `rootfs` naming the single exported layer; its
-/// `history` described the old layers, so it goes.
-fn rewrite_config(config: &str, diff_id: &str) -> Result<Vec<u8>, OciError> {
+/// The source config with `rootfs` naming the new layers; its `history`
+/// described the old layers, so it goes.
+fn rewrite_config(config: &str, diff_ids: &[&str]) -> Result<Vec<u8>, OciError> {
     let mut value: Value = serde_json::from_str(config).map_err(|e| OciError::Malformed {
         what: "stored image config".into(),
         reason: e.to_string(),
@@ -113,7 +171,7 @@ fn rewrite_config(config: &str, diff_id: &str) -> Result<Vec<u8>, OciError> {
     })?;
     object.insert(
         "rootfs".into(),
-        json!({ "type": "layers", "diff_ids": [diff_id] }),
+        json!({ "type": "layers", "diff_ids": diff_ids }),
     );
     object.remove("history");
     Ok(serde_json::to_vec(&value).expect("JSON value serialises"))
@@ -187,128 +245,147 @@ fn write_tree<W: Write>(
     let mut first_path: HashMap<u64, Vec<u8>> = HashMap::new();
     for (path, ino) in index.walk() {
         let inode = index.inode(ino).expect("walk yields valid inodes");
-        let name = if path.is_empty() {
-            b"./".to_vec()
-        } else {
-            path.clone()
+        let link_to = match inode.kind {
+            InodeKind::Directory { .. } => None,
+            _ => match first_path.get(&ino) {
+                Some(first) => Some(first.as_slice()),
+                None => {
+                    first_path.insert(ino, path.clone());
+                    None
+                }
+            },
         };
-        let path_str = String::from_utf8_lossy(&name).into_owned();
-        let io_err = |e: io::Error| OciError::Io {
-            context: format!("writing {path_str} to the layer"),
-            source: e,
-        };
+        append_entry(tar, store, &path, inode, link_to, progress)?;
+    }
+    Ok(())
+}
 
-        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-        for xattr in &inode.meta.xattrs {
-            let key = std::str::from_utf8(&xattr.name).map_err(|_| OciError::BadEntry {
-                layer: 0,
-                path: path_str.clone(),
-                reason: "xattr name is not UTF-8".into(),
-            })?;
-            pax.push((format!("SCHILY.xattr.{key}"), xattr.value.clone()));
-        }
-        if let InodeKind::Symlink { target } = &inode.kind {
-            // ustar holds 100 bytes of link target; PAX holds the rest.
-            if target.len() > 100 {
-                pax.push(("linkpath".into(), target.clone()));
-            }
-        }
-        if inode.meta.mtime_nsec != 0 || inode.meta.mtime < 0 {
-            pax.push((
-                "mtime".into(),
-                format_pax_time(inode.meta.mtime, inode.meta.mtime_nsec).into_bytes(),
-            ));
-        }
-        if !pax.is_empty() {
-            let records = pax_records(&pax);
-            let mut header = tar::Header::new_ustar();
-            header.set_entry_type(tar::EntryType::XHeader);
-            header.set_size(records.len() as u64);
-            header.set_mode(0o644);
-            // An ASCII name: a long or non-UTF-8 file name must not make the header invalid.
-            let pax_name = "PaxHeaders/skiff";
-            header.set_path(pax_name).map_err(io_err)?;
-            header.set_cksum();
-            tar.append(&header, records.as_slice()).map_err(io_err)?;
-        }
+/// Appends `inode` at `path` (empty: the root) to a layer's tar, or a hard
+/// link at `path` to `link_to`, with every attribute the index holds (PAX
+/// records for xattrs, long link targets and exact times).
+pub(crate) fn append_entry<W: Write>(
+    tar: &mut tar::Builder<W>,
+    store: &Store,
+    path: &[u8],
+    inode: &Inode,
+    link_to: Option<&[u8]>,
+    progress: &dyn Fn(u64),
+) -> Result<(), OciError> {
+    let name = if path.is_empty() {
+        b"./".to_vec()
+    } else {
+        path.to_vec()
+    };
+    let path_str = String::from_utf8_lossy(&name).into_owned();
+    let io_err = |e: io::Error| OciError::Io {
+        context: format!("writing {path_str} to the layer"),
+        source: e,
+    };
 
-        let mut header = tar::Header::new_gnu();
-        header.set_mode(inode.meta.mode);
-        header.set_uid(u64::from(inode.meta.uid));
-        header.set_gid(u64::from(inode.meta.gid));
-        header.set_mtime(inode.meta.mtime.max(0) as u64);
-        header.set_size(0);
-        let os_path = Path::new(std::ffi::OsStr::from_encoded_bytes_checked(&name));
-        if !matches!(inode.kind, InodeKind::Directory { .. }) {
-            if let Some(first) = first_path.get(&ino) {
-                header.set_entry_type(tar::EntryType::Link);
-                let target = Path::new(std::ffi::OsStr::from_encoded_bytes_checked(first));
-                tar.append_link(&mut header, os_path, target)
-                    .map_err(io_err)?;
-                continue;
-            }
-            first_path.insert(ino, path.clone());
-        }
-        match &inode.kind {
-            InodeKind::Directory { .. } => {
-                header.set_entry_type(tar::EntryType::Directory);
-                tar.append_data(&mut header, os_path, io::empty())
-                    .map_err(io_err)?;
-            }
-            InodeKind::File { size, chunks } => {
-                header.set_entry_type(tar::EntryType::Regular);
-                header.set_size(*size);
-                let reader = ChunkReader {
-                    store,
-                    chunks,
-                    next: 0,
-                    current: Vec::new(),
-                    pos: 0,
-                };
-                tar.append_data(&mut header, os_path, reader).map_err(|e| {
-                    match e.get_ref().and_then(|e| e.downcast_ref::<StoreErrorBox>()) {
-                        Some(StoreErrorBox(msg)) => OciError::Io {
-                            context: format!("reading {path_str} from the store"),
-                            source: io::Error::other(msg.clone()),
-                        },
-                        None => io_err(e),
-                    }
-                })?;
-                progress(*size);
-            }
-            InodeKind::Symlink { target } => {
-                // Literal: `append_link` would normalise the target (`a//b` → `a/b`).
-                header.set_entry_type(tar::EntryType::Symlink);
-                header
-                    .set_link_name_literal(&target[..target.len().min(100)])
-                    .map_err(io_err)?;
-                tar.append_data(&mut header, os_path, io::empty())
-                    .map_err(io_err)?;
-            }
-            InodeKind::CharDevice { major, minor } | InodeKind::BlockDevice { major, minor } => {
-                let char_dev = matches!(inode.kind, InodeKind::CharDevice { .. });
-                header.set_entry_type(if char_dev {
-                    tar::EntryType::Char
-                } else {
-                    tar::EntryType::Block
-                });
-                header.set_device_major(*major).map_err(io_err)?;
-                header.set_device_minor(*minor).map_err(io_err)?;
-                tar.append_data(&mut header, os_path, io::empty())
-                    .map_err(io_err)?;
-            }
-            InodeKind::Fifo => {
-                header.set_entry_type(tar::EntryType::Fifo);
-                tar.append_data(&mut header, os_path, io::empty())
-                    .map_err(io_err)?;
-            }
-            InodeKind::Socket => {} // tar cannot hold sockets; images do not carry them.
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    for xattr in &inode.meta.xattrs {
+        let key = std::str::from_utf8(&xattr.name).map_err(|_| OciError::BadEntry {
+            layer: 0,
+            path: path_str.clone(),
+            reason: "xattr name is not UTF-8".into(),
+        })?;
+        pax.push((format!("SCHILY.xattr.{key}"), xattr.value.clone()));
+    }
+    if let InodeKind::Symlink { target } = &inode.kind {
+        // ustar holds 100 bytes of link target; PAX holds the rest.
+        if target.len() > 100 {
+            pax.push(("linkpath".into(), target.clone()));
         }
     }
-    tar.finish().map_err(|e| OciError::Io {
-        context: "finishing layer tar".into(),
-        source: e,
-    })
+    if inode.meta.mtime_nsec != 0 || inode.meta.mtime < 0 {
+        pax.push((
+            "mtime".into(),
+            format_pax_time(inode.meta.mtime, inode.meta.mtime_nsec).into_bytes(),
+        ));
+    }
+    if !pax.is_empty() {
+        let records = pax_records(&pax);
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::XHeader);
+        header.set_size(records.len() as u64);
+        header.set_mode(0o644);
+        // An ASCII name: a long or non-UTF-8 file name must not make the header invalid.
+        let pax_name = "PaxHeaders/skiff";
+        header.set_path(pax_name).map_err(io_err)?;
+        header.set_cksum();
+        tar.append(&header, records.as_slice()).map_err(io_err)?;
+    }
+
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(inode.meta.mode);
+    header.set_uid(u64::from(inode.meta.uid));
+    header.set_gid(u64::from(inode.meta.gid));
+    header.set_mtime(inode.meta.mtime.max(0) as u64);
+    header.set_size(0);
+    let os_path = Path::new(std::ffi::OsStr::from_encoded_bytes_checked(&name));
+    if let Some(first) = link_to {
+        header.set_entry_type(tar::EntryType::Link);
+        let target = Path::new(std::ffi::OsStr::from_encoded_bytes_checked(first));
+        return tar
+            .append_link(&mut header, os_path, target)
+            .map_err(io_err);
+    }
+    match &inode.kind {
+        InodeKind::Directory { .. } => {
+            header.set_entry_type(tar::EntryType::Directory);
+            tar.append_data(&mut header, os_path, io::empty())
+                .map_err(io_err)?;
+        }
+        InodeKind::File { size, chunks } => {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(*size);
+            let reader = ChunkReader {
+                store,
+                chunks,
+                next: 0,
+                current: Vec::new(),
+                pos: 0,
+            };
+            tar.append_data(&mut header, os_path, reader).map_err(|e| {
+                match e.get_ref().and_then(|e| e.downcast_ref::<StoreErrorBox>()) {
+                    Some(StoreErrorBox(msg)) => OciError::Io {
+                        context: format!("reading {path_str} from the store"),
+                        source: io::Error::other(msg.clone()),
+                    },
+                    None => io_err(e),
+                }
+            })?;
+            progress(*size);
+        }
+        InodeKind::Symlink { target } => {
+            // Literal: `append_link` would normalise the target (`a//b` → `a/b`).
+            header.set_entry_type(tar::EntryType::Symlink);
+            header
+                .set_link_name_literal(&target[..target.len().min(100)])
+                .map_err(io_err)?;
+            tar.append_data(&mut header, os_path, io::empty())
+                .map_err(io_err)?;
+        }
+        InodeKind::CharDevice { major, minor } | InodeKind::BlockDevice { major, minor } => {
+            let char_dev = matches!(inode.kind, InodeKind::CharDevice { .. });
+            header.set_entry_type(if char_dev {
+                tar::EntryType::Char
+            } else {
+                tar::EntryType::Block
+            });
+            header.set_device_major(*major).map_err(io_err)?;
+            header.set_device_minor(*minor).map_err(io_err)?;
+            tar.append_data(&mut header, os_path, io::empty())
+                .map_err(io_err)?;
+        }
+        InodeKind::Fifo => {
+            header.set_entry_type(tar::EntryType::Fifo);
+            tar.append_data(&mut header, os_path, io::empty())
+                .map_err(io_err)?;
+        }
+        InodeKind::Socket => {} // tar cannot hold sockets; images do not carry them.
+    }
+    Ok(())
 }
 
 /// `std::ffi::OsStr::from_bytes` under a name that reads at the call sites.
@@ -399,7 +476,7 @@ impl Read for ChunkReader<'_> {
 }
 
 /// Passes writes through while hashing them.
-struct HashingWriter<W> {
+pub(crate) struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
     bytes: u64,

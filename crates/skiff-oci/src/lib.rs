@@ -11,15 +11,17 @@ mod layer_files;
 mod layout;
 mod merge;
 mod registry;
+mod relayer;
 mod source;
 mod tar_entry;
 mod verify;
 
 pub use convert::{convert, ConvertOptions, ConvertProgress, ConvertReport};
 pub use error::OciError;
-pub use export::{export, ExportReport};
+pub use export::{export, ExportReport, WrittenLayer};
 pub use layer_files::{layer_files, LayerFiles};
 pub use merge::MergedTree;
+pub use relayer::{relayer, RelayerProgress, RelayerReport, RelayeredImage};
 pub use source::{ImageSource, LayerCompression, LayerDescriptor, Platform, ResolvedImage};
 
 /// Entry points for the fuzz targets (`tests/fuzz`): the layer parser as

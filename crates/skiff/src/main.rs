@@ -4,6 +4,7 @@ mod analyze;
 mod attach;
 mod mount;
 mod progress;
+mod relayer;
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -128,6 +129,21 @@ enum Command {
         skiff analyze --json docker://registry.example/team/app:1.4 docker://registry.example/team/app:1.5"
     )]
     Analyze(analyze::AnalyzeArgs),
+    /// Write a set of images anew with layers cut where they share files, as ordinary OCI images
+    #[command(
+        long_about = "Reads the images, groups the files of their merged trees by the set of \
+        images holding each (a file is the same in two images when its path, contents, owner, mode, \
+        times and xattrs are), and writes every image into an OCI layout with a layer per group it \
+        holds: what several images share is one layer, stored and pulled once. An image that would \
+        have more than --max-layers layers gets its least shared files in one layer of its own. \
+        Directories go into each image's top layer. The layers are gzip tars any docker or \
+        containerd pulls, and each image's tree is the same as before, path for path. Prints the \
+        distinct layers and their bytes before and after (\"Carving Perfect Layers\", HotCloud '19; \
+        docs/ANALYZE.md).",
+        after_help = "Examples:\n  skiff relayer oci:./app:1.4 oci:./app:1.5 oci:./worker:1.5 --out oci:./relayered\n  \
+        skiff relayer --max-layers 8 --json docker://registry.example/team/app:1.4 docker://registry.example/team/app:1.5 --out oci:./out"
+    )]
+    Relayer(relayer::RelayerArgs),
     /// List the images in the store, on a server, or a registry repository's skiff tags
     #[command(
         after_help = "Examples:\n  skiff images\n  skiff images --server http://127.0.0.1:7070\n  \
@@ -454,6 +470,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         cli.command,
         Command::Snapshotter { .. }
             | Command::Analyze(_)
+            | Command::Relayer(_)
             | Command::MountDaemon { .. }
             | Command::MountSupervisor { .. }
             | Command::Upgrade(_)
@@ -663,6 +680,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         })?,
         Command::Status { at, json } => mount::status(at, json)?,
         Command::Analyze(args) => analyze::run(args)?,
+        Command::Relayer(args) => relayer::run(args)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {
             export(&Store::open_read_only(&store_dir)?, &image, &destination)?
