@@ -256,3 +256,67 @@ fn analyze_refuses_a_corrupt_layer() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn analyze_of_images_in_a_store_agrees_with_analyze_of_their_layouts() {
+    let tmp = tempdir();
+    let specs = write_images(tmp.path());
+    let store = tmp.path().join("store");
+    let names = ["one:v1", "two:v1", "three:v1"];
+    for (spec, name) in specs.iter().zip(names) {
+        skiff_ok(&store, &["convert", &format!("oci:{spec}"), name]);
+    }
+    let run = |sources: Vec<String>| {
+        let mut args = vec!["analyze", "--json", "--similar", "0", "--top", "1000"];
+        args.extend(sources.iter().map(String::as_str));
+        skiff_json(&store, &args)
+    };
+    let from_store = run(names.iter().map(|n| format!("store:{n}")).collect());
+    let from_layouts = run(specs.iter().map(|s| format!("oci:{s}")).collect());
+    // The records hold every file of every layer: all that files make is the same.
+    for key in [
+        "file_measures",
+        "most_duplicated",
+        "similar_layers",
+        "similarity_matrix",
+        "copies_histogram",
+    ] {
+        assert_eq!(from_store[key], from_layouts[key], "{key}");
+    }
+    for key in [
+        "file_level_raw",
+        "file_level_zstd",
+        "chunk_level_chunks",
+        "chunk_level_raw",
+        "chunk_level_zstd",
+    ] {
+        assert_eq!(
+            from_store["stored"][key], from_layouts["stored"][key],
+            "{key}"
+        );
+    }
+    let (s, o) = (
+        &from_store["layer_measures"],
+        &from_layouts["layer_measures"],
+    );
+    assert_eq!(s["references"], o["references"]);
+    assert_eq!(s["unique"], o["unique"]);
+    assert_eq!(s["recorded"], s["unique"]);
+    assert_eq!(o["recorded"], 0);
+    // The tars are gone: their bytes are reckoned from the entries, and
+    // their gzip sizes are not known.
+    let (reckoned, counted) = (
+        s["unique_tar_bytes"].as_f64().unwrap(),
+        o["unique_tar_bytes"].as_f64().unwrap(),
+    );
+    assert!(
+        (reckoned / counted - 1.0).abs() < 0.02,
+        "{reckoned} vs {counted}"
+    );
+    assert_eq!(s["unique_compressed_bytes"], 0);
+
+    // An image the store does not hold is a clear error.
+    let missing = skiff(&store, &["analyze", "store:nope:1"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope"));
+}

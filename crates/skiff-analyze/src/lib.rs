@@ -118,6 +118,10 @@ pub struct LayerMeasures {
     pub referenced_tar_bytes: u64,
     pub unique_tar_bytes: u64,
     pub unique_compressed_bytes: u64,
+    /// Unique layers read from a skiff store (`store:NAME:TAG`), as their
+    /// conversion recorded them: their tar bytes are reckoned from their
+    /// entries and their compressed bytes are not known (counted as 0).
+    pub recorded: u64,
     /// referenced / unique tar bytes: what sharing layers by digest saves.
     pub dedup_ratio: f64,
     /// Unique tar bytes / their compressed blobs.
@@ -385,6 +389,7 @@ fn measure(
         referenced_tar_bytes,
         unique_tar_bytes,
         unique_compressed_bytes,
+        recorded: facts.iter().filter(|f| f.tar_bytes_estimated).count() as u64,
         dedup_ratio: ratio(referenced_tar_bytes, unique_tar_bytes),
         compression_ratio: ratio(unique_tar_bytes, unique_compressed_bytes),
         combined_ratio: ratio(referenced_tar_bytes, unique_compressed_bytes),

@@ -24,6 +24,8 @@ pub struct FileFacts {
 #[derive(Debug)]
 pub struct LayerFacts {
     pub tar_bytes: u64,
+    /// Reckoned from the entries of a skiff store's record, not counted.
+    pub tar_bytes_estimated: bool,
     pub files: Vec<(Vec<u8>, FileFacts)>,
 }
 
@@ -150,6 +152,7 @@ pub fn scan_layer(
     }
     Ok(LayerFacts {
         tar_bytes: read.tar_bytes,
+        tar_bytes_estimated: read.tar_bytes_estimated,
         files: read.files,
     })
 }

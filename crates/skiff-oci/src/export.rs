@@ -339,13 +339,7 @@ pub(crate) fn append_entry<W: Write>(
         InodeKind::File { size, chunks } => {
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(*size);
-            let reader = ChunkReader {
-                store,
-                chunks,
-                next: 0,
-                current: Vec::new(),
-                pos: 0,
-            };
+            let reader = ChunkReader::new(store, chunks);
             tar.append_data(&mut header, os_path, reader).map_err(|e| {
                 match e.get_ref().and_then(|e| e.downcast_ref::<StoreErrorBox>()) {
                     Some(StoreErrorBox(msg)) => OciError::Io {
@@ -437,12 +431,24 @@ impl std::fmt::Display for StoreErrorBox {
 impl std::error::Error for StoreErrorBox {}
 
 /// A file's bytes, read chunk by chunk from the store.
-struct ChunkReader<'a> {
+pub(crate) struct ChunkReader<'a> {
     store: &'a Store,
     chunks: &'a [ChunkRef],
     next: usize,
     current: Vec<u8>,
     pos: usize,
+}
+
+impl<'a> ChunkReader<'a> {
+    pub(crate) fn new(store: &'a Store, chunks: &'a [ChunkRef]) -> Self {
+        ChunkReader {
+            store,
+            chunks,
+            next: 0,
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
 }
 
 impl Read for ChunkReader<'_> {

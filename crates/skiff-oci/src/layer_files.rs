@@ -3,8 +3,12 @@
 
 use std::io::Read;
 
+use skiff_store::Store;
+
+use crate::export::ChunkReader;
+use crate::layer_cache::{self, RecordedKind};
 use crate::merge::{Content, EntryKind};
-use crate::source::decompressed;
+use crate::source::{decompressed, malformed, BlobLocation};
 use crate::tar_entry::{is_whiteout, LayerEntries};
 use crate::verify::check_digest;
 use crate::{ImageSource, LayerDescriptor, OciError};
@@ -14,6 +18,9 @@ use crate::{ImageSource, LayerDescriptor, OciError};
 #[derive(Debug)]
 pub struct LayerFiles<T> {
     pub tar_bytes: u64,
+    /// Whether `tar_bytes` is reckoned from the entries (a layer of a skiff
+    /// store, whose tar is gone) rather than counted.
+    pub tar_bytes_estimated: bool,
     pub files: Vec<(Vec<u8>, T)>,
 }
 
@@ -27,6 +34,9 @@ pub fn layer_files<T>(
     index: usize,
     mut read: impl FnMut(&mut dyn Read, u64) -> Result<T, OciError>,
 ) -> Result<LayerFiles<T>, OciError> {
+    if let (BlobLocation::Recorded, ImageSource::Store { store, .. }) = (&layer.location, source) {
+        return recorded_layer_files(store, layer, index, read);
+    }
     let blob = source.open_layer(layer)?;
     let mut tar_stream = decompressed(blob, layer.compression)?;
     let mut files = Vec::new();
@@ -61,5 +71,66 @@ pub fn layer_files<T>(
         &layer.diff_id,
         diff_id,
     )?;
-    Ok(LayerFiles { tar_bytes, files })
+    Ok(LayerFiles {
+        tar_bytes,
+        tar_bytes_estimated: false,
+        files,
+    })
+}
+
+/// Bytes a tar spends on an entry: a header, the contents in 512-byte
+/// blocks, and an extended header where a name or link target outgrows
+/// the header's 100 bytes.
+fn tar_entry_bytes(path: &[u8], kind: &RecordedKind) -> u64 {
+    let block = |n: u64| n.div_ceil(512) * 512;
+    let (size, target) = match kind {
+        RecordedKind::File { size, .. } => (*size, &[][..]),
+        RecordedKind::Symlink(target) | RecordedKind::HardLink(target) => (0, &target[..]),
+        _ => (0, &[][..]),
+    };
+    let long = path.len() > 100 || target.len() > 100;
+    let extended = if long {
+        512 + block((path.len() + target.len() + 40) as u64)
+    } else {
+        0
+    };
+    512 + block(size) + extended
+}
+
+/// [`layer_files`] for a layer of a skiff store image: its files from the
+/// record the conversion kept, their contents from the store's chunks.
+fn recorded_layer_files<T>(
+    store: &Store,
+    layer: &LayerDescriptor,
+    index: usize,
+    mut read: impl FnMut(&mut dyn Read, u64) -> Result<T, OciError>,
+) -> Result<LayerFiles<T>, OciError> {
+    let what = || format!("layer {index} ({})", layer.diff_id);
+    let record = store.layer_record(&layer.diff_id)?.ok_or_else(|| {
+        malformed(
+            what(),
+            "the store keeps no record of it (convert the image again)",
+        )
+    })?;
+    let entries = layer_cache::decode(&record)
+        .ok_or_else(|| malformed(what(), "its record is damaged or of another version"))?;
+    // The two zero blocks that end a tar.
+    let mut tar_bytes = 1024;
+    let mut files = Vec::new();
+    for entry in entries {
+        tar_bytes += tar_entry_bytes(&entry.path, &entry.kind);
+        let RecordedKind::File { size, chunks } = entry.kind else {
+            continue;
+        };
+        if is_whiteout(&entry.path) {
+            continue;
+        }
+        let mut contents = ChunkReader::new(store, &chunks);
+        files.push((entry.path, read(&mut contents, size)?));
+    }
+    Ok(LayerFiles {
+        tar_bytes,
+        tar_bytes_estimated: true,
+        files,
+    })
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use oci_spec::image::{
     Descriptor, ImageIndex as OciIndex, ImageManifest as OciManifest, MediaType,
@@ -15,7 +16,9 @@ use serde::Deserialize;
 use crate::error::IoContext;
 use crate::verify::{sha256_hex, verify_blob, DigestCheckedReader, HashingReader};
 use crate::OciError;
+use skiff_format::ImageRef;
 use skiff_registry::{BareCredentials, Registry, RegistryRef};
+use skiff_store::Store;
 
 /// Manifests and configs are small; anything bigger is not one.
 pub(crate) const MAX_JSON_BLOB: u64 = 16 << 20;
@@ -147,6 +150,8 @@ pub(crate) enum BlobLocation {
     },
     /// A blob of the registry repository, named by the layer's digest.
     Remote,
+    /// A layer of an image in a skiff store: its conversion record, by diff_id.
+    Recorded,
 }
 
 /// An image picked out of a source: what `convert` needs.
@@ -175,6 +180,9 @@ pub enum ImageSource {
         reference: RegistryRef,
         client: Box<Registry>,
     },
+    /// An image converted into a skiff store: its layers are the records
+    /// the conversion kept of them (their files and chunks), not blobs.
+    Store { store: Arc<Store>, image: ImageRef },
 }
 
 impl ImageSource {
@@ -217,6 +225,7 @@ impl ImageSource {
                     reference.host, reference.repository, reference.reference
                 )
             }
+            ImageSource::Store { image, .. } => format!("skiff store image {image}"),
         }
     }
 
@@ -232,6 +241,7 @@ impl ImageSource {
             ImageSource::Registry { reference, client } => {
                 crate::registry::resolve_registry(reference, client, platform)
             }
+            ImageSource::Store { store, image } => resolve_stored(store, image),
         }
     }
 
@@ -275,9 +285,43 @@ impl ImageSource {
                     layer.size,
                 )))
             }
+            (BlobLocation::Recorded, _) => Err(malformed(
+                format!("layer {}", layer.diff_id),
+                "a skiff store keeps a layer as the record of its conversion, not as a blob",
+            )),
             _ => unreachable!("each source makes only its own kind of blob location"),
         }
     }
+}
+
+/// An image of a skiff store as a source: its manifest's record of the
+/// image it was converted from. Its layers' sizes are not known (0).
+fn resolve_stored(store: &Store, image: &ImageRef) -> Result<ResolvedImage, OciError> {
+    let manifest = store.image(image)?;
+    let source = &manifest.source;
+    if source.diff_ids.is_empty() {
+        return Err(malformed(
+            format!("skiff store image {image}"),
+            "it was converted by a skiff that kept no layer records: convert it again",
+        ));
+    }
+    Ok(ResolvedImage {
+        manifest_digest: source.manifest_digest.clone(),
+        config_digest: source.config_digest.clone(),
+        config: manifest.config.get().as_bytes().to_vec(),
+        platform: Platform::parse(&source.platform)?,
+        layers: source
+            .diff_ids
+            .iter()
+            .map(|diff_id| LayerDescriptor {
+                location: BlobLocation::Recorded,
+                digest: None,
+                size: 0,
+                compression: None,
+                diff_id: diff_id.clone(),
+            })
+            .collect(),
+    })
 }
 
 /// Splits `PATH:REF` where the path may itself hold colons: the whole string is

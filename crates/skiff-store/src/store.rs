@@ -33,6 +33,15 @@ pub struct Store {
     frames: Mutex<FrameCache>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct FrameCache {
     frames: HashMap<(u32, u64), Arc<Vec<u8>>>,

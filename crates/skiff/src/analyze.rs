@@ -1,17 +1,22 @@
 //! `skiff analyze`: the redundancy study on the user's images, as a table or JSON.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use skiff_analyze::{analyze, write_plots, Analysis, AnalyzeOptions, AnalyzeProgress};
+use skiff_format::ImageRef;
 use skiff_oci::{ImageSource, Platform};
+use skiff_store::Store;
 
 use crate::progress::{bytes, bytes_bar};
 
 #[derive(clap::Args)]
 pub struct AnalyzeArgs {
-    /// Images to analyze together: oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG], docker://REF
+    /// Images to analyze together: oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG],
+    /// docker://REF, or store:NAME:TAG (an image of the store, --store: its
+    /// layers as their conversion recorded them; their gzip sizes are not known)
     #[arg(required = true, value_name = "SOURCE")]
     sources: Vec<String>,
     /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
@@ -46,16 +51,47 @@ impl AnalyzeProgress for Bar {
     }
 }
 
-pub fn run(args: AnalyzeArgs) -> Result<()> {
+/// A `store:NAME:TAG` source, of the store at `store_dir()` (opened once).
+fn stored_source(
+    spec: &str,
+    name: &str,
+    store: &mut Option<Arc<Store>>,
+    store_dir: &dyn Fn() -> Result<PathBuf>,
+) -> Result<ImageSource> {
+    let image: ImageRef = name
+        .parse()
+        .with_context(|| format!("{spec:?}: expected store:NAME:TAG"))?;
+    let store = match store {
+        Some(store) => store.clone(),
+        None => {
+            let dir = store_dir()?;
+            let opened = Arc::new(
+                Store::open_read_only(&dir)
+                    .with_context(|| format!("opening store {}", dir.display()))?,
+            );
+            store.insert(opened).clone()
+        }
+    };
+    Ok(ImageSource::Store { store, image })
+}
+
+pub fn run(args: AnalyzeArgs, store_dir: &dyn Fn() -> Result<PathBuf>) -> Result<()> {
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.similar),
         "--similar is a share between 0 and 1, not {}",
         args.similar
     );
+    let mut store = None;
     let sources = args
         .sources
         .iter()
-        .map(|spec| Ok((spec.clone(), ImageSource::parse(spec)?)))
+        .map(|spec| {
+            let source = match spec.strip_prefix("store:") {
+                Some(name) => stored_source(spec, name, &mut store, store_dir)?,
+                None => ImageSource::parse(spec)?,
+            };
+            Ok((spec.clone(), source))
+        })
         .collect::<Result<Vec<_>>>()?;
     let options = AnalyzeOptions {
         platform: match &args.platform {
@@ -108,6 +144,13 @@ fn print_text(a: &Analysis) {
         "  both                           {:>11.2}x",
         l.combined_ratio
     );
+    if l.recorded > 0 {
+        println!(
+            "  ({} of the unique layers are a skiff store's records: their tar bytes are reckoned \
+             from their entries, their compressed bytes are not known and count as 0)",
+            l.recorded
+        );
+    }
     println!();
     println!("Files in unique layers");
     println!(

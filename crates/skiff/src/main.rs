@@ -679,7 +679,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             attached_from,
         })?,
         Command::Status { at, json } => mount::status(at, json)?,
-        Command::Analyze(args) => analyze::run(args)?,
+        Command::Analyze(args) => analyze::run(args, &|| match &cli.store {
+            Some(dir) => Ok(dir.clone()),
+            None => default_store(),
+        })?,
         Command::Relayer(args) => relayer::run(args)?,
         Command::Stats { json } => stats(&Store::open_read_only(&store_dir)?, json)?,
         Command::Export { image, destination } => {

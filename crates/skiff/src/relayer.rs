@@ -96,6 +96,10 @@ fn tag_parts(source: &ImageSource) -> (String, String) {
             let tag = reference.reference.replace("sha256:", "sha256-");
             (name.to_owned(), tag)
         }
+        ImageSource::Store { image, .. } => {
+            let name = image.name.rsplit('/').next().unwrap_or("image");
+            (name.to_owned(), image.tag.clone())
+        }
     }
 }
 
