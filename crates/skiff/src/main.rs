@@ -134,9 +134,10 @@ enum Command {
         long_about = "Reads the images, groups the files of their merged trees by the set of \
         images holding each (a file is the same in two images when its path, contents, owner, mode, \
         times and xattrs are), and writes every image into an OCI layout with a layer per group it \
-        holds: what several images share is one layer, stored and pulled once. An image that would \
-        have more than --max-layers layers gets its least shared files in one layer of its own. \
-        Directories go into each image's top layer. The layers are gzip tars any docker or \
+        holds: what several images share is one layer, stored and pulled once. Each image's top layer \
+        holds its directories and the files no other image holds; an image that would have more \
+        than --max-layers layers keeps the groups that save the most as layers and gets the others' \
+        files in its top layer too. The layers are gzip tars any docker or \
         containerd pulls, and each image's tree is the same as before, path for path. Prints the \
         distinct layers and their bytes before and after (\"Carving Perfect Layers\", HotCloud '19; \
         docs/ANALYZE.md).",

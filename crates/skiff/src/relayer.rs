@@ -24,8 +24,8 @@ pub struct RelayerArgs {
     #[arg(long, value_name = "oci:DIR")]
     out: String,
     /// Layers an image may have at most: files shared by the same images
-    /// make a layer, and an image that would have more gets its least shared
-    /// files in one layer of its own
+    /// make a layer, and an image that would have more gets the files of
+    /// those that save least in its top layer, its own
     #[arg(long, default_value_t = 16, value_name = "N")]
     max_layers: usize,
     /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's]
