@@ -157,9 +157,7 @@ fn readers_ask_for_an_upgrade_that_a_writer_performs() {
         .unwrap();
         db.drop_cf(crate::layout::CF_LAYERS).unwrap();
     }
-    let err = Store::open_read_only(dir.path())
-        .err()
-        .expect("a reader cannot open it");
+    let err = Store::open_read_only(dir.path()).expect_err("a reader cannot open it");
     assert!(
         err.to_string().contains("open it once for writing"),
         "{err}"
