@@ -245,6 +245,19 @@ fn a_corrupt_source_or_a_bad_output_leaves_the_output_as_it_was() {
     );
     assert!(!zero.status.success());
     assert!(String::from_utf8_lossy(&zero.stderr).contains("--max-layers"));
+    // A layout that has the tag already keeps its image.
+    let existing = tmp.path().join("existing");
+    let existing_arg = format!("oci:{}", existing.display());
+    skiff_ok(&store, &["relayer", &sources[0], "--out", &existing_arg]);
+    let index_before = fs::read(existing.join("index.json")).unwrap();
+    let again = skiff(&store, &["relayer", &sources[0], "--out", &existing_arg]);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("already has an image tagged v1"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read(existing.join("index.json")).unwrap(), index_before);
     // A directory that is neither empty nor a layout is refused as it is.
     fs::create_dir_all(&out).unwrap();
     fs::write(out.join("notes"), "mine").unwrap();

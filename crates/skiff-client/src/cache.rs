@@ -44,7 +44,7 @@ use bytes::Bytes;
 use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
 
-use crate::claims::{Claims, RENEW_EVERY};
+use crate::claims::{touch, unique_tag, Claims, RENEW_EVERY};
 use crate::pack_file::{self, Entry, PendingPack};
 
 /// A read refreshes a chunk's recency at most this often.
@@ -285,12 +285,20 @@ impl ChunkCache {
             approx_bytes: AtomicU64::new(0),
             unpublished: AtomicU64::new(0),
             pins: Mutex::new(HashMap::new()),
-            pin_file: root.join("pins").join(format!(
-                "{}{}-{}",
-                if shared { LEASE_PREFIX } else { "" },
-                std::process::id(),
-                INSTANCES.fetch_add(1, Ordering::Relaxed)
-            )),
+            pin_file: root.join("pins").join(if shared {
+                // Pids repeat across hosts: the name must not.
+                format!(
+                    "{LEASE_PREFIX}{}-{}",
+                    unique_tag(),
+                    INSTANCES.fetch_add(1, Ordering::Relaxed)
+                )
+            } else {
+                format!(
+                    "{}-{}",
+                    std::process::id(),
+                    INSTANCES.fetch_add(1, Ordering::Relaxed)
+                )
+            }),
             pins_changed: AtomicBool::new(false),
             evicting: Mutex::new(()),
             verified: Mutex::default(),
@@ -308,20 +316,8 @@ impl ChunkCache {
             .spawn(move || {
                 // The first pass scans what earlier processes left.
                 let mut scan = true;
-                let (mut renewed, mut swept) = (Instant::now(), Instant::now());
                 loop {
                     let Some(cache) = this.upgrade() else { return };
-                    if let Some(claims) = &cache.claims {
-                        if renewed.elapsed() >= RENEW_EVERY {
-                            claims.renew();
-                            cache.renew_pins();
-                            renewed = Instant::now();
-                        }
-                        if swept.elapsed() >= SWEEP_EVERY {
-                            claims.sweep();
-                            swept = Instant::now();
-                        }
-                    }
                     let stale = cache
                         .pending
                         .lock()
@@ -362,6 +358,34 @@ impl ChunkCache {
                 context: "starting the cache thread",
                 source,
             })?;
+        if shared {
+            // Apart from the keeper, whose eviction may wait on another
+            // host's for longer than a lease.
+            let this = Arc::downgrade(&cache);
+            std::thread::Builder::new()
+                .name("cache-renewer".into())
+                .spawn(move || {
+                    let mut swept = Instant::now();
+                    loop {
+                        let Some(cache) = this.upgrade() else { return };
+                        if let Some(claims) = &cache.claims {
+                            claims.renew();
+                            if swept.elapsed() >= SWEEP_EVERY {
+                                claims.sweep();
+                                swept = Instant::now();
+                            }
+                        }
+                        cache.renew_pins();
+                        drop(cache);
+                        std::thread::sleep(RENEW_EVERY);
+                    }
+                })
+                .map_err(|source| CacheError {
+                    path: root.to_owned(),
+                    context: "starting the cache thread",
+                    source,
+                })?;
+        }
         Ok(cache)
     }
 
@@ -521,8 +545,11 @@ impl ChunkCache {
         // Recreated if someone removed it (deleting the cache is allowed).
         fs::create_dir_all(self.root.join("packs"))
             .map_err(self.error("creating the packs directory"))?;
-        // No fsync: a pack torn by a crash fails its checks and is fetched again.
-        self.write_atomically(&self.pack_path(&pack.name), false, |file| {
+        // No fsync: a pack torn by a crash fails its checks and is fetched
+        // again. On storage other hosts share, synced before it is renamed
+        // into place: over NFS the name may reach the server before the bytes.
+        let sync = self.claims.is_some();
+        self.write_atomically(&self.pack_path(&pack.name), sync, |file| {
             pack.write_to(file)
         })?;
         self.index
@@ -537,6 +564,16 @@ impl ChunkCache {
     /// Learns the packs other processes wrote and forgets those they
     /// evicted, if `packs/` changed since the last look.
     pub(crate) fn refresh(&self) {
+        self.refresh_listing(false);
+    }
+
+    /// As [`ChunkCache::refresh`], listing `packs/` whatever its mtime says:
+    /// over NFS a client may see a directory's mtime late.
+    pub(crate) fn refresh_now(&self) {
+        self.refresh_listing(true);
+    }
+
+    fn refresh_listing(&self, always: bool) {
         let dir = self.root.join("packs");
         let Ok(changed) = fs::metadata(&dir).and_then(|m| m.modified()) else {
             return;
@@ -544,7 +581,7 @@ impl ChunkCache {
         // What was known before the listing: a pack written after it is not gone.
         let known: Vec<Arc<str>> = {
             let index = self.index.lock().expect("pack index poisoned");
-            if index.listed == Some(changed) {
+            if index.listed == Some(changed) && !always {
                 return;
             }
             index.packs.keys().cloned().collect()
@@ -738,10 +775,20 @@ impl ChunkCache {
         self.pins_changed.store(true, Ordering::Relaxed);
     }
 
-    /// Tells the other hosts that this process's pins still hold.
+    /// Tells the other hosts that this process's pins still hold; a pin
+    /// file another host removed (it looked stale) is written again.
     fn renew_pins(&self) {
-        if let Ok(file) = File::options().write(true).open(&self.pin_file) {
-            let _ = file.set_modified(SystemTime::now());
+        match File::options().write(true).open(&self.pin_file) {
+            Ok(file) => {
+                let _ = touch(&file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let pinned = !self.pins.lock().expect("pin table poisoned").is_empty();
+                if pinned {
+                    self.pins_changed.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {}
         }
     }
 

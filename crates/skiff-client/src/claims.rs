@@ -5,7 +5,10 @@
 //!
 //! A claim is a lease. Its holder renews the file's mtime while it fetches,
 //! and a claim not renewed for [`CLAIM_LEASE`] is taken over, so a host that
-//! dies mid-fetch holds the others up for one lease, not for ever.
+//! dies mid-fetch holds the others up for one lease, not for ever. Times are
+//! set by the storage (`UTIME_NOW`: on NFS, the server's clock) and read
+//! against each host's own clock, so the hosts' clocks and the server's must
+//! agree to within a few seconds (NTP does).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -14,13 +17,12 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use skiff_format::ChunkId;
 
-/// A claim not renewed for this long is its holder's no more. Hosts compare
-/// an mtime set by the shared storage with their own clocks: the lease
-/// leaves room for clock skew between them.
+/// A claim not renewed for this long is its holder's no more; the lease
+/// leaves room for the clocks of the hosts and the storage to differ a little.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(10);
 /// How often a holder renews the claims it holds.
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
@@ -45,7 +47,35 @@ pub struct Claims {
     /// What a claim file of this process says: its host and pid, and a
     /// nonce that tells it from an earlier process with the same pid.
     holder: String,
+    /// The same as one word, for names of its own in `claims/`.
+    tag: String,
     held: Mutex<HashSet<ChunkId>>,
+}
+
+/// Names this process alone makes in a directory other hosts share: pids
+/// repeat across hosts (and containers), so its host and a nonce too.
+pub fn unique_tag() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().replace(['/', ' '], "_"))
+        .unwrap_or_default();
+    let nonce = RandomState::new().hash_one(std::process::id());
+    format!("{host}-{}-{nonce:016x}", std::process::id())
+}
+
+/// Sets `file`'s mtime to now as the storage reckons it (`UTIME_NOW`).
+pub(crate) fn touch(file: &File) -> io::Result<()> {
+    use rustix::fs::{futimens, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW,
+        },
+    };
+    futimens(file, &times).map_err(io::Error::from)
 }
 
 impl Claims {
@@ -53,19 +83,26 @@ impl Claims {
     pub fn open(root: &std::path::Path) -> io::Result<Claims> {
         let dir = root.join("claims");
         fs::create_dir_all(&dir)?;
-        let host = fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default();
-        let nonce = RandomState::new().hash_one(std::process::id());
+        let tag = unique_tag();
         Ok(Claims {
             dir,
-            holder: format!("{host} {} {nonce:016x}\n", std::process::id()),
+            holder: format!("{tag}\n"),
+            tag,
             held: Mutex::default(),
         })
     }
 
     fn path(&self, id: &ChunkId) -> PathBuf {
         self.dir.join(id.to_string())
+    }
+
+    /// A name no other process makes, for a claim moved aside.
+    fn aside(&self) -> PathBuf {
+        self.dir.join(format!(
+            ".aside-{}-{}",
+            self.tag,
+            ASIDE.fetch_add(1, Ordering::Relaxed)
+        ))
     }
 
     /// Claims `id` for this process unless another holds a live claim on it.
@@ -87,6 +124,10 @@ impl Claims {
                         return Claim::Theirs;
                     }
                 }
+                // Deleting the cache is allowed: make the directory again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let _ = fs::create_dir_all(&self.dir);
+                }
                 Err(e) => {
                     tracing::warn!("claiming chunk {id} in {}: {e}", self.dir.display());
                     return Claim::Mine;
@@ -106,11 +147,7 @@ impl Claims {
             Ok(_) => return false,
             Err(e) => return e.kind() == io::ErrorKind::NotFound,
         }
-        let aside = self.dir.join(format!(
-            ".aside-{}-{}",
-            std::process::id(),
-            ASIDE.fetch_add(1, Ordering::Relaxed)
-        ));
+        let aside = self.aside();
         if fs::rename(&path, &aside).is_err() {
             return true; // gone already: another host took it over
         }
@@ -139,11 +176,16 @@ impl Claims {
             if !held.remove(id) {
                 continue;
             }
-            let path = self.path(id);
-            // Not a claim another host made after taking ours over.
-            if fs::read_to_string(&path).is_ok_and(|holder| holder == self.holder) {
-                let _ = fs::remove_file(&path);
+            // Moved aside first, then looked at: a claim another host made
+            // after taking ours over goes back.
+            let (path, aside) = (self.path(id), self.aside());
+            if fs::rename(&path, &aside).is_err() {
+                continue;
             }
+            if !fs::read_to_string(&aside).is_ok_and(|holder| holder == self.holder) {
+                let _ = fs::hard_link(&aside, &path);
+            }
+            let _ = fs::remove_file(&aside);
         }
     }
 
@@ -156,10 +198,9 @@ impl Claims {
             .iter()
             .copied()
             .collect();
-        let now = SystemTime::now();
         for id in held {
             if let Ok(file) = File::options().write(true).open(self.path(&id)) {
-                let _ = file.set_modified(now);
+                let _ = touch(&file);
             }
         }
     }
@@ -191,15 +232,20 @@ impl Drop for Claims {
     }
 }
 
+/// Whether an mtime is over `lease` old, or as far in the future: a clock
+/// that far ahead must not make a claim live for ever.
 fn expired(meta: &fs::Metadata, lease: Duration) -> bool {
-    meta.modified()
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > lease))
+    meta.modified().is_ok_and(|t| match t.elapsed() {
+        Ok(age) => age > lease,
+        Err(ahead) => ahead.duration() > lease,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::SystemTime;
 
     fn id(n: u8) -> ChunkId {
         ChunkId::of(&[n])

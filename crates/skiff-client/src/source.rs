@@ -46,9 +46,12 @@ pub struct CachedSource<S> {
 /// often at first, and backs off to
 const LOOK_FIRST: Duration = Duration::from_millis(5);
 const LOOK_AT_MOST: Duration = Duration::from_millis(100);
-/// A live claim is waited on at most this long; then the chunk is fetched
-/// anyway (twice in all, rather than a read stalled by a stuck host).
+/// A live claim is waited on at most this long after the last chunk came;
+/// then the chunk is fetched anyway (twice in all, rather than a read
+/// stalled by a stuck host).
 const WAIT_AT_MOST: Duration = Duration::from_secs(60);
+/// Chunks claimed and fetched at a time (about one 4 MiB pack).
+const CLAIM_PIECE: usize = 64;
 
 impl<S: ChunkSource> CachedSource<S> {
     pub fn new(cache: Arc<ChunkCache>, remote: S) -> Self {
@@ -97,17 +100,32 @@ impl<S: ChunkSource> CachedSource<S> {
             .map(|(at, id)| (*id, at < needed))
             .collect();
         let mut look_again = LOOK_FIRST;
-        let started = Instant::now();
+        // Since the last chunk arrived: a live claim is waited on this long at most.
+        let mut progress = Instant::now();
+        let mut first_look = true;
         while !waiting.is_empty() {
-            // Packs other hosts wrote since the last look.
-            self.cache.refresh();
+            // Packs other hosts wrote since the last look (listed whatever
+            // the directory's mtime says once this host waits: NFS may show
+            // it late).
+            if first_look {
+                self.cache.refresh();
+            } else {
+                self.cache.refresh_now();
+            }
+            first_look = false;
             let mut mine = Vec::new();
-            let out_of_patience = started.elapsed() >= WAIT_AT_MOST;
+            let out_of_patience = progress.elapsed() >= WAIT_AT_MOST;
+            let before = waiting.len();
             waiting.retain(|&(id, needed)| {
                 if let Some(data) = self.cache.get(&id) {
                     self.from_shared_cache.fetch_add(1, Ordering::Relaxed);
                     each(id, data);
                     return false;
+                }
+                // Claimed a piece at a time, so others wait on a claim for
+                // one piece's fetch, not a whole long batch's.
+                if mine.len() >= CLAIM_PIECE {
+                    return true;
                 }
                 if out_of_patience || claims.claim(&id) == Claim::Mine {
                     mine.push(id);
@@ -115,6 +133,9 @@ impl<S: ChunkSource> CachedSource<S> {
                 }
                 needed
             });
+            if waiting.len() + mine.len() < before {
+                progress = Instant::now();
+            }
             if mine.is_empty() {
                 if !waiting.is_empty() {
                     std::thread::sleep(look_again);
@@ -124,7 +145,7 @@ impl<S: ChunkSource> CachedSource<S> {
             }
             // A host that wrote a chunk's pack released its claim after:
             // one claimed since the last look may be here already.
-            self.cache.refresh();
+            self.cache.refresh_now();
             mine.retain(|id| match self.cache.get(id) {
                 Some(data) => {
                     claims.release(&[*id]);
@@ -140,6 +161,7 @@ impl<S: ChunkSource> CachedSource<S> {
             claims.release(&mine);
             fetched?;
             look_again = LOOK_FIRST;
+            progress = Instant::now();
         }
         Ok(())
     }

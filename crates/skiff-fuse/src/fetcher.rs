@@ -537,6 +537,14 @@ impl Fetcher {
         data
     }
 
+    /// As [`Fetcher::prefetch`], and every chunk must come: none is left to
+    /// another host sharing the cache (one it claimed is waited for).
+    pub fn prefetch_all(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {
+        let claimed = self.claim(&[], ids);
+        self.fly(&claimed.lead, claimed.lead.len(), true)?;
+        Ok(claimed.lead.len())
+    }
+
     /// Fetches whichever of `ids` are neither here nor on their way, in one
     /// request, for prefetch. Returns how many it asked for.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {

@@ -34,6 +34,8 @@ impl Default for PrefetchConfig {
     }
 }
 
+/// Chunks asked for at once when prefetch goes back for those left out.
+const LEFT_OUT_BATCH: usize = 64;
 /// After a failed batch, wait this long before the next try.
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// Failures at the same chunk (each after the client's own retries) before
@@ -123,6 +125,7 @@ pub(crate) fn run(
     // The chunk the last failed batches stopped at, and how many failed there.
     let mut stuck: Option<(usize, u32)> = None;
     let mut skipped = 0;
+    let mut given_up = HashSet::new();
     let mut settled = profile_len == 0;
     while at < order.len() {
         if stop.load(Ordering::Relaxed) {
@@ -208,6 +211,7 @@ pub(crate) fn run(
                 if failures >= GIVE_UP_AFTER {
                     tracing::error!("prefetch skips chunk {}: {e}", order[culprit].0);
                     skipped += 1;
+                    given_up.insert(order[culprit].0);
                     at = culprit + 1;
                     stuck = None;
                     continue;
@@ -224,6 +228,22 @@ pub(crate) fn run(
     if !settled {
         // The profile was the whole image.
         stats.profile_done.store(skipped == 0, Ordering::Relaxed);
+    }
+    // What batches left out (another host sharing the cache was bringing
+    // it) is here by now, or is fetched now, waited for if still claimed.
+    let left: Vec<ChunkId> = order
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !fetcher.is_local(id) && !given_up.contains(id))
+        .collect();
+    for batch in left.chunks(LEFT_OUT_BATCH) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = fetcher.prefetch_all(batch) {
+            tracing::warn!("prefetch could not get {} chunks: {e}", batch.len());
+            skipped += batch.len();
+        }
     }
     if skipped > 0 {
         tracing::warn!("prefetch finished without {skipped} chunks; reads will ask for them again");

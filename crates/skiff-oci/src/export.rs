@@ -134,6 +134,38 @@ pub(crate) fn write_image(
     config: &str,
     layers: &[WrittenLayer],
 ) -> Result<String, OciError> {
+    let (digest, size) = write_image_blobs(dir, config, layers)?;
+    tag_images(dir, &[(tag.to_owned(), digest.clone(), size)])?;
+    Ok(digest)
+}
+
+/// The tags `dir`'s index.json names (none if it has none yet).
+pub(crate) fn layout_tags(dir: &Path) -> Result<Vec<String>, OciError> {
+    let path = dir.join("index.json");
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).context(|| format!("reading {}", path.display())),
+    };
+    let index: Value = serde_json::from_slice(&bytes).map_err(|e| OciError::Malformed {
+        what: format!("{}", path.display()),
+        reason: e.to_string(),
+    })?;
+    Ok(index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["annotations"][REF_NAME].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Writes the config and manifest of an image of `layers` into `dir`'s
+/// blobs, untagged; returns the manifest's digest and size.
+pub(crate) fn write_image_blobs(
+    dir: &Path,
+    config: &str,
+    layers: &[WrittenLayer],
+) -> Result<(String, usize), OciError> {
     let blobs = dir.join("blobs/sha256");
     let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
     let config = rewrite_config(config, &diff_ids)?;
@@ -150,12 +182,17 @@ pub(crate) fn write_image(
     }))
     .expect("JSON value serialises");
     let manifest_digest = write_blob(&blobs, &image_manifest)?;
+    Ok((manifest_digest, image_manifest.len()))
+}
+
+/// Names images in `dir`'s index.json, in one write: `(tag, manifest
+/// digest, manifest size)`, each replacing an older image of its tag.
+pub(crate) fn tag_images(dir: &Path, images: &[(String, String, usize)]) -> Result<(), OciError> {
     write_atomically(
         &dir.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-    update_layout_index(dir, tag, &manifest_digest, image_manifest.len())?;
-    Ok(manifest_digest)
+    update_layout_index(dir, images)
 }
 
 /// The source config with `rootfs` naming the new layers; its `history`
@@ -197,8 +234,8 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), OciError> {
     Ok(())
 }
 
-/// Adds `tag` to the layout's index.json, replacing an older image of that tag.
-fn update_layout_index(dir: &Path, tag: &str, digest: &str, size: usize) -> Result<(), OciError> {
+/// Adds `images` to the layout's index.json, each replacing an older image of its tag.
+fn update_layout_index(dir: &Path, images: &[(String, String, usize)]) -> Result<(), OciError> {
     let path = dir.join("index.json");
     let mut index = match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|e| OciError::Malformed {
@@ -217,17 +254,19 @@ fn update_layout_index(dir: &Path, tag: &str, digest: &str, size: usize) -> Resu
             what: format!("{}", path.display()),
             reason: "no manifests array".into(),
         })?;
-    manifests.retain(|m| {
-        m.pointer(&format!("/annotations/{}", REF_NAME.replace('/', "~1")))
-            .and_then(Value::as_str)
-            != Some(tag)
-    });
-    manifests.push(json!({
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "digest": digest,
-        "size": size,
-        "annotations": { REF_NAME: tag },
-    }));
+    for (tag, digest, size) in images {
+        manifests.retain(|m| {
+            m.pointer(&format!("/annotations/{}", REF_NAME.replace('/', "~1")))
+                .and_then(Value::as_str)
+                != Some(tag.as_str())
+        });
+        manifests.push(json!({
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "digest": digest,
+            "size": size,
+            "annotations": { REF_NAME: tag },
+        }));
+    }
     write_atomically(
         &path,
         &serde_json::to_vec(&index).expect("JSON value serialises"),

@@ -24,7 +24,10 @@ use serde::Serialize;
 use skiff_format::{ImageIndex, ImageManifest, Inode, InodeKind, InodeNo};
 use skiff_store::Store;
 
-use crate::export::{append_entry, prepare_layout, write_image, write_layer, WrittenLayer};
+use crate::export::{
+    append_entry, layout_tags, prepare_layout, tag_images, write_image_blobs, write_layer,
+    WrittenLayer,
+};
 use crate::OciError;
 
 /// Told how far a relayering is.
@@ -548,6 +551,14 @@ pub fn relayer(
         .iter()
         .map(|(_, manifest)| store.index(&manifest.index.digest))
         .collect::<Result<Vec<_>, _>>()?;
+    // An image already in the layout stays: its tag is not taken.
+    let taken = layout_tags(dir)?;
+    if let Some((tag, _)) = images.iter().find(|(tag, _)| taken.contains(tag)) {
+        return Err(OciError::Malformed {
+            what: format!("output layout {}", dir.display()),
+            reason: format!("it already has an image tagged {tag}"),
+        });
+    }
     let plan = plan(&indexes, max_layers);
     let blobs = prepare_layout(dir)?;
     let total: u64 = plan
@@ -585,9 +596,11 @@ pub fn relayer(
     // Two layers with the same bytes (the top layers of images with the same
     // directories, say) are one blob.
     let mut distinct: HashMap<String, usize> = HashMap::new();
+    let mut tags = Vec::with_capacity(images.len());
     for ((tag, manifest), stack) in images.iter().zip(&plan.images) {
         let layers: Vec<WrittenLayer> = stack.iter().map(|&l| written[l].clone()).collect();
-        let manifest_digest = write_image(dir, tag, manifest.config.get(), &layers)?;
+        let (manifest_digest, size) = write_image_blobs(dir, manifest.config.get(), &layers)?;
+        tags.push((tag.clone(), manifest_digest.clone(), size));
         let layers = layers
             .into_iter()
             .map(|layer| {
@@ -603,6 +616,8 @@ pub fn relayer(
             layers,
         });
     }
+    // Tagged once every blob is written: a failure leaves no image half there.
+    tag_images(dir, &tags)?;
     Ok(report)
 }
 

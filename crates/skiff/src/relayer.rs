@@ -18,9 +18,10 @@ pub struct RelayerArgs {
     #[arg(required = true, value_name = "SOURCE")]
     sources: Vec<String>,
     /// The OCI layout to write them into, oci:DIR (made if missing; a layout
-    /// already there gains the images). Each keeps its source's tag, or, where
-    /// two sources have the same tag, NAME-TAG (NAME: the layout's directory,
-    /// the archive's file or the repository's last part)
+    /// already there gains the images, and a tag it has already is an error).
+    /// Each keeps its source's tag, or, where two sources have the same tag,
+    /// NAME-TAG (NAME: the layout's directory, the archive's file or the
+    /// repository's last part). The images are tagged once all is written
     #[arg(long, value_name = "oci:DIR")]
     out: String,
     /// Layers an image may have at most: files shared by the same images
@@ -179,6 +180,14 @@ pub fn run(args: RelayerArgs) -> Result<()> {
         .prefix(".skiff-relayer-")
         .tempdir_in(&work_parent)
         .with_context(|| format!("making a work directory in {}", work_parent.display()))?;
+    // Ctrl-C or SIGTERM: the work store goes, and the output gains no tag.
+    let work_path = work.path().to_owned();
+    ctrlc::set_handler(move || {
+        let _ = std::fs::remove_dir_all(&work_path);
+        eprintln!("\nskiff: stopped; the output layout gained no image");
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
     let (store, _) = Store::open_or_create_new(&work.path().join("store"), &StoreConfig::default())
         .context("making the work store")?;
     let options = ConvertOptions {
