@@ -50,8 +50,9 @@ const LOOK_AT_MOST: Duration = Duration::from_millis(100);
 /// then the chunk is fetched anyway (twice in all, rather than a read
 /// stalled by a stuck host).
 const WAIT_AT_MOST: Duration = Duration::from_secs(60);
-/// Chunks claimed and fetched at a time (about one 4 MiB pack).
-const CLAIM_PIECE: usize = 64;
+/// Chunks claimed and fetched at a time (16 MiB, the largest read window,
+/// for chunks of 64 KiB: a long prefetch batch goes in pieces).
+const CLAIM_PIECE: usize = 256;
 
 impl<S: ChunkSource> CachedSource<S> {
     pub fn new(cache: Arc<ChunkCache>, remote: S) -> Self {

@@ -647,7 +647,24 @@ mod tests {
             .collect()
     }
 
-    fn fetcher(files: &[Vec<ChunkRef>], source: Arc<Counting>, window: WindowLimits) -> Fetcher {
+    /// Prefetch of the whole image in batches of 32 KiB, on a thread.
+    fn prefetch_in_background(fetcher: &Arc<Fetcher>) -> std::thread::JoinHandle<()> {
+        let fetcher = fetcher.clone();
+        let plan = prefetch::prefetch_order(fetcher.layout(), &[]);
+        std::thread::spawn(move || {
+            let config = PrefetchConfig {
+                batch_bytes: 32 << 10,
+                ..PrefetchConfig::default()
+            };
+            prefetch::run(&fetcher, &plan, &config, &AtomicBool::new(false));
+        })
+    }
+
+    fn fetcher(
+        files: &[Vec<ChunkRef>],
+        source: Arc<impl ChunkSource + 'static>,
+        window: WindowLimits,
+    ) -> Fetcher {
         let layout = Layout::new(files.concat());
         Fetcher::new(source, 64 << 20, window, Arc::new(layout))
     }
@@ -695,28 +712,12 @@ mod tests {
     fn reads_get_the_chunks_that_read_ahead_and_prefetch_batches_left_out() {
         let files = image(300, 4);
         let source = Arc::new(LeavesOut::default());
-        let layout = Layout::new(files.concat());
         let limits = WindowLimits {
             min: 8 << 10,
             max: 64 << 10,
         };
-        let fetcher = Arc::new(Fetcher::new(
-            source.clone(),
-            64 << 20,
-            limits,
-            Arc::new(layout),
-        ));
-        let plan = prefetch::prefetch_order(fetcher.layout(), &[]);
-        let prefetching = {
-            let fetcher = fetcher.clone();
-            std::thread::spawn(move || {
-                let config = PrefetchConfig {
-                    batch_bytes: 32 << 10,
-                    ..PrefetchConfig::default()
-                };
-                prefetch::run(&fetcher, &plan, &config, &AtomicBool::new(false));
-            })
-        };
+        let fetcher = Arc::new(fetcher(&files, source.clone(), limits));
+        let prefetching = prefetch_in_background(&fetcher);
         // Two readers a file apart, each joining the other's batches.
         let readers: Vec<_> = [0usize, 1]
             .into_iter()
@@ -768,17 +769,7 @@ mod tests {
             max: 64 << 10,
         };
         let fetcher = Arc::new(fetcher(&files, source.clone(), limits));
-        let plan = prefetch::prefetch_order(fetcher.layout(), &[]);
-        let prefetching = {
-            let fetcher = fetcher.clone();
-            std::thread::spawn(move || {
-                let config = PrefetchConfig {
-                    batch_bytes: 32 << 10,
-                    ..PrefetchConfig::default()
-                };
-                prefetch::run(&fetcher, &plan, &config, &AtomicBool::new(false));
-            })
-        };
+        let prefetching = prefetch_in_background(&fetcher);
         let readers: Vec<_> = [0usize, 150]
             .into_iter()
             .map(|from| {
