@@ -4,6 +4,8 @@
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 now() { echo "$EPOCHREALTIME"; }
+# Lazily unmounts everything mounted under DIR, deepest first (for cleanups).
+unmount_under() { for m in $(grep -o " $1[^ ]*" /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done; }
 since() { awk -v s="$1" -v e="$EPOCHREALTIME" 'BEGIN { printf "%.4f", e - s }'; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null && return; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }

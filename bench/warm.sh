@@ -30,7 +30,7 @@ chmod 755 "$work"
 pids=()
 cleanup() {
   set +e # every step runs, whichever fails
-  for m in $(grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
+  unmount_under "$work"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wan_down
   rm -rf "$work"

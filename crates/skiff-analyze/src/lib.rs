@@ -330,7 +330,7 @@ struct Content {
 fn measure(
     images: Vec<ImageSummary>,
     unique: &[(usize, skiff_oci::LayerDescriptor)],
-    referenced_by: Vec<Vec<usize>>,
+    mut referenced_by: Vec<Vec<usize>>,
     facts: &[LayerFacts],
     chunks: scan::ChunkTotals,
     options: &AnalyzeOptions,
@@ -361,7 +361,7 @@ fn measure(
         let (_, desc) = &unique[at];
         layers.push(LayerSummary {
             diff_id: desc.diff_id.clone(),
-            images: referenced_by[at].clone(),
+            images: std::mem::take(&mut referenced_by[at]),
             compressed_bytes: desc.size,
             tar_bytes: layer.tar_bytes,
             files: layer.files.len() as u64,
@@ -452,24 +452,22 @@ fn measure(
         }
     }
     let n = layers.len();
-    let mut matrix = vec![vec![0.0; if n <= MATRIX_AT_MOST { n } else { 0 }]; n];
+    let mut matrix = (n <= MATRIX_AT_MOST).then(|| vec![vec![0.0; n]; n]);
     let mut similar_layers = Vec::new();
-    for (a, row) in matrix.iter_mut().enumerate() {
-        if let Some(cell) = row.get_mut(a) {
-            *cell = if layers[a].distinct_contents == 0 {
-                0.0
-            } else {
-                1.0
-            };
-        }
+    for (a, row) in matrix.iter_mut().flatten().enumerate() {
+        row[a] = if layers[a].distinct_contents == 0 {
+            0.0
+        } else {
+            1.0
+        };
     }
     let mut pairs: Vec<_> = common.into_iter().collect();
     pairs.sort_unstable();
     for ((a, b), shared) in pairs {
         let union = layers[a].distinct_contents + layers[b].distinct_contents - shared;
         let similarity = ratio(shared, union);
-        if let Some(cell) = matrix[a].get_mut(b) {
-            *cell = similarity;
+        if let Some(matrix) = &mut matrix {
+            matrix[a][b] = similarity;
             matrix[b][a] = similarity;
         }
         if similarity >= options.similar_at_least {
@@ -506,7 +504,7 @@ fn measure(
         file_measures,
         most_duplicated,
         similar_layers,
-        similarity_matrix: (n <= MATRIX_AT_MOST).then_some(matrix),
+        similarity_matrix: matrix,
         copies_histogram,
         stored,
         pull,

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 use skiff_chunk::{Chunker, FrameBuilder, DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL};
 use skiff_format::ChunkId;
-use skiff_oci::{layer_files, ImageSource, LayerDescriptor, OciError};
+use skiff_oci::{layer_files, ImageSource, LayerDescriptor, LayerFiles, OciError};
 
 /// What one regular file of a layer holds.
 #[derive(Clone, Copy, Debug)]
@@ -20,14 +20,8 @@ pub struct FileFacts {
     pub zstd: u64,
 }
 
-/// One layer, read.
-#[derive(Debug)]
-pub struct LayerFacts {
-    pub tar_bytes: u64,
-    /// Reckoned from the entries of a skiff store's record, not counted.
-    pub tar_bytes_estimated: bool,
-    pub files: Vec<(Vec<u8>, FileFacts)>,
-}
+/// One layer, read: its files' facts, in tar order.
+pub type LayerFacts = LayerFiles<FileFacts>;
 
 /// The chunks seen so far across every layer, and what the new ones cost.
 #[derive(Default)]
@@ -93,13 +87,6 @@ impl Read for Tee<'_> {
     }
 }
 
-fn chunk_error(e: skiff_chunk::ChunkError) -> OciError {
-    OciError::Io {
-        context: "compressing chunks".into(),
-        source: io::Error::other(e.to_string()),
-    }
-}
-
 /// Reads every file of `layer`: digests, lengths, zstd lengths, and the
 /// chunks no earlier layer had (claimed in `ledger`), framed as a store
 /// frames them. Stops at the next file once `cancel` is set (another layer failed).
@@ -111,8 +98,7 @@ pub fn scan_layer(
     ledger: &ChunkLedger,
     cancel: &AtomicBool,
 ) -> Result<LayerFacts, OciError> {
-    let mut frames =
-        FrameBuilder::new(DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL).map_err(chunk_error)?;
+    let mut frames = FrameBuilder::new(DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL)?;
     let read = layer_files(source, layer, index, |contents, _size| {
         if cancel.load(Ordering::Relaxed) {
             return Err(OciError::Interrupted);
@@ -134,7 +120,7 @@ pub fn scan_layer(
             let id = ChunkId::of(&chunk);
             if ledger.claim(id) {
                 ledger.add_chunk(chunk.len());
-                if let Some(frame) = frames.push(id, &chunk).map_err(chunk_error)? {
+                if let Some(frame) = frames.push(id, &chunk)? {
                     ledger.add_frame(frame.compressed.len());
                 }
             }
@@ -147,12 +133,8 @@ pub fn scan_layer(
             zstd,
         })
     })?;
-    if let Some(frame) = frames.finish().map_err(chunk_error)? {
+    if let Some(frame) = frames.finish()? {
         ledger.add_frame(frame.compressed.len());
     }
-    Ok(LayerFacts {
-        tar_bytes: read.tar_bytes,
-        tar_bytes_estimated: read.tar_bytes_estimated,
-        files: read.files,
-    })
+    Ok(read)
 }

@@ -44,7 +44,7 @@ use bytes::Bytes;
 use skiff_format::{ChunkId, ChunkRef};
 use thiserror::Error;
 
-use crate::claims::{touch, unique_tag, Claims, RENEW_EVERY};
+use crate::claims::{expired, touch, unique_tag, Claims, RENEW_EVERY};
 use crate::pack_file::{self, Entry, PendingPack};
 
 /// A read refreshes a chunk's recency at most this often.
@@ -285,20 +285,16 @@ impl ChunkCache {
             approx_bytes: AtomicU64::new(0),
             unpublished: AtomicU64::new(0),
             pins: Mutex::new(HashMap::new()),
-            pin_file: root.join("pins").join(if shared {
-                // Pids repeat across hosts: the name must not.
-                format!(
-                    "{LEASE_PREFIX}{}-{}",
-                    unique_tag(),
-                    INSTANCES.fetch_add(1, Ordering::Relaxed)
-                )
-            } else {
-                format!(
-                    "{}-{}",
-                    std::process::id(),
-                    INSTANCES.fetch_add(1, Ordering::Relaxed)
-                )
-            }),
+            pin_file: root.join("pins").join(format!(
+                "{}-{}",
+                // Pids repeat across hosts: a shared cache's names must not.
+                if shared {
+                    format!("{LEASE_PREFIX}{}", unique_tag())
+                } else {
+                    std::process::id().to_string()
+                },
+                INSTANCES.fetch_add(1, Ordering::Relaxed)
+            )),
             pins_changed: AtomicBool::new(false),
             evicting: Mutex::new(()),
             verified: Mutex::default(),
@@ -823,9 +819,7 @@ impl ChunkCache {
             let name = name.to_str().unwrap_or_default();
             let alive = match name.strip_prefix(LEASE_PREFIX) {
                 // Perhaps another host's: only the lease tells.
-                Some(_) => file
-                    .metadata()
-                    .is_ok_and(|meta| !older_than(&meta, PIN_LEASE)),
+                Some(_) => file.metadata().is_ok_and(|meta| !expired(&meta, PIN_LEASE)),
                 None => name
                     .split('-')
                     .next()

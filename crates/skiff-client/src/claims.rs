@@ -44,10 +44,9 @@ pub enum Claim {
 
 pub struct Claims {
     dir: PathBuf,
-    /// What a claim file of this process says: its host and pid, and a
-    /// nonce that tells it from an earlier process with the same pid.
-    holder: String,
-    /// The same as one word, for names of its own in `claims/`.
+    /// What a claim file of this process says, and names of its own in
+    /// `claims/` hold: its host and pid, and a nonce that tells it from an
+    /// earlier process with the same pid ([`unique_tag`]).
     tag: String,
     held: Mutex<HashSet<ChunkId>>,
 }
@@ -83,11 +82,9 @@ impl Claims {
     pub fn open(root: &std::path::Path) -> io::Result<Claims> {
         let dir = root.join("claims");
         fs::create_dir_all(&dir)?;
-        let tag = unique_tag();
         Ok(Claims {
             dir,
-            holder: format!("{tag}\n"),
-            tag,
+            tag: unique_tag(),
             held: Mutex::default(),
         })
     }
@@ -115,7 +112,7 @@ impl Claims {
             match File::options().write(true).create_new(true).open(&path) {
                 Ok(mut file) => {
                     // Its content only guards the release: an empty claim is still one.
-                    let _ = file.write_all(self.holder.as_bytes());
+                    let _ = file.write_all(self.tag.as_bytes());
                     self.held.lock().expect("claims poisoned").insert(*id);
                     return Claim::Mine;
                 }
@@ -182,7 +179,7 @@ impl Claims {
             if fs::rename(&path, &aside).is_err() {
                 continue;
             }
-            if !fs::read_to_string(&aside).is_ok_and(|holder| holder == self.holder) {
+            if !fs::read_to_string(&aside).is_ok_and(|holder| holder == self.tag) {
                 let _ = fs::hard_link(&aside, &path);
             }
             let _ = fs::remove_file(&aside);
@@ -234,7 +231,7 @@ impl Drop for Claims {
 
 /// Whether an mtime is over `lease` old, or as far in the future: a clock
 /// that far ahead must not make a claim live for ever.
-fn expired(meta: &fs::Metadata, lease: Duration) -> bool {
+pub(crate) fn expired(meta: &fs::Metadata, lease: Duration) -> bool {
     meta.modified().is_ok_and(|t| match t.elapsed() {
         Ok(age) => age > lease,
         Err(ahead) => ahead.duration() > lease,

@@ -540,17 +540,20 @@ impl Fetcher {
     /// As [`Fetcher::prefetch`], and every chunk must come: none is left to
     /// another host sharing the cache (one it claimed is waited for).
     pub fn prefetch_all(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {
-        let claimed = self.claim(&[], ids);
-        self.fly(&claimed.lead, claimed.lead.len(), true)?;
-        Ok(claimed.lead.len())
+        self.prefetch_wanting(ids, true)
     }
 
     /// Fetches whichever of `ids` are neither here nor on their way, in one
     /// request, for prefetch. Returns how many it asked for.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<usize, SourceError> {
+        self.prefetch_wanting(ids, false)
+    }
+
+    fn prefetch_wanting(&self, ids: &[ChunkId], all: bool) -> Result<usize, SourceError> {
         // The prefetch loop skipped what is local; what arrived since is in flight or in memory.
         let claimed = self.claim(&[], ids);
-        self.fly(&claimed.lead, 0, true)?;
+        let needed = if all { claimed.lead.len() } else { 0 };
+        self.fly(&claimed.lead, needed, true)?;
         Ok(claimed.lead.len())
     }
 }

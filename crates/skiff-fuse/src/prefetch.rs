@@ -242,7 +242,7 @@ pub(crate) fn run(
         }
         if let Err(e) = fetcher.prefetch_all(batch) {
             tracing::warn!("prefetch could not get {} chunks: {e}", batch.len());
-            skipped += batch.len();
+            skipped += batch.iter().filter(|id| !fetcher.is_local(id)).count();
         }
     }
     if skipped > 0 {

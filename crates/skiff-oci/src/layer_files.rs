@@ -126,7 +126,16 @@ fn recorded_layer_files<T>(
             continue;
         }
         let mut contents = ChunkReader::new(store, &chunks);
-        files.push((entry.path, read(&mut contents, size)?));
+        // Named as a tar layer's entry is (tar_entry.rs), by its path.
+        let made = read(&mut contents, size).map_err(|e| match e {
+            OciError::Io { source, .. } => OciError::BadEntry {
+                layer: index,
+                path: String::from_utf8_lossy(&entry.path).into_owned(),
+                reason: format!("reading contents: {source}"),
+            },
+            other => other,
+        })?;
+        files.push((entry.path, made));
     }
     Ok(LayerFiles {
         tar_bytes,

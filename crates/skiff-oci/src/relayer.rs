@@ -729,10 +729,6 @@ mod tests {
         assert!(likeness < greedy, "{likeness} vs {greedy}");
     }
 
-    fn b_again() -> ImageIndex {
-        unlinked(index(&["ab", "bc"], 0))
-    }
-
     fn paths(plan: &Plan, image: usize) -> Vec<Vec<String>> {
         plan.images[image]
             .iter()
@@ -799,7 +795,8 @@ mod tests {
         assert_eq!(paths(&plan, 1), [vec!["ab"], vec!["", "bc"]]);
         assert_eq!(paths(&plan, 2), [vec!["", "bc"]]);
         // With a place more, "bc" is a layer of both.
-        let plan = super::plan(&[b_again(), unlinked(index(&["bc"], 0))], 3);
+        let b = unlinked(index(&["ab", "bc"], 0));
+        let plan = super::plan(&[b, unlinked(index(&["bc"], 0))], 3);
         assert_eq!(paths(&plan, 1), [vec!["bc"], vec![""]]);
     }
 

@@ -41,6 +41,11 @@ impl Platform {
         }
     }
 
+    /// The platform a `--platform` flag names, or the host's without one.
+    pub fn parse_or_host(flag: Option<&str>) -> Result<Platform, OciError> {
+        flag.map_or_else(|| Ok(Platform::host()), Platform::parse)
+    }
+
     pub fn parse(s: &str) -> Result<Platform, OciError> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {

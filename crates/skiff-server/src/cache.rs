@@ -111,7 +111,9 @@ impl HotCache {
             .remove(&manifest.index.digest);
     }
 
-    fn recently_pushed(&self, image: &ImageRef) -> bool {
+    /// Whether `image`'s tag was put within the last hour: only then does
+    /// reading its manifest warm the cache.
+    pub fn recently_pushed(&self, image: &ImageRef) -> bool {
         self.pushed
             .lock()
             .expect("push log poisoned")

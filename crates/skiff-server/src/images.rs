@@ -80,12 +80,15 @@ pub async fn get_manifest(
     let image = parse_image(&image)?;
     let manifest = blocking(&state, move |s| Ok(s.store.image(&image)?)).await?;
     let body = manifest.to_json();
-    let shared = state.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = shared.cache.warm(&shared.store, &manifest) {
-            tracing::warn!("warming the cache for {}: {e}", manifest.image_ref());
-        }
-    });
+    // Most reads are of images not pushed lately: no task for those.
+    if state.cache.recently_pushed(&manifest.image_ref()) {
+        let shared = state.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = shared.cache.warm(&shared.store, &manifest) {
+                tracing::warn!("warming the cache for {}: {e}", manifest.image_ref());
+            }
+        });
+    }
     let etag = HeaderValue::from_str(&manifest_etag(&body))
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok((

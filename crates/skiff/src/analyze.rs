@@ -94,10 +94,7 @@ pub fn run(args: AnalyzeArgs, store_dir: &dyn Fn() -> Result<PathBuf>) -> Result
         })
         .collect::<Result<Vec<_>>>()?;
     let options = AnalyzeOptions {
-        platform: match &args.platform {
-            Some(p) => Platform::parse(p)?,
-            None => Platform::host(),
-        },
+        platform: Platform::parse_or_host(args.platform.as_deref())?,
         threads: args.threads,
         top_files: args.top,
         similar_at_least: args.similar,
@@ -105,15 +102,16 @@ pub fn run(args: AnalyzeArgs, store_dir: &dyn Fn() -> Result<PathBuf>) -> Result
     let bar = Bar(bytes_bar("analyze", 0));
     let analysis = analyze(&sources, &options, &bar).context("analyzing the images")?;
     bar.0.finish_and_clear();
-    if let Some(dir) = &args.plots {
-        for path in write_plots(&analysis, dir)? {
-            eprintln!("wrote {}", path.display());
-        }
-    }
+    // Printed first: plots that cannot be written must not cost the analysis.
     if args.json {
         println!("{}", serde_json::to_string_pretty(&analysis)?);
     } else {
         print_text(&analysis);
+    }
+    if let Some(dir) = &args.plots {
+        for path in write_plots(&analysis, dir)? {
+            eprintln!("wrote {}", path.display());
+        }
     }
     Ok(())
 }

@@ -58,10 +58,7 @@ struct ConvertFlags {
 impl ConvertFlags {
     fn options(&self) -> Result<ConvertOptions> {
         Ok(ConvertOptions {
-            platform: match &self.platform {
-                Some(p) => Platform::parse(p)?,
-                None => Platform::host(),
-            },
+            platform: Platform::parse_or_host(self.platform.as_deref())?,
             threads: self.threads,
             ..ConvertOptions::default()
         })

@@ -137,10 +137,7 @@ pub fn run(args: RelayerArgs) -> Result<()> {
     if args.max_layers == 0 {
         bail!("--max-layers must be 1 or more");
     }
-    let platform = match &args.platform {
-        Some(p) => Platform::parse(p)?,
-        None => Platform::host(),
-    };
+    let platform = Platform::parse_or_host(args.platform.as_deref())?;
     let sources = args
         .sources
         .iter()
@@ -205,7 +202,14 @@ pub fn run(args: RelayerArgs) -> Result<()> {
     }
 
     let bar = Bar(bytes_bar("write", 0));
+    let made_out = !out.exists();
     let written = skiff_oci::relayer(&store, &images, out, args.max_layers, &bar)
+        .inspect_err(|_| {
+            // A layout this run made holds only untagged blobs: it goes.
+            if made_out {
+                let _ = std::fs::remove_dir_all(out);
+            }
+        })
         .with_context(|| format!("writing {}", out.display()))?;
     bar.0.finish_and_clear();
     let report = Report {
