@@ -1125,7 +1125,9 @@ fn slow_and_idle_clients_cannot_starve_the_others() {
         &["--max-connections-per-client", "2", "--header-timeout", "3"],
     );
     let held: Vec<_> = (0..2).map(|_| dribble(server.port, b"", None)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Long enough for both to be accepted on a busy machine (CI runs the
+    // other tests beside this one), well within their 3 s header timeout.
+    std::thread::sleep(Duration::from_millis(1000));
     let refused = dribble(server.port, b"", None).join().unwrap();
     assert!(refused < Duration::from_secs(1), "{refused:?}");
     for held in held {
