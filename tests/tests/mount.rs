@@ -306,6 +306,10 @@ fn a_cold_walk_of_many_small_files_makes_few_requests() {
         "every chunk once, nothing twice: {status}"
     );
     assert_eq!(status["stats"]["failed_reads"], 0);
+    // The kernel opens files and directories itself after the first of
+    // each is answered ENOSYS: no round trip per open or close.
+    let opens = status["stats"]["opens"].as_u64().unwrap();
+    assert!(opens <= 2, "{opens} opens reached the daemon: {status}");
     let read: u64 = String::from_utf8_lossy(&cat.stdout).trim().parse().unwrap();
     assert!(read > 5_000_000, "find and cat read {read} bytes");
     for path in walk_paths(&mount.mountpoint) {
@@ -319,6 +323,17 @@ fn a_cold_walk_of_many_small_files_makes_few_requests() {
             );
         }
     }
+    // Asked to answer opens (for passthrough and pins), it sees each one.
+    let answering = setup.mount("small:1", "mnt-open", &server.url, &["--passthrough"]);
+    let mut files = 0;
+    for path in walk_paths(&answering.mountpoint) {
+        if path.is_file() {
+            fs::read(path).unwrap();
+            files += 1;
+        }
+    }
+    assert_eq!(files, 3000);
+    assert!(answering.stat("opens") >= files);
 }
 
 /// Every path under `root`, depth first.
@@ -520,7 +535,7 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
     let mnt = mount.mountpoint.clone();
     mount.umount();
     assert!(!is_mount_point(&mnt));
-    let again = setup.mount("small:3", "mnt", &_server.url, &[]);
+    let again = setup.mount("small:3", "mnt", &_server.url, &["--passthrough"]);
     wait_for_prefetch(&again);
     let diffs = diff_trees(&expected, &again.mountpoint, true);
     assert!(diffs.is_empty(), "mounted again:\n{}", diffs.join("\n"));
@@ -565,7 +580,12 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
     );
 
     // Another image through the same cache finds the chunks they share.
-    let other = setup.mount("small:4", "mnt-other", &_server.url, &["--no-prefetch"]);
+    let other = setup.mount(
+        "small:4",
+        "mnt-other",
+        &_server.url,
+        &["--no-prefetch", "--passthrough"],
+    );
     let shared_len = 600_000;
     assert!(other.status()["local"]["local_bytes"].as_u64().unwrap() >= shared_len);
     read_until_passthrough(&other, "shared/lib.so", &expected);
@@ -863,6 +883,7 @@ fn a_2_gib_file_is_assembled_for_passthrough_in_bounded_memory() {
             cache.to_str().unwrap(),
             "--memory-mb",
             "64",
+            "--passthrough",
         ],
     );
     // The first open reads through skiff and brings the (one) chunk here;

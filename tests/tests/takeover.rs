@@ -51,19 +51,25 @@ impl Setup {
     /// A lazy mount without prefetch: every read of a new chunk is a request
     /// a daemon may die in the middle of.
     fn mount(&self, name: &str) -> SkiffMount {
+        self.mount_with(name, &[])
+    }
+
+    fn mount_with(&self, name: &str, extra: &[&str]) -> SkiffMount {
         let cache = self.cache.display().to_string();
+        let mut args = vec![
+            "--server",
+            &self.server.url,
+            "--cache",
+            &cache,
+            "--no-prefetch",
+        ];
+        args.extend_from_slice(extra);
         SkiffMount::start(
             &self.store,
             name,
             &self.tmp.path().join("mnt"),
             &self.run,
-            &[
-                "--server",
-                &self.server.url,
-                "--cache",
-                &cache,
-                "--no-prefetch",
-            ],
+            &args,
         )
     }
 }
@@ -272,7 +278,7 @@ fn files_held_open_by_passthrough_and_through_skiff_stay_readable_and_open_again
         Compression::Gzip,
     )]);
     let setup = Setup::new(&image, "open:1");
-    let mount = setup.mount("open:1");
+    let mount = setup.mount_with("open:1", &["--passthrough"]);
     let large = fs::read(setup.expected.join("lib/large.so")).unwrap();
     let small = fs::read(setup.expected.join("etc/small.conf")).unwrap();
     // Opens assemble the file once all its chunks are here; then the kernel reads it.

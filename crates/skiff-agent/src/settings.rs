@@ -43,6 +43,10 @@ pub struct MountSettings {
     /// Honour the image's setuid bits and device nodes, as a root file system
     /// must: only for mounts under a root-only directory (or below an overlay).
     pub setuid_and_devices: bool,
+    /// Answer every open (see `skiff_fuse::MountOptions::answer_opens`):
+    /// files assembled on this host are then read by the kernel directly,
+    /// and open files' chunks are pinned in the cache.
+    pub passthrough: bool,
 }
 
 impl Default for MountSettings {
@@ -58,6 +62,7 @@ impl Default for MountSettings {
             retry_for_secs: 30,
             use_profile: true,
             setuid_and_devices: true,
+            passthrough: false,
         }
     }
 }
@@ -121,6 +126,7 @@ impl MountSettings {
             prefetch,
             fsname: format!("skiff:{image}"),
             record_profile,
+            answer_opens: self.passthrough,
             setuid_and_devices: self.setuid_and_devices,
             ..skiff_fuse::MountOptions::default()
         }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use fuser::{
 use skiff_format::{ChunkId, ChunkRef, InodeKind};
 
 use crate::fetcher::{ChunkBytes, Fetcher};
+use crate::handover::Negotiated;
 use crate::journal::{OpenJournal, OpenRecord};
 use crate::pool::WaitPool;
 use crate::profile::Recorder;
@@ -99,11 +100,11 @@ pub struct SkiffFs {
     next_handle: AtomicU64,
     open: Mutex<OpenTable>,
     inodes: Mutex<HashMap<INodeNo, InodeOpens>>,
-    /// Whether the kernel agreed to FUSE passthrough; shared with the
+    /// Answer opens (see [`crate::MountOptions::answer_opens`]).
+    answer_opens: bool,
+    /// What INIT agreed (see [`crate::SessionState`]); shared with the
     /// [`crate::Mount`], which hands it to a successor.
-    passthrough: Arc<AtomicBool>,
-    /// Whether the kernel can resend requests (see [`crate::SessionState`]).
-    resend: Arc<AtomicBool>,
+    negotiated: Arc<Negotiated>,
     /// Notes what is read while a startup profile is recorded.
     recorder: Arc<Recorder>,
 }
@@ -112,12 +113,11 @@ impl SkiffFs {
     pub fn new(
         tree: Arc<ImageTree>,
         fetcher: Arc<Fetcher>,
-        network_threads: usize,
+        options: &crate::MountOptions,
         recorder: Arc<Recorder>,
-        passthrough: Arc<AtomicBool>,
-        resend: Arc<AtomicBool>,
+        negotiated: Arc<Negotiated>,
     ) -> io::Result<SkiffFs> {
-        let network = WaitPool::new(network_threads, "fetch")?;
+        let network = WaitPool::new(options.network_threads, "fetch")?;
         let assembly = WaitPool::new(ASSEMBLY_THREADS, "assemble")?;
         Ok(SkiffFs {
             tree,
@@ -128,8 +128,8 @@ impl SkiffFs {
             next_handle: AtomicU64::new(1),
             open: Mutex::new(OpenTable::default()),
             inodes: Mutex::new(HashMap::new()),
-            passthrough,
-            resend,
+            answer_opens: options.answer_opens,
+            negotiated,
             recorder,
         })
     }
@@ -150,7 +150,7 @@ impl SkiffFs {
         {
             let mut table = self.open.lock().expect("open table poisoned");
             let mut inodes = self.inodes.lock().expect("inode table poisoned");
-            let passthrough = self.passthrough.load(Ordering::Relaxed);
+            let passthrough = self.negotiated.passthrough.load(Ordering::Relaxed);
             let mut backing_inodes: HashMap<u32, INodeNo> = HashMap::new();
             for (&fh, record) in opens {
                 let ino = INodeNo(record.ino);
@@ -197,7 +197,8 @@ impl SkiffFs {
     /// [`Filesystem::read`], and a file whose chunks are all here is
     /// assembled in the background for the next open.
     fn backing(&self, reply: &ReplyOpen, ino: INodeNo, chunks: &[ChunkRef]) -> Option<BackingId> {
-        if !self.passthrough.load(Ordering::Relaxed) || self.tree.attr(ino)?.size < PASSTHROUGH_MIN
+        if !self.negotiated.passthrough.load(Ordering::Relaxed)
+            || self.tree.attr(ino)?.size < PASSTHROUGH_MIN
         {
             return None;
         }
@@ -223,7 +224,7 @@ impl SkiffFs {
             Err(e) => {
                 // A cache on a stacked file system, say: no passthrough then.
                 tracing::info!("FUSE passthrough unavailable ({e}); reads go through skiff");
-                self.passthrough.store(false, Ordering::Relaxed);
+                self.negotiated.passthrough.store(false, Ordering::Relaxed);
                 None
             }
         }
@@ -307,17 +308,25 @@ impl Filesystem for SkiffFs {
         if let Err(max) = config.set_max_write(MAX_READ) {
             let _ = config.set_max_write(max);
         }
+        let kernel = config.capabilities();
+        // Directories are listed whole from memory: an opendir and its
+        // releasedir are two round trips for nothing.
+        let no_opendir = kernel.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        let no_open = !self.answer_opens && kernel.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
         // Passthrough with the backing files on a plain file system leaves
         // one level of stacking for an overlay on top (`skiff run`).
-        // A recording mount must see every read, so it never hands files to the kernel.
-        if !self.recorder.is_recording()
+        // A recording mount must see every read, so it never hands files to
+        // the kernel; nor can a mount that answers no opens.
+        let passthrough = !no_open
+            && !self.recorder.is_recording()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(1).is_ok()
-        {
-            self.passthrough.store(true, Ordering::Relaxed);
-        }
-        self.resend.store(
-            config.capabilities().contains(InitFlags::FUSE_HAS_RESEND),
+            && config.set_max_stack_depth(1).is_ok();
+        let negotiated = &self.negotiated;
+        negotiated.passthrough.store(passthrough, Ordering::Relaxed);
+        negotiated.no_open.store(no_open, Ordering::Relaxed);
+        negotiated.no_opendir.store(no_opendir, Ordering::Relaxed);
+        negotiated.resend.store(
+            kernel.contains(InitFlags::FUSE_HAS_RESEND),
             Ordering::Relaxed,
         );
         // Readahead of many files at once (a container start) may all be in flight.
@@ -352,6 +361,12 @@ impl Filesystem for SkiffFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        MountStats::add(&self.fetcher.stats.opens, 1);
+        // The kernel then opens this and every later file on its own, with
+        // the page cache kept (the mount is read-only, and so is the image).
+        if self.negotiated.no_open.load(Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -528,6 +543,12 @@ impl Filesystem for SkiffFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        MountStats::add(&self.fetcher.stats.opens, 1);
+        // As for files: the kernel opens directories itself from then on,
+        // and caches their listings.
+        if self.negotiated.no_opendir.load(Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.tree.inode(ino).map(|i| &i.kind) {
             Some(InodeKind::Directory { .. }) => reply.opened(
                 FileHandle(0),

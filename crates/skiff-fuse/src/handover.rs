@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,44 @@ pub struct SessionState {
     /// predecessor had read waiting forever, so there is none.
     #[serde(default)]
     pub resend: bool,
+    /// Opens of files are answered ENOSYS, after which the kernel sends no
+    /// opens or releases (`FUSE_NO_OPEN_SUPPORT`): a successor must not
+    /// answer so if this daemon did not, since the kernel may lack it.
+    #[serde(default)]
+    pub no_open: bool,
+    /// The same for directories (`FUSE_NO_OPENDIR_SUPPORT`).
+    #[serde(default)]
+    pub no_opendir: bool,
+}
+
+/// [`SessionState`] as the file system learns it (at INIT) and its
+/// [`crate::Mount`] hands it on: one copy both share.
+#[derive(Debug, Default)]
+pub(crate) struct Negotiated {
+    pub passthrough: AtomicBool,
+    pub resend: AtomicBool,
+    pub no_open: AtomicBool,
+    pub no_opendir: AtomicBool,
+}
+
+impl Negotiated {
+    pub fn of(state: SessionState) -> Negotiated {
+        Negotiated {
+            passthrough: AtomicBool::new(state.passthrough),
+            resend: AtomicBool::new(state.resend),
+            no_open: AtomicBool::new(state.no_open),
+            no_opendir: AtomicBool::new(state.no_opendir),
+        }
+    }
+
+    pub fn state(&self) -> SessionState {
+        SessionState {
+            passthrough: self.passthrough.load(Ordering::Relaxed),
+            resend: self.resend.load(Ordering::Relaxed),
+            no_open: self.no_open.load(Ordering::Relaxed),
+            no_opendir: self.no_opendir.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A live FUSE connection: its `/dev/fuse` descriptor and its state.

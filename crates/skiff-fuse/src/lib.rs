@@ -20,7 +20,6 @@ mod tree;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
@@ -31,6 +30,7 @@ use skiff_source::ChunkSource;
 use thiserror::Error;
 
 pub use fetcher::Fetcher;
+use handover::Negotiated;
 pub use handover::{resend_pending, Connection, SessionState};
 pub use prefetch::{prefetch_order, PrefetchConfig, PrefetchPlan};
 pub use readahead::{Layout, WindowLimits};
@@ -77,6 +77,12 @@ pub struct MountOptions {
     /// Record a startup profile from the first read on ([`Mount::finish_profile`]).
     /// Such a mount sends every read through itself (no passthrough).
     pub record_profile: bool,
+    /// Answer opens of files: pin each open file's chunks in the host's
+    /// cache, and hand files assembled on this host to the kernel to read
+    /// directly (passthrough). Otherwise the first open is answered ENOSYS
+    /// and the kernel sends no more opens or releases: two round trips a
+    /// file fewer, which is most of what a cold walk of small files costs.
+    pub answer_opens: bool,
     /// Journal open files here, so that a successor can take the mount
     /// over ([`Mount::take_over`]); none: no successor can.
     pub open_journal: Option<PathBuf>,
@@ -101,6 +107,7 @@ impl Default for MountOptions {
             prefetch: Some(PrefetchConfig::default()),
             fsname: "skiff".into(),
             record_profile: false,
+            answer_opens: false,
             open_journal: None,
             setuid_and_devices: false,
             detached_marker: None,
@@ -113,8 +120,7 @@ pub struct Mount {
     session: Option<BackgroundSession>,
     /// Another descriptor of the FUSE connection, for [`Mount::connection`].
     device: OwnedFd,
-    passthrough: Arc<AtomicBool>,
-    resend: Arc<AtomicBool>,
+    negotiated: Arc<Negotiated>,
     prefetcher: Option<Prefetcher>,
     fetcher: Arc<Fetcher>,
     tree: Arc<ImageTree>,
@@ -243,8 +249,7 @@ impl Mount {
             tree,
             fetcher,
             recorder,
-            passthrough,
-            resend,
+            negotiated,
         } = shared;
         let prefetcher = options.prefetch.clone().map(|config| {
             let plan = prefetch_order(fetcher.layout(), &config.first);
@@ -253,8 +258,7 @@ impl Mount {
         Mount {
             session: Some(session),
             device,
-            passthrough,
-            resend,
+            negotiated,
             prefetcher,
             fetcher,
             tree,
@@ -277,10 +281,7 @@ impl Mount {
     pub fn connection(&self) -> io::Result<Connection> {
         Ok(Connection {
             fd: self.device.as_fd().try_clone_to_owned()?,
-            state: SessionState {
-                passthrough: self.passthrough.load(Ordering::Relaxed),
-                resend: self.resend.load(Ordering::Relaxed),
-            },
+            state: self.negotiated.state(),
             generation: 0,
         })
     }
@@ -402,8 +403,7 @@ struct Shared {
     tree: Arc<ImageTree>,
     fetcher: Arc<Fetcher>,
     recorder: Arc<Recorder>,
-    passthrough: Arc<AtomicBool>,
-    resend: Arc<AtomicBool>,
+    negotiated: Arc<Negotiated>,
 }
 
 struct Parts {
@@ -434,15 +434,13 @@ impl Parts {
         } else {
             Recorder::default()
         });
-        let passthrough = Arc::new(AtomicBool::new(state.passthrough));
-        let resend = Arc::new(AtomicBool::new(state.resend));
+        let negotiated = Arc::new(Negotiated::of(state));
         let fs = fs::SkiffFs::new(
             tree.clone(),
             fetcher.clone(),
-            options.network_threads,
+            options,
             recorder.clone(),
-            passthrough.clone(),
-            resend.clone(),
+            negotiated.clone(),
         )?;
         Ok(Parts {
             fs,
@@ -450,8 +448,7 @@ impl Parts {
                 tree,
                 fetcher,
                 recorder,
-                passthrough,
-                resend,
+                negotiated,
             },
         })
     }

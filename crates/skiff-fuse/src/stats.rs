@@ -32,6 +32,9 @@ pub struct MountStats {
     pub prefetched_bytes: AtomicU64,
     pub prefetch_done: AtomicBool,
     pub passthrough_opens: AtomicU64,
+    /// Opens of files and directories the kernel sent (see
+    /// `MountOptions::answer_opens`: by default only the first of each).
+    pub opens: AtomicU64,
     /// Chunks of the startup profile, and whether all of them are here.
     pub profile_chunks: AtomicU64,
     pub profile_done: AtomicBool,
@@ -107,6 +110,7 @@ impl MountStats {
             prefetched_bytes: get(&self.prefetched_bytes),
             prefetch_done: self.prefetch_done.load(Ordering::Relaxed),
             passthrough_opens: get(&self.passthrough_opens),
+            opens: get(&self.opens),
             profile_chunks: get(&self.profile_chunks),
             profile_done: self.profile_done.load(Ordering::Relaxed),
             read_latency_us_p50: self.latency_quantile(0.50),
@@ -153,6 +157,7 @@ impl MountStats {
             (&self.prefetched_chunks, r.prefetched_chunks),
             (&self.prefetched_bytes, r.prefetched_bytes),
             (&self.passthrough_opens, r.passthrough_opens),
+            (&self.opens, r.opens),
         ] {
             Self::add(counter, n);
         }
@@ -183,6 +188,9 @@ pub struct StatsReport {
     pub prefetch_done: bool,
     /// Opens served by FUSE passthrough: the kernel reads those files directly.
     pub passthrough_opens: u64,
+    /// Opens of files and directories the kernel sent the daemon.
+    #[serde(default)]
+    pub opens: u64,
     /// Chunks of the image's startup profile (0: none), fetched first.
     #[serde(default)]
     pub profile_chunks: u64,
