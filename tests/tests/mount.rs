@@ -522,6 +522,12 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
         "{status}"
     );
     assert_eq!(mount.stat("prefetched_bytes"), mount.stat("fetched_bytes"));
+    // An overlay stacks on a mount that leaves opens to the kernel, as on
+    // one that answers them (below).
+    assert!(
+        read_through_overlay(&setup, &mount.mountpoint, "own/c.bin", "default")
+            == fs::read(expected.join("own/c.bin")).unwrap()
+    );
     server.kill();
     let diffs = diff_trees(&expected, &mount.mountpoint, true);
     assert!(
@@ -556,28 +562,7 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
     assert!(through_held == want);
     drop(held);
     // ... and an overlay still stacks on the mount.
-    let [upper, work, merged] = ["upper", "work", "merged"].map(|d| setup.path(d));
-    for dir in [&upper, &work, &merged] {
-        fs::create_dir_all(dir).unwrap();
-    }
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        again.mountpoint.display(),
-        upper.display(),
-        work.display()
-    );
-    let overlay = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &options])
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(overlay.success());
-    let through_overlay = fs::read(merged.join("own/c.bin"));
-    Command::new("umount").arg(&merged).status().unwrap();
-    assert_eq!(
-        through_overlay.unwrap(),
-        fs::read(expected.join("own/c.bin")).unwrap()
-    );
+    assert!(read_through_overlay(&setup, &again.mountpoint, "own/c.bin", "pt") == want);
 
     // Another image through the same cache finds the chunks they share.
     let other = setup.mount(
@@ -590,6 +575,30 @@ fn prefetch_brings_the_whole_image_and_the_mount_outlives_the_server() {
     assert!(other.status()["local"]["local_bytes"].as_u64().unwrap() >= shared_len);
     read_until_passthrough(&other, "shared/lib.so", &expected);
     assert_eq!(other.stat("fetched_bytes"), 0);
+}
+
+/// Reads `rel` through an overlay mounted on `lower` (its directories named by `name`).
+fn read_through_overlay(setup: &Setup, lower: &Path, rel: &str, name: &str) -> Vec<u8> {
+    let [upper, work, merged] =
+        ["upper", "work", "merged"].map(|d| setup.path(&format!("{d}-{name}")));
+    for dir in [&upper, &work, &merged] {
+        fs::create_dir_all(dir).unwrap();
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let overlay = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &options])
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(overlay.success());
+    let read = fs::read(merged.join(rel));
+    Command::new("umount").arg(&merged).status().unwrap();
+    read.unwrap()
 }
 
 /// Reads `rel` (which must equal the file in `expected`) until the mount

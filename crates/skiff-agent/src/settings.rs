@@ -44,8 +44,9 @@ pub struct MountSettings {
     /// must: only for mounts under a root-only directory (or below an overlay).
     pub setuid_and_devices: bool,
     /// Answer every open (see `skiff_fuse::MountOptions::answer_opens`):
-    /// files assembled on this host are then read by the kernel directly,
-    /// and open files' chunks are pinned in the cache.
+    /// open files' chunks are pinned in the cache, so a running container
+    /// keeps what it has open whatever the cache evicts, and files
+    /// assembled on this host are read by the kernel directly.
     pub passthrough: bool,
 }
 
@@ -62,7 +63,7 @@ impl Default for MountSettings {
             retry_for_secs: 30,
             use_profile: true,
             setuid_and_devices: true,
-            passthrough: false,
+            passthrough: true,
         }
     }
 }

@@ -97,3 +97,25 @@ pub fn resend_pending(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_predecessor_from_before_no_open_answered_opens_and_so_does_its_successor() {
+        let old: SessionState = serde_json::from_str(r#"{"passthrough": true}"#).unwrap();
+        let state = Negotiated::of(old).state();
+        assert!(state.passthrough);
+        assert!(!state.no_open && !state.no_opendir && !state.resend);
+        let now = SessionState {
+            no_open: true,
+            no_opendir: true,
+            ..SessionState::default()
+        };
+        let carried: SessionState =
+            serde_json::from_str(&serde_json::to_string(&now).unwrap()).unwrap();
+        let state = Negotiated::of(carried).state();
+        assert!(state.no_open && state.no_opendir && !state.passthrough);
+    }
+}

@@ -59,18 +59,29 @@ pub struct MountFlags {
     /// Do not fetch the image's startup profile first
     #[arg(long)]
     no_profile: bool,
-    /// Answer every open of a file, so that files whose chunks are all on
-    /// this host are read by the kernel straight from a copy on local disk
-    /// (FUSE passthrough), and an open file's chunks stay in the cache
-    /// while it is open. Each open then costs a round trip to the daemon,
-    /// and a release one after it: a cold walk of many small files is
-    /// about a quarter slower. Without it, reads the page cache misses come
-    /// from the daemon's memory or the host's cache
-    #[arg(long)]
-    passthrough: bool,
+    /// Answer every open of a file, so that an open file's chunks stay in
+    /// the host's cache while it is open (a running container's binaries
+    /// are then readable whatever the cache evicts and whether or not the
+    /// registry is up), and files whose chunks are all on this host are
+    /// read by the kernel straight from a copy on local disk (FUSE
+    /// passthrough). Each open then costs a round trip to the daemon, and a
+    /// release one after it: a cold walk of many small files is about a
+    /// fifth slower. Without it, the kernel opens files itself, and reads
+    /// the page cache misses come from the daemon's memory, the host's
+    /// cache or the network. [default: true for `skiff run` and the
+    /// snapshotter, false for `skiff mount`]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    passthrough: Option<bool>,
 }
 
 impl MountFlags {
+    /// The settings of a container's mount (`skiff run`, the snapshotter).
     pub(crate) fn settings(&self) -> MountSettings {
         MountSettings {
             cache: self.cache.clone(),
@@ -82,7 +93,9 @@ impl MountFlags {
             memory_mib: self.memory_mb,
             retry_for_secs: self.retry_for,
             use_profile: !self.no_profile,
-            passthrough: self.passthrough,
+            passthrough: self
+                .passthrough
+                .unwrap_or(MountSettings::default().passthrough),
             // skiff run and the snapshotter mount under root-only directories.
             setuid_and_devices: true,
         }
@@ -138,6 +151,8 @@ pub fn mount(store_dir: &Path, args: MountArgs) -> Result<()> {
         token_file: args.token_file,
         settings: MountSettings {
             setuid_and_devices: args.suid_dev,
+            // A mount to read an image from: opens are left to the kernel.
+            passthrough: args.flags.passthrough.unwrap_or(false),
             ..args.flags.settings()
         },
         record_profile: false,
