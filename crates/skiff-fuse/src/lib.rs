@@ -81,7 +81,7 @@ pub struct MountOptions {
     /// cache, and hand files assembled on this host to the kernel to read
     /// directly (passthrough). Otherwise the first open is answered ENOSYS
     /// and the kernel sends no more opens or releases: two round trips a
-    /// file fewer, which is most of what a cold walk of small files costs.
+    /// file fewer, most of a cold walk's requests.
     pub answer_opens: bool,
     /// Journal open files here, so that a successor can take the mount
     /// over ([`Mount::take_over`]); none: no successor can.

@@ -65,8 +65,8 @@ pub struct MountFlags {
     /// registry is up), and files whose chunks are all on this host are
     /// read by the kernel straight from a copy on local disk (FUSE
     /// passthrough). Each open then costs a round trip to the daemon, and a
-    /// release one after it: a cold walk of many small files is about a
-    /// fifth slower. Without it, the kernel opens files itself, and reads
+    /// release one after it: a cold walk of many small files is up to a
+    /// quarter slower. Without it, the kernel opens files itself, and reads
     /// the page cache misses come from the daemon's memory, the host's
     /// cache or the network. [default: true for `skiff run` and the
     /// snapshotter, false for `skiff mount`]
