@@ -340,6 +340,59 @@ fn a_second_image_uploads_only_new_blobs_and_cross_mounts_shared_ones() {
 }
 
 #[test]
+fn a_package_two_images_install_makes_the_same_blobs_in_both() {
+    let setup = Setup::new();
+    // Each image's own layer adds one "package" (32 files of 1 MB) and then
+    // files of its own, named so the path order interleaves the two; a push
+    // frames a layer in its tar's order, so the package stays one run.
+    let image = |name: &str, seed: u64| {
+        let mut layer = Layer::new().dir("usr/share/pkg", 0o755);
+        for i in 0..32 {
+            layer = layer.file(
+                &format!("usr/share/pkg/f{i:02}"),
+                0o644,
+                noise(1_000_000, 100 + i),
+            );
+        }
+        for i in 0..32 {
+            layer = layer.file(
+                &format!("usr/share/pkg/f{i:02}-{name}"),
+                0o644,
+                noise(64_000, seed * 100 + i),
+            );
+        }
+        Image::new(vec![
+            (Layer::new().dir("usr", 0o755), Compression::Gzip),
+            (layer, Compression::Gzip),
+        ])
+    };
+    setup.convert(&image("first", 1), "first");
+    setup.convert(&image("second", 2), "second");
+    let first = setup.skiff_json(&["push", "first:v1", &setup.reference("pkg/first:v1")]);
+    let second = setup.skiff_json(&["push", "second:v1", &setup.reference("pkg/second:v1")]);
+    // Its own files, the blob where the package ends (at most 8 MiB of
+    // chunks) and metadata are uploaded, the rest cross-mounted; in path
+    // order no blob is shared and as much goes again as the first time.
+    assert!(second["blobs_mounted"].as_u64().unwrap() >= 1, "{second}");
+    let bytes = second["bytes_uploaded"].as_u64().unwrap();
+    assert!(
+        bytes * 3 < first["bytes_uploaded"].as_u64().unwrap(),
+        "{second} after {first}"
+    );
+    let mount = setup.mount(&setup.reference("pkg/second:v1"), "second", &[]);
+    for i in [0, 31] {
+        assert_eq!(
+            fs::read(mount.path(&format!("usr/share/pkg/f{i:02}"))).unwrap(),
+            noise(1_000_000, 100 + i)
+        );
+        assert_eq!(
+            fs::read(mount.path(&format!("usr/share/pkg/f{i:02}-second"))).unwrap(),
+            noise(64_000, 200 + i)
+        );
+    }
+}
+
+#[test]
 fn a_killed_push_resumes_with_what_is_missing() {
     let setup = Setup::new();
     setup.convert(&first_image(), "first");

@@ -3,7 +3,7 @@
 //! downloading, decompressing and chunking the layer again (as `docker pull`
 //! skips layers it has). gc drops a record once any chunk it names is freed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use skiff_format::{ChunkRef, Metadata};
@@ -78,14 +78,15 @@ impl LayerRecorder {
 
     /// The finished record; `chunks_of` gives a slot's chunk list.
     pub(crate) fn finish(self, chunks_of: &dyn Fn(usize) -> Vec<ChunkRef>) -> LayerRecord {
-        let mut ids = BTreeSet::new();
+        let mut seen = HashSet::new();
+        let mut ids = Vec::new();
         let entries: Vec<RecordedEntry> = self
             .entries
             .into_iter()
             .map(|(mut entry, slot)| {
                 if let (Some(slot), RecordedKind::File { chunks, .. }) = (slot, &mut entry.kind) {
                     *chunks = chunks_of(slot);
-                    ids.extend(chunks.iter().map(|c| c.id));
+                    ids.extend(chunks.iter().map(|c| c.id).filter(|id| seen.insert(*id)));
                 }
                 entry
             })
@@ -93,7 +94,7 @@ impl LayerRecorder {
         let mut payload = vec![RECORD_VERSION];
         payload.extend(postcard::to_stdvec(&entries).expect("postcard encoding into a Vec"));
         LayerRecord {
-            chunks: ids.into_iter().collect(),
+            chunks: ids,
             payload,
         }
     }
