@@ -1,8 +1,8 @@
 //! Which neighbours a read brings along, and when to fetch ahead of reads.
 //!
 //! The image's chunks in path order (depth first, names sorted: the order
-//! of the index's inodes, of `find`, `ls -R`, `tar` and most starts, and the
-//! order a push frames each layer's chunks in) are the layout a read window
+//! of the index's inodes, of `find`, `ls -R`, `tar` and most starts) are
+//! the layout a read window
 //! runs along, across the ends of files: a directory of small files costs
 //! one request, not one per file. Each stream of reads has a window of its
 //! own, which doubles each time reads go on where its last fetch ended; a
