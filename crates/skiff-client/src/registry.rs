@@ -126,12 +126,16 @@ const MAX_BLOB_RAW: u64 = 8 << 20;
 /// order of its tar, then any the records do not name; in the index's
 /// order alone when a record is missing (an image pulled into the store).
 ///
-/// A layer's tar order keeps what one step of a build added together (a
-/// package's files, in `apt-get install`'s order), where the path order
-/// interleaves packages. So two images that install the same package in
-/// layers of their own frame it alike and share its blobs: on the dataset
-/// the registry holds 7% fewer bytes for `git`, `python` and `perl` than
-/// in path order (git installs perl), with as many requests for a walk.
+/// A layer's own order depends on that layer alone, so a layer two images
+/// share is framed alike in both and makes the same blobs. The image's
+/// file order restricted to a layer does not: a chunk of the base that a
+/// file of an upper layer also holds (a license text, a run of zeros)
+/// moves to that file's place, differently in every image, and breaks a
+/// frame and a blob there. On the dataset (`git`, `python`, `perl` on one
+/// base) the registry holds 7% fewer bytes than in the image's file order:
+/// the blobs all three share went from 32.6 MB to 40.5 MB. And two images
+/// adding the same files in layers of their own (a package in tar order)
+/// share those blobs too. A walk makes as many requests as before.
 fn push_order(
     store: &Store,
     manifest: &ImageManifest,
