@@ -1,7 +1,7 @@
 //! `push` and `pull` between a local store and an OCI registry.
 //!
 //! A push frames the image's chunks anew, in a deterministic order (layer
-//! by layer, each in the order of its tar), and cuts frames and blobs
+//! by layer, each in the layer's own path order), and cuts frames and blobs
 //! where the chunks' own ids say ([`frame_cut`], [`blob_cut`]), within size
 //! bounds. So blobs are a function of the image's content alone: a second
 //! image sharing a run of chunks (a base layer) makes the same blobs for it,
@@ -40,12 +40,14 @@ use crate::ClientError;
 /// Index and chunk table blobs are compressed hard: they are read before a
 /// mount is ready.
 const METADATA_ZSTD_LEVEL: i32 = 9;
-/// Frames a push makes are compressed harder than the store's (level 3):
-/// a registry's bytes are stored once and fetched by every host, and zstd
-/// decompresses level 9 as fast. Fixed, not the store's level, so the same
-/// image makes the same blobs in every store. On the dataset (`git`,
-/// `python`, `perl`) level 9 stores 6% fewer bytes than level 3 and pushes
-/// at half its speed; level 19 saves another 8% at a tenth of that.
+/// Frames a push makes are compressed harder than a store's (level 3 by
+/// default): a registry's bytes are stored once and fetched by every host,
+/// and zstd decompresses level 9 as fast. Fixed, not the store's level, so
+/// the same image makes the same blobs in every store (with the same zstd
+/// library). On the dataset (`git`, `python`, `perl`) level 9 stores 6%
+/// fewer bytes than level 3 and pushes at half its speed; level 19 saves
+/// another 8% at a tenth of that. (Blobs pushed at level 3, by skiff before
+/// 2026-12, are not those a push makes now: a push sends them anew.)
 const PUSH_ZSTD_LEVEL: i32 = 9;
 /// Where a store remembers which repositories got which blobs, for cross-mounts.
 const BLOB_LOG_FILE: &str = "registry-blobs.json";
@@ -123,19 +125,19 @@ const MAX_BLOB_RAW: u64 = 8 << 20;
 
 /// The image's chunks in the order a push frames them: layer by layer
 /// (the records of the layers it was converted from), each layer's in the
-/// order of its tar, then any the records do not name; in the index's
-/// order alone when a record is missing (an image pulled into the store).
+/// layer's own path order, then any the records do not name; in the
+/// index's order alone when a record is missing (an image pulled into the
+/// store), and for a layer an older skiff recorded, without that order.
 ///
-/// A layer's own order depends on that layer alone, so a layer two images
-/// share is framed alike in both and makes the same blobs. The image's
-/// file order restricted to a layer does not: a chunk of the base that a
-/// file of an upper layer also holds (a license text, a run of zeros)
-/// moves to that file's place, differently in every image, and breaks a
-/// frame and a blob there. On the dataset (`git`, `python`, `perl` on one
-/// base) the registry holds 7% fewer bytes than in the image's file order:
-/// the blobs all three share went from 32.6 MB to 40.5 MB. And two images
-/// adding the same files in layers of their own (a package in tar order)
-/// share those blobs too. A walk makes as many requests as before.
+/// A layer's own path order depends on that layer alone, so a layer two
+/// images share is framed alike in both and makes the same blobs. The
+/// image's path order restricted to a layer does not: a chunk of the base
+/// that a file of an upper layer also holds (a license text, a run of
+/// zeros) moves to that file's place, differently in every image, and
+/// breaks a frame and a blob there. On the dataset (`git`, `python`,
+/// `perl` on one base) the registry holds 7% fewer bytes than in the
+/// image's order: the blobs all three share went from 32.6 MB to 40.5 MB.
+/// Both are path orders, so a walk's windows map to as few requests.
 fn push_order(
     store: &Store,
     manifest: &ImageManifest,
@@ -153,7 +155,7 @@ fn push_order(
     let mut order = Vec::with_capacity(chunks.len());
     let mut placed = HashSet::new();
     for record in records {
-        if record.chunks_in_tar_order() {
+        if record.chunks_in_path_order() {
             let layer = record.chunks.iter().filter_map(|id| by_id.get(id));
             order.extend(layer.filter(|c| placed.insert(c.id)).copied());
         } else {
@@ -698,10 +700,7 @@ pub fn put_profile(
         });
     }
     let order = profile.chunk_order(&image_index)?;
-    let mut builder = FrameBuilder::new(
-        skiff_chunk::DEFAULT_FRAME_SIZE,
-        skiff_chunk::DEFAULT_ZSTD_LEVEL,
-    )?;
+    let mut builder = FrameBuilder::new(skiff_chunk::DEFAULT_FRAME_SIZE, PUSH_ZSTD_LEVEL)?;
     let mut frames = Vec::new();
     let mut failed = None;
     chunks

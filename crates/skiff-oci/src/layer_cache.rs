@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use skiff_format::{ChunkRef, Metadata};
+use skiff_format::{ChunkId, ChunkRef, Metadata};
 use skiff_store::LayerRecord;
 
 use crate::merge::{Content, EntryKind};
@@ -78,26 +78,46 @@ impl LayerRecorder {
 
     /// The finished record; `chunks_of` gives a slot's chunk list.
     pub(crate) fn finish(self, chunks_of: &dyn Fn(usize) -> Vec<ChunkRef>) -> LayerRecord {
-        let mut seen = HashSet::new();
-        let mut ids = Vec::new();
         let entries: Vec<RecordedEntry> = self
             .entries
             .into_iter()
             .map(|(mut entry, slot)| {
                 if let (Some(slot), RecordedKind::File { chunks, .. }) = (slot, &mut entry.kind) {
                     *chunks = chunks_of(slot);
-                    ids.extend(chunks.iter().map(|c| c.id).filter(|id| seen.insert(*id)));
                 }
                 entry
             })
             .collect();
+        let chunks = path_order(&entries);
         let mut payload = vec![RECORD_VERSION];
         payload.extend(postcard::to_stdvec(&entries).expect("postcard encoding into a Vec"));
-        LayerRecord {
-            chunks: ids,
-            payload,
-        }
+        LayerRecord { chunks, payload }
     }
+}
+
+/// The distinct chunks of a layer's files in the layer's own path order
+/// (depth first, names sorted; a path the tar holds twice in its tar
+/// order): a function of the layer alone, whatever order its tar writer
+/// chose, and the order a push frames the layer in.
+fn path_order(entries: &[RecordedEntry]) -> Vec<ChunkId> {
+    let mut files: Vec<(Vec<&[u8]>, &[ChunkRef])> = entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            RecordedKind::File { chunks, .. } => Some((components(&e.path), chunks.as_slice())),
+            _ => None,
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut seen = HashSet::new();
+    files
+        .iter()
+        .flat_map(|(_, chunks)| chunks.iter().map(|c| c.id))
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+fn components(path: &[u8]) -> Vec<&[u8]> {
+    path.split(|&b| b == b'/').collect()
 }
 
 /// The entries of a record, or `None` if it is of another version or broken
@@ -138,5 +158,42 @@ pub(crate) fn entry_kind(
         RecordedKind::CharDevice(major, minor) => EntryKind::CharDevice(major, minor),
         RecordedKind::BlockDevice(major, minor) => EntryKind::BlockDevice(major, minor),
         RecordedKind::Fifo => EntryKind::Fifo,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, chunks: &[ChunkId]) -> RecordedEntry {
+        RecordedEntry {
+            path: path.as_bytes().to_vec(),
+            meta: Metadata::default(),
+            kind: RecordedKind::File {
+                size: chunks.len() as u64,
+                chunks: chunks.iter().map(|&id| ChunkRef { id, len: 1 }).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_record_holds_its_chunks_in_the_layers_path_order_whatever_the_tar_order() {
+        let [a, b, c, d] = [1u8, 2, 3, 4].map(|i| ChunkId::of(&[i]));
+        // Written in directory-listing order; "usr/a-c" sorts after the
+        // subtree "usr/a/..." (depth first), though '-' < '/' bytewise.
+        let entries = vec![
+            file("usr/b", &[d, a]),
+            file("usr/a-c", &[c]),
+            RecordedEntry {
+                path: b"usr/a".to_vec(),
+                meta: Metadata::default(),
+                kind: RecordedKind::Dir,
+            },
+            file("usr/a/z", &[b, a]),
+        ];
+        assert_eq!(path_order(&entries), vec![b, a, c, d]);
+        let mut reversed = entries.clone();
+        reversed.reverse();
+        assert_eq!(path_order(&reversed), vec![b, a, c, d]);
     }
 }

@@ -105,18 +105,18 @@ pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
 /// chunks it names, to drop the record when gc frees any of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
-    /// Each distinct chunk once, in the order the layer's tar first holds
-    /// it (a push frames a layer in that order); records written before
-    /// 2026-12-07 hold them sorted by id.
+    /// Each distinct chunk of the layer's files once, in the layer's own
+    /// path order (depth first, names sorted), the order a push frames the
+    /// layer in. A record of an older skiff holds them sorted by id.
     pub chunks: Vec<skiff_format::ChunkId>,
     pub payload: Vec<u8>,
 }
 
 impl LayerRecord {
-    /// Whether `chunks` is in the tar's order, not sorted by id as in an
-    /// older record. (A layer whose chunks come sorted reads as older, and
-    /// a push frames it in the index's order: the same in every store.)
-    pub fn chunks_in_tar_order(&self) -> bool {
+    /// Whether `chunks` is in the layer's path order, not sorted by id as
+    /// in an older record. (A layer whose chunks come sorted reads as
+    /// older, and a push frames it in the image's file order instead.)
+    pub fn chunks_in_path_order(&self) -> bool {
         !self.chunks.is_sorted()
     }
 
