@@ -2,15 +2,14 @@
 //! in the order a start is likely to need them, in batches that step aside
 //! while reads are waiting on the source.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use skiff_format::wire::MAX_IDS_PER_REQUEST;
 use skiff_format::ChunkId;
-use skiff_source::SourceError;
 
 use crate::fetcher::Fetcher;
 use crate::readahead::Layout;
@@ -35,13 +34,6 @@ impl Default for PrefetchConfig {
     }
 }
 
-/// Batches past the profile in flight at once (without a rate cap): the
-/// next is on the link while one answer is decompressed, checked and
-/// stored, and asked for before that answer ends, so the link does not
-/// idle between batches (one at a time left a 100 Mbit/s, 20 ms link idle
-/// for a tenth of a cold read). A read waiting on the network stops new
-/// batches, not those in flight.
-const BATCHES_IN_FLIGHT: usize = 2;
 /// Chunks asked for at once when prefetch goes back for those left out.
 const LEFT_OUT_BATCH: usize = 64;
 /// After a failed batch, wait this long before the next try.
@@ -116,62 +108,8 @@ impl Prefetcher {
     }
 }
 
-/// A batch on its way: positions `start..end` of the order, `bytes` of
-/// chunks asked for.
-struct InFlight<'scope> {
-    start: usize,
-    end: usize,
-    bytes: u64,
-    fetch: Fetching<'scope>,
-}
-
-enum Fetching<'scope> {
-    OnThread(ScopedJoinHandle<'scope, Result<usize, SourceError>>),
-    /// No thread could be started for it: fetched on the prefetch thread.
-    Done(Result<usize, SourceError>),
-}
-
-impl InFlight<'_> {
-    fn wait(self) -> Result<usize, SourceError> {
-        match self.fetch {
-            Fetching::OnThread(handle) => handle.join().unwrap_or_else(|_| {
-                Err(SourceError::Unavailable("a prefetch batch panicked".into()))
-            }),
-            Fetching::Done(outcome) => outcome,
-        }
-    }
-}
-
-fn launch<'scope>(
-    scope: &'scope Scope<'scope, '_>,
-    fetcher: &'scope Fetcher,
-    batch: Vec<ChunkId>,
-) -> Fetching<'scope> {
-    let ids = batch.clone();
-    let spawned = std::thread::Builder::new()
-        .name("prefetch-batch".into())
-        .spawn_scoped(scope, move || fetcher.prefetch(&ids));
-    match spawned {
-        Ok(handle) => Fetching::OnThread(handle),
-        Err(e) => {
-            tracing::debug!("no thread for a prefetch batch ({e}): fetching it here");
-            Fetching::Done(fetcher.prefetch(&batch))
-        }
-    }
-}
-
 pub(crate) fn run(
     fetcher: &Fetcher,
-    plan: &PrefetchPlan,
-    config: &PrefetchConfig,
-    stop: &AtomicBool,
-) {
-    std::thread::scope(|scope| run_batches(scope, fetcher, plan, config, stop));
-}
-
-fn run_batches<'scope>(
-    scope: &'scope Scope<'scope, '_>,
-    fetcher: &'scope Fetcher,
     plan: &PrefetchPlan,
     config: &PrefetchConfig,
     stop: &AtomicBool,
@@ -189,74 +127,11 @@ fn run_batches<'scope>(
     let mut skipped = 0;
     let mut given_up = HashSet::new();
     let mut settled = profile_len == 0;
-    let mut in_flight: VecDeque<InFlight<'scope>> = VecDeque::new();
-    loop {
+    while at < order.len() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
         let in_profile = at < profile_len;
-        // The profile goes alone, and everything is in before the settling.
-        let depth = if in_profile || !settled || config.max_rate > 0 {
-            1
-        } else {
-            BATCHES_IN_FLIGHT
-        };
-        if at >= order.len() || in_flight.len() >= depth {
-            let Some(done) = in_flight.pop_front() else {
-                break;
-            };
-            let (start, bytes) = (done.start, done.bytes);
-            let failed = match done.wait() {
-                Ok(_) => {
-                    sent += bytes;
-                    stuck = None;
-                    continue;
-                }
-                Err(e) => e,
-            };
-            // Whatever else is on its way lands first: the order is then
-            // final up to where the last batch ended.
-            let mut end = at;
-            while let Some(other) = in_flight.pop_front() {
-                end = other.end;
-                let bytes = other.bytes;
-                if other.wait().is_ok() {
-                    sent += bytes;
-                }
-            }
-            // Chunks arrive in the order asked and are kept as they arrive,
-            // so the first one still missing is where the batches broke. A
-            // server that comes back gets past it; one that cannot read it
-            // (a corrupt or missing chunk, or a stream it cuts there every
-            // time) would stop the prefetch for good: after GIVE_UP_AFTER
-            // failures there that chunk alone is left to the reads, which
-            // ask for it again.
-            let Some(culprit) = (start..end).find(|&i| !fetcher.is_local(&order[i].0)) else {
-                at = end;
-                stuck = None;
-                continue;
-            };
-            let failures = match stuck {
-                Some((position, failures)) if position == culprit => failures + 1,
-                _ => 1,
-            };
-            if failures >= GIVE_UP_AFTER {
-                tracing::error!("prefetch skips chunk {}: {failed}", order[culprit].0);
-                skipped += 1;
-                given_up.insert(order[culprit].0);
-                at = culprit + 1;
-                stuck = None;
-                continue;
-            }
-            stuck = Some((culprit, failures));
-            at = culprit;
-            tracing::warn!("prefetch paused: {failed}");
-            let resume = Instant::now() + PAUSE_AFTER_FAILURE;
-            while Instant::now() < resume && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(YIELD_POLL * 10);
-            }
-            continue;
-        }
         if !in_profile && !settled {
             // The start reads what its profile named and then some; the
             // rest of the image waits until it has gone quiet, so it does
@@ -310,13 +185,45 @@ fn run_batches<'scope>(
                 bytes += u64::from(len);
             }
         }
-        in_flight.push_back(InFlight {
-            start: at,
-            end: next,
-            bytes,
-            fetch: launch(scope, fetcher, batch),
-        });
-        at = next;
+        match fetcher.prefetch(&batch) {
+            Ok(_) => {
+                sent += bytes;
+                at = next;
+                stuck = None;
+            }
+            Err(e) => {
+                // Chunks arrive in the order asked and are kept as they
+                // arrive, so the first one still missing is where the batch
+                // broke. A server that comes back gets past it; one that
+                // cannot read it (a corrupt or missing chunk, or a stream it
+                // cuts there every time) would stop the prefetch for good:
+                // after GIVE_UP_AFTER failures there that chunk alone is
+                // left to the reads, which ask for it again.
+                let Some(culprit) = (at..next).find(|&i| !fetcher.is_local(&order[i].0)) else {
+                    at = next;
+                    stuck = None;
+                    continue;
+                };
+                let failures = match stuck {
+                    Some((position, failures)) if position == culprit => failures + 1,
+                    _ => 1,
+                };
+                if failures >= GIVE_UP_AFTER {
+                    tracing::error!("prefetch skips chunk {}: {e}", order[culprit].0);
+                    skipped += 1;
+                    given_up.insert(order[culprit].0);
+                    at = culprit + 1;
+                    stuck = None;
+                    continue;
+                }
+                stuck = Some((culprit, failures));
+                tracing::warn!("prefetch paused: {e}");
+                let resume = Instant::now() + PAUSE_AFTER_FAILURE;
+                while Instant::now() < resume && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(YIELD_POLL * 10);
+                }
+            }
+        }
     }
     if !settled {
         // The profile was the whole image.
@@ -354,7 +261,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    use skiff_source::ChunkSource;
+    use skiff_source::{ChunkSource, SourceError};
 
     use super::*;
 
@@ -398,97 +305,9 @@ mod tests {
 
     #[test]
     fn a_chunk_the_server_cannot_send_is_skipped_after_bounded_tries() {
-        skips_after_bounded_tries(3, PrefetchConfig::default());
-    }
-
-    #[test]
-    fn batches_side_by_side_fetch_each_chunk_once_and_skip_a_bad_one() {
-        // Two chunks a batch: the bad one is in the fourth batch, while the
-        // fifth is on its way.
-        let config = PrefetchConfig {
-            batch_bytes: 64,
-            ..PrefetchConfig::default()
-        };
-        skips_after_bounded_tries(7, config);
-    }
-
-    /// Answers after a short wait (a round trip), counting fetches in flight.
-    #[derive(Default)]
-    struct Slow {
-        delivered: Mutex<HashMap<ChunkId, u32>>,
-        in_flight: std::sync::atomic::AtomicUsize,
-        most_in_flight: std::sync::atomic::AtomicUsize,
-    }
-
-    impl ChunkSource for Slow {
-        fn fetch(
-            &self,
-            ids: &[ChunkId],
-            each: &mut dyn FnMut(ChunkId, skiff_source::Bytes),
-        ) -> Result<(), SourceError> {
-            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(30));
-            for id in ids {
-                *self.delivered.lock().unwrap().entry(*id).or_default() += 1;
-                each(*id, id.as_bytes().to_vec().into());
-            }
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            Ok(())
-        }
-
-        fn is_local(&self, id: &ChunkId) -> bool {
-            self.delivered.lock().unwrap().contains_key(id)
-        }
-
-        fn local(&self, id: &ChunkId) -> Option<skiff_source::Bytes> {
-            self.is_local(id).then(|| id.as_bytes().to_vec().into())
-        }
-
-        fn describe(&self) -> String {
-            "a server a round trip away".into()
-        }
-    }
-
-    #[test]
-    fn two_batches_are_in_flight_at_once_and_never_more() {
-        let ids: Vec<ChunkId> = (0u8..20).map(|i| ChunkId::of(&[i])).collect();
-        let source = Arc::new(Slow::default());
-        let plan = PrefetchPlan {
-            order: ids.iter().map(|id| (*id, 32)).collect(),
-            profile_len: 0,
-        };
-        let layout = Layout::new(
-            plan.order
-                .iter()
-                .map(|&(id, len)| skiff_format::ChunkRef { id, len })
-                .collect(),
-        );
-        let fetcher = Fetcher::new(
-            source.clone(),
-            1 << 20,
-            crate::readahead::WindowLimits::fixed(1 << 20),
-            Arc::new(layout),
-        );
-        let config = PrefetchConfig {
-            batch_bytes: 64,
-            ..PrefetchConfig::default()
-        };
-        run(&fetcher, &plan, &config, &AtomicBool::new(false));
-        let delivered = source.delivered.lock().unwrap();
-        assert_eq!(delivered.len(), ids.len());
-        assert!(delivered.values().all(|&n| n == 1), "{delivered:?}");
-        assert_eq!(
-            source.most_in_flight.load(Ordering::SeqCst),
-            BATCHES_IN_FLIGHT
-        );
-        assert!(fetcher.stats.prefetch_done.load(Ordering::Relaxed));
-    }
-
-    fn skips_after_bounded_tries(bad: usize, config: PrefetchConfig) {
         let ids: Vec<ChunkId> = (0u8..10).map(|i| ChunkId::of(&[i])).collect();
         let source = Arc::new(CutsAt {
-            bad: ids[bad],
+            bad: ids[3],
             delivered: Mutex::default(),
             asked_for_bad: Mutex::new(0),
         });
@@ -508,7 +327,12 @@ mod tests {
             crate::readahead::WindowLimits::fixed(1 << 20),
             Arc::new(layout),
         );
-        run(&fetcher, &plan, &config, &AtomicBool::new(false));
+        run(
+            &fetcher,
+            &plan,
+            &PrefetchConfig::default(),
+            &AtomicBool::new(false),
+        );
         let delivered = source.delivered.lock().unwrap();
         // Every other chunk arrived, each once; the bad one was tried a bounded number of times.
         assert_eq!(delivered.len(), 9);
