@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
-use skiff_chunk::{Chunker, FrameBuilder, DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL};
+use skiff_chunk::{
+    Chunker, FrameBuilder, DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, STORE_ZSTD_LEVEL,
+};
 use skiff_format::ChunkId;
 use skiff_oci::{layer_files, ImageSource, LayerDescriptor, LayerFiles, OciError};
 
@@ -98,7 +100,8 @@ pub fn scan_layer(
     ledger: &ChunkLedger,
     cancel: &AtomicBool,
 ) -> Result<LayerFacts, OciError> {
-    let mut frames = FrameBuilder::new(DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL)?;
+    // As a new store frames them.
+    let mut frames = FrameBuilder::new(DEFAULT_FRAME_SIZE, STORE_ZSTD_LEVEL)?;
     let read = layer_files(source, layer, index, |contents, _size| {
         if cancel.load(Ordering::Relaxed) {
             return Err(OciError::Interrupted);

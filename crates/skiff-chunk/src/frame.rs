@@ -9,7 +9,15 @@ use thiserror::Error;
 
 /// Uncompressed bytes gathered before a frame is closed.
 pub const DEFAULT_FRAME_SIZE: usize = 1024 * 1024;
+/// zstd level where speed matters most: a chunk compressed alone for the
+/// wire, file-level baselines.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// zstd level a new store compresses its frames at (`zstd_level` in
+/// `skiff-store.json`, fixed when the store is created). Frames are written
+/// once and read many times, and zstd decompresses level 6 as fast as 3: on
+/// the 12-image dataset level 6 stores 5.8% less than level 3 (295.0 MB
+/// against 313.2 MB) for a 45% longer convert (9.7 s against 6.7 s).
+pub const STORE_ZSTD_LEVEL: i32 = 6;
 
 #[derive(Debug, Error)]
 pub enum ChunkError {

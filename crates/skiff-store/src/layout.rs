@@ -42,7 +42,7 @@ impl Default for StoreConfig {
             format_version: STORE_FORMAT_VERSION,
             chunking: ChunkingParams::default(),
             frame_size: skiff_chunk::DEFAULT_FRAME_SIZE as u32,
-            zstd_level: skiff_chunk::DEFAULT_ZSTD_LEVEL,
+            zstd_level: skiff_chunk::STORE_ZSTD_LEVEL,
         }
     }
 }
