@@ -62,9 +62,40 @@ pub struct Frame {
     pub entries: Vec<FrameEntry>,
 }
 
+/// A frame's chunks gathered and not compressed yet, so a writer can
+/// compress several on threads of their own ([`FrameBuilder::take_raw`]).
+pub struct RawFrame {
+    data: Vec<u8>,
+    entries: Vec<FrameEntry>,
+    level: i32,
+}
+
+impl RawFrame {
+    /// Uncompressed bytes.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The frame, compressed as [`FrameBuilder::finish`] would have.
+    pub fn compress(self) -> Result<Frame, ChunkError> {
+        let compressed =
+            zstd::bulk::compress(&self.data, self.level).map_err(ChunkError::Compress)?;
+        Ok(Frame {
+            compressed,
+            uncompressed_len: self.data.len() as u32,
+            entries: self.entries,
+        })
+    }
+}
+
 /// Gathers chunks until about `target` bytes, then compresses them as one frame.
 pub struct FrameBuilder {
     target: usize,
+    level: i32,
     buf: Vec<u8>,
     entries: Vec<FrameEntry>,
     compressor: zstd::bulk::Compressor<'static>,
@@ -74,6 +105,7 @@ impl FrameBuilder {
     pub fn new(target: usize, level: i32) -> Result<Self, ChunkError> {
         Ok(FrameBuilder {
             target,
+            level,
             buf: Vec::with_capacity(target + 256 * 1024),
             entries: Vec::new(),
             compressor: zstd::bulk::Compressor::new(level).map_err(ChunkError::Compress)?,
@@ -82,17 +114,36 @@ impl FrameBuilder {
 
     /// Adds a chunk; returns a closed frame once the target size is reached.
     pub fn push(&mut self, id: ChunkId, data: &[u8]) -> Result<Option<Frame>, ChunkError> {
+        if self.add(id, data) {
+            self.finish()
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Adds a chunk and leaves the frame open; says whether it has
+    /// reached the target size.
+    pub fn add(&mut self, id: ChunkId, data: &[u8]) -> bool {
         self.entries.push(FrameEntry {
             id,
             offset: self.buf.len() as u32,
             len: data.len() as u32,
         });
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= self.target {
-            self.finish()
-        } else {
-            Ok(None)
+        self.buf.len() >= self.target
+    }
+
+    /// Closes the current frame, if it holds any chunk, without compressing it.
+    pub fn take_raw(&mut self) -> Option<RawFrame> {
+        if self.entries.is_empty() {
+            return None;
         }
+        let capacity = self.buf.capacity();
+        Some(RawFrame {
+            data: std::mem::replace(&mut self.buf, Vec::with_capacity(capacity)),
+            entries: std::mem::take(&mut self.entries),
+            level: self.level,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -134,6 +185,26 @@ pub fn decompress_frame(compressed: &[u8], expected_len: usize) -> Result<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_frame_compressed_later_is_the_frame_finish_makes() {
+        let chunks: Vec<(ChunkId, Vec<u8>)> = (0u8..5)
+            .map(|i| (ChunkId::of(&[i]), vec![i; 40_000 + usize::from(i)]))
+            .collect();
+        let mut now = FrameBuilder::new(1 << 20, 9).unwrap();
+        let mut later = FrameBuilder::new(1 << 20, 9).unwrap();
+        for (id, data) in &chunks {
+            assert!(now.push(*id, data).unwrap().is_none());
+            assert!(!later.add(*id, data));
+        }
+        let finished = now.finish().unwrap().unwrap();
+        let raw = later.take_raw().unwrap();
+        assert_eq!(raw.len(), finished.uncompressed_len as usize);
+        let compressed = raw.compress().unwrap();
+        assert_eq!(compressed.compressed, finished.compressed);
+        assert_eq!(compressed.entries, finished.entries);
+        assert!(later.take_raw().is_none() && later.is_empty());
+    }
 
     #[test]
     fn frames_round_trip_and_close_at_target() {

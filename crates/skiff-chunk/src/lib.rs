@@ -7,7 +7,7 @@ mod wire;
 
 pub use chunker::Chunker;
 pub use frame::{
-    decompress_frame, verify_chunk, ChunkError, Frame, FrameBuilder, FrameEntry,
+    decompress_frame, verify_chunk, ChunkError, Frame, FrameBuilder, FrameEntry, RawFrame,
     DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, STORE_ZSTD_LEVEL,
 };
 pub use wire::{compress_chunk, decompress_bounded, decompress_chunk};
