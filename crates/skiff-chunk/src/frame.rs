@@ -138,9 +138,11 @@ impl FrameBuilder {
         if self.entries.is_empty() {
             return None;
         }
-        let capacity = self.buf.capacity();
+        // A copy of the exact size: a writer may hold many raw frames.
+        let data = self.buf.clone();
+        self.buf.clear();
         Some(RawFrame {
-            data: std::mem::replace(&mut self.buf, Vec::with_capacity(capacity)),
+            data,
             entries: std::mem::take(&mut self.entries),
             level: self.level,
         })
@@ -186,24 +188,50 @@ pub fn decompress_frame(compressed: &[u8], expected_len: usize) -> Result<Vec<u8
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_raw_frame_compressed_later_is_the_frame_finish_makes() {
-        let chunks: Vec<(ChunkId, Vec<u8>)> = (0u8..5)
-            .map(|i| (ChunkId::of(&[i]), vec![i; 40_000 + usize::from(i)]))
-            .collect();
-        let mut now = FrameBuilder::new(1 << 20, 9).unwrap();
-        let mut later = FrameBuilder::new(1 << 20, 9).unwrap();
-        for (id, data) in &chunks {
-            assert!(now.push(*id, data).unwrap().is_none());
-            assert!(!later.add(*id, data));
+    /// Text-like bytes: words from a small vocabulary, chosen pseudo-randomly.
+    fn words(len: usize, mut seed: u64) -> Vec<u8> {
+        const WORDS: [&[u8]; 8] = [
+            b"frame ", b"chunk ", b"layer ", b"image ", b"zstd ", b"blob ", b"tar ", b"\n",
+        ];
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            out.extend_from_slice(WORDS[(seed >> 61) as usize]);
         }
-        let finished = now.finish().unwrap().unwrap();
-        let raw = later.take_raw().unwrap();
-        assert_eq!(raw.len(), finished.uncompressed_len as usize);
-        let compressed = raw.compress().unwrap();
-        assert_eq!(compressed.compressed, finished.compressed);
-        assert_eq!(compressed.entries, finished.entries);
-        assert!(later.take_raw().is_none() && later.is_empty());
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn raw_frames_compressed_later_are_the_frames_one_builder_makes() {
+        // Several frames through one builder (its compressor reused), at
+        // the push's and the store's levels.
+        for level in [9, STORE_ZSTD_LEVEL] {
+            let mut now = FrameBuilder::new(200_000, level).unwrap();
+            let mut later = FrameBuilder::new(200_000, level).unwrap();
+            let (mut finished, mut raws) = (Vec::new(), Vec::new());
+            for i in 0..16u64 {
+                let data = words(45_000 + i as usize * 101, i);
+                let id = ChunkId::of(&data);
+                finished.extend(now.push(id, &data).unwrap());
+                if later.add(id, &data) {
+                    raws.extend(later.take_raw());
+                }
+            }
+            finished.extend(now.finish().unwrap());
+            raws.extend(later.take_raw());
+            assert!(finished.len() >= 3);
+            assert_eq!(raws.len(), finished.len());
+            for (raw, frame) in raws.into_iter().zip(&finished) {
+                assert_eq!(raw.len(), frame.uncompressed_len as usize);
+                let compressed = raw.compress().unwrap();
+                assert_eq!(compressed.compressed, frame.compressed);
+                assert_eq!(compressed.entries, frame.entries);
+            }
+            assert!(later.take_raw().is_none() && later.is_empty());
+        }
     }
 
     #[test]

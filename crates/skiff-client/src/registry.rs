@@ -41,8 +41,8 @@ use crate::ClientError;
 /// Index and chunk table blobs are compressed hard: they are read before a
 /// mount is ready.
 const METADATA_ZSTD_LEVEL: i32 = 9;
-/// Frames a push makes are compressed harder than a store's (level 3 by
-/// default): a registry's bytes are stored once and fetched by every host,
+/// Frames a push makes are compressed harder than a store's (level 6 for
+/// a store created since 2026-12-08, 3 before): a registry's bytes are stored once and fetched by every host,
 /// and zstd decompresses level 9 as fast. Fixed, not the store's level, so
 /// the same image makes the same blobs in every store (with the same zstd
 /// library). On the dataset (`git`, `python`, `perl`) level 9 stores 6%

@@ -185,7 +185,12 @@ pub fn run(args: RelayerArgs) -> Result<()> {
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")?;
-    let (store, _) = Store::open_or_create_new(&work.path().join("store"), &StoreConfig::default())
+    // Frames read once and deleted: the quick level, not a kept store's.
+    let work_config = StoreConfig {
+        zstd_level: skiff_chunk::DEFAULT_ZSTD_LEVEL,
+        ..StoreConfig::default()
+    };
+    let (store, _) = Store::open_or_create_new(&work.path().join("store"), &work_config)
         .context("making the work store")?;
     let options = ConvertOptions {
         platform,
