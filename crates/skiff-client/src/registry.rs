@@ -42,14 +42,16 @@ use crate::ClientError;
 /// mount is ready.
 const METADATA_ZSTD_LEVEL: i32 = 9;
 /// Frames a push makes are compressed harder than a store's (level 6 for
-/// a store created since 2026-12-08, 3 before): a registry's bytes are stored once and fetched by every host,
-/// and zstd decompresses level 9 as fast. Fixed, not the store's level, so
-/// the same image makes the same blobs in every store (with the same zstd
-/// library). On the dataset (`git`, `python`, `perl`) level 9 stores 6%
-/// fewer bytes than level 3, and with a blob's frames compressed side by
-/// side pushes as fast as level 3 did one frame at a time (6.3 s for the
-/// three on two cores); level 19 saves another 8% at a tenth of the speed. (Blobs pushed at level 3, by skiff before
-/// 2026-12, are not those a push makes now: a push sends them anew.)
+/// a store created since 2026-12-08, 3 before): a registry's bytes are
+/// stored once and fetched by every host, and zstd decompresses level 9 as
+/// fast. Fixed, not the store's level, so the same image makes the same
+/// blobs in every store (with the same zstd library). On the dataset
+/// (`git`, `python`, `perl`) level 9 stores 6% fewer bytes than level 3,
+/// and with a blob's frames compressed side by side pushes as fast as
+/// level 3 did one frame at a time (6.3 s for the three on two cores);
+/// level 19 saves another 8% at a tenth of the speed. (Blobs pushed at
+/// level 3, by skiff before 2026-12, are not those a push makes now: a
+/// push sends them anew.)
 const PUSH_ZSTD_LEVEL: i32 = 9;
 /// Where a store remembers which repositories got which blobs, for cross-mounts.
 const BLOB_LOG_FILE: &str = "registry-blobs.json";
@@ -157,14 +159,17 @@ fn push_order(
     let mut order = Vec::with_capacity(chunks.len());
     let mut placed = HashSet::new();
     for record in records {
-        if record.chunks_in_path_order() {
-            let layer = record.chunks.iter().filter_map(|id| by_id.get(id));
-            order.extend(layer.filter(|c| placed.insert(c.id)).copied());
+        let layer: Vec<&ChunkRef> = if record.chunks_in_path_order() {
+            record
+                .chunks
+                .iter()
+                .filter_map(|id| by_id.get(id))
+                .collect()
         } else {
-            let layer: HashSet<ChunkId> = record.chunks.into_iter().collect();
-            let layer = chunks.iter().filter(|c| layer.contains(&c.id));
-            order.extend(layer.filter(|c| placed.insert(c.id)).copied());
-        }
+            let ids: HashSet<&ChunkId> = record.chunks.iter().collect();
+            chunks.iter().filter(|c| ids.contains(&c.id)).collect()
+        };
+        order.extend(layer.into_iter().filter(|c| placed.insert(c.id)).copied());
     }
     order.extend(chunks.iter().filter(|c| placed.insert(c.id)).copied());
     Ok(order)

@@ -2,10 +2,10 @@
 //!
 //! The image's chunks in path order (depth first, names sorted: the order
 //! of the index's inodes, of `find`, `ls -R`, `tar` and most starts) are
-//! the layout a read window
-//! runs along, across the ends of files: a directory of small files costs
-//! one request, not one per file. Each stream of reads has a window of its
-//! own, which doubles each time reads go on where its last fetch ended; a
+//! the layout a read window runs along, across the ends of files: a
+//! directory of small files costs one request, not one per file. Each
+//! stream of reads has a window of its own, which doubles each time reads
+//! go on where its last fetch ended; a
 //! read that lands anywhere else starts a new stream at the smallest
 //! window, so random reads fetch little. As the kernel's readahead does, a
 //! stream whose reads pass the middle of what it fetched fetches its next
