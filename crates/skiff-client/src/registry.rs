@@ -113,9 +113,12 @@ fn frame_cut(id: &ChunkId, raw: u64) -> bool {
 }
 
 /// A blob closes after a frame whose last chunk's id says so (about every 4
-/// frames), once it holds [`MIN_BLOB_RAW`], and at [`MAX_BLOB_RAW`] anyway:
-/// ~6 MiB of chunks, ~2 MB compressed, so a shared run of chunks is mostly
-/// whole blobs and an image has few (a 1 GB one: about 170).
+/// frames), once it holds [`MIN_BLOB_RAW`], and at [`MAX_BLOB_RAW`] anyway
+/// (and where [`push_order`] starts one): ~8 MiB of chunks, ~3 MB
+/// compressed, so an image has few (a 1 GB one: about 130) and a walk few
+/// requests, as a read never spans two blobs. Sharing needs no smaller
+/// blobs: a layer and a large directory start blobs of their own, so the
+/// blobs of a shared run align at its ends.
 fn blob_cut(last: &ChunkId, raw: u64) -> bool {
     raw >= MAX_BLOB_RAW || (raw >= MIN_BLOB_RAW && last.as_bytes()[1] & 0x03 == 0)
 }
@@ -124,8 +127,8 @@ const MIN_FRAME_RAW: u64 = 256 << 10;
 /// A profile's chunks go into blobs of about this many compressed bytes.
 const PROFILE_BLOB_BYTES: u64 = 64 << 20;
 const MAX_FRAME_RAW: usize = 2 << 20;
-const MIN_BLOB_RAW: u64 = 2 << 20;
-const MAX_BLOB_RAW: u64 = 8 << 20;
+const MIN_BLOB_RAW: u64 = 4 << 20;
+const MAX_BLOB_RAW: u64 = 12 << 20;
 
 /// The image's chunks in the order a push frames them: layer by layer
 /// (the records of the layers it was converted from), each layer's in the
@@ -142,37 +145,77 @@ const MAX_BLOB_RAW: u64 = 8 << 20;
 /// `perl` on one base) the registry holds 7% fewer bytes than in the
 /// image's order: the blobs all three share went from 32.6 MB to 40.5 MB.
 /// Both are path orders, so a walk's windows map to as few requests.
+///
+/// Each layer starts a blob, and so does each place its record names (a
+/// large directory's ends): the last blob of a base then holds the base's
+/// chunks alone, as in every image on it.
 fn push_order(
     store: &Store,
     manifest: &ImageManifest,
     chunks: &[ChunkRef],
-) -> Result<Vec<ChunkRef>, ClientError> {
+) -> Result<Vec<Placed>, ClientError> {
+    let unordered = |chunks: &[ChunkRef]| {
+        chunks
+            .iter()
+            .map(|&chunk| Placed {
+                chunk,
+                starts_blob: false,
+            })
+            .collect()
+    };
     let mut records = Vec::new();
     for diff_id in &manifest.source.diff_ids {
         match store.layer_record(diff_id)? {
             Some(record) => records.push(record),
             // All or none: the order must not depend on which records a store happens to hold.
-            None => return Ok(chunks.to_vec()),
+            None => return Ok(unordered(chunks)),
         }
     }
     let by_id: HashMap<ChunkId, ChunkRef> = chunks.iter().map(|c| (c.id, *c)).collect();
     let mut order = Vec::with_capacity(chunks.len());
     let mut placed = HashSet::new();
     for record in records {
-        let layer: Vec<&ChunkRef> = if record.chunks_in_path_order() {
+        // Each chunk of the layer with whether a blob starts at it.
+        let layer: Vec<(&ChunkRef, bool)> = if record.chunks_in_path_order() {
+            let starts: HashSet<usize> = record.blob_starts.iter().map(|&at| at as usize).collect();
             record
                 .chunks
                 .iter()
-                .filter_map(|id| by_id.get(id))
+                .enumerate()
+                .filter_map(|(at, id)| Some((by_id.get(id)?, at == 0 || starts.contains(&at))))
                 .collect()
         } else {
             let ids: HashSet<&ChunkId> = record.chunks.iter().collect();
-            chunks.iter().filter(|c| ids.contains(&c.id)).collect()
+            let layer = chunks.iter().filter(|c| ids.contains(&c.id));
+            layer.enumerate().map(|(at, c)| (c, at == 0)).collect()
         };
-        order.extend(layer.into_iter().filter(|c| placed.insert(c.id)).copied());
+        // A start whose chunk an earlier layer placed passes to the next chunk.
+        let mut start_pending = false;
+        for (chunk, starts_blob) in layer {
+            start_pending |= starts_blob;
+            if placed.insert(chunk.id) {
+                order.push(Placed {
+                    chunk: *chunk,
+                    starts_blob: std::mem::take(&mut start_pending),
+                });
+            }
+        }
     }
-    order.extend(chunks.iter().filter(|c| placed.insert(c.id)).copied());
+    let rest: Vec<ChunkRef> = chunks
+        .iter()
+        .filter(|c| !placed.contains(&c.id))
+        .copied()
+        .collect();
+    order.extend(unordered(&rest));
     Ok(order)
+}
+
+/// A chunk in a push's order.
+#[derive(Clone, Copy, Debug)]
+struct Placed {
+    chunk: ChunkRef,
+    /// Whether the chunk begins a new blob (and frame) whatever the content says.
+    starts_blob: bool,
 }
 
 /// Frames and blobs as a push makes them, and the chunk table over them.
@@ -191,20 +234,29 @@ struct BlobWriter<'a> {
 }
 
 impl BlobWriter<'_> {
-    fn push(&mut self, chunk: &ChunkRef, data: &[u8]) -> Result<(), ClientError> {
+    fn push(&mut self, placed: &Placed, data: &[u8]) -> Result<(), ClientError> {
+        let chunk = &placed.chunk;
+        if placed.starts_blob {
+            self.close_frame();
+            self.close_blob()?;
+        }
         self.frame_raw += u64::from(chunk.len);
         let full = self.builder.add(chunk.id, data);
         if full || frame_cut(&chunk.id, self.frame_raw) {
-            if let Some(frame) = self.builder.take_raw() {
-                self.blob_raw += frame.len() as u64;
-                self.frames.push(frame);
-                self.frame_raw = 0;
-            }
+            self.close_frame();
             if blob_cut(&chunk.id, self.blob_raw) {
                 self.close_blob()?;
             }
         }
         Ok(())
+    }
+
+    fn close_frame(&mut self) {
+        if let Some(frame) = self.builder.take_raw() {
+            self.blob_raw += frame.len() as u64;
+            self.frames.push(frame);
+        }
+        self.frame_raw = 0;
     }
 
     fn add_frame(&mut self, blob: &mut Vec<u8>, frame: Frame) {
@@ -246,7 +298,7 @@ impl BlobWriter<'_> {
 
     /// Closes the last frame and blob; the pack descriptors and the chunk table.
     fn finish(mut self) -> Result<(Vec<Descriptor>, ChunkTable), ClientError> {
-        self.frames.extend(self.builder.take_raw());
+        self.close_frame();
         self.close_blob()?;
         self.table.chunks.sort_by_key(|c| c.id);
         self.table.validate(self.packs.len())?;
@@ -571,7 +623,7 @@ fn push_artifact(
     let index = ImageIndex::decode(&encoded)?;
     let distinct = index.distinct_chunks();
     let order = push_order(store, &manifest, &distinct)?;
-    let total: u64 = order.iter().map(|c| u64::from(c.len)).sum();
+    let total: u64 = order.iter().map(|p| u64::from(p.chunk.len)).sum();
     progress.start(order.len() as u64, total);
     let mut writer = BlobWriter {
         registry,
@@ -584,9 +636,9 @@ fn push_artifact(
         packs: Vec::new(),
         table: ChunkTable::default(),
     };
-    for chunk in &order {
-        writer.push(chunk, &store.read_chunk(&chunk.id)?)?;
-        progress.advance(u64::from(chunk.len));
+    for placed in &order {
+        writer.push(placed, &store.read_chunk(&placed.chunk.id)?)?;
+        progress.advance(u64::from(placed.chunk.len));
     }
     let (packs, table) = writer.finish()?;
     let config_bytes = manifest.config.get().as_bytes().to_vec();

@@ -3,7 +3,7 @@
 //! downloading, decompressing and chunking the layer again (as `docker pull`
 //! skips layers it has). gc drops a record once any chunk it names is freed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use skiff_format::{ChunkId, ChunkRef, Metadata};
@@ -88,18 +88,44 @@ impl LayerRecorder {
                 entry
             })
             .collect();
-        let chunks = path_order(&entries);
+        let PathOrder {
+            chunks,
+            blob_starts,
+        } = path_order(&entries);
         let mut payload = vec![RECORD_VERSION];
         payload.extend(postcard::to_stdvec(&entries).expect("postcard encoding into a Vec"));
-        LayerRecord { chunks, payload }
+        LayerRecord {
+            chunks,
+            payload,
+            blob_starts,
+        }
     }
+}
+
+/// A directory whose files' distinct chunks hold at least this many bytes
+/// gets blobs of its own in a push (see [`path_order`]).
+const OWN_BLOBS_DIR_RAW: u64 = 8 << 20;
+
+/// A layer's distinct chunks in the order a push frames them.
+#[derive(Debug, PartialEq, Eq)]
+struct PathOrder {
+    chunks: Vec<ChunkId>,
+    /// Positions in `chunks` where a directory of at least
+    /// [`OWN_BLOBS_DIR_RAW`] bytes begins or ends.
+    blob_starts: Vec<u32>,
 }
 
 /// The distinct chunks of a layer's files in the layer's own path order
 /// (depth first, names sorted; a path the tar holds twice in its tar
 /// order): a function of the layer alone, whatever order its tar writer
 /// chose, and the order a push frames the layer in.
-fn path_order(entries: &[RecordedEntry]) -> Vec<ChunkId> {
+///
+/// A large directory begins and ends a blob. Its tree is mostly one
+/// package's (`usr/share/perl/5.36`), and another image may install that
+/// package among other files (`git` pulls in perl): where content decides
+/// alone, blobs realign only some way into the shared tree and the blob
+/// straddling each end is lost to sharing.
+fn path_order(entries: &[RecordedEntry]) -> PathOrder {
     let mut files: Vec<(Vec<&[u8]>, &[ChunkRef])> = entries
         .iter()
         .filter_map(|e| match &e.kind {
@@ -109,11 +135,56 @@ fn path_order(entries: &[RecordedEntry]) -> Vec<ChunkId> {
         .collect();
     files.sort_by(|a, b| a.0.cmp(&b.0));
     let mut seen = HashSet::new();
-    files
+    // Each file's distinct chunks, first seen in this order.
+    let new_chunks: Vec<Vec<ChunkRef>> = files
         .iter()
-        .flat_map(|(_, chunks)| chunks.iter().map(|c| c.id))
-        .filter(|id| seen.insert(*id))
-        .collect()
+        .map(|(_, chunks)| {
+            chunks
+                .iter()
+                .filter(|c| seen.insert(c.id))
+                .copied()
+                .collect()
+        })
+        .collect();
+    let mut dir_raw: HashMap<&[&[u8]], u64> = HashMap::new();
+    for ((path, _), chunks) in files.iter().zip(&new_chunks) {
+        let raw: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        for depth in 1..path.len() {
+            *dir_raw.entry(&path[..depth]).or_default() += raw;
+        }
+    }
+    let large = |dir: &[&[u8]]| {
+        dir_raw
+            .get(dir)
+            .is_some_and(|&raw| raw >= OWN_BLOBS_DIR_RAW)
+    };
+    let mut order = PathOrder {
+        chunks: Vec::new(),
+        blob_starts: Vec::new(),
+    };
+    for (i, chunks) in new_chunks.iter().enumerate() {
+        if let Some(before) = i.checked_sub(1).map(|b| &files[b].0) {
+            let path = &files[i].0;
+            let (dirs, before_dirs) = (&path[..path.len() - 1], &before[..before.len() - 1]);
+            let common = dirs
+                .iter()
+                .zip(before_dirs)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let left_or_entered = (common + 1..=before_dirs.len())
+                .any(|d| large(&before_dirs[..d]))
+                || (common + 1..=dirs.len()).any(|d| large(&dirs[..d]));
+            let at = order.chunks.len() as u32;
+            if left_or_entered && at > 0 && order.blob_starts.last() != Some(&at) {
+                order.blob_starts.push(at);
+            }
+        }
+        order.chunks.extend(chunks.iter().map(|c| c.id));
+    }
+    if order.blob_starts.last() == Some(&(order.chunks.len() as u32)) {
+        order.blob_starts.pop();
+    }
+    order
 }
 
 fn components(path: &[u8]) -> Vec<&[u8]> {
@@ -191,9 +262,39 @@ mod tests {
             },
             file("usr/a/z", &[b, a]),
         ];
-        assert_eq!(path_order(&entries), vec![b, a, c, d]);
+        assert_eq!(path_order(&entries).chunks, vec![b, a, c, d]);
         let mut reversed = entries.clone();
         reversed.reverse();
-        assert_eq!(path_order(&reversed), vec![b, a, c, d]);
+        assert_eq!(path_order(&reversed).chunks, vec![b, a, c, d]);
+    }
+
+    #[test]
+    fn a_large_directory_begins_and_ends_blobs_of_its_own() {
+        let id = |i: u32| ChunkId::of(&i.to_le_bytes());
+        let sized = |path: &str, ids: &[u32], len: u32| RecordedEntry {
+            path: path.as_bytes().to_vec(),
+            meta: Metadata::default(),
+            kind: RecordedKind::File {
+                size: u64::from(len) * ids.len() as u64,
+                chunks: ids.iter().map(|&i| ChunkRef { id: id(i), len }).collect(),
+            },
+        };
+        let mib = 1 << 20;
+        let entries = vec![
+            sized("usr/bin/a", &[0, 1], mib),
+            // 9 MiB of distinct chunks (chunk 1 again counts once).
+            sized("usr/share/pkg/x", &[2, 3, 4, 5, 1], mib),
+            sized("usr/share/pkg/y/z", &[6, 7, 8, 9, 10], mib),
+            // 3 MiB: too small to matter.
+            sized("usr/share/small/w", &[11, 12, 13], mib),
+            sized("usr/share/tail", &[14], mib),
+        ];
+        let order = path_order(&entries);
+        assert_eq!(order.chunks, (0..15).map(id).collect::<Vec<_>>());
+        // usr/share (13 MiB) and usr/share/pkg begin at chunk 2; pkg ends at 11.
+        assert_eq!(order.blob_starts, vec![2, 11]);
+        // A large directory at the layer's end adds no start past the last chunk.
+        let order = path_order(&entries[..3]);
+        assert_eq!(order.blob_starts, vec![2]);
     }
 }
