@@ -306,7 +306,6 @@ fn a_second_image_uploads_only_new_blobs_and_cross_mounts_shared_ones() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let first = setup.skiff_json(&["push", "first:v1", &setup.reference("team/first:v1")]);
-    let first_bytes = first["bytes_uploaded"].as_u64().unwrap();
 
     // Into the same repository: the blobs of the shared base are there already.
     let uploads = setup.proxy.stats.uploads.load(SeqCst);
@@ -314,10 +313,10 @@ fn a_second_image_uploads_only_new_blobs_and_cross_mounts_shared_ones() {
     let sent = setup.proxy.stats.uploads.load(SeqCst) - uploads;
     assert_eq!(sent, second["blobs_uploaded"].as_u64().unwrap());
     assert!(second["blobs_present"].as_u64().unwrap() >= 2, "{second}");
-    // Its own 1 MB file, the blob where the base meets it, and its small
-    // metadata blobs: well under half of what the first push sent.
+    // Its own 1 MB file and its small metadata blobs (a layer starts a
+    // blob, so none of the base's is sent again).
     let bytes = second["bytes_uploaded"].as_u64().unwrap();
-    assert!(bytes * 2 < first_bytes, "{second} after {first}");
+    assert!(bytes < 1_300_000, "{second} after {first}");
 
     // Into another repository: what team/first has is cross-mounted, not sent.
     let uploads = setup.proxy.stats.uploads.load(SeqCst);

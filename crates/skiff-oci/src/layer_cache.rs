@@ -88,44 +88,37 @@ impl LayerRecorder {
                 entry
             })
             .collect();
-        let PathOrder {
-            chunks,
-            blob_starts,
-        } = path_order(&entries);
+        let chunks = path_order(&entries, u64::MAX).chunks;
         let mut payload = vec![RECORD_VERSION];
         payload.extend(postcard::to_stdvec(&entries).expect("postcard encoding into a Vec"));
-        LayerRecord {
-            chunks,
-            payload,
-            blob_starts,
-        }
+        LayerRecord { chunks, payload }
     }
 }
 
-/// A directory whose files' distinct chunks hold at least this many bytes
-/// gets blobs of its own in a push (see [`path_order`]).
-const OWN_BLOBS_DIR_RAW: u64 = 8 << 20;
-
-/// A layer's distinct chunks in the order a push frames them.
+/// A layer's distinct chunks in its own path order, and where in that
+/// order large directories begin and end.
 #[derive(Debug, PartialEq, Eq)]
-struct PathOrder {
-    chunks: Vec<ChunkId>,
-    /// Positions in `chunks` where a directory of at least
-    /// [`OWN_BLOBS_DIR_RAW`] bytes begins or ends.
-    blob_starts: Vec<u32>,
+pub struct PathOrder {
+    pub chunks: Vec<ChunkId>,
+    /// Ascending positions in `chunks` (never 0 nor the end) where a
+    /// directory begins or ends whose files bring at least the asked
+    /// number of bytes of chunks not seen before in this order.
+    pub dir_bounds: Vec<u32>,
+}
+
+/// A converted layer's path order, from its record, with the bounds of
+/// directories of at least `large_dir_raw` bytes; `None` for a record of
+/// another version or a broken one.
+pub fn layer_path_order(record: &LayerRecord, large_dir_raw: u64) -> Option<PathOrder> {
+    decode(record).map(|entries| path_order(&entries, large_dir_raw))
 }
 
 /// The distinct chunks of a layer's files in the layer's own path order
 /// (depth first, names sorted; a path the tar holds twice in its tar
 /// order): a function of the layer alone, whatever order its tar writer
-/// chose, and the order a push frames the layer in.
-///
-/// A large directory begins and ends a blob. Its tree is mostly one
-/// package's (`usr/share/perl/5.36`), and another image may install that
-/// package among other files (`git` pulls in perl): where content decides
-/// alone, blobs realign only some way into the shared tree and the blob
-/// straddling each end is lost to sharing.
-fn path_order(entries: &[RecordedEntry]) -> PathOrder {
+/// chose. And the bounds of each directory whose files' chunks, first seen
+/// there in this order, hold at least `large_dir_raw` bytes.
+fn path_order(entries: &[RecordedEntry], large_dir_raw: u64) -> PathOrder {
     let mut files: Vec<(Vec<&[u8]>, &[ChunkRef])> = entries
         .iter()
         .filter_map(|e| match &e.kind {
@@ -135,7 +128,7 @@ fn path_order(entries: &[RecordedEntry]) -> PathOrder {
         .collect();
     files.sort_by(|a, b| a.0.cmp(&b.0));
     let mut seen = HashSet::new();
-    // Each file's distinct chunks, first seen in this order.
+    // Each file's chunks first seen in this order.
     let new_chunks: Vec<Vec<ChunkRef>> = files
         .iter()
         .map(|(_, chunks)| {
@@ -153,36 +146,29 @@ fn path_order(entries: &[RecordedEntry]) -> PathOrder {
             *dir_raw.entry(&path[..depth]).or_default() += raw;
         }
     }
-    let large = |dir: &[&[u8]]| {
-        dir_raw
-            .get(dir)
-            .is_some_and(|&raw| raw >= OWN_BLOBS_DIR_RAW)
-    };
+    let large = |dir: &[&[u8]]| dir_raw.get(dir).is_some_and(|&raw| raw >= large_dir_raw);
     let mut order = PathOrder {
         chunks: Vec::new(),
-        blob_starts: Vec::new(),
+        dir_bounds: Vec::new(),
     };
-    for (i, chunks) in new_chunks.iter().enumerate() {
-        if let Some(before) = i.checked_sub(1).map(|b| &files[b].0) {
-            let path = &files[i].0;
-            let (dirs, before_dirs) = (&path[..path.len() - 1], &before[..before.len() - 1]);
-            let common = dirs
-                .iter()
-                .zip(before_dirs)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let left_or_entered = (common + 1..=before_dirs.len())
-                .any(|d| large(&before_dirs[..d]))
+    let mut before: Option<&[&[u8]]> = None;
+    for ((path, _), chunks) in files.iter().zip(&new_chunks) {
+        let dirs = &path[..path.len() - 1];
+        if let Some(before) = before {
+            let common = dirs.iter().zip(before).take_while(|(a, b)| a == b).count();
+            let left_or_entered = (common + 1..=before.len()).any(|d| large(&before[..d]))
                 || (common + 1..=dirs.len()).any(|d| large(&dirs[..d]));
             let at = order.chunks.len() as u32;
-            if left_or_entered && at > 0 && order.blob_starts.last() != Some(&at) {
-                order.blob_starts.push(at);
+            if left_or_entered && at > 0 && order.dir_bounds.last() != Some(&at) {
+                order.dir_bounds.push(at);
             }
         }
+        before = Some(dirs);
         order.chunks.extend(chunks.iter().map(|c| c.id));
     }
-    if order.blob_starts.last() == Some(&(order.chunks.len() as u32)) {
-        order.blob_starts.pop();
+    // A directory that ends the layer (or is followed by chunks seen before only).
+    if order.dir_bounds.last() == Some(&(order.chunks.len() as u32)) {
+        order.dir_bounds.pop();
     }
     order
 }
@@ -262,39 +248,49 @@ mod tests {
             },
             file("usr/a/z", &[b, a]),
         ];
-        assert_eq!(path_order(&entries).chunks, vec![b, a, c, d]);
+        assert_eq!(path_order(&entries, u64::MAX).chunks, vec![b, a, c, d]);
         let mut reversed = entries.clone();
         reversed.reverse();
-        assert_eq!(path_order(&reversed).chunks, vec![b, a, c, d]);
+        assert_eq!(path_order(&reversed, u64::MAX).chunks, vec![b, a, c, d]);
     }
 
     #[test]
-    fn a_large_directory_begins_and_ends_blobs_of_its_own() {
+    fn large_directories_bound_runs_of_the_path_order() {
         let id = |i: u32| ChunkId::of(&i.to_le_bytes());
-        let sized = |path: &str, ids: &[u32], len: u32| RecordedEntry {
+        let mib = 1 << 20;
+        let sized = |path: &str, ids: &[u32]| RecordedEntry {
             path: path.as_bytes().to_vec(),
             meta: Metadata::default(),
             kind: RecordedKind::File {
-                size: u64::from(len) * ids.len() as u64,
-                chunks: ids.iter().map(|&i| ChunkRef { id: id(i), len }).collect(),
+                size: u64::from(mib) * ids.len() as u64,
+                chunks: ids
+                    .iter()
+                    .map(|&i| ChunkRef {
+                        id: id(i),
+                        len: mib,
+                    })
+                    .collect(),
             },
         };
-        let mib = 1 << 20;
+        let large = 8 * u64::from(mib);
         let entries = vec![
-            sized("usr/bin/a", &[0, 1], mib),
-            // 9 MiB of distinct chunks (chunk 1 again counts once).
-            sized("usr/share/pkg/x", &[2, 3, 4, 5, 1], mib),
-            sized("usr/share/pkg/y/z", &[6, 7, 8, 9, 10], mib),
-            // 3 MiB: too small to matter.
-            sized("usr/share/small/w", &[11, 12, 13], mib),
-            sized("usr/share/tail", &[14], mib),
+            sized("usr/bin/a", &[0, 1]),
+            // 9 MiB of chunks first seen here: large.
+            sized("usr/share/pkg/x", &[2, 3, 4, 5]),
+            sized("usr/share/pkg/y/z", &[6, 7, 8, 9, 10]),
+            // 7 MiB new and 1 MiB seen before: not large.
+            sized("usr/share/repeat/w", &[11, 12, 13, 14, 0]),
+            sized("usr/share/repeat/x", &[15, 16, 17]),
+            sized("usr/share/tail", &[18]),
         ];
-        let order = path_order(&entries);
-        assert_eq!(order.chunks, (0..15).map(id).collect::<Vec<_>>());
-        // usr/share (13 MiB) and usr/share/pkg begin at chunk 2; pkg ends at 11.
-        assert_eq!(order.blob_starts, vec![2, 11]);
-        // A large directory at the layer's end adds no start past the last chunk.
-        let order = path_order(&entries[..3]);
-        assert_eq!(order.blob_starts, vec![2]);
+        let order = path_order(&entries, large);
+        assert_eq!(order.chunks, (0..19).map(id).collect::<Vec<_>>());
+        // usr/share (17 MiB) and usr/share/pkg begin at chunk 2; pkg ends at 11.
+        assert_eq!(order.dir_bounds, vec![2, 11]);
+        // A large directory followed by chunks seen before only ends at the end: no bound there.
+        let mut ending = entries[..3].to_vec();
+        ending.push(sized("usr/zzz", &[0]));
+        assert_eq!(path_order(&ending, large).dir_bounds, vec![2]);
+        assert!(path_order(&entries, u64::MAX).dir_bounds.is_empty());
     }
 }

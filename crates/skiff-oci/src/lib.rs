@@ -19,6 +19,7 @@ mod verify;
 pub use convert::{convert, ConvertOptions, ConvertProgress, ConvertReport};
 pub use error::OciError;
 pub use export::{export, ExportReport, WrittenLayer};
+pub use layer_cache::{layer_path_order, PathOrder};
 pub use layer_files::{layer_files, LayerFiles};
 pub use merge::MergedTree;
 pub use relayer::{relayer, RelayerProgress, RelayerReport, RelayeredImage};

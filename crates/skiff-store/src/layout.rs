@@ -106,31 +106,13 @@ pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
     /// Each distinct chunk of the layer's files once, in the layer's own
-    /// path order (depth first, names sorted), the order a push frames the
-    /// layer in. A record of an older skiff holds them sorted by id.
+    /// path order (depth first, names sorted); a record of an older skiff
+    /// holds them sorted by id. (A push orders a layer from the payload.)
     pub chunks: Vec<skiff_format::ChunkId>,
     pub payload: Vec<u8>,
-    /// Positions in `chunks` where a push starts a new blob: where a
-    /// directory of many bytes begins or ends (see skiff-oci's layer
-    /// records). Empty in a record of an older skiff.
-    pub blob_starts: Vec<u32>,
-}
-
-/// A record as skiff wrote it before `blob_starts` (2026-12-08).
-#[derive(Serialize, Deserialize)]
-struct LegacyLayerRecord {
-    chunks: Vec<skiff_format::ChunkId>,
-    payload: Vec<u8>,
 }
 
 impl LayerRecord {
-    /// Whether `chunks` is in the layer's path order, not sorted by id as
-    /// in an older record. (A layer whose chunks come sorted reads as
-    /// older, and a push frames it in the image's file order instead.)
-    pub fn chunks_in_path_order(&self) -> bool {
-        !self.chunks.is_sorted()
-    }
-
     pub(crate) fn encode(&self) -> Vec<u8> {
         let raw = postcard::to_stdvec(self).expect("postcard encoding into a Vec");
         zstd::bulk::compress(&raw, 3).expect("zstd compression of a buffer")
@@ -140,43 +122,6 @@ impl LayerRecord {
         // Records are metadata and chunk lists: 256 MiB bounds a corrupt one.
         let raw = zstd::bulk::decompress(bytes, 256 << 20)
             .map_err(|e| StoreError::Corrupt(format!("layer record: {e}")))?;
-        // postcard is not self-describing: an older record ends where the
-        // new field would begin.
-        postcard::from_bytes(&raw)
-            .or_else(|_| {
-                postcard::from_bytes::<LegacyLayerRecord>(&raw).map(|old| LayerRecord {
-                    chunks: old.chunks,
-                    payload: old.payload,
-                    blob_starts: Vec::new(),
-                })
-            })
-            .map_err(|e| StoreError::Corrupt(format!("layer record: {e}")))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_layer_record_of_an_older_skiff_decodes_without_blob_starts() {
-        let chunks = vec![
-            skiff_format::ChunkId::of(b"b"),
-            skiff_format::ChunkId::of(b"a"),
-        ];
-        let legacy = LegacyLayerRecord {
-            chunks: chunks.clone(),
-            payload: vec![1, 2, 3],
-        };
-        let raw = postcard::to_stdvec(&legacy).unwrap();
-        let decoded = LayerRecord::decode(&zstd::bulk::compress(&raw, 3).unwrap()).unwrap();
-        assert_eq!(decoded.chunks, chunks);
-        assert_eq!(decoded.payload, vec![1, 2, 3]);
-        assert!(decoded.blob_starts.is_empty());
-        let record = LayerRecord {
-            blob_starts: vec![1],
-            ..decoded
-        };
-        assert_eq!(LayerRecord::decode(&record.encode()).unwrap(), record);
+        postcard::from_bytes(&raw).map_err(|e| StoreError::Corrupt(format!("layer record: {e}")))
     }
 }
