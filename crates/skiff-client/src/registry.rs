@@ -3,7 +3,8 @@
 //! A push frames the image's chunks anew, in a deterministic order (layer
 //! by layer, each in the layer's own path order), and cuts frames and blobs
 //! where the chunks' own ids say ([`frame_cut`], [`blob_cut`]), within size
-//! bounds, and at each layer and large directory ([`push_order`]). So blobs are a function of the image's content alone: a second
+//! bounds, and at each layer and large directory ([`push_order`]). So
+//! blobs are a function of the image's content alone: a second
 //! image sharing a run of chunks (a base layer) makes the same blobs for it,
 //! in any store, which the registry has (HEAD) or another repository of it
 //! holds (cross-mounted); only blobs with new chunks are uploaded. And a
@@ -202,7 +203,9 @@ fn place(layers: &[PathOrder], chunks: &[ChunkRef]) -> Vec<Placed> {
         let mut bounds = layer.dir_bounds.iter().map(|&at| at as usize).peekable();
         let mut start_pending = true;
         for (at, id) in layer.chunks.iter().enumerate() {
-            start_pending |= bounds.next_if_eq(&at).is_some();
+            while bounds.next_if(|&bound| bound <= at).is_some() {
+                start_pending = true;
+            }
             let Some(chunk) = by_id.get(id) else {
                 continue;
             };

@@ -657,6 +657,7 @@ mod tests {
         std::thread::spawn(move || {
             let config = PrefetchConfig {
                 batch_bytes: 32 << 10,
+                max_batch_bytes: 32 << 10,
                 ..PrefetchConfig::default()
             };
             prefetch::run(&fetcher, &plan, &config, &AtomicBool::new(false));

@@ -16,10 +16,12 @@ use crate::readahead::Layout;
 
 #[derive(Clone, Debug)]
 pub struct PrefetchConfig {
-    /// Raw bytes of the first batch request, and the fewest of any: later
-    /// ones hold what the source brought in [`BATCH_TIME`], up to
-    /// [`MAX_BATCH_BYTES`].
+    /// Raw bytes of the first batch request, and the fewest of any.
     pub batch_bytes: u64,
+    /// Later batches hold what the source brought in this long at the rate
+    /// the last one came, up to `max_batch_bytes`.
+    pub batch_time: Duration,
+    pub max_batch_bytes: u64,
     /// Upper bound on the average rate, in bytes per second (0: none).
     pub max_rate: u64,
     /// Chunk ids to fetch first (a startup profile), before the rest.
@@ -30,6 +32,8 @@ impl Default for PrefetchConfig {
     fn default() -> Self {
         PrefetchConfig {
             batch_bytes: 4 << 20,
+            batch_time: BATCH_TIME,
+            max_batch_bytes: MAX_BATCH_BYTES,
             max_rate: 0,
             first: Vec::new(),
         }
@@ -45,6 +49,8 @@ impl Default for PrefetchConfig {
 const BATCH_TIME: Duration = Duration::from_millis(100);
 /// The largest batch, in raw bytes.
 const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// A batch grows at most this many times from one to the next.
+const BATCH_GROWTH: u64 = 2;
 
 /// Chunks asked for at once when prefetch goes back for those left out.
 const LEFT_OUT_BATCH: usize = 64;
@@ -198,20 +204,29 @@ pub(crate) fn run(
                 bytes += u64::from(len);
             }
         }
-        let asked = Instant::now();
+        let (asked, fetched_before) = (Instant::now(), prefetched_bytes(fetcher));
         match fetcher.prefetch(&batch) {
             Ok(_) => {
                 sent += bytes;
                 at = next;
                 stuck = None;
-                if !in_profile && bytes > 0 {
-                    let rate = bytes as f64 / asked.elapsed().as_secs_f64().max(1e-6);
-                    let wanted = (rate * BATCH_TIME.as_secs_f64()) as u64;
-                    batch_bytes =
-                        wanted.clamp(config.batch_bytes, MAX_BATCH_BYTES.max(config.batch_bytes));
+                // Sized by what this batch brought itself: chunks a read
+                // was getting, or another host, are not the source's speed.
+                let fetched = prefetched_bytes(fetcher).saturating_sub(fetched_before);
+                if !in_profile && fetched >= config.batch_bytes / 2 {
+                    let mut rate = fetched as f64 / asked.elapsed().as_secs_f64().max(1e-6);
+                    if config.max_rate > 0 {
+                        rate = rate.min(config.max_rate as f64);
+                    }
+                    let wanted = (rate * config.batch_time.as_secs_f64()) as u64;
+                    batch_bytes = wanted.min(batch_bytes.saturating_mul(BATCH_GROWTH)).clamp(
+                        config.batch_bytes,
+                        config.max_batch_bytes.max(config.batch_bytes),
+                    );
                 }
             }
             Err(e) => {
+                batch_bytes = config.batch_bytes;
                 // Chunks arrive in the order asked and are kept as they
                 // arrive, so the first one still missing is where the batch
                 // broke. A server that comes back gets past it; one that
@@ -274,6 +289,10 @@ pub(crate) fn run(
         "prefetch finished in {:.1} s: every chunk of the image is on this host",
         started.elapsed().as_secs_f64()
     );
+}
+
+fn prefetched_bytes(fetcher: &Fetcher) -> u64 {
+    fetcher.stats.prefetched_bytes.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -360,8 +379,9 @@ mod tests {
     }
 
     /// The chunks per request of a prefetch of `chunks` 1 KiB chunks in
-    /// batches of at least 64 KiB from a source that takes `per_kib`.
-    fn batches(chunks: u32, per_kib: Duration) -> Vec<usize> {
+    /// batches of 64 KiB to 1 MiB, each holding what came in `batch_time`,
+    /// from a source that takes `per_kib`.
+    fn batches(chunks: u32, per_kib: Duration, batch_time: Duration) -> Vec<usize> {
         let ids: Vec<ChunkId> = (0..chunks).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
         let source = Arc::new(Paced {
             per_kib,
@@ -386,6 +406,8 @@ mod tests {
         );
         let config = PrefetchConfig {
             batch_bytes: 64 << 10,
+            batch_time,
+            max_batch_bytes: 1 << 20,
             ..PrefetchConfig::default()
         };
         run(&fetcher, &plan, &config, &AtomicBool::new(false));
@@ -396,10 +418,16 @@ mod tests {
 
     #[test]
     fn batches_grow_on_a_fast_source_and_stay_small_on_a_slow_one() {
-        // No wait: after the first 64 KiB, the rest (under 64 MiB) at once.
-        assert_eq!(batches(4096, Duration::ZERO), vec![64, 4032]);
+        // No wait (64 KiB well within 10 s): twice as many each time up to 1 MiB.
+        assert_eq!(
+            batches(3000, Duration::ZERO, Duration::from_secs(10)),
+            vec![64, 128, 256, 512, 1024, 1016]
+        );
         // 64 KiB take 192 ms, longer than a batch's 100 ms: the fewest each time.
-        assert_eq!(batches(256, Duration::from_millis(3)), vec![64; 4]);
+        assert_eq!(
+            batches(256, Duration::from_millis(3), Duration::from_millis(100)),
+            vec![64; 4]
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! downloading, decompressing and chunking the layer again (as `docker pull`
 //! skips layers it has). gc drops a record once any chunk it names is freed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use skiff_format::{ChunkId, ChunkRef, Metadata};
@@ -117,7 +117,9 @@ pub fn layer_path_order(record: &LayerRecord, large_dir_raw: u64) -> Option<Path
 /// (depth first, names sorted; a path the tar holds twice in its tar
 /// order): a function of the layer alone, whatever order its tar writer
 /// chose. And the bounds of each directory whose files' chunks, first seen
-/// there in this order, hold at least `large_dir_raw` bytes.
+/// there in this order, hold at least `large_dir_raw` bytes. Every store
+/// frames a push by this at push time, so any change to it changes the
+/// registry blobs every store makes (and uploads them again).
 fn path_order(entries: &[RecordedEntry], large_dir_raw: u64) -> PathOrder {
     let mut files: Vec<(Vec<&[u8]>, &[ChunkRef])> = entries
         .iter()
@@ -139,42 +141,72 @@ fn path_order(entries: &[RecordedEntry], large_dir_raw: u64) -> PathOrder {
                 .collect()
         })
         .collect();
-    let mut dir_raw: HashMap<&[&[u8]], u64> = HashMap::new();
-    for ((path, _), chunks) in files.iter().zip(&new_chunks) {
-        let raw: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
-        for depth in 1..path.len() {
-            *dir_raw.entry(&path[..depth]).or_default() += raw;
-        }
-    }
-    let large = |dir: &[&[u8]]| dir_raw.get(dir).is_some_and(|&raw| raw >= large_dir_raw);
     let mut order = PathOrder {
         chunks: Vec::new(),
         dir_bounds: Vec::new(),
     };
-    let mut before: Option<&[&[u8]]> = None;
+    // The directories the last file is in, outermost first: where each
+    // began in `order.chunks` and the bytes of its chunks so far. Depth
+    // first, a directory's files are contiguous, so one pass sizes them all.
+    let mut open: Vec<(u32, u64)> = Vec::new();
+    let mut before: &[&[u8]] = &[];
     for ((path, _), chunks) in files.iter().zip(&new_chunks) {
-        let dirs = &path[..path.len() - 1];
-        if let Some(before) = before {
-            let common = dirs.iter().zip(before).take_while(|(a, b)| a == b).count();
-            let left_or_entered = (common + 1..=before.len()).any(|d| large(&before[..d]))
-                || (common + 1..=dirs.len()).any(|d| large(&dirs[..d]));
-            let at = order.chunks.len() as u32;
-            if left_or_entered && at > 0 && order.dir_bounds.last() != Some(&at) {
-                order.dir_bounds.push(at);
-            }
+        let dirs = &path[..path.len().saturating_sub(1)];
+        let common = dirs.iter().zip(before).take_while(|(a, b)| a == b).count();
+        let at = order.chunks.len() as u32;
+        close_dirs(&mut open, common, at, large_dir_raw, &mut order.dir_bounds);
+        open.resize(dirs.len(), (at, 0));
+        if let Some(innermost) = open.last_mut() {
+            innermost.1 += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
         }
-        before = Some(dirs);
         order.chunks.extend(chunks.iter().map(|c| c.id));
+        before = dirs;
     }
-    // A directory that ends the layer (or is followed by chunks seen before only).
-    if order.dir_bounds.last() == Some(&(order.chunks.len() as u32)) {
-        order.dir_bounds.pop();
-    }
+    let end = order.chunks.len() as u32;
+    close_dirs(&mut open, 0, end, large_dir_raw, &mut order.dir_bounds);
+    // Neither the layer's first chunk nor its end is a bound.
+    order.dir_bounds.sort_unstable();
+    order.dir_bounds.dedup();
+    order.dir_bounds.retain(|&at| at > 0 && at < end);
     order
 }
 
+/// Closes the open directories deeper than `depth` at position `at`: a
+/// large one's bounds go to `bounds`, its bytes to its parent's.
+fn close_dirs(
+    open: &mut Vec<(u32, u64)>,
+    depth: usize,
+    at: u32,
+    large_dir_raw: u64,
+    bounds: &mut Vec<u32>,
+) {
+    while open.len() > depth {
+        let Some((began, raw)) = open.pop() else {
+            break;
+        };
+        if raw >= large_dir_raw {
+            bounds.extend([began, at]);
+        }
+        if let Some(parent) = open.last_mut() {
+            parent.1 += raw;
+        }
+    }
+}
+
+/// A path's names, as the merge reads them (no empty names, no `.`, `..`
+/// going up), so `./usr/x` and `usr//y` sort in one tree.
 fn components(path: &[u8]) -> Vec<&[u8]> {
-    path.split(|&b| b == b'/').collect()
+    let mut names = Vec::new();
+    for name in path.split(|&b| b == b'/') {
+        match name {
+            b"" | b"." => {}
+            b".." => {
+                names.pop();
+            }
+            name => names.push(name),
+        }
+    }
+    names
 }
 
 /// The entries of a record, or `None` if it is of another version or broken
@@ -292,5 +324,19 @@ mod tests {
         ending.push(sized("usr/zzz", &[0]));
         assert_eq!(path_order(&ending, large).dir_bounds, vec![2]);
         assert!(path_order(&entries, u64::MAX).dir_bounds.is_empty());
+        // Leaving one large directory and entering the next across a file
+        // with no new chunks: one bound there. Paths as tars write them
+        // ("./", "//") sort as the merge reads them; a file at the root.
+        let entries = vec![
+            sized("./a/big/f", &[0, 1, 2, 3, 4, 5, 6, 7, 8]),
+            sized("b/empty", &[]),
+            sized("c//big/g", &[9, 10, 11, 12, 13, 14, 15, 16, 17]),
+            sized("./c/small", &[18]),
+            sized("z", &[19]),
+        ];
+        let order = path_order(&entries, large);
+        assert_eq!(order.chunks, (0..20).map(id).collect::<Vec<_>>());
+        // a and a/big end at 9, c and c/big begin there; c/big ends at 18, c at 19.
+        assert_eq!(order.dir_bounds, vec![9, 18, 19]);
     }
 }
