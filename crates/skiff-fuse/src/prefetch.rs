@@ -44,8 +44,8 @@ impl Default for PrefetchConfig {
 /// the rate the last batch came (at least `batch_bytes`): a read that
 /// comes while a batch is under way shares the link with it for about as
 /// long, and a fast source is asked in few large requests (on loopback,
-/// 4 MiB batches were ~100 requests for `git`, 64 MiB ones ~55, and the
-/// walk beside them 25% faster).
+/// a walk of `git` beside the prefetch made ~65 requests instead of ~100
+/// with fixed 4 MiB batches, and took 1.12 s instead of 1.29 s).
 const BATCH_TIME: Duration = Duration::from_millis(100);
 /// The largest batch, in raw bytes.
 const MAX_BATCH_BYTES: u64 = 64 << 20;
