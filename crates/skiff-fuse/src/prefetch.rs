@@ -342,6 +342,32 @@ mod tests {
         }
     }
 
+    /// A plan of `ids` (each `len` bytes) in that order, and a fetcher of
+    /// them from `source` with 8 MiB of memory.
+    fn plan_and_fetcher(
+        ids: &[ChunkId],
+        len: u32,
+        source: Arc<dyn ChunkSource>,
+    ) -> (PrefetchPlan, Fetcher) {
+        let plan = PrefetchPlan {
+            order: ids.iter().map(|id| (*id, len)).collect(),
+            profile_len: 0,
+        };
+        let layout = Layout::new(
+            plan.order
+                .iter()
+                .map(|&(id, len)| skiff_format::ChunkRef { id, len })
+                .collect(),
+        );
+        let fetcher = Fetcher::new(
+            source,
+            8 << 20,
+            crate::readahead::WindowLimits::fixed(1 << 20),
+            Arc::new(layout),
+        );
+        (plan, fetcher)
+    }
+
     /// Sends chunks of 1 KiB after a wait of `per_kib` for each, and
     /// remembers how many each request asked for.
     struct Paced {
@@ -388,22 +414,7 @@ mod tests {
             requests: Mutex::default(),
             delivered: Mutex::default(),
         });
-        let plan = PrefetchPlan {
-            order: ids.iter().map(|id| (*id, 1024)).collect(),
-            profile_len: 0,
-        };
-        let layout = Layout::new(
-            plan.order
-                .iter()
-                .map(|&(id, len)| skiff_format::ChunkRef { id, len })
-                .collect(),
-        );
-        let fetcher = Fetcher::new(
-            source.clone(),
-            8 << 20,
-            crate::readahead::WindowLimits::fixed(1 << 20),
-            Arc::new(layout),
-        );
+        let (plan, fetcher) = plan_and_fetcher(&ids, 1024, source.clone());
         let config = PrefetchConfig {
             batch_bytes: 64 << 10,
             batch_time,
@@ -438,22 +449,7 @@ mod tests {
             delivered: Mutex::default(),
             asked_for_bad: Mutex::new(0),
         });
-        let plan = PrefetchPlan {
-            order: ids.iter().map(|id| (*id, 32)).collect(),
-            profile_len: 0,
-        };
-        let layout = Layout::new(
-            plan.order
-                .iter()
-                .map(|&(id, len)| skiff_format::ChunkRef { id, len })
-                .collect(),
-        );
-        let fetcher = Fetcher::new(
-            source.clone(),
-            1 << 20,
-            crate::readahead::WindowLimits::fixed(1 << 20),
-            Arc::new(layout),
-        );
+        let (plan, fetcher) = plan_and_fetcher(&ids, 32, source.clone());
         run(
             &fetcher,
             &plan,
