@@ -87,8 +87,11 @@ echo "recording startup profiles through each..."
 for image in "${images[@]}"; do
   for origin in serve registry; do
     fresh_cache
-    # Storing the profile puts the manifest: skiff serve needs its write token.
-    SKIFF_TOKEN_FILE=$work/write-token python3 bench/ready.py "${ready[$image]}" "$counter" 120 -- \
+    # Storing the profile puts the manifest: skiff serve needs its write
+    # token (a token is refused without --server, so only there).
+    token=()
+    [ "$origin" = serve ] && token=(SKIFF_TOKEN_FILE="$work/write-token")
+    env "${token[@]}" python3 bench/ready.py "${ready[$image]}" "$counter" 120 -- \
       $(skiff_run "$image" "$origin") --record-profile -- sh -c "${command[$image]}" >/dev/null
   done
 done
