@@ -152,6 +152,11 @@ impl FrameBuilder {
         self.entries.is_empty()
     }
 
+    /// Uncompressed bytes of the open frame.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Closes the current frame, if it holds any chunk.
     pub fn finish(&mut self) -> Result<Option<Frame>, ChunkError> {
         if self.entries.is_empty() {

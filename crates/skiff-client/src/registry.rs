@@ -226,7 +226,7 @@ fn place(layers: &[PathOrder], chunks: &[ChunkRef]) -> Vec<Placed> {
 }
 
 /// A chunk in a push's order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct Placed {
     chunk: ChunkRef,
     /// Whether the chunk begins a new blob (and frame) whatever the content says.
@@ -239,11 +239,9 @@ struct BlobWriter<'a> {
     log: &'a mut BlobLog,
     report: &'a mut RegistryPushReport,
     builder: FrameBuilder,
-    frame_raw: u64,
     /// The current blob's frames, compressed side by side when it closes
     /// (cuts depend on the chunks alone, not on compressed sizes).
     frames: Vec<RawFrame>,
-    blob_raw: u64,
     packs: Vec<Descriptor>,
     table: ChunkTable,
 }
@@ -255,11 +253,11 @@ impl BlobWriter<'_> {
             self.close_frame();
             self.close_blob()?;
         }
-        self.frame_raw += u64::from(chunk.len);
         let full = self.builder.add(chunk.id, data);
-        if full || frame_cut(&chunk.id, self.frame_raw) {
+        if full || frame_cut(&chunk.id, self.builder.len() as u64) {
             self.close_frame();
-            if blob_cut(&chunk.id, self.blob_raw) {
+            let blob_raw = self.frames.iter().map(|f| f.len() as u64).sum();
+            if blob_cut(&chunk.id, blob_raw) {
                 self.close_blob()?;
             }
         }
@@ -267,11 +265,7 @@ impl BlobWriter<'_> {
     }
 
     fn close_frame(&mut self) {
-        if let Some(frame) = self.builder.take_raw() {
-            self.blob_raw += frame.len() as u64;
-            self.frames.push(frame);
-        }
-        self.frame_raw = 0;
+        self.frames.extend(self.builder.take_raw());
     }
 
     fn add_frame(&mut self, blob: &mut Vec<u8>, frame: Frame) {
@@ -307,7 +301,6 @@ impl BlobWriter<'_> {
         }
         let descriptor = publish(self.registry, self.log, self.report, PACK_LAYER_TYPE, &blob)?;
         self.packs.push(descriptor);
-        self.blob_raw = 0;
         Ok(())
     }
 
@@ -645,9 +638,7 @@ fn push_artifact(
         log: &mut *log,
         report: &mut *report,
         builder: FrameBuilder::new(MAX_FRAME_RAW, PUSH_ZSTD_LEVEL)?,
-        frame_raw: 0,
         frames: Vec::new(),
-        blob_raw: 0,
         packs: Vec::new(),
         table: ChunkTable::default(),
     };

@@ -105,9 +105,8 @@ pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
 /// chunks it names, to drop the record when gc frees any of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
-    /// Each distinct chunk of the layer's files once, in the layer's own
-    /// path order (depth first, names sorted); a record of an older skiff
-    /// holds them sorted by id. (A push orders a layer from the payload.)
+    /// Each distinct chunk of the layer's files once, in no order that
+    /// matters (a push orders a layer from the payload's entries).
     pub chunks: Vec<skiff_format::ChunkId>,
     pub payload: Vec<u8>,
 }
